@@ -1,0 +1,170 @@
+"""Calibration: sample text, then stream it through the model one decoder layer at a time.
+
+The inputs of layer 0 are captured once; after that each layer is run on the outputs of the
+previous one, so the process holds the model once plus one layer's activations and statistics.
+While a layer runs, hooks on its projections record per input feature the squared norm
+sum_t x_t,k^2 (Wanda, POD) and, where asked, the Gram matrix H = X^T X (SparseGPT, compensation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import INPUT_GROUPS, ArchSpec
+from .errors import UserError
+
+BUILTIN = "builtin"
+
+
+def builtin_text() -> str:
+    """Python's own documentation topics (``pydoc_data.topics``): real English prose and code."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(source: str) -> str:
+    """Text from ``builtin``, a plain text file, or a JSONL file (a "text" field per line)."""
+    if source == BUILTIN:
+        return builtin_text()
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"text file not found: {source}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read text file {source}: {e}") from None
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}:{n}: not valid JSON: {e}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{source}:{n}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one (n_tokens,) id tensor, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int,
+                   source: str = "text") -> torch.Tensor:
+    """n_samples random windows of seq_len tokens: (n_samples, seq_len). Same seed, same windows."""
+    if tokens.numel() < seq_len + 1:
+        raise UserError(f"calibration text {source} has {tokens.numel()} tokens, fewer than one "
+                        f"sample of {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=g)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+@dataclass
+class InputStats:
+    """Statistics of one projection input (in features) over all calibration tokens."""
+
+    sq_norm: torch.Tensor  # (in,) sum over tokens of x_k^2 (float64)
+    hessian: torch.Tensor | None  # (in, in) X^T X (float32 accumulation), when asked for
+    n_tokens: int
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_k||_2 (in,), the Wanda input norm."""
+        return self.sq_norm.sqrt().float()
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerStream:
+    """Calibration activations flowing through the decoder, one layer at a time."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
+                 batch_size: int = 4):
+        self.model, self.spec = model, spec
+        self.hidden: list[torch.Tensor] = []  # per batch (B, T, hidden)
+        self.kwargs: list[dict] = []  # per batch: attention mask, position embeddings, ...
+        layers = spec.layer_list(model)
+
+        def catch(_module, args, kwargs):
+            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _StopForward
+
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in input_ids.split(batch_size):
+                    try:
+                        model(input_ids=batch, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+
+    def layers(self, desc: str) -> Iterator[tuple[int, nn.Module]]:
+        layers = self.spec.layer_list(self.model)
+        yield from tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False)
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The layer's outputs on the current inputs."""
+        outs = []
+        for h, kw in zip(self.hidden, self.kwargs):
+            out = layer(h, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def advance(self, layer: nn.Module) -> None:
+        """Replace the inputs by this layer's outputs: the next layer's inputs."""
+        self.hidden = self.run(layer)
+
+    @torch.no_grad()
+    def statistics(self, layer: nn.Module, hessian_groups: set[str],
+                   advance: bool = False) -> dict[str, InputStats]:
+        """Run the layer once, recording InputStats for each input group (arch.INPUT_GROUPS).
+
+        With ``advance`` the layer is final: its outputs become the next layer's inputs.
+        """
+        stats: dict[str, InputStats] = {}
+        handles = []
+        for group, members in INPUT_GROUPS.items():
+            module = self.spec.projection(layer, members[0])
+
+            def hook(_m, args, _out, group=group):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+                s = stats.get(group)
+                if s is None:
+                    n = x.shape[1]
+                    h = torch.zeros(n, n) if group in hessian_groups else None
+                    s = stats[group] = InputStats(torch.zeros(n, dtype=torch.float64), h, 0)
+                s.sq_norm += (x * x).sum(0, dtype=torch.float64)
+                if s.hessian is not None:
+                    s.hessian.addmm_(x.T, x)
+                s.n_tokens += x.shape[0]
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            outputs = self.run(layer)
+        finally:
+            for h in handles:
+                h.remove()
+        if advance:
+            self.hidden = outputs
+        return stats

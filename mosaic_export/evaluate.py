@@ -1,0 +1,58 @@
+"""Perplexity on a text file, the same protocol for the dense and the pruned model.
+
+Protocol: the whole file is tokenized once, without special tokens; it is cut into consecutive
+non-overlapping windows of ``seq_len`` tokens from the start (the tail shorter than a window is
+dropped) and the first ``max_windows`` are used (all when None). Each window is scored on its own
+(no context carried over): the model predicts tokens 2..seq_len of the window, and perplexity is
+exp(mean negative log-likelihood) over all predicted tokens of all windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    n_windows: int
+    seq_len: int
+    n_predicted: int
+    text: str  # the file it was measured on
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None, source: str) -> torch.Tensor:
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise UserError(f"evaluation text {source} has {tokens.numel()} tokens, fewer than one "
+                        f"window of {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: int = 1,
+               desc: str = "perplexity") -> Perplexity:
+    """batches: (n_windows, seq_len) token ids."""
+    total, count = 0.0, 0
+    for chunk in tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False):
+        logits = model(input_ids=chunk, use_cache=False).logits  # (B, T, vocab)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                              chunk[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += chunk[:, 1:].numel()
+    mean = total / count
+    return Perplexity(math.exp(mean), mean, batches.shape[0], batches.shape[1], count, text)

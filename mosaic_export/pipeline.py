@@ -1,0 +1,249 @@
+"""The main job, usable from Python: profile + model -> plan -> pruned, resized checkpoint + report.
+
+    from mosaic_export.pipeline import RunConfig, run
+    report = run(RunConfig(profile="laptop-cpu", settings=PruneSettings(sparsity=0.3), out=Path("out")))
+
+Everything the user hands in is checked before any work starts; the output folder is written
+under a temporary name beside it and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibration import BUILTIN, LayerStream, read_text, sample_windows, tokenize
+from .errors import UserError
+from .evaluate import perplexity, windows
+from .model_io import LoadedModel, load_model, save_checkpoint
+from .plan import Plan, PruneSettings, make_plan
+from .profile import Profile, load_profile
+from .prune.apply import apply_plan, measure
+from .report import plan_table, pod_heatmap, summary_table
+
+HELDOUT = "builtin-heldout"
+BUILTIN_SPLIT = 0.9  # the built-in corpus: first 90% for calibration, the rest held out
+
+
+@dataclass
+class RunConfig:
+    profile: str = "laptop-cpu"
+    model: str | None = None  # None: the built-in default (SmolLM2-135M-Instruct)
+    settings: PruneSettings = field(default_factory=PruneSettings)
+    plan: str | None = None  # apply this plan file instead of making one
+    out: Path | None = None  # None: plan only, write nothing
+    force: bool = False
+    eval_text: str = HELDOUT
+    eval_windows: int | None = 32  # None: all; 0: skip perplexity
+    eval_seq_len: int = 512
+    calib_batch_size: int = 4
+    threads: int | None = None
+    alignment: int | None = None  # None: the profile's target format decides (k-quants: 256)
+
+
+def corpus(source: str) -> str:
+    """The text of a source: 'builtin' (calibration part), 'builtin-heldout', or a file."""
+    if source in (BUILTIN, HELDOUT):
+        text = read_text(BUILTIN)
+        cut = int(len(text) * BUILTIN_SPLIT)
+        return text[:cut] if source == BUILTIN else text[cut:]
+    return read_text(source)
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"output folder {out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: folder {parent} is not writable")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
+    layers = loaded.spec.layer_list(loaded.model)
+    params = [p for p in layers.parameters()]
+    return {
+        "decoder": sum(p.numel() for p in params),
+        "decoder_nonzero": sum(int(torch.count_nonzero(p)) for p in params),
+        "total": sum(p.numel() for p in loaded.model.parameters()),
+    }
+
+
+def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None]:
+    """Check every input that can be checked without the model; fail before any work."""
+    profile = load_profile(config.profile)
+    alignment = config.alignment or profile.runtime.channel_alignment
+    settings = replace(config.settings, alignment=alignment).validate()
+    plan = Plan.load(config.plan) if config.plan else None
+    if plan is not None:
+        settings = plan.settings
+    if config.out is not None:
+        check_output(config.out, config.force)
+    if config.eval_windows is not None and config.eval_windows < 0:
+        raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
+    for source in (settings.calibration.source, config.eval_text):
+        if source not in (BUILTIN, HELDOUT) and not Path(source).is_file():
+            raise UserError(f"text file not found: {source}")
+    if config.model is not None and not Path(config.model).exists():
+        raise UserError(f"model not found: {config.model}")
+    return profile, settings, plan
+
+
+def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
+                      plan: Plan | None, calib: torch.Tensor) -> tuple[Plan, LayerStream]:
+    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
+    if plan is not None:
+        if plan.model["shape"] != loaded.shape.to_dict():
+            raise UserError("the plan was made for a model of another shape: "
+                            f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
+        return plan, stream
+    start = stream.hidden
+    measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m)
+    stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
+    return make_plan(loaded.shape, loaded.source, measured, settings), stream
+
+
+def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tensor:
+    c = settings.calibration
+    return sample_windows(tokenize(loaded.tokenizer, corpus(c.source)), c.n_samples, c.seq_len,
+                          c.seed, source=c.source)
+
+
+def run_plan(config: RunConfig) -> tuple[Plan, LoadedModel]:
+    """Dry run: the plan and its parameter counts; prunes nothing."""
+    _, settings, plan = prepare(config)
+    loaded = load_model(config.model)
+    plan, _ = make_or_load_plan(config, loaded, settings, plan, calibration_ids(loaded, settings))
+    return plan, loaded
+
+
+def run(config: RunConfig, log=print) -> dict:
+    """Prune, save, reload-check and evaluate; returns the report (also written to OUT)."""
+    if config.out is None:
+        raise UserError("an output folder is needed (--out)")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    profile, settings, plan = prepare(config)
+    log(f"profile {profile.name}: {profile.description}")
+    t0 = time.perf_counter()
+    loaded = load_model(config.model)
+    load_s = time.perf_counter() - t0
+    log(f"model {loaded.source}: {loaded.shape.model_type}, {loaded.shape.n_layers} layers "
+        f"(loaded in {load_s:.1f} s)")
+    dense_counts = decoder_counts(loaded)
+    dense_fp32 = 4 * dense_counts["total"]
+
+    eval_ids = None
+    if config.eval_windows != 0:
+        eval_ids = windows(tokenize(loaded.tokenizer, corpus(config.eval_text)),
+                           config.eval_seq_len, config.eval_windows, config.eval_text)
+    calib = calibration_ids(loaded, settings)
+    ppl_dense = perplexity(loaded.model, eval_ids, config.eval_text,
+                           desc="perplexity (dense)") if eval_ids is not None else None
+
+    t0 = time.perf_counter()
+    plan, stream = make_or_load_plan(config, loaded, settings, plan, calib)
+    apply_plan(stream, loaded.spec, plan)
+    del stream
+    loaded.layer_dims = [lp.dims for lp in plan.layers]
+    prune_s = time.perf_counter() - t0
+    peak_after_prune = peak_rss_bytes()
+
+    pruned_counts = decoder_counts(loaded)
+    expected = plan.params()
+    if pruned_counts["decoder"] != expected["decoder_resized"]:
+        raise RuntimeError(f"resized model has {pruned_counts['decoder']} decoder parameters, "
+                           f"the plan says {expected['decoder_resized']}")
+    ppl_pruned = perplexity(loaded.model, eval_ids, config.eval_text,
+                            desc="perplexity (pruned)") if eval_ids is not None else None
+
+    report = {
+        "tool": {"name": "mosaic-export", "version": __version__},
+        "profile": profile.to_dict(),
+        "model": {"source": loaded.source, "shape": loaded.shape.to_dict()},
+        "settings": asdict(settings),
+        "params": {"dense": dense_counts, "pruned": pruned_counts, "planned": expected},
+        "timing": {"load_s": load_s, "prune_s": prune_s},
+        "memory": {"peak_rss_bytes": peak_after_prune, "dense_fp32_bytes": dense_fp32,
+                   "pruned_fp32_bytes": 4 * pruned_counts["total"],
+                   "peak_rss_over_fp32_model": peak_after_prune / dense_fp32},
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+    }
+    if ppl_dense is not None:
+        report["perplexity"] = {"dense": ppl_dense.to_dict(), "pruned": ppl_pruned.to_dict(),
+                                "protocol": "non-overlapping windows from the start of the text, "
+                                            "each scored alone; see mosaic_export/evaluate.py"}
+    write_outputs(config.out, config.force, loaded, plan, report, calib[:1, :128])
+    log(summary_table(report))
+    log(f"wrote {config.out}/ (model/, plan.json, report.json, pod.png)")
+    return report
+
+
+def write_outputs(out: Path, force: bool, loaded: LoadedModel, plan: Plan, report: dict,
+                  check_ids: torch.Tensor) -> None:
+    """Write everything into a temporary folder beside OUT, check it, then move it into place."""
+    out = out.resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _chmod_like_umask(tmp, is_dir=True)
+        save_checkpoint(loaded, tmp / "model")
+        report["reload"] = reload_check(loaded, tmp / "model", check_ids)
+        plan.save(tmp / "plan.json")
+        pod_heatmap(plan, tmp / "pod.png")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        for path in tmp.rglob("*"):
+            _chmod_like_umask(path, is_dir=path.is_dir())
+        if out.exists():
+            if not force:
+                raise UserError(f"output folder {out} appeared while working; not replacing it")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {out}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _chmod_like_umask(path: Path, is_dir: bool) -> None:
+    """Give outputs the permissions a plain open() would (mkdtemp and some writers use 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod((0o777 if is_dir else 0o666) & ~mask)
+
+
+@torch.no_grad()
+def reload_check(loaded: LoadedModel, folder: Path, ids: torch.Tensor) -> dict:
+    """Reload the saved checkpoint and compare its logits with the in-memory model's on ids."""
+    from .model_io import load_resized
+
+    again = load_resized(folder)
+    diff = (again.model(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max()
+    del again
+    result = {"max_abs_logit_diff": float(diff), "tokens": int(ids.numel())}
+    if not diff < 1e-4:
+        raise RuntimeError(f"reloaded checkpoint differs from the pruned model: {result}")
+    return result
+
+
+__all__ = ["RunConfig", "run", "run_plan", "plan_table"]

@@ -1,0 +1,210 @@
+"""Hardware profiles: device facts, the runtime a device runs, and the budgets to meet.
+
+A profile is a small TOML file. Built-ins live in ``profiles/`` (installed as
+``mosaic_export/profiles/*.toml``); a user passes their own file by path. Loading checks every
+key: an unknown key, a missing key, a wrong type or a wrong unit fails with the file, the key and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+
+TARGETS = ("gguf", "onnx")
+GGUF_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+ONNX_DTYPES = ("fp32", "fp16", "int8")
+ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    memory_bytes: int  # memory the model may share with the OS and the app
+    memory_bandwidth: float  # bytes/s, peak
+    compute_flops: float  # FLOP/s, peak dense, at the runtime's precision
+    threads: int
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    target: str  # "gguf" | "onnx"
+    quant: str | None = None  # GGUF type, e.g. "Q4_K_M"
+    dtype: str | None = None  # ONNX dtype
+    execution_provider: str | None = None  # ONNX Runtime provider
+
+    @property
+    def channel_alignment(self) -> int:
+        """Row-length multiple the target's weight format needs to avoid a silent fallback.
+
+        k-quants pack 256 values a block, legacy quants (Q4_0, Q8_0) 32; float types need none.
+        """
+        if self.target == "gguf" and self.quant is not None:
+            if self.quant.endswith(("_K", "_K_M", "_K_S")):
+                return 256
+            if self.quant.startswith("Q"):
+                return 32
+        return 1
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_memory_bytes: int | None  # resident memory, KV cache at `context` included
+    context: int  # tokens of context the memory budget must hold
+    min_tokens_per_s: float | None  # decode speed
+    max_ttft_s: float | None  # time to first token
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: DeviceSpec
+    runtime: RuntimeSpec
+    budgets: Budgets
+    source: str  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_SCHEMA: dict[str, dict[str, bool]] = {  # section -> key -> required
+    "": {"name": True, "description": False},
+    "device": {"memory": True, "memory_bandwidth": True, "compute": True, "threads": True},
+    "runtime": {"target": True, "quant": False, "dtype": False, "execution_provider": False},
+    "budgets": {"max_memory": False, "context": True, "min_tokens_per_s": False, "max_ttft": False},
+}
+
+
+class _Reader:
+    """Reads keys from one table, naming the file and the key in every error."""
+
+    def __init__(self, source: str, section: str, table: Any):
+        self.source, self.section = source, section
+        where = f"[{section}]" if section else "the top level"
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: expected a table {where}, got {type(table).__name__}")
+        allowed = _SCHEMA[section]
+        for key in table:
+            if key not in allowed and not (section == "" and key in _SCHEMA):
+                raise UserError(f"{source}: unknown key '{self._name(key)}' "
+                                f"(expected one of: {', '.join(allowed)})")
+        for key, required in allowed.items():
+            if required and key not in table:
+                raise UserError(f"{source}: missing key '{self._name(key)}'")
+        self.table = table
+
+    def _name(self, key: str) -> str:
+        return f"{self.section}.{key}" if self.section else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], parse=None, choices=None):
+        if key not in self.table:
+            return None
+        value = self.table[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise UserError(f"{self.source}: key '{self._name(key)}': expected {names}, "
+                            f"got {value!r}")
+        if choices is not None and value not in choices:
+            raise UserError(f"{self.source}: key '{self._name(key)}': expected one of "
+                            f"{', '.join(choices)}, got {value!r}")
+        if parse is not None:
+            try:
+                value = parse(value)
+            except UserError as e:
+                raise UserError(f"{self.source}: key '{self._name(key)}': {e}") from None
+        if isinstance(value, (int, float)) and value <= 0:
+            raise UserError(f"{self.source}: key '{self._name(key)}': expected a positive value, "
+                            f"got {self.table[key]!r}")
+        return value
+
+
+def parse_profile(data: dict[str, Any], source: str) -> Profile:
+    top = _Reader(source, "", data)
+    for section in ("device", "runtime", "budgets"):
+        if section not in data:
+            raise UserError(f"{source}: missing table [{section}]")
+    dev = _Reader(source, "device", data["device"])
+    rt = _Reader(source, "runtime", data["runtime"])
+    bud = _Reader(source, "budgets", data["budgets"])
+
+    target = rt.get("target", str, choices=TARGETS)
+    runtime = RuntimeSpec(
+        target=target,
+        quant=rt.get("quant", str, choices=GGUF_QUANTS),
+        dtype=rt.get("dtype", str, choices=ONNX_DTYPES),
+        execution_provider=rt.get("execution_provider", str, choices=ONNX_PROVIDERS),
+    )
+    if target == "gguf" and (runtime.dtype or runtime.execution_provider):
+        raise UserError(f"{source}: runtime.dtype and runtime.execution_provider are for "
+                        "target 'onnx'; target 'gguf' takes runtime.quant")
+    if target == "onnx" and runtime.quant:
+        raise UserError(f"{source}: runtime.quant is for target 'gguf'; "
+                        "target 'onnx' takes runtime.dtype")
+    if target == "gguf" and runtime.quant is None:
+        raise UserError(f"{source}: missing key 'runtime.quant' (target 'gguf' needs a type: "
+                        f"{', '.join(GGUF_QUANTS)})")
+    if target == "onnx" and runtime.dtype is None:
+        raise UserError(f"{source}: missing key 'runtime.dtype' (target 'onnx' needs one of: "
+                        f"{', '.join(ONNX_DTYPES)})")
+
+    budgets = Budgets(
+        max_memory_bytes=bud.get("max_memory", str, parse=parse_bytes),
+        context=bud.get("context", int),
+        min_tokens_per_s=bud.get("min_tokens_per_s", (int, float)),
+        max_ttft_s=bud.get("max_ttft", str, parse=parse_seconds),
+    )
+    device = DeviceSpec(
+        memory_bytes=dev.get("memory", str, parse=parse_bytes),
+        memory_bandwidth=dev.get("memory_bandwidth", str, parse=parse_bandwidth),
+        compute_flops=dev.get("compute", str, parse=parse_flops),
+        threads=dev.get("threads", int),
+    )
+    if budgets.max_memory_bytes is not None and budgets.max_memory_bytes > device.memory_bytes:
+        raise UserError(f"{source}: budgets.max_memory ({data['budgets']['max_memory']}) exceeds "
+                        f"device.memory ({data['device']['memory']})")
+    return Profile(
+        name=top.get("name", str),
+        description=top.get("description", str) or "",
+        device=device, runtime=runtime, budgets=budgets, source=source,
+    )
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("mosaic_export.profiles")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name (``jetson-orin``) or a user's TOML file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise UserError(f"profile file not found: {name_or_path}")
+        text, source = _read_text(path), str(path)
+    elif name_or_path in builtin_names():
+        res = resources.files("mosaic_export.profiles") / f"{name_or_path}.toml"
+        text, source = res.read_text(encoding="utf-8"), f"built-in profile '{name_or_path}'"
+    else:
+        raise UserError(f"unknown profile '{name_or_path}': built-in profiles are "
+                        f"{', '.join(builtin_names())}, or pass a .toml file by path")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source}: not valid TOML: {e}") from None
+    return parse_profile(data, source)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read profile {path}: {e}") from None

@@ -1,0 +1,96 @@
+"""The two passes over the calibration data.
+
+measure: the dense model, layer by layer: projection outlier distribution (POD) and the
+activation-aware scores of heads and channels. A plan is made from these.
+
+apply_plan: the model pruned in place, layer by layer: each layer's statistics are taken on the
+outputs of the already-pruned layers before it; then its heads and channels are removed (with
+least-squares compensation of o and down) and its kept weights pruned (Wanda or SparseGPT).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import ATTENTION, INPUT_GROUP_OF, MLP, PROJECTIONS, ArchSpec, ModelShape
+from ..calibration import InputStats, LayerStream
+from ..plan import LayerMeasurement, Plan
+from ..pod import outlier_ratio, wanda_scores
+from .sparsegpt import sparsegpt_prune
+from .structured import column_scores, compensate, expand_heads, head_scores, resize_layer
+from .wanda import wanda_prune
+
+
+@torch.no_grad()
+def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
+            outlier_m: float) -> list[LayerMeasurement]:
+    """Pass 1 over the dense model."""
+    measured = []
+    for _, layer in stream.layers("measure (dense)"):
+        stats = stream.statistics(layer, set(), advance=True)
+        scores = {p: wanda_scores(spec.projection(layer, p).weight,
+                                  stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
+        o_w, down_w = spec.projection(layer, "o").weight, spec.projection(layer, "down").weight
+        measured.append(LayerMeasurement(
+            projection_outliers={p: outlier_ratio(scores[p], outlier_m) for p in PROJECTIONS},
+            layer_outliers=outlier_ratio([scores[p] for p in PROJECTIONS], outlier_m),
+            group_outliers={"attn": outlier_ratio([scores[p] for p in ATTENTION], outlier_m),
+                            "mlp": outlier_ratio([scores[p] for p in MLP], outlier_m)},
+            head_scores=head_scores(o_w, stats["o"].sq_norm, shape.head_dim),
+            channel_scores=column_scores(down_w, stats["down"].sq_norm),
+        ))
+    return measured
+
+
+@torch.no_grad()
+def apply_plan(stream: LayerStream, spec: ArchSpec, plan: Plan) -> None:
+    """Pass 2: prune the model in place to the plan."""
+    shape, settings = plan.shape, plan.settings
+    for i, layer in stream.layers("prune"):
+        lp = plan.layers[i]
+        remove_heads = lp.dims.n_head != shape.n_head
+        remove_channels = lp.dims.n_ff != shape.n_ff
+        wants_hessian = set()
+        if settings.method == "sparsegpt" and any(v > 0 for v in lp.ratios.values()):
+            wants_hessian |= {"qkv", "o", "gate_up", "down"}
+        if settings.compensate and remove_heads:
+            wants_hessian.add("o")
+        if settings.compensate and remove_channels:
+            wants_hessian.add("down")
+        stats = stream.statistics(layer, wants_hessian)
+
+        # Structured: new shapes; o / down compensated for the inputs they lose.
+        o_cols = expand_heads(lp.q_heads, shape.head_dim)
+        down_cols = torch.tensor(lp.channels, dtype=torch.long)
+        o_weight = down_weight = None
+        if settings.compensate and remove_heads:
+            o_weight = compensate(spec.projection(layer, "o").weight, stats["o"].hessian, o_cols)
+        if settings.compensate and remove_channels:
+            down_weight = compensate(spec.projection(layer, "down").weight,
+                                     stats["down"].hessian, down_cols)
+        if remove_heads or remove_channels:
+            resize_layer(layer, spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels,
+                         o_weight=o_weight, down_weight=down_weight)
+            stats["o"] = _restrict(stats["o"], o_cols)
+            stats["down"] = _restrict(stats["down"], down_cols)
+
+        # Unstructured: zeros inside the kept weights.
+        for p in PROJECTIONS:
+            ratio = lp.ratios[p]
+            if ratio <= 0:
+                continue
+            linear: nn.Linear = spec.projection(layer, p)
+            s = stats[INPUT_GROUP_OF[p]]
+            if settings.method == "wanda":
+                linear.weight.data = wanda_prune(linear.weight.data, s.norm, ratio)
+            else:
+                linear.weight.data = sparsegpt_prune(linear.weight.data, s.hessian, ratio)
+        stream.advance(layer)
+
+
+def _restrict(stats: InputStats, keep: torch.Tensor) -> InputStats:
+    """The statistics of the kept input features only (removing a head or channel leaves the
+    other features' activations unchanged)."""
+    h = stats.hessian[keep][:, keep] if stats.hessian is not None else None
+    return InputStats(stats.sq_norm[keep], h, stats.n_tokens)

@@ -1,0 +1,135 @@
+"""Structured pruning: remove whole attention heads and MLP channels, then rebuild smaller Linears.
+
+Attention under grouped-query attention (GQA): query head h reads key/value head h // r, with
+r = n_head / n_head_kv. A layer keeps a set of KV groups and, in every kept group, the same number
+of query heads, so the layer stays a valid GQA layer (n_head a multiple of n_head_kv). Removing
+query head h removes rows of q and columns of o; removing a KV group removes rows of k and v too.
+
+MLP (gated): channel j is row j of gate and up and column j of down.
+
+Scores are activation-aware: a head or channel is worth what it adds to its consumer's output,
+||W_consumer[:, cols]||^2 * ||X_cols||^2 summed over its columns (consumer: o or down).
+The consumer is then compensated by least squares on calibration activations, so the kept
+columns take over what the removed ones did as far as a linear map can.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def column_scores(consumer_weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """||W[:, c]||^2 * ||X_c||^2 per input column c: consumer_weight (out, in) -> (in,)."""
+    return (consumer_weight.double() ** 2).sum(0) * input_sq_norm.double()
+
+
+def head_scores(o_weight: torch.Tensor, o_input_sq_norm: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Score of each query head (n_head,) from the o projection and its input statistics."""
+    return column_scores(o_weight, o_input_sq_norm).view(-1, head_dim).sum(1)
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    kv_heads: list[int]  # kept KV heads, ascending
+    q_heads: list[int]  # kept query heads (original indices), grouped by KV head, ascending
+
+
+def head_options(n_head: int, n_kv: int) -> list[tuple[int, int]]:
+    """Every valid (kept KV groups, kept query heads per group), at least one head."""
+    r = n_head // n_kv
+    return [(g, q) for g in range(1, n_kv + 1) for q in range(1, r + 1)]
+
+
+def choose_heads(scores: torch.Tensor, n_kv: int, n_groups: int, q_per_group: int) -> HeadChoice:
+    """The best n_groups KV groups, each keeping its best q_per_group query heads.
+
+    A group is worth the sum of its best q_per_group head scores.
+    """
+    n_head = scores.numel()
+    r = n_head // n_kv
+    per_group = scores.view(n_kv, r)
+    best_in_group = torch.sort(per_group, dim=1, descending=True, stable=True)
+    group_value = best_in_group.values[:, :q_per_group].sum(1)
+    groups = sorted(torch.sort(group_value, descending=True, stable=True).indices[:n_groups].tolist())
+    q_heads = []
+    for g in groups:
+        local = sorted(best_in_group.indices[g, :q_per_group].tolist())
+        q_heads.extend(g * r + j for j in local)
+    return HeadChoice(kv_heads=groups, q_heads=q_heads)
+
+
+def choose_channels(scores: torch.Tensor, n_keep: int) -> list[int]:
+    """The n_keep best channels, ascending."""
+    return sorted(torch.sort(scores, descending=True, stable=True).indices[:n_keep].tolist())
+
+
+def expand_heads(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row/column indices of the given heads: [h*head_dim, ..., h*head_dim + head_dim - 1]."""
+    return torch.tensor(list(itertools.chain.from_iterable(
+        range(h * head_dim, (h + 1) * head_dim) for h in heads)), dtype=torch.long)
+
+
+def compensate(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
+               damp: float = 0.01) -> torch.Tensor:
+    """Least-squares consumer weights over the kept inputs.
+
+    Minimises ||X W^T - X_K W'^T|| over W' (out, |K|) with H = X^T X (in, in):
+    W' = W H[:, K] (H[K, K] + damp * mean(diag H[K, K]) I)^-1.
+    """
+    H = hessian.double()
+    H_kk = H[keep][:, keep]
+    H_kk = H_kk + damp * torch.mean(torch.diag(H_kk)).clamp_min(1e-12) * torch.eye(len(keep), dtype=H.dtype)
+    rhs = H[keep] @ weight.double().T  # (|K|, out) = H[K, :] W^T
+    solution = torch.linalg.solve(H_kk, rhs)  # W'^T
+    return solution.T.to(weight.dtype).contiguous()
+
+
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear keeping the given output rows and input columns (or taking ``weight``)."""
+    w = linear.weight.data
+    if weight is None:
+        weight = w if rows is None else w[rows]
+        weight = weight if cols is None else weight[:, cols]
+    bias = None
+    if linear.bias is not None:
+        bias = linear.bias.data if rows is None else linear.bias.data[rows]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                    device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def resize_layer(layer: nn.Module, spec, head_dim: int, q_heads: list[int], kv_heads: list[int],
+                 channels: list[int], o_weight: torch.Tensor | None = None,
+                 down_weight: torch.Tensor | None = None) -> None:
+    """Rebuild a decoder layer's projections keeping the given heads and channels, in place.
+
+    q_heads must be grouped by KV head, the same number per kept KV head. o_weight / down_weight
+    (already restricted to the kept columns) replace the sliced consumer weights when given,
+    e.g. after least-squares compensation.
+    """
+    if len(q_heads) % len(kv_heads):
+        raise ValueError(f"expected the query heads to split evenly over {len(kv_heads)} KV heads, "
+                         f"got {len(q_heads)}")
+    q_idx, kv_idx = expand_heads(q_heads, head_dim), expand_heads(kv_heads, head_dim)
+    ch = torch.tensor(channels, dtype=torch.long)
+    new = {
+        "q": sliced_linear(spec.projection(layer, "q"), rows=q_idx),
+        "k": sliced_linear(spec.projection(layer, "k"), rows=kv_idx),
+        "v": sliced_linear(spec.projection(layer, "v"), rows=kv_idx),
+        "o": sliced_linear(spec.projection(layer, "o"), cols=q_idx, weight=o_weight),
+        "gate": sliced_linear(spec.projection(layer, "gate"), rows=ch),
+        "up": sliced_linear(spec.projection(layer, "up"), rows=ch),
+        "down": sliced_linear(spec.projection(layer, "down"), cols=ch, weight=down_weight),
+    }
+    for name, linear in new.items():
+        spec.set_projection(layer, name, linear)
+    # Attention reshapes with (-1, head_dim); only the GQA repeat factor must be told.
+    layer.get_submodule(spec.attention).num_key_value_groups = len(q_heads) // len(kv_heads)

@@ -1,0 +1,82 @@
+"""What a run tells the user: the summary table, the plan table and the POD heat map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .arch import PROJECTIONS
+from .plan import Plan
+from .units import format_bytes
+
+
+def plan_table(plan: Plan) -> str:
+    """Per layer: heads, KV heads, MLP channels, unstructured ratio per projection."""
+    head = f"{'layer':>5} {'heads':>5} {'kv':>3} {'mlp':>6}  " + " ".join(f"{p:>5}" for p in PROJECTIONS)
+    rows = [head, "-" * len(head)]
+    for i, lp in enumerate(plan.layers):
+        d = lp.dims
+        rows.append(f"{i:>5} {d.n_head:>5} {d.n_kv:>3} {d.n_ff:>6}  "
+                    + " ".join(f"{lp.ratios[p]:>5.3f}" for p in PROJECTIONS))
+    params = plan.params()
+    dense = params["decoder_dense"]
+    rows += ["", f"decoder parameters: dense {dense:,}; resized {params['decoder_resized']:,} "
+             f"({1 - params['decoder_resized'] / dense:.1%} removed by structure); "
+             f"expected non-zero {params['decoder_nonzero']:,} "
+             f"({1 - params['decoder_nonzero'] / dense:.1%} removed in all)"]
+    return "\n".join(rows)
+
+
+def summary_table(report: dict) -> str:
+    p, rss = report["params"], report["memory"]
+    rows = [("", "dense", "pruned")]
+    rows.append(("decoder parameters", f"{p['dense']['decoder']:,}", f"{p['pruned']['decoder']:,}"))
+    rows.append(("decoder non-zero", f"{p['dense']['decoder_nonzero']:,}",
+                 f"{p['pruned']['decoder_nonzero']:,}"))
+    rows.append(("all parameters", f"{p['dense']['total']:,}", f"{p['pruned']['total']:,}"))
+    rows.append(("removed (decoder non-zero)", "",
+                 f"{1 - p['pruned']['decoder_nonzero'] / p['dense']['decoder']:.1%}"))
+    ev = report.get("perplexity")
+    if ev:
+        rows.append((f"perplexity ({Path(ev['dense']['text']).name}, "
+                     f"{ev['dense']['n_predicted']:,} tokens)",
+                     f"{ev['dense']['perplexity']:.3f}", f"{ev['pruned']['perplexity']:.3f}"))
+    rows.append(("pruning wall time", "", f"{report['timing']['prune_s']:.1f} s"))
+    rows.append(("peak RSS (process)", "", format_bytes(rss["peak_rss_bytes"])))
+    rows.append(("float32 model size", format_bytes(rss["dense_fp32_bytes"]),
+                 format_bytes(rss["pruned_fp32_bytes"])))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
+
+
+def pod_heatmap(plan: Plan, path: Path) -> None:
+    """Two panels, layers x projections: the outlier ratio (POD) and the fraction of each
+    projection's dense weights removed (structured and unstructured together)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shape = plan.shape
+    pod = np.array([[plan.pod["projection"][p][i] for p in PROJECTIONS]
+                    for i in range(shape.n_layers)])
+    removed = np.zeros_like(pod)
+    for i, lp in enumerate(plan.layers):
+        for j, p in enumerate(PROJECTIONS):
+            out_d, in_d = shape.projection_shape(p, shape.dense_dims)
+            out_k, in_k = shape.projection_shape(p, lp.dims)
+            removed[i, j] = 1 - out_k * in_k * (1 - lp.ratios[p]) / (out_d * in_d)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.22 * shape.n_layers + 2), sharey=True)
+    for ax, data, title, cmap in ((axes[0], pod, f"outlier ratio (M={plan.settings.outlier_m})",
+                                   "viridis"), (axes[1], removed, "fraction removed", "magma")):
+        im = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_xticks(range(len(PROJECTIONS)), PROJECTIONS)
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    axes[0].set_ylabel("layer")
+    s = plan.settings
+    fig.suptitle(f"{s.allocation} allocation, sparsity {s.sparsity}, structured fraction "
+                 f"{s.structured_fraction}, {s.method}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
