@@ -126,7 +126,7 @@ class LayerStream:
     def run(self, layer: nn.Module) -> list[torch.Tensor]:
         """The layer's outputs on the current inputs."""
         outs = []
-        for h, kw in zip(self.hidden, self.kwargs):
+        for h, kw in zip(self.hidden, self.kwargs, strict=True):
             out = layer(h, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs

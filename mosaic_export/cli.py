@@ -166,8 +166,16 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """transformers warns about its tokenizer conversion on every GGUF load; the CLI shows errors only."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     try:
         if argv[:1] == ["profiles"]:
             return cmd_profiles()

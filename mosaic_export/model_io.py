@@ -89,7 +89,7 @@ def load_model(path: str | None = None) -> LoadedModel:
         ggufs = sorted(target.glob("*.gguf"))
         if len(ggufs) != 1:
             raise UserError(f"{target}: not a model folder (no config.json"
-                            + (f"; several .gguf files: pass one of them" if ggufs else "") + ")")
+                            + ("; several .gguf files: pass one of them" if ggufs else "") + ")")
         gguf_file = ggufs[0]
 
     if gguf_file is not None:
@@ -152,7 +152,7 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
     layer_dims = [LayerDims(**d) for d in meta["layers"]]
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for layer, dims in zip(spec.layer_list(model), layer_dims):
+    for layer, dims in zip(spec.layer_list(model), layer_dims, strict=True):
         if dims != shape.dense_dims:
             per = dims.n_head // dims.n_kv
             resize_layer(layer, spec, shape.head_dim,

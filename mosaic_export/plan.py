@@ -219,7 +219,7 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
     else:
         dims = [dense] * n
     layers = []
-    for m, d in zip(measured, dims):
+    for m, d in zip(measured, dims, strict=True):
         r = shape.n_head // shape.n_kv
         heads = choose_heads(m.head_scores, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
         channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
@@ -299,7 +299,7 @@ def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
     mlp_ratios = fit_mean(group_ratios["mlp"], torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
     units = [(1 - float(r)) * shape.n_ff / align for r in mlp_ratios]  # kept, in aligned blocks
     kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)
-    return [LayerDims(h, kv, u * align) for (h, kv), u in zip(attn_dims, kept_units)]
+    return [LayerDims(h, kv, u * align) for (h, kv), u in zip(attn_dims, kept_units, strict=True)]
 
 
 def _round_preserving_sum(values: list[float], lo: int, hi: int) -> list[int]:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random Llama model with a real (trained) byte-level BPE tokenizer,
+saved as an ordinary Hugging Face folder, so the whole pipeline runs on it in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mosaic_export.calibration import builtin_text
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([builtin_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    # Random init is nearly isotropic; give columns different scales so scores differ.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(torch.rand(p.shape[1]).mul(2).add(0.1))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer folder (config.json, model.safetensors, tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model().save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
+    return folder

