@@ -21,12 +21,13 @@ MLP = ("gate", "up", "down")
 INPUT_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 INPUT_GROUP_OF = {p: g for g, members in INPUT_GROUPS.items() for p in members}
 
-# GGUF tensor names (llama.cpp gguf-py constants), per block.
+# GGUF tensor names (llama.cpp gguf-py constants): projections and the two norms of a block.
 GGUF_NAMES = {
     "q": "blk.{bid}.attn_q", "k": "blk.{bid}.attn_k", "v": "blk.{bid}.attn_v",
     "o": "blk.{bid}.attn_output", "gate": "blk.{bid}.ffn_gate", "up": "blk.{bid}.ffn_up",
-    "down": "blk.{bid}.ffn_down",
+    "down": "blk.{bid}.ffn_down", "attn_norm": "blk.{bid}.attn_norm", "ffn_norm": "blk.{bid}.ffn_norm",
 }
+GGUF_MODEL_NAMES = {"embed": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ArchSpec:
     attention: str  # path of the attention module within a layer
     mlp: str  # path of the MLP module within a layer
     projections: dict[str, str]  # our name -> path within a layer
+    norms: dict[str, str]  # "attn_norm" / "ffn_norm" -> path within a layer
+    final_norm: str  # path of the last norm from the CausalLM
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -59,6 +62,8 @@ _LLAMA_LIKE = dict(
         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
         "down": "mlp.down_proj",
     },
+    norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    final_norm="model.norm",
 )
 
 # Llama-family decoders: q/k/v/o attention with grouped-query heads and a gated (SwiGLU) MLP.

@@ -3,11 +3,13 @@
     mosaic-export [run options]            prune, resize, save, evaluate (the main job)
     mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
     mosaic-export profiles                 list the built-in hardware profiles
+    mosaic-export bench MODEL.gguf         benchmark a GGUF file in llama.cpp
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ commands:
   mosaic-export plan [options]     dry run: print the per-projection plan and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
+  mosaic-export bench MODEL.gguf   benchmark a GGUF file in llama.cpp (speed, memory, perplexity)
 """
 
 EPILOG = """\
@@ -94,6 +97,12 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="output folder, must not exist unless --force (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--target", choices=("gguf",), default=None,
+                   help="also export for this runtime, check it against PyTorch and benchmark it "
+                        "(default: the resized checkpoint only)")
+    p.add_argument("--quant", default=None,
+                   help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: the "
+                        "profile's for a gguf profile, else F16); sets --align unless given")
     p.add_argument("--eval-text", default="builtin-heldout",
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
                         "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
@@ -121,6 +130,7 @@ def _config(args: argparse.Namespace):
         cfg.out, cfg.force = args.out, args.force
         cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len
         cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
+        cfg.target, cfg.quant = args.target, args.quant
     return cfg
 
 
@@ -139,6 +149,41 @@ def cmd_profiles() -> int:
             b.min_tokens_per_s and f">= {b.min_tokens_per_s:g} tokens/s",
             b.max_ttft_s and f"first token <= {b.max_ttft_s:g} s") if x)
         print(f"{name:<12} {fmt:<12} {pr.description}\n{'':<12} budgets: {budget}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from .targets.gguf_runner import benchmark
+
+    p = argparse.ArgumentParser(prog="mosaic-export bench",
+                                description="Benchmark a GGUF file in llama.cpp: load time, prefill "
+                                            "and decode tokens/s, peak RSS, file size, perplexity.")
+    p.add_argument("model", type=Path, help="a .gguf file (any: dense ones too, for comparison)")
+    p.add_argument("--eval-text", default="builtin-heldout",
+                   help="perplexity text: 'builtin-heldout' or a file (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=16,
+                   help="512-token windows to score; 0 skips, -1 all (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    a = p.parse_args(argv)
+    if a.model.suffix != ".gguf":
+        raise UserError(f"{a.model}: expected a .gguf file")
+    r = benchmark(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+                  eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
+    rows = [("file", f"{a.model} ({r['file_bytes'] / 2**20:.1f} MiB)"),
+            ("load", f"{r['load_s']:.2f} s"),
+            ("prefill", f"{r['prefill']['tokens_per_s']:.1f} tokens/s ({r['prefill']['tokens']} tokens)"),
+            ("decode", f"{r['decode']['tokens_per_s']:.1f} tokens/s ({r['decode']['tokens']} tokens)"),
+            ("peak RSS", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")]
+    if "perplexity" in r:
+        pp = r["perplexity"]
+        rows.append(("perplexity", f"{pp['perplexity']:.3f} ({pp['text']}, {pp['n_predicted']} tokens)"))
+    for k, v in rows:
+        print(f"{k:<10} {v}")
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1) + "\n")
     return 0
 
 
@@ -181,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_profiles()
         if argv[:1] == ["plan"]:
             return cmd_plan(argv[1:])
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
         return cmd_run(argv)
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)

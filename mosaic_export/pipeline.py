@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,7 +50,9 @@ class RunConfig:
     eval_seq_len: int = 512
     calib_batch_size: int = 4
     threads: int | None = None
-    alignment: int | None = None  # None: the profile's target format decides (k-quants: 256)
+    alignment: int | None = None  # None: the target format decides (k-quants: 256)
+    target: str | None = None  # None: the resized checkpoint only; "gguf": export and benchmark too
+    quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
 
 
 def corpus(source: str) -> str:
@@ -91,6 +94,16 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None]:
     """Check every input that can be checked without the model; fail before any work."""
     profile = load_profile(config.profile)
     alignment = config.alignment or profile.runtime.channel_alignment
+    if config.target is not None:
+        from .targets import check_target
+        from .targets.gguf import alignment as gguf_alignment
+        from .targets.gguf import check_type
+
+        check_target(config.target)
+        if config.quant is None:
+            config.quant = profile.runtime.quant if profile.runtime.target == "gguf" else "F16"
+        check_type(config.quant)
+        alignment = config.alignment or gguf_alignment(config.quant)
     settings = replace(config.settings, alignment=alignment).validate()
     plan = Plan.load(config.plan) if config.plan else None
     if plan is not None:
@@ -192,25 +205,36 @@ def run(config: RunConfig, log=print) -> dict:
         report["perplexity"] = {"dense": ppl_dense.to_dict(), "pruned": ppl_pruned.to_dict(),
                                 "protocol": "non-overlapping windows from the start of the text, "
                                             "each scored alone; see mosaic_export/evaluate.py"}
-    write_outputs(config.out, config.force, loaded, plan, report, calib[:1, :128])
+    def build(folder: Path) -> None:
+        save_checkpoint(loaded, folder / "model")
+        report["reload"] = reload_check(loaded, folder / "model", calib[:1, :128])
+        if config.target == "gguf":
+            from .targets.gguf import deploy
+
+            log(f"exporting GGUF {config.quant} and running it in llama.cpp")
+            report["gguf"] = deploy(loaded, folder / f"model-{config.quant}.gguf", config.quant,
+                                    parity_ids=calib[0], eval_text=config.eval_text,
+                                    eval_windows=config.eval_windows, eval_seq_len=config.eval_seq_len,
+                                    threads=config.threads)
+        plan.save(folder / "plan.json")
+        pod_heatmap(plan, folder / "pod.png")
+        (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+    write_outputs(config.out, config.force, build)
     log(summary_table(report))
-    log(f"wrote {config.out}/ (model/, plan.json, report.json, pod.png)")
+    log(f"wrote {config.out}/ ({', '.join(sorted(p.name for p in config.out.iterdir()))})")
     return report
 
 
-def write_outputs(out: Path, force: bool, loaded: LoadedModel, plan: Plan, report: dict,
-                  check_ids: torch.Tensor) -> None:
-    """Write everything into a temporary folder beside OUT, check it, then move it into place."""
+def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None:
+    """Let build() write everything into a temporary folder beside OUT, then move it into place.
+
+    On any failure the temporary folder is removed: OUT is either complete or untouched."""
     out = out.resolve()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _chmod_like_umask(tmp, is_dir=True)
-        save_checkpoint(loaded, tmp / "model")
-        report["reload"] = reload_check(loaded, tmp / "model", check_ids)
-        plan.save(tmp / "plan.json")
-        pod_heatmap(plan, tmp / "pod.png")
-        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        for path in tmp.rglob("*"):
+        build(tmp)
+        for path in [tmp, *tmp.rglob("*")]:
             _chmod_like_umask(path, is_dir=path.is_dir())
         if out.exists():
             if not force:

@@ -44,6 +44,18 @@ def summary_table(report: dict) -> str:
     rows.append(("peak RSS (process)", "", format_bytes(rss["peak_rss_bytes"])))
     rows.append(("float32 model size", format_bytes(rss["dense_fp32_bytes"]),
                  format_bytes(rss["pruned_fp32_bytes"])))
+    g = report.get("gguf")
+    if g:
+        b = g["benchmark"]
+        rows.append((f"GGUF {g['type']} ({g['arch']}) file", "", format_bytes(b["file_bytes"])))
+        rows.append(("GGUF greedy agreement with PyTorch", "",
+                     f"{g['parity']['top1_agreement']:.1%} of {g['parity']['positions']}"))
+        rows.append(("GGUF fallback tensors", "", str(len(g["fallbacks"]))))
+        rows.append(("llama.cpp prefill / decode tokens/s", "",
+                     f"{b['prefill']['tokens_per_s']:.1f} / {b['decode']['tokens_per_s']:.1f}"))
+        rows.append(("llama.cpp peak RSS", "", format_bytes(b["peak_rss_bytes"])))
+        if "perplexity" in b:
+            rows.append(("llama.cpp perplexity", "", f"{b['perplexity']['perplexity']:.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
 

@@ -1,0 +1,264 @@
+"""GGUF target: the resized model written with gguf-py, quantized by llama.cpp's own quantizer.
+
+llama.cpp reads head_count, head_count_kv and feed_forward_length as per-layer arrays, but only
+arch ``deci`` builds each layer's tensors at its own sizes; plain ``llama`` uses layer 0's sizes
+for all. So a model whose layers differ is written as ``deci`` with exact arrays, a uniform one as
+``llama``. Head size stays global (key_length / value_length). Q and K rows get llama.cpp's
+rotary permutation, per layer with that layer's head counts.
+
+Float types (F32, F16, BF16) are written directly. Quantized types are made from an F32 file by
+``llama_model_quantize``; k-quants need rows (a tensor's input size) of a multiple of 256 and
+legacy quants of 32, otherwise llama.cpp silently substitutes another type: every tensor's final
+type is read back and checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS
+from ..errors import UserError
+from ..model_io import LoadedModel
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+TYPES = FLOAT_TYPES + QUANT_TYPES
+K_QUANT_BLOCK, LEGACY_BLOCK = 256, 32
+# llama.cpp's file_type values (enum llama_ftype).
+FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
+# Types that llama.cpp puts in a k-quant file when a row does not fit a 256 block.
+LEGACY = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
+SUPPORTED_ARCHS = ("llama", "mistral")
+
+
+def alignment(quant: str) -> int:
+    """Row-length multiple a type needs: 256 for k-quants, 32 for legacy quants, 1 for floats."""
+    if quant in FLOAT_TYPES:
+        return 1
+    return K_QUANT_BLOCK if "_K" in quant else LEGACY_BLOCK
+
+
+def check_type(quant: str) -> str:
+    if quant not in TYPES:
+        raise UserError(f"GGUF type '{quant}' is not supported; supported: {', '.join(TYPES)}")
+    return quant
+
+
+def gguf_arch(loaded: LoadedModel) -> str:
+    return "llama" if len(set(loaded.layer_dims)) == 1 else "deci"
+
+
+def check_exportable(loaded: LoadedModel) -> None:
+    shape, cfg = loaded.shape, loaded.model.config
+    if shape.model_type not in SUPPORTED_ARCHS:
+        raise UserError(f"GGUF export supports {', '.join(SUPPORTED_ARCHS)}; "
+                        f"this model is '{shape.model_type}'")
+    if any(shape.bias.values()):
+        raise UserError("GGUF export of projections with biases is not supported")
+    if getattr(cfg, "rope_scaling", None):
+        raise UserError(f"GGUF export of rope scaling {cfg.rope_scaling} is not supported")
+    if any(d.n_ff == 0 or d.n_head == 0 for d in loaded.layer_dims):
+        raise UserError("GGUF export needs at least one head and one channel per layer")
+
+
+def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotary layout (two halves per head) -> llama.cpp's (interleaved pairs): rows of one
+    head h, [h0 .. h(d/2-1) | h(d/2) .. h(d-1)] become [h0, h(d/2), h1, h(d/2+1), ...]."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensors(loaded: LoadedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) pairs in llama.cpp's layout."""
+    model, spec = loaded.model, loaded.spec
+    yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
+    for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
+        for norm, path in spec.norms.items():
+            yield GGUF_NAMES[norm].format(bid=bid) + ".weight", layer.get_submodule(path).weight
+        for p in PROJECTIONS:
+            w = spec.projection(layer, p).weight
+            if p == "q":
+                w = rotary_permute(w, dims.n_head)
+            elif p == "k":
+                w = rotary_permute(w, dims.n_kv)
+            yield GGUF_NAMES[p].format(bid=bid) + ".weight", w
+    yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", model.get_submodule(spec.final_norm).weight
+    if not loaded.shape.tied_embeddings:
+        yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
+
+
+def _tokenizer_fields(loaded: LoadedModel, writer) -> None:
+    """Tokenizer metadata: copied as it was from a source GGUF (transformers' rebuilt tokenizer
+    is not a faithful round trip), else built from a byte-level BPE tokenizer."""
+    import gguf
+
+    if loaded.gguf_file is not None:
+        reader = gguf.GGUFReader(loaded.gguf_file)
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            if field.types[0] == gguf.GGUFValueType.ARRAY:
+                writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1])
+            else:
+                writer.add_key_value(key, field.contents(), field.types[0])
+        return
+    tok = loaded.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    import json
+
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "BPE":
+        raise UserError("GGUF export needs the source GGUF or a byte-level BPE tokenizer; "
+                        f"this tokenizer is {type(tok).__name__} ({model.get('type')})")
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise UserError("GGUF export needs a tokenizer whose ids are 0..n-1 without gaps")
+    special = set(tok.all_special_tokens)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_token_merges(merges)
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    if tok.eos_token_id is not None:
+        writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_add_bos_token(False)
+    if getattr(tok, "chat_template", None):
+        writer.add_chat_template(tok.chat_template)
+
+
+def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32") -> None:
+    """Write the model as a float GGUF file (F32, F16 or BF16) at path."""
+    import gguf
+
+    if dtype not in FLOAT_TYPES:
+        raise ValueError(f"expected one of {FLOAT_TYPES}, got {dtype}")
+    check_exportable(loaded)
+    arch, shape, cfg = gguf_arch(loaded), loaded.shape, loaded.model.config
+    dims = loaded.layer_dims
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(Path(loaded.source).stem)
+    w.add_file_type(FILE_TYPE[dtype])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(shape.hidden)
+    w.add_block_count(shape.n_layers)
+    per_layer = arch == "deci"
+    w.add_feed_forward_length([d.n_ff for d in dims] if per_layer else dims[0].n_ff)
+    w.add_head_count([d.n_head for d in dims] if per_layer else dims[0].n_head)
+    w.add_head_count_kv([d.n_kv for d in dims] if per_layer else dims[0].n_kv)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(shape.vocab)
+    _tokenizer_fields(loaded, w)
+    for name, t in tensors(loaded):
+        data = t.detach().float().numpy()
+        if dtype == "F16" and data.ndim == 2:
+            w.add_tensor(name, data.astype(np.float16))
+        elif dtype == "BF16" and data.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:  # F32, and 1-D norms in every type (llama.cpp keeps them F32)
+            w.add_tensor(name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """llama.cpp's quantizer (through llama-cpp-python): F32 GGUF -> quant type."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = threads
+    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if code != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {quant} (code {code})")
+
+
+def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (GGML type name, shape as llama.cpp lists it: [row length, rows])."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
+
+
+@dataclass
+class TypeCheck:
+    types: dict[str, str]  # every tensor's final type
+    fallbacks: list[str]  # 2-D tensors llama.cpp stored in a legacy type for lack of alignment
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.types.values():
+            counts[t] = counts.get(t, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def check_types(path: Path, quant: str) -> TypeCheck:
+    """Read back every tensor's type; list the weights that fell back from a k-quant."""
+    found = tensor_types(path)
+    fallbacks = []
+    if quant in QUANT_TYPES and "_K" in quant:
+        fallbacks = [name for name, (t, shape) in found.items()
+                     if len(shape) == 2 and t in LEGACY and shape[0] % K_QUANT_BLOCK]
+    return TypeCheck({n: t for n, (t, _) in found.items()}, fallbacks)
+
+
+def export(loaded: LoadedModel, path: Path, quant: str = "F32") -> TypeCheck:
+    """Write path (F32/F16/BF16 directly, quant types through llama.cpp) and check its types."""
+    check_type(quant)
+    check_exportable(loaded)
+    work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=path.parent))
+    try:
+        if quant in FLOAT_TYPES:
+            write_gguf(loaded, work / "model.gguf", quant)
+        else:
+            write_gguf(loaded, work / "f32.gguf", "F32")
+            quantize(work / "f32.gguf", work / "model.gguf", quant)
+        check = check_types(work / "model.gguf", quant)
+        (work / "model.gguf").replace(path)
+        return check
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+MIN_FLOAT_AGREEMENT = 0.95  # float files must agree with PyTorch on the greedy next token
+
+
+def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor,
+           eval_text: str | None, eval_windows: int | None, eval_seq_len: int,
+           threads: int | None = None) -> dict:
+    """Export, load it back in llama.cpp, compare with PyTorch, benchmark it in a fresh process."""
+    from .gguf_runner import benchmark, next_token_agreement
+
+    check = export(loaded, path, quant)
+    try:
+        parity = next_token_agreement(loaded.model, path, parity_ids, threads)
+    except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
+        raise UserError(f"the written GGUF does not load in llama.cpp: {e}") from None
+    if quant in FLOAT_TYPES and parity["top1_agreement"] < MIN_FLOAT_AGREEMENT:
+        raise UserError(f"the {quant} GGUF disagrees with PyTorch: greedy next token agrees at "
+                        f"{parity['top1_agreement']:.1%} of {parity['positions']} positions")
+    bench = benchmark(path, threads=threads, eval_text=eval_text if eval_windows != 0 else None,
+                      eval_windows=-1 if eval_windows is None else eval_windows,
+                      eval_seq_len=eval_seq_len)
+    return {"file": path.name, "arch": gguf_arch(loaded), "type": quant,
+            "tensor_types": check.summary(), "fallbacks": check.fallbacks,
+            "parity": parity, "benchmark": bench}

@@ -1,0 +1,93 @@
+"""GGUF writer on tiny random models: llama.cpp (llama-cpp-python) loads them and matches PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_export.cli import main
+from mosaic_export.model_io import load_model
+from mosaic_export.prune.structured import resize_layer
+from mosaic_export.targets.gguf import check_types, export, gguf_arch, rotary_permute
+from mosaic_export.targets.gguf_runner import _llama, next_token_agreement
+
+IDS = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(0))
+
+
+def _heterogeneous(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    layers = loaded.spec.layer_list(loaded.model)
+    # layer 0: one KV group of 2 heads, 64 channels; layer 2: 2 groups of 1 head, 32 channels
+    resize_layer(layers[0], loaded.spec, 16, [2, 3], [1], list(range(0, 96, 3)) + list(range(1, 96, 3)))
+    resize_layer(layers[2], loaded.spec, 16, [0, 3], [0, 1], list(range(32)))
+    loaded.layer_dims = [type(d)(n_head=h, n_kv=kv, n_ff=ff) for d, (h, kv, ff) in
+                         zip(loaded.layer_dims, [(2, 1, 64), (4, 2, 96), (2, 2, 32)], strict=True)]
+    return loaded
+
+
+def _llama_logits(path, ids):
+    llm = _llama(path, len(ids), threads=1, logits_all=True)
+    llm.eval([int(t) for t in ids])
+    return np.asarray(llm.scores[: len(ids)])
+
+
+def test_rotary_permute_interleaves_halves():
+    head_dim, n_head = 8, 2
+    w = torch.arange(n_head * head_dim, dtype=torch.float32).unsqueeze(1)  # row index as value
+    out = rotary_permute(w, n_head).squeeze(1).tolist()
+    assert out == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+@pytest.mark.parametrize("heterogeneous", [False, True])
+def test_f32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
+    loaded = _heterogeneous(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
+    path = tmp_path / "m.gguf"
+    check = export(loaded, path, "F32")
+    assert gguf_arch(loaded) == ("deci" if heterogeneous else "llama")
+    assert set(check.types.values()) == {"F32"} and not check.fallbacks
+    with torch.no_grad():
+        ref = loaded.model(input_ids=IDS[None]).logits[0].numpy()
+    got = _llama_logits(path, IDS)
+    assert np.abs(got - ref).max() < 1e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_quantized_types_are_checked(tiny_model_dir, tmp_path):
+    loaded = _heterogeneous(tiny_model_dir)
+    q8 = export(loaded, tmp_path / "q8.gguf", "Q8_0")  # every row length is a multiple of 32
+    weights = {n: t for n, t in q8.types.items() if n.startswith("blk.") and n.endswith(".weight")
+               and "norm" not in n}
+    assert set(weights.values()) == {"Q8_0"} and not q8.fallbacks
+    agreement = next_token_agreement(loaded.model, tmp_path / "q8.gguf", IDS, threads=1)
+    assert agreement["top1_agreement"] > 0.8
+    # Rows of 64 cannot be k-quant blocks of 256: llama.cpp falls back, and the check says so.
+    q4 = export(loaded, tmp_path / "q4.gguf", "Q4_K_M")
+    assert q4.fallbacks and all(q4.types[n] not in ("Q4_K", "Q6_K") for n in q4.fallbacks)
+    assert check_types(tmp_path / "q4.gguf", "Q4_K_M").fallbacks == q4.fallbacks
+
+
+def test_cli_target_gguf_and_bench(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_model_dir), "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2",
+                 "--eval-seq-len", "64", "--target", "gguf", "--quant", "F32", "--threads", "1",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    g = report["gguf"]
+    assert (out / "model-F32.gguf").stat().st_size == g["benchmark"]["file_bytes"]
+    assert g["parity"]["top1_agreement"] == 1.0
+    assert g["benchmark"]["decode"]["tokens_per_s"] > 0
+    assert g["benchmark"]["perplexity"]["n_windows"] == 2
+    assert main(["bench", str(out / "model-F32.gguf"), "--eval-windows", "1", "--gen-tokens", "8",
+                 "--prompt-tokens", "32", "--threads", "1"]) == 0
+
+
+def test_bad_quant_type(tiny_model_dir, tmp_path, capsys):
+    code = main(["--model", str(tiny_model_dir), "--target", "gguf", "--quant", "Q3_K",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "GGUF type 'Q3_K' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
