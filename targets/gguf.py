@@ -34,8 +34,6 @@ TYPES = FLOAT_TYPES + QUANT_TYPES
 K_QUANT_BLOCK, LEGACY_BLOCK = 256, 32
 # llama.cpp's file_type values (enum llama_ftype).
 FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
-# Types that llama.cpp puts in a k-quant file when a row does not fit a 256 block.
-LEGACY = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
 SUPPORTED_ARCHS = ("llama", "mistral")
 
 
@@ -202,7 +200,7 @@ def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
 @dataclass
 class TypeCheck:
     types: dict[str, str]  # every tensor's final type
-    fallbacks: list[str]  # 2-D tensors llama.cpp stored in a legacy type for lack of alignment
+    fallbacks: list[str]  # block weights whose rows do not fit the requested type's blocks
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -212,12 +210,12 @@ class TypeCheck:
 
 
 def check_types(path: Path, quant: str) -> TypeCheck:
-    """Read back every tensor's type; list the weights that fell back from a k-quant."""
+    """Read back every tensor's type; list the block weights llama.cpp had to store in another
+    type because their row length is not a multiple of the requested type's block."""
     found = tensor_types(path)
-    fallbacks = []
-    if quant in QUANT_TYPES and "_K" in quant:
-        fallbacks = [name for name, (t, shape) in found.items()
-                     if len(shape) == 2 and t in LEGACY and shape[0] % K_QUANT_BLOCK]
+    block = alignment(quant)
+    fallbacks = [name for name, (_, shape) in found.items()
+                 if name.startswith("blk.") and len(shape) == 2 and shape[0] % block]
     return TypeCheck({n: t for n, (t, _) in found.items()}, fallbacks)
 
 

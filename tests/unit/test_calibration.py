@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mosaic_export.calibration import read_text, sample_windows
+from mosaic_export.errors import UserError
+from mosaic_export.pipeline import corpus
+
+
+def test_jsonl_and_text(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 3}) + "\n")
+    assert read_text(str(f)) == "one\n\ntwo"
+    g = tmp_path / "c.txt"
+    g.write_text("plain text")
+    assert read_text(str(g)) == "plain text"
+
+
+@pytest.mark.parametrize("line, message", [("{not json", "c.jsonl:1: not valid JSON"),
+                                           ('{"txt": "x"}', "c.jsonl:1: expected an object")])
+def test_bad_jsonl(tmp_path, line, message):
+    f = tmp_path / "c.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(UserError, match=message):
+        read_text(str(f))
+
+
+def test_builtin_split_is_disjoint():
+    calib, heldout = corpus("builtin"), corpus("builtin-heldout")
+    assert len(heldout) > 40_000 and len(calib) > 8 * len(heldout)
+    assert calib + heldout == read_text("builtin")
+
+
+def test_windows_are_seeded():
+    tokens = torch.arange(1000)
+    a = sample_windows(tokens, 4, 16, seed=0)
+    assert a.shape == (4, 16) and torch.equal(a, sample_windows(tokens, 4, 16, seed=0))
+    assert not torch.equal(a, sample_windows(tokens, 4, 16, seed=1))
+    assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 16)) for row in a)
+    with pytest.raises(UserError, match="fewer than one sample"):
+        sample_windows(torch.arange(10), 1, 16, seed=0, source="tiny.txt")
