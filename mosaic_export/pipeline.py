@@ -48,7 +48,7 @@ class RunConfig:
     eval_text: str = HELDOUT
     eval_windows: int | None = 32  # None: all; 0: skip perplexity
     eval_seq_len: int = 512
-    calib_batch_size: int = 4
+    calib_batch_size: int = 1  # samples per forward: 1 keeps activation memory smallest, same speed
     threads: int | None = None
     alignment: int | None = None  # None: the target format decides (k-quants: 256)
     target: str | None = None  # None: the resized checkpoint only; "gguf": export and benchmark too
