@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             r = benchmark(path, eval_text=a.eval_text, eval_windows=a.eval_windows, gen_tokens=32)
             rows.append({"type": t, "file_bytes": r["file_bytes"], "tensor_types": check.summary(),
                          "fallbacks": check.fallbacks, "perplexity": r["perplexity"]})
-            print(f"{t:<7} {r['file_bytes'] / 2**20:7.1f} MiB  perplexity {r['perplexity']['perplexity']:.3f} "
-                  f"({r['perplexity']['n_predicted']} tokens)  types {check.summary()}  "
+            ppl = r["perplexity"]
+            print(f"{t:<7} {r['file_bytes'] / 2**20:7.1f} MiB  perplexity {ppl['perplexity']:.3f} "
+                  f"({ppl['n_predicted']} tokens)  types {check.summary()}  "
                   f"fallbacks {len(check.fallbacks)}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
