@@ -8,10 +8,8 @@ sum_t x_t,k^2 (Wanda, POD) and, where asked, the Gram matrix H = X^T X (SparseGP
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,42 +17,6 @@ from tqdm.auto import tqdm
 
 from .arch import INPUT_GROUPS, ArchSpec
 from .errors import UserError
-
-BUILTIN = "builtin"
-
-
-def builtin_text() -> str:
-    """Python's own documentation topics (``pydoc_data.topics``): real English prose and code."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_text(source: str) -> str:
-    """Text from ``builtin``, a plain text file, or a JSONL file (a "text" field per line)."""
-    if source == BUILTIN:
-        return builtin_text()
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"text file not found: {source}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read text file {source}: {e}") from None
-    if path.suffix != ".jsonl":
-        return raw
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source}:{n}: not valid JSON: {e}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{source}:{n}: expected an object with a string field 'text'")
-        texts.append(record["text"])
-    return "\n\n".join(texts)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

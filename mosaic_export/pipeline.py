@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calibration import BUILTIN, LayerStream, read_text, sample_windows, tokenize
+from .calibration import LayerStream, sample_windows, tokenize
 from .errors import UserError
 from .evaluate import perplexity, windows
 from .model_io import LoadedModel, load_model, save_checkpoint
@@ -32,9 +32,7 @@ from .plan import Plan, PruneSettings, make_plan
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
 from .report import plan_table, pod_heatmap, summary_table
-
-HELDOUT = "builtin-heldout"
-BUILTIN_SPLIT = 0.9  # the built-in corpus: first 90% for calibration, the rest held out
+from .texts import BUILTIN, HELDOUT, corpus
 
 
 @dataclass
@@ -53,15 +51,6 @@ class RunConfig:
     alignment: int | None = None  # None: the target format decides (k-quants: 256)
     target: str | None = None  # None: the resized checkpoint only; "gguf": export and benchmark too
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
-
-
-def corpus(source: str) -> str:
-    """The text of a source: 'builtin' (calibration part), 'builtin-heldout', or a file."""
-    if source in (BUILTIN, HELDOUT):
-        text = read_text(BUILTIN)
-        cut = int(len(text) * BUILTIN_SPLIT)
-        return text[:cut] if source == BUILTIN else text[cut:]
-    return read_text(source)
 
 
 def check_output(out: Path, force: bool) -> None:

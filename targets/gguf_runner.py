@@ -6,7 +6,8 @@ runtime's own, not this process's (which holds the PyTorch model):
     python -m mosaic_export.targets.gguf_runner MODEL.gguf [--eval-text FILE] [--json OUT]
 
 Speed: load time; prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode of
-``gen_tokens`` tokens, one at a time (tokens/s). Perplexity: the protocol of
+``gen_tokens`` tokens, one at a time (tokens/s); peak RSS of the process up to there (the
+runner imports no torch). Perplexity: the protocol of
 mosaic_export.evaluate (non-overlapping windows from the start, each scored alone), on tokens from
 the GGUF's own tokenizer.
 """
@@ -64,7 +65,7 @@ def llama_perplexity(llm, tokens: list[int], seq_len: int, max_windows: int | No
 def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
             eval_text: str | None = None, eval_windows: int | None = 16, eval_seq_len: int = 512) -> dict:
     """Everything about one GGUF file, measured in this process."""
-    from ..pipeline import corpus
+    from ..texts import corpus
 
     t0 = time.perf_counter()
     llm = _llama(path, prompt_tokens + gen_tokens, threads, logits_all=False)
@@ -86,6 +87,9 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
+        # High-water mark of this process (llama.cpp, numpy, no torch) after prefill and decode,
+        # before the perplexity pass, whose all-position logits would dominate it.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     del llm
     if eval_text is not None and eval_windows != 0:
@@ -94,7 +98,6 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
         result["perplexity"] = {**llama_perplexity(llm, tokens, eval_seq_len, eval_windows),
                                 "text": eval_text}
         del llm
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 

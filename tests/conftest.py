@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_export.calibration import builtin_text
+from mosaic_export.texts import builtin_text
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -19,7 +19,7 @@ from mosaic_export.targets.gguf_runner import _llama, next_token_agreement
 
 from mosaic_export.calibration import tokenize
 from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import corpus
+from mosaic_export.texts import corpus
 
 
 def main(argv: list[str] | None = None) -> int:

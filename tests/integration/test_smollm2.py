@@ -13,8 +13,8 @@ from mosaic_export.calibration import tokenize
 from mosaic_export.cli import main
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import corpus
 from mosaic_export.plan import Plan
+from mosaic_export.texts import corpus
 
 pytestmark = pytest.mark.integration
 

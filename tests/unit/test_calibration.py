@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mosaic_export.calibration import read_text, sample_windows
+from mosaic_export.calibration import sample_windows
 from mosaic_export.errors import UserError
-from mosaic_export.pipeline import corpus
+from mosaic_export.texts import corpus, read_text
 
 
 def test_jsonl_and_text(tmp_path):

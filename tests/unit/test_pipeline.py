@@ -11,8 +11,8 @@ from mosaic_export.calibration import tokenize
 from mosaic_export.cli import main
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import corpus
 from mosaic_export.plan import Plan
+from mosaic_export.texts import corpus
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "3",
         "--eval-seq-len", "64", "--align", "1"]
