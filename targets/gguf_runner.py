@@ -30,6 +30,16 @@ import numpy as np
 from ..errors import UserError
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM). Not ru_maxrss: Linux carries that
+    over exec from the forked parent, so a runner started by a process holding a model would
+    report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+
+
 def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):
     import llama_cpp
 
@@ -89,7 +99,7 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
         "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
         # High-water mark of this process (llama.cpp, numpy, no torch) after prefill and decode,
         # before the perplexity pass, whose all-position logits would dominate it.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     del llm
     if eval_text is not None and eval_windows != 0:
