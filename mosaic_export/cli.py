@@ -25,7 +25,8 @@ pruning (Wanda or SparseGPT) zeroes weights inside what is kept.
 
 commands:
   mosaic-export [options]          prune the model, write OUT/model/, OUT/plan.json,
-                                   OUT/report.json, OUT/pod.png and print a summary
+                                   OUT/report.json, OUT/pod.png (and OUT/model-T.gguf with
+                                   --target gguf) and print a summary
   mosaic-export plan [options]     dry run: print the per-projection plan and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
