@@ -14,8 +14,11 @@ type is read back and checked.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,6 +180,21 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32") -> None:
     w.close()
 
 
+@contextlib.contextmanager
+def native_log(path: Path):
+    """Send what native code (llama.cpp) writes to stderr into a file: its per-tensor log is
+    kept out of the terminal, and shown only when the call fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     """llama.cpp's quantizer (through llama-cpp-python): F32 GGUF -> quant type."""
     import llama_cpp
@@ -184,9 +202,13 @@ def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
     params.nthread = threads
-    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    log = dst.with_suffix(".log")
+    with native_log(log):
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if code != 0:
-        raise UserError(f"llama.cpp could not quantize {src} to {quant} (code {code})")
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise UserError(f"llama.cpp could not quantize {src} to {quant} (code {code}): "
+                        + " | ".join(tail))
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -248,7 +270,9 @@ def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor
 
     check = export(loaded, path, quant)
     try:
-        parity = next_token_agreement(loaded.model, path, parity_ids, threads)
+        with native_log(path.with_suffix(".load.log")):
+            parity = next_token_agreement(loaded.model, path, parity_ids, threads)
+        path.with_suffix(".load.log").unlink()
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
         raise UserError(f"the written GGUF does not load in llama.cpp: {e}") from None
     if quant in FLOAT_TYPES and parity["top1_agreement"] < MIN_FLOAT_AGREEMENT:
