@@ -31,7 +31,7 @@ from .model_io import LoadedModel, load_model, save_checkpoint
 from .plan import Plan, PruneSettings, make_plan
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
-from .report import plan_table, pod_heatmap, summary_table
+from .report import pod_heatmap, summary_table
 from .texts import BUILTIN, HELDOUT, corpus
 
 
@@ -223,8 +223,10 @@ def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         build(tmp)
-        for path in [tmp, *tmp.rglob("*")]:
-            _chmod_like_umask(path, is_dir=path.is_dir())
+        mask = os.umask(0)
+        os.umask(mask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers use 0600
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         if out.exists():
             if not force:
                 raise UserError(f"output folder {out} appeared while working; not replacing it")
@@ -236,13 +238,6 @@ def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _chmod_like_umask(path: Path, is_dir: bool) -> None:
-    """Give outputs the permissions a plain open() would (mkdtemp and some writers use 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path.chmod((0o777 if is_dir else 0o666) & ~mask)
 
 
 @torch.no_grad()
@@ -258,5 +253,3 @@ def reload_check(loaded: LoadedModel, folder: Path, ids: torch.Tensor) -> dict:
         raise RuntimeError(f"reloaded checkpoint differs from the pruned model: {result}")
     return result
 
-
-__all__ = ["RunConfig", "run", "run_plan", "plan_table"]

@@ -220,15 +220,13 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
         dims = [dense] * n
     layers = []
     for m, d in zip(measured, dims, strict=True):
-        r = shape.n_head // shape.n_kv
-        heads = choose_heads(m.head_scores, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
-        channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
-                    else choose_channels(m.channel_scores, d.n_ff))
         if d.n_head == shape.n_head:
             heads_q, heads_kv = list(range(shape.n_head)), list(range(shape.n_kv))
         else:
+            heads = choose_heads(m.head_scores, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
             heads_q, heads_kv = heads.q_heads, heads.kv_heads
-        assert all(h // r in heads_kv for h in heads_q)
+        channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
+                    else choose_channels(m.channel_scores, d.n_ff))
         layers.append(LayerPlan(heads_q, heads_kv, channels, {p: 0.0 for p in PROJECTIONS}))
 
     # 2. Unstructured part: what is left of the target, as zeros in the kept weights.
