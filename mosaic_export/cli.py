@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .allocation import ALLOCATIONS
 from .errors import UserError
-from .plan import METHODS, CalibrationSettings, PruneSettings
+from .plan import METHODS, STRUCTURED_SCORES, CalibrationSettings, PruneSettings
 
 DESCRIPTION = """\
 Fit a decoder-only LLM to a device: composite projection pruning (Mosaic, arXiv 2504.06323).
@@ -81,6 +81,9 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                         "profile's format needs: 256 for k-quants, 32 for Q8_0/Q4_0, else 1)")
     p.add_argument("--no-compensate", action="store_true",
                    help="do not update o / down by least squares after removing heads/channels")
+    p.add_argument("--structured-scores", choices=STRUCTURED_SCORES, default=d.structured_scores,
+                   help="rank heads and channels by activation-aware scores, or by weight "
+                        "magnitude alone (the coarse baseline) (default: %(default)s)")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--calib-text", default=c.source,
                    help="calibration text: 'builtin' (Python's pydoc topics), a .txt or a "
@@ -122,7 +125,7 @@ def _config(args: argparse.Namespace):
     settings = PruneSettings(
         sparsity=args.sparsity, structured_fraction=args.structured_fraction,
         allocation=args.allocation, method=args.method, outlier_m=args.outlier_m, lam=args.lam,
-        compensate=not args.no_compensate,
+        compensate=not args.no_compensate, structured_scores=args.structured_scores,
         calibration=CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len,
                                         args.seed))
     cfg = RunConfig(profile=args.profile, model=args.model, settings=settings, plan=args.plan,

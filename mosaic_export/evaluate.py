@@ -4,7 +4,8 @@ Protocol: the whole file is tokenized once, without special tokens; it is cut in
 non-overlapping windows of ``seq_len`` tokens from the start (the tail shorter than a window is
 dropped) and the first ``max_windows`` are used (all when None). Each window is scored on its own
 (no context carried over): the model predicts tokens 2..seq_len of the window, and perplexity is
-exp(mean negative log-likelihood) over all predicted tokens of all windows.
+exp(mean negative log-likelihood) over all predicted tokens of all windows. The same pass counts
+next-token top-1 accuracy: how often the most likely token is the one that follows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Perplexity:
     seq_len: int
     n_predicted: int
     text: str  # the file it was measured on
+    top1: float = float("nan")  # next-token top-1 accuracy over the same predicted tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,14 +54,17 @@ def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: i
     needs the logits of a whole window in memory (SmolLM2: 512 x 49152 floats = 100 MB).
     """
     body, head = model.get_decoder(), model.get_output_embeddings()
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     for chunk in tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False):
         hidden = body(input_ids=chunk, use_cache=False).last_hidden_state  # (B, T, hidden)
         for s in range(0, chunk.shape[1] - 1, logits_chunk):
             e = min(s + logits_chunk, chunk.shape[1] - 1)
             logits = head(hidden[:, s:e])  # (B, e - s, vocab)
+            targets = chunk[:, s + 1:e + 1]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           chunk[:, s + 1:e + 1].reshape(-1), reduction="sum"))
+                                           targets.reshape(-1), reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
         count += chunk[:, 1:].numel()
     mean = total / count
-    return Perplexity(math.exp(mean), mean, batches.shape[0], batches.shape[1], count, text)
+    return Perplexity(math.exp(mean), mean, batches.shape[0], batches.shape[1], count, text,
+                      correct / count)

@@ -34,6 +34,7 @@ from .prune.structured import choose_channels, choose_heads, head_options
 PLAN_FORMAT = "mosaic-export plan"
 PLAN_VERSION = 1
 METHODS = ("wanda", "sparsegpt")
+STRUCTURED_SCORES = ("activation", "magnitude")
 MAX_SPARSITY = 0.95
 
 
@@ -55,6 +56,7 @@ class PruneSettings:
     lam: float = 0.08  # OWL's lambda: ratios spread over +- lambda around the target
     alignment: int = 1  # kept MLP channels (and head rows) a multiple of this
     compensate: bool = True  # least-squares update of o / down after removing their inputs
+    structured_scores: str = "activation"  # how heads and channels are ranked; "magnitude": weights only
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def validate(self) -> PruneSettings:
@@ -70,6 +72,9 @@ class PruneSettings:
              f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, "
              f"got '{self.method}'")
+        need(self.structured_scores in STRUCTURED_SCORES,
+             f"structured scores must be one of {', '.join(STRUCTURED_SCORES)}, "
+             f"got '{self.structured_scores}'")
         need(self.outlier_m > 0, f"outlier M must be positive, got {self.outlier_m}")
         need(0.0 <= self.lam < 0.5, f"lambda must be in [0, 0.5), got {self.lam}")
         need(self.alignment >= 1, f"alignment must be a positive integer, got {self.alignment}")
@@ -86,8 +91,8 @@ class LayerMeasurement:
     projection_outliers: dict[str, float]  # POD: outlier ratio per projection
     layer_outliers: float  # all projections of the layer together (OWL)
     group_outliers: dict[str, float]  # "attn" (q, k, v, o) and "mlp" (gate, up, down)
-    head_scores: torch.Tensor  # (n_head,) activation-aware importance of each query head
-    channel_scores: torch.Tensor  # (n_ff,) importance of each MLP channel
+    head_scores: dict[str, torch.Tensor]  # per STRUCTURED_SCORES kind: (n_head,) per query head
+    channel_scores: dict[str, torch.Tensor]  # per kind: (n_ff,) per MLP channel
 
 
 @dataclass
@@ -223,10 +228,11 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
         if d.n_head == shape.n_head:
             heads_q, heads_kv = list(range(shape.n_head)), list(range(shape.n_kv))
         else:
-            heads = choose_heads(m.head_scores, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
+            heads = choose_heads(m.head_scores[settings.structured_scores], shape.n_kv, d.n_kv,
+                                 d.n_head // d.n_kv)
             heads_q, heads_kv = heads.q_heads, heads.kv_heads
         channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
-                    else choose_channels(m.channel_scores, d.n_ff))
+                    else choose_channels(m.channel_scores[settings.structured_scores], d.n_ff))
         layers.append(LayerPlan(heads_q, heads_kv, channels, {p: 0.0 for p in PROJECTIONS}))
 
     # 2. Unstructured part: what is left of the target, as zeros in the kept weights.

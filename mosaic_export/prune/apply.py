@@ -18,7 +18,15 @@ from ..calibration import InputStats, LayerStream
 from ..plan import LayerMeasurement, Plan
 from ..pod import outlier_ratio, wanda_scores
 from .sparsegpt import sparsegpt_prune
-from .structured import column_scores, compensate, expand_heads, head_scores, resize_layer
+from .structured import (
+    column_scores,
+    compensate,
+    expand_heads,
+    head_scores,
+    magnitude_channel_scores,
+    magnitude_head_scores,
+    resize_layer,
+)
 from .wanda import wanda_prune
 
 
@@ -31,14 +39,18 @@ def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
         stats = stream.statistics(layer, set(), advance=True)
         scores = {p: wanda_scores(spec.projection(layer, p).weight,
                                   stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
-        o_w, down_w = spec.projection(layer, "o").weight, spec.projection(layer, "down").weight
+        w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
         measured.append(LayerMeasurement(
             projection_outliers={p: outlier_ratio(scores[p], outlier_m) for p in PROJECTIONS},
             layer_outliers=outlier_ratio([scores[p] for p in PROJECTIONS], outlier_m),
             group_outliers={"attn": outlier_ratio([scores[p] for p in ATTENTION], outlier_m),
                             "mlp": outlier_ratio([scores[p] for p in MLP], outlier_m)},
-            head_scores=head_scores(o_w, stats["o"].sq_norm, shape.head_dim),
-            channel_scores=column_scores(down_w, stats["down"].sq_norm),
+            head_scores={
+                "activation": head_scores(w["o"], stats["o"].sq_norm, shape.head_dim),
+                "magnitude": magnitude_head_scores(w["q"], w["o"], shape.head_dim)},
+            channel_scores={
+                "activation": column_scores(w["down"], stats["down"].sq_norm),
+                "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
         ))
     return measured
 

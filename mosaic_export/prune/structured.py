@@ -11,6 +11,9 @@ Scores are activation-aware: a head or channel is worth what it adds to its cons
 ||W_consumer[:, cols]||^2 * ||X_cols||^2 summed over its columns (consumer: o or down).
 The consumer is then compensated by least squares on calibration activations, so the kept
 columns take over what the removed ones did as far as a linear map can.
+
+Magnitude scores (the coarse-grained baseline, LLM-Pruner-like without its fine-tuning) look at
+the weights alone: the squared norm of every weight the head or channel owns.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ def column_scores(consumer_weight: torch.Tensor, input_sq_norm: torch.Tensor) ->
 def head_scores(o_weight: torch.Tensor, o_input_sq_norm: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Score of each query head (n_head,) from the o projection and its input statistics."""
     return column_scores(o_weight, o_input_sq_norm).view(-1, head_dim).sum(1)
+
+
+def magnitude_head_scores(q_weight: torch.Tensor, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Weight-only score of each query head (n_head,): its q rows and o columns, squared norm."""
+    rows = (q_weight.double() ** 2).sum(1).view(-1, head_dim).sum(1)
+    cols = (o_weight.double() ** 2).sum(0).view(-1, head_dim).sum(1)
+    return rows + cols
+
+
+def magnitude_channel_scores(gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                             down_weight: torch.Tensor) -> torch.Tensor:
+    """Weight-only score of each MLP channel (n_ff,): its gate and up rows and down column."""
+    return ((gate_weight.double() ** 2).sum(1) + (up_weight.double() ** 2).sum(1)
+            + (down_weight.double() ** 2).sum(0))
 
 
 @dataclass(frozen=True)

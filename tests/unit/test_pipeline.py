@@ -95,6 +95,39 @@ def test_unstructured_methods(tiny_model_dir, tmp_path, method, allocation):
     assert 1 - p["pruned"]["decoder_nonzero"] / p["dense"]["decoder"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_magnitude_scores_choose_by_weights_alone(tiny_model_dir, tmp_path):
+    """The coarse baseline: same plan shape whatever the calibration, channels ranked by weights."""
+    from mosaic_export.arch import arch_for
+    from mosaic_export.prune.structured import choose_channels, magnitude_channel_scores
+
+    plans = []
+    for seed in (0, 1):
+        f = tmp_path / f"plan{seed}.json"
+        assert run_cli("plan", "--model", tiny_model_dir, "--sparsity", "0.3", "--structured-fraction",
+                       "1", "--allocation", "uniform", "--structured-scores", "magnitude",
+                       "--no-compensate", "--calib-samples", "2", "--calib-seq-len", "32",
+                       "--seed", seed, "--align", "1", "--write-plan", f) == 0
+        plans.append(Plan.load(f))
+    assert [lp.channels for lp in plans[0].layers] == [lp.channels for lp in plans[1].layers]
+    assert plans[0].settings.structured_scores == "magnitude" and not plans[0].settings.compensate
+    loaded, spec = load_model(tiny_model_dir), arch_for("llama")
+    for layer, lp in zip(spec.layer_list(loaded.model), plans[0].layers, strict=True):
+        w = {p: spec.projection(layer, p).weight for p in ("gate", "up", "down")}
+        expected = choose_channels(magnitude_channel_scores(w["gate"], w["up"], w["down"]), len(lp.channels))
+        assert lp.channels == expected
+
+
+def test_top1_accuracy_matches_direct_count(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    ids = windows(tokenize(loaded.tokenizer, corpus("builtin-heldout")), 64, 3, "heldout")
+    result = perplexity(loaded.model, ids, "heldout", logits_chunk=16)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[:, :-1]
+    direct = (logits.argmax(-1) == ids[:, 1:]).float().mean().item()
+    assert result.top1 == pytest.approx(direct, abs=1e-9)
+    assert 0 < result.top1 < 1
+
+
 def test_alignment_rounds_channels(tiny_model_dir, tmp_path):
     f = tmp_path / "plan.json"
     assert run_cli("plan", "--model", tiny_model_dir, "--sparsity", "0.3",

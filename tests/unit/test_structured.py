@@ -10,6 +10,8 @@ from mosaic_export.prune.structured import (
     compensate,
     expand_heads,
     head_scores,
+    magnitude_channel_scores,
+    magnitude_head_scores,
     resize_layer,
 )
 from tests.conftest import tiny_model
@@ -97,3 +99,14 @@ def test_choose_heads_and_channels():
     w_o = torch.ones(3, 4)
     sq = torch.tensor([1.0, 1.0, 4.0, 0.0])
     assert head_scores(w_o, sq, head_dim=2).tolist() == [6.0, 12.0]
+
+
+def test_magnitude_scores_by_hand():
+    # 2 heads of dim 2: q rows 0-1 belong to head 0, rows 2-3 to head 1; o columns likewise.
+    w_q = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+    w_o = torch.tensor([[1.0, 1.0, 0.0, 2.0]])
+    assert magnitude_head_scores(w_q, w_o, head_dim=2).tolist() == [1 + 4 + 1 + 1, 9 + 0 + 0 + 4]
+    gate = torch.tensor([[1.0, 1.0], [0.0, 3.0], [0.0, 0.0]])  # 3 channels, hidden 2
+    up = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+    down = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # (hidden, channels)
+    assert magnitude_channel_scores(gate, up, down).tolist() == [2 + 1 + 1, 9 + 1 + 0, 0 + 4 + 2]

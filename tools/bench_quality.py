@@ -1,0 +1,347 @@
+"""Quality benchmark: perplexity against removed decoder parameters, one curve per method.
+
+    python tools/bench_quality.py --calib-text ../shared/data/wikitext-2/valid.txt \\
+        --eval-text ../shared/data/wikitext-2/test.txt --out bench/quality [--tune] [--seeds 0 1]
+
+Stages (each row is appended to OUT/results.csv as soon as it is measured; a second run skips the
+rows already there, so an interrupted benchmark resumes):
+- timing: one dense forward pass over the calibration set against the whole prune (both passes,
+  plan included) with Wanda scoring, and their ratio;
+- tune (--tune): M and lambda of the `layer` (OWL) and `projection` (Mosaic) allocations and of
+  the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only;
+- unstructured: 50-80% sparsity, uniform / layer / projection allocation, Wanda and SparseGPT;
+- structured: 10-40% fewer decoder parameters by (a) the coarse baseline: the same ratio in every
+  layer, heads and channels ranked by weight magnitude, no compensation; (b) the same ratio in
+  every layer, activation-aware scores and least-squares compensation; (c) composite projection
+  pruning: POD allocation over layers and attention / MLP groups, activation-aware, compensated;
+- seeds: the headline rows (70% unstructured, 30% structured) again with every --seeds value.
+
+The measure pass (POD and scores of the dense model) depends only on the calibration sample and
+M, so it runs once per (seed, M) and every plan is made from it; its time is added to each row's
+prune time. Results: results.csv, results.md (tables) and quality.png (the plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mosaic_export.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.evaluate import perplexity, windows
+from mosaic_export.model_io import load_model
+from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
+from mosaic_export.prune.apply import apply_plan, measure
+from mosaic_export.texts import corpus
+
+UNSTRUCTURED = [0.5, 0.6, 0.7, 0.8]
+STRUCTURED = [0.1, 0.2, 0.3, 0.4]
+HEADLINE = {"unstructured": 0.7, "structured": 0.3}
+TUNE_M = [3.0, 5.0, 8.0]
+TUNE_LAMBDA = [0.04, 0.08, 0.15]
+FIELDS = ["stage", "suite", "label", "sparsity", "seed", "outlier_m", "lam", "removed",
+          "decoder_params", "perplexity", "top1", "eval_text", "eval_tokens", "prune_s", "eval_s"]
+
+# label -> settings that define the method (sparsity, seed, M, lambda are set per row)
+METHODS = {
+    "uniform+wanda": dict(allocation="uniform", method="wanda"),
+    "layer+wanda": dict(allocation="layer", method="wanda"),
+    "projection+wanda": dict(allocation="projection", method="wanda"),
+    "uniform+sparsegpt": dict(allocation="uniform", method="sparsegpt"),
+    "layer+sparsegpt": dict(allocation="layer", method="sparsegpt"),
+    "projection+sparsegpt": dict(allocation="projection", method="sparsegpt"),
+    "(a) coarse: uniform, magnitude, no comp.": dict(
+        allocation="uniform", structured_fraction=1.0, structured_scores="magnitude", compensate=False),
+    "(b) uniform, activation-aware, comp.": dict(allocation="uniform", structured_fraction=1.0),
+    "(c) composite (POD), activation-aware, comp.": dict(allocation="projection", structured_fraction=1.0),
+}
+SUITE = {label: ("structured" if "structured_fraction" in kw else "unstructured")
+         for label, kw in METHODS.items()}
+TUNED = {"layer+wanda": "layer", "layer+sparsegpt": "layer", "projection+wanda": "projection",
+         "projection+sparsegpt": "projection", "(c) composite (POD), activation-aware, comp.": "composite"}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.loaded = load_model(args.model)
+        tok = self.loaded.tokenizer
+        self.calib_tokens = tokenize(tok, corpus(args.calib_text))
+        self.eval_ids = windows(tokenize(tok, corpus(args.eval_text)), args.seq_len, args.eval_windows,
+                                args.eval_text)
+        self.tune_ids = windows(tokenize(tok, corpus(args.tune_text)), args.seq_len, args.tune_windows,
+                                args.tune_text)
+        self.measured: dict[tuple[int, float], tuple[list, float]] = {}
+        self.csv = args.out / "results.csv"
+        self.rows = list(csv.DictReader(self.csv.open())) if self.csv.exists() else []
+
+    def calibration(self, seed: int) -> torch.Tensor:
+        return sample_windows(self.calib_tokens, self.args.calib_samples, self.args.seq_len, seed,
+                              source=self.args.calib_text)
+
+    def measurements(self, seed: int, outlier_m: float):
+        key = (seed, outlier_m)
+        if key not in self.measured:
+            t0 = time.perf_counter()
+            stream = LayerStream(self.loaded.model, self.loaded.spec, self.calibration(seed), 1)
+            result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m)
+            self.measured[key] = (result, time.perf_counter() - t0)
+        return self.measured[key]
+
+    def done(self, stage: str, label: str, sparsity: float, seed: int, m: float, lam: float) -> dict | None:
+        for r in self.rows:
+            if (r["stage"], r["label"], float(r["sparsity"]), int(r["seed"]), float(r["outlier_m"]),
+                    float(r["lam"])) == (stage, label, sparsity, seed, m, lam):
+                return r
+        return None
+
+    def run(self, stage: str, label: str, sparsity: float, seed: int, m: float, lam: float) -> dict:
+        """Prune a copy of the dense model by one method and score it; cached in results.csv."""
+        row = self.done(stage, label, sparsity, seed, m, lam)
+        if row is not None:
+            return row
+        settings = PruneSettings(sparsity=sparsity, outlier_m=m, lam=lam, **METHODS[label],
+                                 calibration=CalibrationSettings(self.args.calib_text,
+                                                                 self.args.calib_samples,
+                                                                 self.args.seq_len, seed)).validate()
+        measured, measure_s = self.measurements(seed, m)
+        t0 = time.perf_counter()
+        model = copy.deepcopy(self.loaded.model)
+        copy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = make_plan(self.loaded.shape, self.loaded.source, measured, settings)
+        apply_plan(LayerStream(model, self.loaded.spec, self.calibration(seed), 1), self.loaded.spec, plan)
+        prune_s = measure_s + time.perf_counter() - t0
+        layers = self.loaded.spec.layer_list(model)
+        nonzero = sum(int(torch.count_nonzero(p)) for p in layers.parameters())
+        dense = plan.params()["decoder_dense"]
+        ids, text = (self.tune_ids, self.args.tune_text) if stage == "tune" else (self.eval_ids,
+                                                                               self.args.eval_text)
+        t0 = time.perf_counter()
+        ppl = perplexity(model, ids, text, desc=f"perplexity {label} {sparsity}")
+        eval_s = time.perf_counter() - t0
+        del model
+        row = {"stage": stage, "suite": SUITE[label], "label": label, "sparsity": sparsity,
+               "seed": seed, "outlier_m": m, "lam": lam, "removed": f"{1 - nonzero / dense:.4f}",
+               "decoder_params": plan.params()["decoder_resized"], "perplexity": f"{ppl.perplexity:.3f}",
+               "top1": f"{ppl.top1:.4f}", "eval_text": Path(text).name, "eval_tokens": ppl.n_predicted,
+               "prune_s": f"{prune_s:.1f}", "eval_s": f"{eval_s:.1f}"}
+        print(f"[{stage}] {label:<46} {sparsity:.0%} seed {seed} M {m:g} lambda {lam:g}: "
+              f"removed {float(row['removed']):.1%}, perplexity {ppl.perplexity:.3f}, top-1 "
+              f"{ppl.top1:.2%} (prune {prune_s:.0f} s incl. measure {measure_s:.0f} s, copy "
+              f"{copy_s:.1f} s, eval {eval_s:.0f} s)", flush=True)
+        self.append(row)
+        return row
+
+    def append(self, row: dict) -> None:
+        new = not self.csv.exists()
+        with self.csv.open("a", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        self.rows.append({k: str(v) for k, v in row.items()})
+
+    def dense_row(self) -> dict:
+        for r in self.rows:
+            if r["stage"] == "dense":
+                return r
+        t0 = time.perf_counter()
+        ppl = perplexity(self.loaded.model, self.eval_ids, self.args.eval_text, desc="perplexity dense")
+        n = sum(p.numel() for p in self.loaded.spec.layer_list(self.loaded.model).parameters())
+        row = {"stage": "dense", "suite": "dense", "label": "dense", "sparsity": 0.0, "seed": 0,
+               "outlier_m": 0, "lam": 0, "removed": "0.0000", "decoder_params": n,
+               "perplexity": f"{ppl.perplexity:.3f}", "top1": f"{ppl.top1:.4f}",
+               "eval_text": Path(self.args.eval_text).name, "eval_tokens": ppl.n_predicted,
+               "prune_s": "0", "eval_s": f"{time.perf_counter() - t0:.1f}"}
+        print(f"[dense] perplexity {ppl.perplexity:.3f}, top-1 {ppl.top1:.2%}", flush=True)
+        self.append(row)
+        return row
+
+    # --- stages ----------------------------------------------------------------------------------
+
+    def timing(self) -> None:
+        """One dense forward over the calibration set vs the whole prune with Wanda (one run)."""
+        model, spec, seed = self.loaded.model, self.loaded.spec, self.args.seeds[0]
+        calib = self.calibration(seed)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for sample in calib.split(1):
+                model(input_ids=sample, use_cache=False)
+            forward_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for sample in calib.split(1):
+                model.get_decoder()(input_ids=sample, use_cache=False)
+            decoder_s = time.perf_counter() - t0
+        pruned = copy.deepcopy(model)
+        settings = PruneSettings(sparsity=0.5, calibration=CalibrationSettings(
+            self.args.calib_text, self.args.calib_samples, self.args.seq_len, seed)).validate()
+        t0 = time.perf_counter()
+        stream = LayerStream(pruned, spec, calib, 1)
+        measured = measure(stream, spec, self.loaded.shape, settings.outlier_m)
+        plan = make_plan(self.loaded.shape, self.loaded.source, measured, settings)
+        apply_plan(LayerStream(pruned, spec, calib, 1), spec, plan)
+        prune_s = time.perf_counter() - t0
+        del pruned
+        n = calib.numel()
+        print(f"[timing] calibration {calib.shape[0]} x {calib.shape[1]} = {n} tokens, "
+              f"{torch.get_num_threads()} threads: dense forward {forward_s:.1f} s (decoder only "
+              f"{decoder_s:.1f} s); prune (50% unstructured, projection, Wanda) {prune_s:.1f} s; "
+              f"ratio {prune_s / forward_s:.2f}x the full forward, {prune_s / decoder_s:.2f}x the "
+              f"decoder-only forward", flush=True)
+        with (self.args.out / "timing.txt").open("a") as f:
+            f.write(f"tokens={n} threads={torch.get_num_threads()} forward_s={forward_s:.2f} "
+                    f"decoder_forward_s={decoder_s:.2f} prune_s={prune_s:.2f} "
+                    f"ratio={prune_s / forward_s:.3f} ratio_decoder={prune_s / decoder_s:.3f}\n")
+
+    def tune(self) -> dict[str, tuple[float, float]]:
+        """Best (M, lambda) per tuned allocation, by perplexity on the tuning text."""
+        seed, best = self.args.seeds[0], {}
+        for label, sparsity in (("layer+wanda", HEADLINE["unstructured"]),
+                                ("projection+wanda", HEADLINE["unstructured"]),
+                                ("(c) composite (POD), activation-aware, comp.", HEADLINE["structured"])):
+            scored = []
+            for m in TUNE_M:
+                for lam in TUNE_LAMBDA:
+                    r = self.run("tune", label, sparsity, seed, m, lam)
+                    scored.append((float(r["perplexity"]), m, lam))
+            ppl, m, lam = min(scored)
+            best[TUNED[label]] = (m, lam)
+            print(f"[tune] {label}: M {m:g}, lambda {lam:g} (perplexity {ppl:.3f} on "
+                  f"{Path(self.args.tune_text).name})", flush=True)
+        return best
+
+    def knobs(self, label: str, tuned: dict[str, tuple[float, float]]) -> tuple[float, float]:
+        d = PruneSettings()
+        return tuned.get(TUNED.get(label, ""), (d.outlier_m, d.lam))
+
+    def sweep(self, tuned: dict[str, tuple[float, float]]) -> None:
+        seed = self.args.seeds[0]
+        for suite in self.args.suites:
+            labels = [label for label in METHODS if SUITE[label] == suite]
+            points = UNSTRUCTURED if suite == "unstructured" else STRUCTURED
+            order = [HEADLINE[suite]] + [s for s in points if s != HEADLINE[suite]]
+            for sparsity in order:
+                for label in labels:
+                    self.run("sweep", label, sparsity, seed, *self.knobs(label, tuned))
+            if suite == "unstructured":  # the headline rows with every seed (Wanda)
+                labels = [lb for lb in labels if lb.endswith("wanda")]
+            for s in self.args.seeds[1:]:
+                for label in labels:
+                    self.run("sweep", label, HEADLINE[suite], s, *self.knobs(label, tuned))
+
+
+def tables(rows: list[dict], dense: dict) -> str:
+    """Markdown: perplexity (top-1) per method and point; mean +- half-range over seeds."""
+    out = [f"Dense: perplexity {float(dense['perplexity']):.3f}, top-1 {float(dense['top1']):.2%} "
+           f"({dense['eval_tokens']} predicted tokens of {dense['eval_text']}).", ""]
+    for suite, points in (("unstructured", UNSTRUCTURED), ("structured", STRUCTURED)):
+        sweep = [r for r in rows if r["stage"] == "sweep" and r["suite"] == suite]
+        if not sweep:
+            continue
+        what = "sparsity" if suite == "unstructured" else "fewer decoder parameters"
+        out += [f"**{suite.capitalize()}**: WikiText-2 test perplexity (next-token top-1) by {what}",
+                "", "| method | M | lambda | " + " | ".join(f"{p:.0%}" for p in points) + " |",
+                "|---|---|---|" + "---|" * len(points)]
+        for label in [lb for lb in METHODS if SUITE[lb] == suite]:
+            mine = [r for r in sweep if r["label"] == label]
+            if not mine:
+                continue
+            cells = []
+            for p in points:
+                at = [r for r in mine if math.isclose(float(r["sparsity"]), p)]
+                if not at:
+                    cells.append("")
+                    continue
+                ppl = [float(r["perplexity"]) for r in at]
+                top1 = sum(float(r["top1"]) for r in at) / len(at)
+                cell = f"{sum(ppl) / len(ppl):.2f}"
+                if len(at) > 1:
+                    cell += f" ± {(max(ppl) - min(ppl)) / 2:.2f} ({len(at)} seeds)"
+                cells.append(f"{cell} ({top1:.1%})")
+            out.append(f"| {label} | {mine[0]['outlier_m']} | {mine[0]['lam']} | " + " | ".join(cells) + " |")
+        out.append("")
+    tune = [r for r in rows if r["stage"] == "tune"]
+    if tune:
+        out += ["**Tuning** (perplexity on " + tune[0]["eval_text"] + ")", "",
+                "| method | removed | M | lambda | perplexity |", "|---|---|---|---|---|"]
+        out += [f"| {r['label']} | {float(r['sparsity']):.0%} | {r['outlier_m']} | {r['lam']} | "
+                f"{r['perplexity']} |" for r in tune]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, suite in zip(axes, ("unstructured", "structured"), strict=True):
+        for label in [lb for lb in METHODS if SUITE[lb] == suite]:
+            mine = [r for r in rows if r["stage"] == "sweep" and r["label"] == label]
+            if not mine:
+                continue
+            seed0 = int(mine[0]["seed"])
+            xs = [float(r["removed"]) * 100 for r in mine if int(r["seed"]) == seed0]
+            ys = [float(r["perplexity"]) for r in mine if int(r["seed"]) == seed0]
+            xs, ys = zip(*sorted(zip(xs, ys, strict=True)), strict=True)
+            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "sparsegpt" in label else "-")
+        ax.axhline(float(dense["perplexity"]), color="gray", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("removed decoder parameters (%)")
+        ax.set_ylabel(f"perplexity ({dense['eval_text']})")
+        ax.set_title(f"{suite}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--calib-text", default="builtin")
+    p.add_argument("--calib-samples", type=int, default=CalibrationSettings.n_samples)
+    p.add_argument("--seq-len", type=int, default=CalibrationSettings.seq_len)
+    p.add_argument("--eval-text", default="builtin-heldout")
+    p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--tune-text", default=None, help="text for tuning M and lambda (default: the "
+                   "calibration text)")
+    p.add_argument("--tune-windows", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--suites", nargs="+", default=["unstructured", "structured"],
+                   choices=["unstructured", "structured"])
+    p.add_argument("--stages", nargs="+", default=["timing", "tune", "sweep"],
+                   choices=["timing", "tune", "sweep"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("bench/quality"))
+    a = p.parse_args(argv)
+    a.tune_text = a.tune_text or a.calib_text
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(a)
+    start = time.perf_counter()
+    if "timing" in a.stages:
+        bench.timing()
+    dense = bench.dense_row()
+    tuned = bench.tune() if "tune" in a.stages else {}
+    if "sweep" in a.stages:
+        bench.sweep(tuned)
+    (a.out / "results.md").write_text(tables(bench.rows, dense))
+    plot(bench.rows, dense, a.out / "quality.png")
+    print(tables(bench.rows, dense))
+    print(f"wrote {a.out}/results.csv, results.md, quality.png in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
