@@ -3,7 +3,8 @@
     mosaic-export [run options]            prune, resize, save, evaluate (the main job)
     mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
     mosaic-export profiles                 list the built-in hardware profiles
-    mosaic-export bench MODEL.gguf         benchmark a GGUF file in llama.cpp
+    mosaic-export bench MODEL              benchmark a GGUF file (llama.cpp) or an ONNX folder
+                                           (ONNX Runtime)
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ pruning (Wanda or SparseGPT) zeroes weights inside what is kept.
 commands:
   mosaic-export [options]          prune the model, write OUT/model/, OUT/plan.json,
                                    OUT/report.json, OUT/pod.png (and OUT/model-T.gguf with
-                                   --target gguf) and print a summary
+                                   --target gguf, OUT/onnx-DTYPE/ with --target onnx) and
+                                   print a summary
   mosaic-export plan [options]     dry run: print the per-projection plan and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
-  mosaic-export bench MODEL.gguf   benchmark a GGUF file in llama.cpp (speed, memory, perplexity)
+  mosaic-export bench MODEL        benchmark a .gguf file in llama.cpp, or an ONNX folder (or its
+                                   model.onnx) in ONNX Runtime: speed, memory, perplexity
 """
 
 EPILOG = """\
@@ -101,12 +104,15 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="output folder, must not exist unless --force (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--target", choices=("gguf",), default=None,
+    p.add_argument("--target", choices=("gguf", "onnx"), default=None,
                    help="also export for this runtime, check it against PyTorch and benchmark it "
                         "(default: the resized checkpoint only)")
     p.add_argument("--quant", default=None,
                    help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: the "
                         "profile's for a gguf profile, else F16); sets --align unless given")
+    p.add_argument("--dtype", default=None,
+                   help="ONNX precision: fp32, fp16, int8 (onnxruntime dynamic quantization) "
+                        "(default: the profile's for an onnx profile, else fp32)")
     p.add_argument("--eval-text", default="builtin-heldout",
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
                         "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
@@ -134,7 +140,7 @@ def _config(args: argparse.Namespace):
         cfg.out, cfg.force = args.out, args.force
         cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len
         cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
-        cfg.target, cfg.quant = args.target, args.quant
+        cfg.target, cfg.quant, cfg.dtype = args.target, args.quant, args.dtype
     return cfg
 
 
@@ -157,12 +163,12 @@ def cmd_profiles() -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from .targets.gguf_runner import benchmark
-
     p = argparse.ArgumentParser(prog="mosaic-export bench",
-                                description="Benchmark a GGUF file in llama.cpp: load time, prefill "
-                                            "and decode tokens/s, peak RSS, file size, perplexity.")
-    p.add_argument("model", type=Path, help="a .gguf file (any: dense ones too, for comparison)")
+                                description="Benchmark a GGUF file in llama.cpp or an ONNX folder in "
+                                            "ONNX Runtime, in a fresh process: load time, prefill and "
+                                            "decode tokens/s, peak RSS, file size, perplexity.")
+    p.add_argument("model", type=Path, help="a .gguf file, or a folder written by --target onnx (or "
+                                            "its model.onnx); dense ones too, for comparison")
     p.add_argument("--eval-text", default="builtin-heldout",
                    help="perplexity text: 'builtin-heldout' or a file (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=16,
@@ -170,12 +176,23 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default=None,
+                   help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     a = p.parse_args(argv)
-    if a.model.suffix != ".gguf":
-        raise UserError(f"{a.model}: expected a .gguf file")
-    r = benchmark(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
-                  eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
+    kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+              eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
+    model = a.model.parent if a.model.suffix == ".onnx" else a.model
+    if a.model.suffix == ".gguf":
+        from .targets.gguf_runner import benchmark
+
+        r = benchmark(a.model, **kw)
+    elif model.is_dir():
+        from .targets.onnx_runner import benchmark
+
+        r = benchmark(model, provider=a.provider, **kw)
+    else:
+        raise UserError(f"{a.model}: expected a .gguf file or an ONNX folder written by mosaic-export")
     rows = [("file", f"{a.model} ({r['file_bytes'] / 2**20:.1f} MiB)"),
             ("load", f"{r['load_s']:.2f} s"),
             ("prefill", f"{r['prefill']['tokens_per_s']:.1f} tokens/s ({r['prefill']['tokens']} tokens)"),

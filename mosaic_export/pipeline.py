@@ -49,8 +49,9 @@ class RunConfig:
     calib_batch_size: int = 1  # samples per forward: 1 keeps activation memory smallest, same speed
     threads: int | None = None
     alignment: int | None = None  # None: the target format decides (k-quants: 256)
-    target: str | None = None  # None: the resized checkpoint only; "gguf": export and benchmark too
+    target: str | None = None  # None: the resized checkpoint only; "gguf" / "onnx": export, benchmark
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
+    dtype: str | None = None  # ONNX precision; None: the profile's (onnx profiles), else fp32
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -79,20 +80,34 @@ def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
     }
 
 
-def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None]:
-    """Check every input that can be checked without the model; fail before any work."""
+def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, str | None]:
+    """Check every input that can be checked without the model; fail before any work.
+
+    Returns the profile, the settings, the plan to apply (if given) and the export format: the
+    GGUF type or the ONNX dtype (the option, else the profile's, else F16 / fp32)."""
     profile = load_profile(config.profile)
     alignment = config.alignment or profile.runtime.channel_alignment
+    fmt = None
     if config.target is not None:
         from .targets import check_target
-        from .targets.gguf import alignment as gguf_alignment
-        from .targets.gguf import check_type
 
         check_target(config.target)
-        if config.quant is None:
-            config.quant = profile.runtime.quant if profile.runtime.target == "gguf" else "F16"
-        check_type(config.quant)
-        alignment = config.alignment or gguf_alignment(config.quant)
+        runtime = profile.runtime
+        if config.target == "gguf":
+            from .targets.gguf import alignment as gguf_alignment
+            from .targets.gguf import check_type
+
+            if config.dtype is not None:
+                raise UserError("--dtype is for the ONNX target; GGUF takes --quant")
+            fmt = check_type(config.quant or (runtime.quant if runtime.target == "gguf" else "F16"))
+            alignment = config.alignment or gguf_alignment(fmt)
+        else:
+            from .targets.onnx import check_dtype
+
+            if config.quant is not None:
+                raise UserError("--quant is for the GGUF target; ONNX takes --dtype")
+            fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
+            alignment = config.alignment or 1
     settings = replace(config.settings, alignment=alignment).validate()
     plan = Plan.load(config.plan) if config.plan else None
     if plan is not None:
@@ -106,7 +121,7 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None]:
             raise UserError(f"text file not found: {source}")
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
-    return profile, settings, plan
+    return profile, settings, plan, fmt
 
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
@@ -131,7 +146,7 @@ def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tenso
 
 def run_plan(config: RunConfig) -> tuple[Plan, LoadedModel]:
     """Dry run: the plan and its parameter counts; prunes nothing."""
-    _, settings, plan = prepare(config)
+    _, settings, plan, _ = prepare(config)
     loaded = load_model(config.model)
     plan, _ = make_or_load_plan(config, loaded, settings, plan, calibration_ids(loaded, settings))
     return plan, loaded
@@ -143,7 +158,7 @@ def run(config: RunConfig, log=print) -> dict:
         raise UserError("an output folder is needed (--out)")
     if config.threads:
         torch.set_num_threads(config.threads)
-    profile, settings, plan = prepare(config)
+    profile, settings, plan, fmt = prepare(config)
     log(f"profile {profile.name}: {profile.description}")
     t0 = time.perf_counter()
     loaded = load_model(config.model)
@@ -197,14 +212,20 @@ def run(config: RunConfig, log=print) -> dict:
     def build(folder: Path) -> None:
         save_checkpoint(loaded, folder / "model")
         report["reload"] = reload_check(loaded, folder / "model", calib[:1, :128])
+        evaluation = dict(eval_text=config.eval_text, eval_windows=config.eval_windows,
+                          eval_seq_len=config.eval_seq_len, threads=config.threads)
         if config.target == "gguf":
             from .targets.gguf import deploy
 
-            log(f"exporting GGUF {config.quant} and running it in llama.cpp")
-            report["gguf"] = deploy(loaded, folder / f"model-{config.quant}.gguf", config.quant,
-                                    parity_ids=calib[0], eval_text=config.eval_text,
-                                    eval_windows=config.eval_windows, eval_seq_len=config.eval_seq_len,
-                                    threads=config.threads)
+            log(f"exporting GGUF {fmt} and running it in llama.cpp")
+            report["gguf"] = deploy(loaded, folder / f"model-{fmt}.gguf", fmt, parity_ids=calib[0],
+                                    **evaluation)
+        elif config.target == "onnx":
+            from .targets.onnx import deploy as deploy_onnx
+
+            log(f"exporting ONNX {fmt} and running it in ONNX Runtime")
+            report["onnx"] = deploy_onnx(loaded, folder / f"onnx-{fmt}", fmt, parity_ids=calib[0],
+                                         provider=profile.runtime.execution_provider, **evaluation)
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -56,6 +56,21 @@ def summary_table(report: dict) -> str:
         rows.append(("llama.cpp peak RSS", "", format_bytes(b["peak_rss_bytes"])))
         if "perplexity" in b:
             rows.append(("llama.cpp perplexity", "", f"{b['perplexity']['perplexity']:.3f}"))
+    o = report.get("onnx")
+    if o:
+        b, par = o["benchmark"], o["parity"]
+        rows.append((f"ONNX {o['dtype']} files ({o['folder']}/)", "", format_bytes(b["file_bytes"])))
+        rows.append(("ONNX vs PyTorch: max |logit diff|", "", f"{par['max_abs_logit_diff']:.2e}"))
+        rows.append(("ONNX greedy agreement / generation", "",
+                     f"{par['top1_agreement']:.1%} / "
+                     + ("identical" if par["greedy_identical"] else
+                        f"differs at token {par['greedy_first_difference']}")
+                     + f" ({par['greedy_tokens']} tokens)"))
+        rows.append((f"ONNX Runtime prefill / decode tokens/s ({o['provider']})", "",
+                     f"{b['prefill']['tokens_per_s']:.1f} / {b['decode']['tokens_per_s']:.1f}"))
+        rows.append(("ONNX Runtime peak RSS", "", format_bytes(b["peak_rss_bytes"])))
+        if "perplexity" in b:
+            rows.append(("ONNX Runtime perplexity", "", f"{b['perplexity']['perplexity']:.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-TARGETS = ("gguf",)
+TARGETS = ("gguf", "onnx")
 
 
 def check_target(name: str) -> str:

@@ -12,20 +12,9 @@ from mosaic_export.targets.gguf_runner import _llama, next_token_agreement
 
 from mosaic_export.cli import main
 from mosaic_export.model_io import load_model
-from mosaic_export.prune.structured import resize_layer
+from tests.conftest import heterogeneous_model
 
 IDS = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(0))
-
-
-def _heterogeneous(tiny_model_dir):
-    loaded = load_model(str(tiny_model_dir))
-    layers = loaded.spec.layer_list(loaded.model)
-    # layer 0: one KV group of 2 heads, 64 channels; layer 2: 2 groups of 1 head, 32 channels
-    resize_layer(layers[0], loaded.spec, 16, [2, 3], [1], list(range(0, 96, 3)) + list(range(1, 96, 3)))
-    resize_layer(layers[2], loaded.spec, 16, [0, 3], [0, 1], list(range(32)))
-    loaded.layer_dims = [type(d)(n_head=h, n_kv=kv, n_ff=ff) for d, (h, kv, ff) in
-                         zip(loaded.layer_dims, [(2, 1, 64), (4, 2, 96), (2, 2, 32)], strict=True)]
-    return loaded
 
 
 def _llama_logits(path, ids):
@@ -43,7 +32,7 @@ def test_rotary_permute_interleaves_halves():
 
 @pytest.mark.parametrize("heterogeneous", [False, True])
 def test_f32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
-    loaded = _heterogeneous(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
+    loaded = heterogeneous_model(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
     path = tmp_path / "m.gguf"
     check = export(loaded, path, "F32")
     assert gguf_arch(loaded) == ("deci" if heterogeneous else "llama")
@@ -56,7 +45,7 @@ def test_f32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
 
 
 def test_quantized_types_are_checked(tiny_model_dir, tmp_path):
-    loaded = _heterogeneous(tiny_model_dir)
+    loaded = heterogeneous_model(tiny_model_dir)
     q8 = export(loaded, tmp_path / "q8.gguf", "Q8_0")  # every row length is a multiple of 32
     weights = {n: t for n, t in q8.types.items() if n.startswith("blk.") and n.endswith(".weight")
                and "norm" not in n}

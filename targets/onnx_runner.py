@@ -1,0 +1,206 @@
+"""Run an exported ONNX folder in ONNX Runtime: greedy generation with the KV cache, speed, memory,
+perplexity. Imports no torch and no transformers (the tokenizer is read with `tokenizers`), so the
+numbers are the runtime's own; ``benchmark`` runs ``measure`` in a fresh process:
+
+    python -m mosaic_export.targets.onnx_runner FOLDER [--eval-text FILE] [--json OUT]
+
+Speed: load time (session creation); prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode
+of ``gen_tokens`` tokens, one at a time with the KV cache (tokens/s); peak RSS (VmHWM) up to there.
+Perplexity: the protocol of mosaic_export.evaluate (non-overlapping windows from the start, each
+scored alone, tokens 2..seq_len predicted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .gguf_runner import _log_softmax, peak_rss_bytes
+
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+DEFAULT_PROVIDER = "CPUExecutionProvider"
+
+
+def available_provider(wanted: str | None) -> str:
+    """The wanted provider when this onnxruntime has it, else the CPU one."""
+    import onnxruntime as ort
+
+    return wanted if wanted in ort.get_available_providers() else DEFAULT_PROVIDER
+
+
+class OnnxDecoder:
+    """One ONNX Runtime session over a folder written by targets.onnx.export."""
+
+    def __init__(self, folder: Path, provider: str = DEFAULT_PROVIDER, threads: int | None = None):
+        import onnxruntime as ort
+
+        from .onnx import CONFIG_FILE, CONFIG_FORMAT
+
+        folder = Path(folder)
+        try:
+            self.config = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{folder}: not an ONNX folder written by mosaic-export ({e})") from None
+        if self.config.get("format") != CONFIG_FORMAT:
+            raise UserError(f"{folder}/{CONFIG_FILE}: not a mosaic-export ONNX config")
+        if provider not in PROVIDERS:
+            raise UserError(f"execution provider '{provider}' unknown; known: {', '.join(PROVIDERS)}")
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise UserError(f"ONNX Runtime here has no {provider} (available: {', '.join(available)})")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(folder / self.config["file"]), options,
+                                                providers=[provider])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0]}") from None
+        self.folder = folder
+        self.past_dtype = np.float16 if self.config["past_dtype"] == "float16" else np.float32
+        self.n_layers = len(self.config["layers"])
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+
+    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        d = self.config["head_dim"]
+        return [np.zeros((batch, layer["n_kv"], 0, d), self.past_dtype)
+                for layer in self.config["layers"] for _ in ("key", "value")]
+
+    def forward(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids (B, S) after past (B, kv, P, D) per layer -> logits (B, S, vocab), present."""
+        b, s = ids.shape
+        p = past[0].shape[2]
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64),
+                "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()}
+        for i in range(self.n_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        out = self.session.run(None, feed)
+        return out[0], out[1:]
+
+    def generate(self, prompt: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
+        """Greedy: prefill the prompt, then one token at a time with the cache."""
+        logits, past = self.forward(np.asarray([prompt]), self.empty_past())
+        tokens = []
+        for _ in range(n):
+            token = int(np.argmax(logits[0, -1]))
+            tokens.append(token)
+            if stop_at_eos and token in self.config["eos_token_ids"]:
+                break
+            logits, past = self.forward(np.asarray([[token]]), past)
+        return tokens
+
+
+def onnx_perplexity(decoder: OnnxDecoder, tokens: list[int], seq_len: int, max_windows: int | None) -> dict:
+    n = len(tokens) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UserError(f"evaluation text has fewer than {seq_len} tokens")
+    total, correct = 0.0, 0
+    for w in range(n):
+        window = np.asarray(tokens[w * seq_len:(w + 1) * seq_len])
+        logits, _ = decoder.forward(window[None], decoder.empty_past())
+        logp = _log_softmax(logits[0, :-1])
+        total -= float(logp[np.arange(seq_len - 1), window[1:]].sum())
+        correct += int((logits[0, :-1].argmax(-1) == window[1:]).sum())
+    count = n * (seq_len - 1)
+    return {"perplexity": math.exp(total / count), "nll": total / count, "top1": correct / count,
+            "n_windows": n, "seq_len": seq_len, "n_predicted": count}
+
+
+def measure(folder: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
+            provider: str = DEFAULT_PROVIDER, eval_text: str | None = None, eval_windows: int | None = 16,
+            eval_seq_len: int = 512) -> dict:
+    """Everything about one ONNX folder, measured in this process."""
+    from ..texts import corpus
+
+    t0 = time.perf_counter()
+    decoder = OnnxDecoder(folder, provider, threads)
+    load_s = time.perf_counter() - t0
+    tok = decoder.tokenizer()
+    prompt = tok.encode(corpus("builtin"), add_special_tokens=False).ids[:prompt_tokens]
+    t0 = time.perf_counter()
+    logits, past = decoder.forward(np.asarray([prompt]), decoder.empty_past())
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        token = int(np.argmax(logits[0, -1]))
+        logits, past = decoder.forward(np.asarray([[token]]), past)
+    decode_s = time.perf_counter() - t0
+    files = [p for p in Path(folder).iterdir() if p.name.startswith(decoder.config["file"])]
+    result = {
+        "folder": str(folder), "dtype": decoder.config["dtype"], "provider": provider,
+        "file_bytes": sum(p.stat().st_size for p in files), "threads": threads or os.cpu_count(),
+        "load_s": load_s,
+        "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
+        "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
+        "peak_rss_bytes": peak_rss_bytes(),  # before the perplexity pass and its full-window logits
+    }
+    del past, logits
+    if eval_text is not None and eval_windows != 0:
+        tokens = tok.encode(corpus(eval_text), add_special_tokens=False).ids
+        result["perplexity"] = {**onnx_perplexity(decoder, tokens, eval_seq_len, eval_windows),
+                                "text": eval_text}
+    return result
+
+
+def benchmark(folder: Path, **kwargs) -> dict:
+    """measure() in a fresh process (its own peak RSS); returns its result."""
+    if not (Path(folder) / "model_config.json").is_file():
+        raise UserError(f"not an ONNX folder written by mosaic-export: {folder}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "mosaic_export.targets.onnx_runner", str(folder), "--json", str(out)]
+        for key, value in kwargs.items():
+            if value is not None:
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"ONNX Runtime could not run {folder}: {tail[0]}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mosaic_export.targets.onnx_runner")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, choices=PROVIDERS)
+    p.add_argument("--eval-text", default=None)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    a = p.parse_args(argv)
+    try:
+        result = measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads, a.provider, a.eval_text,
+                         None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    if a.json:
+        a.json.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

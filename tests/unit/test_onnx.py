@@ -1,0 +1,132 @@
+"""ONNX writer on tiny random models: ONNX Runtime matches PyTorch, with and without the KV cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mosaic_export.targets.onnx import CONFIG_FILE, export
+from mosaic_export.targets.onnx_runner import OnnxDecoder
+
+from mosaic_export.cli import main
+from mosaic_export.model_io import load_model
+from tests.conftest import heterogeneous_model
+
+IDS = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    """The heterogeneous tiny model exported at every precision."""
+    loaded = heterogeneous_model(tiny_model_dir)
+    root = tmp_path_factory.mktemp("onnx")
+    return loaded, {dtype: export(loaded, root / dtype, dtype).parent for dtype in ("fp32", "fp16", "int8")}
+
+
+def _reference(loaded, ids, **kw):
+    with torch.no_grad():
+        return loaded.model(input_ids=ids, **kw).logits.numpy()
+
+
+@pytest.mark.parametrize("heterogeneous", [False, True])
+def test_fp32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
+    loaded = heterogeneous_model(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
+    decoder = OnnxDecoder(export(loaded, tmp_path / "m", "fp32").parent, threads=1)
+    logits, present = decoder.forward(IDS.numpy(), decoder.empty_past())
+    assert np.abs(logits - _reference(loaded, IDS)).max() < 1e-4
+    # present keys / values carry each layer's own KV heads
+    assert [present[2 * i].shape[1] for i in range(3)] == [d.n_kv for d in loaded.layer_dims]
+    config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    assert [layer["n_head"] for layer in config["layers"]] == [d.n_head for d in loaded.layer_dims]
+
+
+def test_cache_gives_the_same_logits_as_one_pass(exported):
+    _, folders = exported
+    for dtype, folder in folders.items():
+        decoder = OnnxDecoder(folder, threads=1)
+        whole, _ = decoder.forward(IDS.numpy(), decoder.empty_past())
+        first, past = decoder.forward(IDS[:, :30].numpy(), decoder.empty_past())
+        second, past = decoder.forward(IDS[:, 30:40].numpy(), past)
+        third, past = decoder.forward(IDS[:, 40:].numpy(), past)
+        assert past[0].shape[2] == 48
+        tolerance = 1e-5 if dtype != "int8" else 0.05  # int8 quantizes activations per call
+        assert np.abs(np.concatenate([first, second, third], 1) - whole).max() < tolerance, dtype
+
+
+def test_greedy_generation_matches_transformers(exported):
+    loaded, folders = exported
+    prompt = IDS[:, :10]
+    theirs = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                   min_new_tokens=24, do_sample=False, pad_token_id=0)[0, 10:].tolist()
+    assert OnnxDecoder(folders["fp32"]).generate(prompt[0].tolist(), 24) == theirs
+
+
+def test_padding_mask_matches_transformers(exported):
+    """A batch of two, the second left-padded: the real positions give PyTorch's logits."""
+    loaded, folders = exported
+    ids = torch.stack([IDS[0, :20], torch.cat([torch.zeros(5, dtype=torch.long), IDS[0, 5:20]])])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    ref = _reference(loaded, ids, attention_mask=mask, position_ids=position_ids)
+    decoder = OnnxDecoder(folders["fp32"], threads=1)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": position_ids.numpy()}
+    past = decoder.empty_past(batch=2)
+    for i in range(decoder.n_layers):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    logits = decoder.session.run(["logits"], feed)[0]
+    assert np.abs(logits[0] - ref[0]).max() < 1e-4
+    assert np.abs(logits[1, 5:] - ref[1, 5:]).max() < 1e-4
+
+
+def test_reduced_precisions_stay_close(exported):
+    loaded, folders = exported
+    ref = _reference(loaded, IDS)
+    sizes = {}
+    for dtype in ("fp16", "int8"):
+        decoder = OnnxDecoder(folders[dtype], threads=1)
+        logits, past = decoder.forward(IDS.numpy(), decoder.empty_past())
+        assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, dtype
+        assert np.abs(logits - ref).max() < 0.1 * np.abs(ref).max(), dtype
+        sizes[dtype] = (folders[dtype] / "model.onnx").stat().st_size
+    assert past[0].dtype == np.float32  # int8 is weight quantization; the cache stays float
+    assert OnnxDecoder(folders["fp16"]).empty_past()[0].dtype == np.float16
+    fp32 = (folders["fp32"] / "model.onnx").stat().st_size
+    assert sizes["fp16"] < 0.6 * fp32 and sizes["int8"] < 0.6 * fp32
+
+
+def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2",
+                 "--eval-seq-len", "64", "--target", "onnx", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    o = report["onnx"]
+    assert o["dtype"] == "fp32" and (out / "onnx-fp32" / "model.onnx").is_file()
+    assert o["parity"]["max_abs_logit_diff"] < 1e-3 and o["parity"]["greedy_identical"]
+    assert o["benchmark"]["decode"]["tokens_per_s"] > 0
+    assert o["benchmark"]["perplexity"]["n_predicted"] == 2 * 63
+    assert main(["bench", str(out / "onnx-fp32" / "model.onnx"), "--eval-windows", "0",
+                 "--prompt-tokens", "16", "--gen-tokens", "4", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["prefill"]["tokens"] == 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "onnx", "--dtype", "int4"], "ONNX dtype 'int4' is not supported"),
+    (["--target", "onnx", "--quant", "Q8_0"], "--quant is for the GGUF target"),
+    (["--target", "gguf", "--dtype", "fp16"], "--dtype is for the ONNX target"),
+])
+def test_bad_onnx_options(tiny_model_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bench_rejects_other_paths(tmp_path, capsys):
+    (tmp_path / "x.bin").write_text("")
+    assert main(["bench", str(tmp_path / "x.bin")]) == 2
+    assert "expected a .gguf file or an ONNX folder" in capsys.readouterr().err
