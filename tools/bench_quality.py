@@ -1,14 +1,15 @@
 """Quality benchmark: perplexity against removed decoder parameters, one curve per method.
 
     python tools/bench_quality.py --calib-text ../shared/data/wikitext-2/valid.txt \\
-        --eval-text ../shared/data/wikitext-2/test.txt --out bench/quality [--tune] [--seeds 0 1]
+        --eval-text ../shared/data/wikitext-2/test.txt --out bench/quality [--seeds 0 1]
 
 Stages (each row is appended to OUT/results.csv as soon as it is measured; a second run skips the
 rows already there, so an interrupted benchmark resumes):
 - timing: one dense forward pass over the calibration set against the whole prune (both passes,
   plan included) with Wanda scoring, and their ratio;
-- tune (--tune): M and lambda of the `layer` (OWL) and `projection` (Mosaic) allocations and of
-  the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only;
+- tune: M and lambda of the `layer` (OWL) and `projection` (Mosaic) allocations and of
+  the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only:
+  lambda first (at M = 5), then M at the best lambda;
 - unstructured: 50-80% sparsity, uniform / layer / projection allocation, Wanda and SparseGPT;
 - structured: 10-40% fewer decoder parameters by (a) the coarse baseline: the same ratio in every
   layer, heads and channels ranked by weight magnitude, no compensation; (b) the same ratio in
@@ -201,17 +202,17 @@ class Bench:
                     f"ratio={prune_s / forward_s:.3f} ratio_decoder={prune_s / decoder_s:.3f}\n")
 
     def tune(self) -> dict[str, tuple[float, float]]:
-        """Best (M, lambda) per tuned allocation, by perplexity on the tuning text."""
-        seed, best = self.args.seeds[0], {}
+        """Best (M, lambda) per tuned allocation, by perplexity on the tuning text: lambda over
+        TUNE_LAMBDA at the default M, then M over TUNE_M at that lambda (coordinate search)."""
+        seed, best, d = self.args.seeds[0], {}, PruneSettings()
         for label, sparsity in (("layer+wanda", HEADLINE["unstructured"]),
                                 ("projection+wanda", HEADLINE["unstructured"]),
                                 ("(c) composite (POD), activation-aware, comp.", HEADLINE["structured"])):
-            scored = []
-            for m in TUNE_M:
-                for lam in TUNE_LAMBDA:
-                    r = self.run("tune", label, sparsity, seed, m, lam)
-                    scored.append((float(r["perplexity"]), m, lam))
-            ppl, m, lam = min(scored)
+            def score(m: float, lam: float, label=label, sparsity=sparsity) -> tuple[float, float, float]:
+                return float(self.run("tune", label, sparsity, seed, m, lam)["perplexity"]), m, lam
+
+            _, _, lam = min(score(d.outlier_m, lam) for lam in TUNE_LAMBDA)
+            ppl, m, lam = min(score(m, lam) for m in TUNE_M)
             best[TUNED[label]] = (m, lam)
             print(f"[tune] {label}: M {m:g}, lambda {lam:g} (perplexity {ppl:.3f} on "
                   f"{Path(self.args.tune_text).name})", flush=True)
