@@ -19,7 +19,9 @@ rows already there, so an interrupted benchmark resumes):
 
 The measure pass (POD and scores of the dense model) depends only on the calibration sample and
 M, so it runs once per (seed, M) and every plan is made from it; its time is added to each row's
-prune time. Results: results.csv, results.md (tables) and quality.png (the plot).
+prune time. Results: results.csv, results.md (tables) and quality.png (the plot); with
+--lm-eval-tasks, the zero-shot accuracy of every swept model in zero_shot.jsonl (see
+mosaic_export/zero_shot.py).
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class Bench:
         t0 = time.perf_counter()
         ppl = perplexity(model, ids, text, desc=f"perplexity {label} {sparsity}")
         eval_s = time.perf_counter() - t0
+        if self.args.lm_eval_tasks and stage == "sweep":
+            self.zero_shot(model, {"label": label, "sparsity": sparsity, "seed": seed})
         del model
         row = {"stage": stage, "suite": SUITE[label], "label": label, "sparsity": sparsity,
                "seed": seed, "outlier_m": m, "lam": lam, "removed": f"{1 - nonzero / dense:.4f}",
@@ -139,6 +143,18 @@ class Bench:
               f"{copy_s:.1f} s, eval {eval_s:.0f} s)", flush=True)
         self.append(row)
         return row
+
+    def zero_shot(self, model, key: dict) -> None:
+        """lm-evaluation-harness tasks on one pruned model, appended to OUT/zero_shot.jsonl."""
+        import json
+
+        from mosaic_export.zero_shot import zero_shot
+
+        for r in zero_shot(model, self.loaded.tokenizer, self.args.lm_eval_tasks, self.args.lm_eval_limit):
+            print(f"[zero-shot] {key['label']} {key['sparsity']:.0%}: {r['task']}: "
+                  f"{r['metrics'] if r['status'] == 'ok' else 'skipped, ' + r['reason']}", flush=True)
+            with (self.args.out / "zero_shot.jsonl").open("a") as f:
+                f.write(json.dumps({**key, **r}) + "\n")
 
     def append(self, row: dict) -> None:
         new = not self.csv.exists()
@@ -322,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["unstructured", "structured"])
     p.add_argument("--stages", nargs="+", default=["timing", "tune", "sweep"],
                    choices=["timing", "tune", "sweep"])
+    p.add_argument("--lm-eval-tasks", nargs="*", default=[],
+                   help="lm-evaluation-harness tasks (names, or YAML files with local data) run on "
+                        "every swept model; a task without offline data is skipped with its reason")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/quality"))
     a = p.parse_args(argv)
