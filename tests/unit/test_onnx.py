@@ -40,6 +40,8 @@ def test_fp32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
     assert [present[2 * i].shape[1] for i in range(3)] == [d.n_kv for d in loaded.layer_dims]
     config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     assert [layer["n_head"] for layer in config["layers"]] == [d.n_head for d in loaded.layer_dims]
+    again = export(loaded, tmp_path / "again", "fp32")
+    assert again.read_bytes() == (tmp_path / "m" / "model.onnx").read_bytes()  # deterministic
 
 
 def test_cache_gives_the_same_logits_as_one_pass(exported):
