@@ -165,6 +165,10 @@ def run(config: RunConfig, log=print) -> dict:
     load_s = time.perf_counter() - t0
     log(f"model {loaded.source}: {loaded.shape.model_type}, {loaded.shape.n_layers} layers "
         f"(loaded in {load_s:.1f} s)")
+    if config.target is not None:  # before any pruning: can this model be written for the target?
+        from .targets import exporter
+
+        exporter(config.target).check_exportable(loaded)
     dense_counts = decoder_counts(loaded)
     dense_fp32 = 4 * dense_counts["total"]
 
@@ -222,10 +226,15 @@ def run(config: RunConfig, log=print) -> dict:
                                     **evaluation)
         elif config.target == "onnx":
             from .targets.onnx import deploy as deploy_onnx
+            from .targets.onnx_runner import available_provider
 
+            wanted = profile.runtime.execution_provider
+            if wanted and available_provider(wanted) != wanted:
+                log(f"ONNX Runtime here has no {wanted} (profile {profile.name}); benchmarking "
+                    f"on {available_provider(wanted)}")
             log(f"exporting ONNX {fmt} and running it in ONNX Runtime")
             report["onnx"] = deploy_onnx(loaded, folder / f"onnx-{fmt}", fmt, parity_ids=calib[0],
-                                         provider=profile.runtime.execution_provider, **evaluation)
+                                         provider=wanted, **evaluation)
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -7,6 +7,13 @@ from ..errors import UserError
 TARGETS = ("gguf", "onnx")
 
 
+def exporter(name: str):
+    """The module that writes target ``name`` (check_exportable, export, deploy)."""
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{check_target(name)}")
+
+
 def check_target(name: str) -> str:
     if name not in TARGETS:
         raise UserError(f"target '{name}' is not supported; supported: {', '.join(TARGETS)}")

@@ -132,3 +132,17 @@ def test_bench_rejects_other_paths(tmp_path, capsys):
     (tmp_path / "x.bin").write_text("")
     assert main(["bench", str(tmp_path / "x.bin")]) == 2
     assert "expected a .gguf file or an ONNX folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["onnx", "gguf"])
+def test_unexportable_model_fails_before_pruning(tmp_path, capsys, target):
+    from tests.conftest import TINY, tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "scaled"
+    tiny_model(rope_scaling={"rope_type": "linear", "factor": 2.0}).save_pretrained(folder)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), "--target", target, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rope scaling" in err and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
