@@ -146,3 +146,27 @@ def test_unexportable_model_fails_before_pruning(tmp_path, capsys, target):
     err = capsys.readouterr().err
     assert "rope scaling" in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_external_data_above_threshold(tiny_model_dir, tmp_path, monkeypatch):
+    from mosaic_export.targets import onnx as onnx_target
+
+    monkeypatch.setattr(onnx_target, "EXTERNAL_DATA_ABOVE", 0)
+    loaded = heterogeneous_model(tiny_model_dir)
+    path = export(loaded, tmp_path / "ext", "fp32")
+    assert (tmp_path / "ext" / "model.onnx.data").stat().st_size > path.stat().st_size
+    decoder = OnnxDecoder(path.parent, threads=1)
+    logits, _ = decoder.forward(IDS.numpy(), decoder.empty_past())
+    assert np.abs(logits - _reference(loaded, IDS)).max() < 1e-4
+
+
+def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from mosaic_export.targets import onnx as onnx_target
+
+    monkeypatch.setattr(onnx_target, "MAX_FP32_LOGIT_DIFF", -1.0)  # no export can pass
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--sparsity", "0.2", "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--eval-windows", "0", "--target", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the fp32 ONNX model disagrees with PyTorch" in err and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
