@@ -36,7 +36,6 @@ OPSET = 17
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "model_config.json"
 CONFIG_FORMAT = "mosaic-export onnx"
-EXTERNAL_DATA_ABOVE = 1 << 30  # bytes of weights; protobuf cannot hold more than 2 GiB
 MASKED = -1e30  # added to the scores of positions a query may not see (finite: no NaN rows)
 
 
@@ -238,14 +237,13 @@ def model_config(loaded: LoadedModel, dtype: str) -> dict:
 
 
 def _save(proto, path: Path) -> None:
+    """model.onnx (the graph) + model.onnx.data (the weights). External data also lifts protobuf's
+    2 GiB limit, and ONNX Runtime then reads the weights without holding a second copy inside the
+    parsed graph while it loads: peak RSS measured 10-23% lower for SmolLM2 (BENCHMARKS.md)."""
     import onnx
 
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_ABOVE:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 INT8_BLOCK = 32  # weights per int8 scale, along the input dimension
@@ -272,8 +270,8 @@ def quantize_int8(proto):
 
 
 def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
-    """Write folder/ (model.onnx [+ .data], tokenizer files, model_config.json); returns the model
-    path. Everything is written in a temporary folder beside it first."""
+    """Write folder/ (model.onnx, model.onnx.data, tokenizer files, model_config.json); returns the
+    model path. Everything is written in a temporary folder beside it first."""
     check_dtype(dtype)
     check_exportable(loaded)
     folder = Path(folder)

@@ -40,8 +40,9 @@ def test_fp32_matches_pytorch(tiny_model_dir, tmp_path, heterogeneous):
     assert [present[2 * i].shape[1] for i in range(3)] == [d.n_kv for d in loaded.layer_dims]
     config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     assert [layer["n_head"] for layer in config["layers"]] == [d.n_head for d in loaded.layer_dims]
-    again = export(loaded, tmp_path / "again", "fp32")
-    assert again.read_bytes() == (tmp_path / "m" / "model.onnx").read_bytes()  # deterministic
+    export(loaded, tmp_path / "again", "fp32")
+    for name in ("model.onnx", "model.onnx.data"):  # deterministic
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "m" / name).read_bytes()
 
 
 def test_cache_gives_the_same_logits_as_one_pass(exported):
@@ -92,10 +93,10 @@ def test_reduced_precisions_stay_close(exported):
         logits, past = decoder.forward(IDS.numpy(), decoder.empty_past())
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, dtype
         assert np.abs(logits - ref).max() < 0.1 * np.abs(ref).max(), dtype
-        sizes[dtype] = (folders[dtype] / "model.onnx").stat().st_size
+        sizes[dtype] = (folders[dtype] / "model.onnx.data").stat().st_size
     assert past[0].dtype == np.float32  # int8 is weight quantization; the cache stays float
     assert OnnxDecoder(folders["fp16"]).empty_past()[0].dtype == np.float16
-    fp32 = (folders["fp32"] / "model.onnx").stat().st_size
+    fp32 = (folders["fp32"] / "model.onnx.data").stat().st_size
     assert sizes["fp16"] < 0.6 * fp32 and sizes["int8"] < 0.6 * fp32
 
 
@@ -148,16 +149,10 @@ def test_unexportable_model_fails_before_pruning(tmp_path, capsys, target):
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
 
 
-def test_external_data_above_threshold(tiny_model_dir, tmp_path, monkeypatch):
-    from mosaic_export.targets import onnx as onnx_target
-
-    monkeypatch.setattr(onnx_target, "EXTERNAL_DATA_ABOVE", 0)
-    loaded = heterogeneous_model(tiny_model_dir)
-    path = export(loaded, tmp_path / "ext", "fp32")
-    assert (tmp_path / "ext" / "model.onnx.data").stat().st_size > path.stat().st_size
-    decoder = OnnxDecoder(path.parent, threads=1)
-    logits, _ = decoder.forward(IDS.numpy(), decoder.empty_past())
-    assert np.abs(logits - _reference(loaded, IDS)).max() < 1e-4
+def test_weights_are_external_data(exported):
+    _, folders = exported
+    for folder in folders.values():
+        assert (folder / "model.onnx.data").stat().st_size > 4 * (folder / "model.onnx").stat().st_size
 
 
 def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
