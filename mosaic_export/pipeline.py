@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from .errors import UserError
 from .evaluate import perplexity, windows
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .plan import Plan, PruneSettings, make_plan
+from .process import peak_rss_bytes
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
 from .report import pod_heatmap, summary_table
@@ -64,10 +64,6 @@ def check_output(out: Path, force: bool) -> None:
         raise UserError(f"cannot write {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {out}: folder {parent} is not writable")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def decoder_counts(loaded: LoadedModel) -> dict[str, int]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-
-
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (VmHWM). Not ru_maxrss: Linux carries that
-    over exec from the forked parent, so a runner started by a process holding a model would
-    report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+from ..process import peak_rss_bytes
 
 
 def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):

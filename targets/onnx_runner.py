@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .gguf_runner import _log_softmax, peak_rss_bytes
+from ..process import peak_rss_bytes
+from .gguf_runner import _log_softmax
 
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEFAULT_PROVIDER = "CPUExecutionProvider"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mosaic_export.calibration import tokenize
-from mosaic_export.cli import main
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
 from mosaic_export.plan import Plan
@@ -23,7 +24,11 @@ SMALL = ["--calib-samples", "8", "--calib-seq-len", "256", "--eval-windows", "4"
 
 
 def _run(out, *args):
-    assert main([*map(str, args), *SMALL, "--out", str(out)]) == 0
+    """The CLI in its own process, so the report's peak RSS is that run's alone (ru_maxrss of this
+    pytest process would carry every earlier test's peak)."""
+    cmd = [sys.executable, "-m", "mosaic_export", *map(str, args), *SMALL, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((out / "report.json").read_text()), Plan.load(out / "plan.json")
 
 
