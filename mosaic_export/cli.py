@@ -111,7 +111,7 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: the "
                         "profile's for a gguf profile, else F16); sets --align unless given")
     p.add_argument("--dtype", default=None,
-                   help="ONNX precision: fp32, fp16, int8 (onnxruntime dynamic quantization) "
+                   help="ONNX precision: fp32, fp16, int8 (weight-only, onnxruntime's MatMulNBits) "
                         "(default: the profile's for an onnx profile, else fp32)")
     p.add_argument("--eval-text", default="builtin-heldout",
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
