@@ -18,16 +18,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from ..process import peak_rss_bytes
+from ..process import measure_in_subprocess, peak_rss_bytes
 
 
 def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):
@@ -105,17 +103,8 @@ def benchmark(path: Path, **kwargs) -> dict:
     """measure() in a fresh process (its own peak RSS); returns its result."""
     if not Path(path).is_file():
         raise UserError(f"GGUF file not found: {path}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "mosaic_export.targets.gguf_runner", str(path), "--json", str(out)]
-        for key, value in kwargs.items():
-            if value is not None:
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"llama.cpp could not run {path}: {tail[0]}")
-        return json.loads(out.read_text())
+    return measure_in_subprocess("mosaic_export.targets.gguf_runner", path,
+                                 "llama.cpp", **kwargs)
 
 
 def next_token_agreement(model, path: Path, ids, threads: int | None = None) -> dict:

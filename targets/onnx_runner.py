@@ -16,16 +16,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from ..process import peak_rss_bytes
+from ..process import measure_in_subprocess, peak_rss_bytes
 from .gguf_runner import _log_softmax
 
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -164,17 +162,8 @@ def benchmark(folder: Path, **kwargs) -> dict:
     """measure() in a fresh process (its own peak RSS); returns its result."""
     if not (Path(folder) / "model_config.json").is_file():
         raise UserError(f"not an ONNX folder written by mosaic-export: {folder}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "mosaic_export.targets.onnx_runner", str(folder), "--json", str(out)]
-        for key, value in kwargs.items():
-            if value is not None:
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"ONNX Runtime could not run {folder}: {tail[0]}")
-        return json.loads(out.read_text())
+    return measure_in_subprocess("mosaic_export.targets.onnx_runner", folder,
+                                 "ONNX Runtime", **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

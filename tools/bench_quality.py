@@ -123,7 +123,7 @@ class Bench:
         prune_s = measure_s + time.perf_counter() - t0
         layers = self.loaded.spec.layer_list(model)
         nonzero = sum(int(torch.count_nonzero(p)) for p in layers.parameters())
-        dense = plan.params()["decoder_dense"]
+        params = plan.params()
         ids, text = (self.tune_ids, self.args.tune_text) if stage == "tune" else (self.eval_ids,
                                                                                self.args.eval_text)
         t0 = time.perf_counter()
@@ -133,8 +133,9 @@ class Bench:
             self.zero_shot(model, {"label": label, "sparsity": sparsity, "seed": seed})
         del model
         row = {"stage": stage, "suite": SUITE[label], "label": label, "sparsity": sparsity,
-               "seed": seed, "outlier_m": m, "lam": lam, "removed": f"{1 - nonzero / dense:.4f}",
-               "decoder_params": plan.params()["decoder_resized"], "perplexity": f"{ppl.perplexity:.3f}",
+               "seed": seed, "outlier_m": m, "lam": lam,
+               "removed": f"{1 - nonzero / params['decoder_dense']:.4f}",
+               "decoder_params": params["decoder_resized"], "perplexity": f"{ppl.perplexity:.3f}",
                "top1": f"{ppl.top1:.4f}", "eval_text": Path(text).name, "eval_tokens": ppl.n_predicted,
                "prune_s": f"{prune_s:.1f}", "eval_s": f"{eval_s:.1f}"}
         print(f"[{stage}] {label:<46} {sparsity:.0%} seed {seed} M {m:g} lambda {lam:g}: "
