@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .arch import INPUT_GROUPS, ArchSpec
 from .errors import UserError
+from .process import release_memory
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -82,7 +83,9 @@ class LayerStream:
 
     def layers(self, desc: str) -> Iterator[tuple[int, nn.Module]]:
         layers = self.spec.layer_list(self.model)
-        yield from tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False)
+        for item in tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False):
+            yield item
+            release_memory()
 
     @torch.no_grad()
     def run(self, layer: nn.Module) -> list[torch.Tensor]:

