@@ -50,6 +50,17 @@ def _libc():
 _LIBC = _libc()
 
 
+def decode_rates(steps: list[float]) -> dict:
+    """Decode speed from per-token times: tokens/s is one over the median step (a scheduling
+    hiccup on a shared machine moves the mean by several percent, the median not);
+    mean_tokens_per_s is the plain throughput."""
+    ordered = sorted(steps)
+    n = len(ordered)
+    median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    return {"tokens": n, "seconds": sum(steps), "tokens_per_s": 1 / median,
+            "mean_tokens_per_s": n / sum(steps)}
+
+
 def measure_in_subprocess(module: str, target: Path, runtime: str, **options) -> dict:
     """Run ``python -m module TARGET --json FILE [--option value ...]`` and return its JSON, so
     peak RSS and load time are the runtime's own, not this process's (which may hold a model).

@@ -15,8 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .costmodel import Calibration, Format
 from .errors import UserError
-from .units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from .units import format_bytes, parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 
 TARGETS = ("gguf", "onnx")
 GGUF_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
@@ -69,15 +70,50 @@ class Profile:
     runtime: RuntimeSpec
     budgets: Budgets
     source: str  # the file it came from
+    # True for a profile `mosaic-export profile detect` wrote for this machine: its predictions
+    # are calibrated here and the measured figures are checked against its budgets.
+    local: bool = False
+    calibration: dict[str, Calibration] = dataclasses.field(default_factory=dict)  # Format.key ->
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def calibration_for(self, fmt: Format) -> Calibration:
+        """Measured efficiency terms for the format if detect measured it, else nominal ones
+        from the device figures."""
+        return self.calibration.get(fmt.key) or Calibration.nominal(
+            fmt.target, self.device.memory_bandwidth, self.device.compute_flops)
+
+    def with_budgets(self, max_memory: str | None = None, min_tokens_per_s: float | None = None,
+                     context: int | None = None, max_ttft: str | None = None) -> Profile:
+        """Budgets overridden from the command line, checked like the file's."""
+        b, new = self.budgets, {}
+        if max_memory is not None:
+            new["max_memory_bytes"] = _positive(parse_bytes(max_memory), "--max-memory", max_memory)
+        if min_tokens_per_s is not None:
+            new["min_tokens_per_s"] = _positive(min_tokens_per_s, "--min-tokens-per-s", min_tokens_per_s)
+        if context is not None:
+            new["context"] = _positive(context, "--context", context)
+        if max_ttft is not None:
+            new["max_ttft_s"] = _positive(parse_seconds(max_ttft), "--max-ttft", max_ttft)
+        b = dataclasses.replace(b, **new)
+        if b.max_memory_bytes is not None and b.max_memory_bytes > self.device.memory_bytes:
+            raise UserError(f"contradictory budgets: max memory {format_bytes(b.max_memory_bytes)} "
+                            f"exceeds the device's memory {format_bytes(self.device.memory_bytes)} "
+                            f"(profile {self.name})")
+        return dataclasses.replace(self, budgets=b)
+
+
+def _positive(value, option: str, given):
+    if not value > 0:
+        raise UserError(f"{option}: expected a positive value, got {given!r}")
+    return value
 
 
 # --- loading -------------------------------------------------------------------------------------
 
 _SCHEMA: dict[str, dict[str, bool]] = {  # section -> key -> required
-    "": {"name": True, "description": False},
+    "": {"name": True, "description": False, "local": False},
     "device": {"memory": True, "memory_bandwidth": True, "compute": True, "threads": True},
     "runtime": {"target": True, "quant": False, "dtype": False, "execution_provider": False},
     "budgets": {"max_memory": False, "context": True, "min_tokens_per_s": False, "max_ttft": False},
@@ -94,7 +130,7 @@ class _Reader:
             raise UserError(f"{source}: expected a table {where}, got {type(table).__name__}")
         allowed = _SCHEMA[section]
         for key in table:
-            if key not in allowed and not (section == "" and key in _SCHEMA):
+            if key not in allowed and not (section == "" and key in (*_SCHEMA, "calibration")):
                 raise UserError(f"{source}: unknown key '{self._name(key)}' "
                                 f"(expected one of: {', '.join(allowed)})")
         for key, required in allowed.items():
@@ -171,11 +207,45 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
     if budgets.max_memory_bytes is not None and budgets.max_memory_bytes > device.memory_bytes:
         raise UserError(f"{source}: budgets.max_memory ({data['budgets']['max_memory']}) exceeds "
                         f"device.memory ({data['device']['memory']})")
+    local = data.get("local", False)
+    if not isinstance(local, bool):
+        raise UserError(f"{source}: key 'local': expected true or false, got {local!r}")
     return Profile(
         name=top.get("name", str),
         description=top.get("description", str) or "",
-        device=device, runtime=runtime, budgets=budgets, source=source,
+        device=device, runtime=runtime, budgets=budgets, source=source, local=local,
+        calibration=_calibration(data.get("calibration", {}), source),
     )
+
+
+# [calibration."gguf:Q8_0"] tables, written by `mosaic-export profile detect`.
+_CALIBRATION_KEYS = {"decode_overhead": parse_seconds, "bandwidth": parse_bandwidth,
+                     "prefill_overhead": parse_seconds, "prefill_compute": parse_flops,
+                     "memory_base": parse_bytes, "memory_per_weight_byte": float}
+
+
+def _calibration(table: Any, source: str) -> dict[str, Calibration]:
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: expected a table [calibration]")
+    out = {}
+    for key, entry in table.items():
+        target, _, name = key.partition(":")
+        if target not in TARGETS or name not in (GGUF_QUANTS if target == "gguf" else ONNX_DTYPES):
+            raise UserError(f"{source}: [calibration.\"{key}\"]: expected a format such as "
+                            "\"gguf:Q8_0\" or \"onnx:fp32\"")
+        if not isinstance(entry, dict) or set(entry) != set(_CALIBRATION_KEYS):
+            raise UserError(f"{source}: [calibration.\"{key}\"] needs exactly the keys "
+                            f"{', '.join(_CALIBRATION_KEYS)}")
+        try:
+            v = {k: parse(entry[k]) for k, parse in _CALIBRATION_KEYS.items()}
+        except (UserError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: [calibration.\"{key}\"]: {e}") from None
+        if v["bandwidth"] <= 0 or v["prefill_compute"] <= 0 or v["memory_per_weight_byte"] <= 0:
+            raise UserError(f"{source}: [calibration.\"{key}\"]: rates must be positive")
+        out[key] = Calibration(v["decode_overhead"], v["bandwidth"], v["prefill_overhead"],
+                               v["prefill_compute"], v["memory_base"], v["memory_per_weight_byte"],
+                               "measured")
+    return out
 
 
 def builtin_names() -> list[str]:

@@ -25,6 +25,8 @@ def _parse(text: str | int | float, units: dict[str, float], what: str) -> float
                         f"got {text!r}")
     if isinstance(text, (int, float)):
         raise UserError(f"expected {what} with a unit (one of: {accepted}), got bare number {text!r}")
+    if re.fullmatch(_NUMBER, text):
+        raise UserError(f"expected {what} with a unit (one of: {accepted}), got bare number {text!r}")
     m = re.fullmatch(_NUMBER + r"([A-Za-z/]+)\s*", text)
     if not m or m.group(2) not in units:
         raise UserError(f"expected {what} as a number and one of the units {accepted}; got {text!r}")

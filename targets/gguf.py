@@ -139,8 +139,11 @@ def _tokenizer_fields(loaded: LoadedModel, writer) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
-def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32") -> None:
-    """Write the model as a float GGUF file (F32, F16 or BF16) at path."""
+def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: bool = False) -> None:
+    """Write the model as a float GGUF file (F32, F16 or BF16) at path.
+
+    ``standin``: every 2-D tensor is replaced by zeros of STANDIN_SHAPE (the metadata and the
+    names stay): a few-MB file on which llama.cpp's quantizer shows the type it wants per tensor."""
     import gguf
 
     if dtype not in FLOAT_TYPES:
@@ -167,6 +170,8 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32") -> None:
     _tokenizer_fields(loaded, w)
     for name, t in tensors(loaded):
         data = t.detach().float().numpy()
+        if standin and data.ndim == 2:
+            data = np.zeros(STANDIN_SHAPE, dtype=np.float32)
         if dtype == "F16" and data.ndim == 2:
             w.add_tensor(name, data.astype(np.float16))
         elif dtype == "BF16" and data.ndim == 2:
@@ -219,6 +224,52 @@ def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
     return {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
 
 
+# --- predicting the types (and so the bytes) of a quantized file --------------------------------
+
+STANDIN_SHAPE = (32, K_QUANT_BLOCK)  # rows, row length: fits every type's block
+# llama.cpp's substitutes when a row length is not a multiple of the wanted type's block
+# (tensor_type_fallback in llama-quant.cpp); F16 when the substitute does not fit either.
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+
+
+def intended_types(loaded: LoadedModel, quant: str) -> dict[str, str]:
+    """The type llama.cpp's quantizer wants for each tensor of this model (name -> GGML type),
+    before any fallback for row length: read from the quantization of a stand-in file that has
+    the model's metadata and tensor names but tiny tensors (about 5 s instead of a real export).
+    The rules (more bits for some layers' attn_v and ffn_down, the output layer, ...) depend on
+    the tensor's name and the layer count, which the stand-in keeps."""
+    check_type(quant)
+    if quant in FLOAT_TYPES:
+        return {name: (quant if t.dim() == 2 else "F32") for name, t in tensors(loaded)}
+    work = Path(tempfile.mkdtemp(prefix=".gguf-types-"))
+    try:
+        write_gguf(loaded, work / "standin.gguf", "F32", standin=True)
+        quantize(work / "standin.gguf", work / "q.gguf", quant)
+        return {name: t for name, (t, _) in tensor_types(work / "q.gguf").items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def resolved_type(intended: str, row_length: int) -> str:
+    """The type llama.cpp stores when it wants ``intended`` for rows of ``row_length``."""
+    import gguf
+
+    def block(t: str) -> int:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
+
+    if row_length % block(intended) == 0:
+        return intended
+    substitute = FALLBACK.get(intended, "F16")
+    return substitute if row_length % block(substitute) == 0 else "F16"
+
+
+def tensor_bytes(ggml_type: str, rows: int, row_length: int) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    return rows * (row_length // block) * size
+
+
 @dataclass
 class TypeCheck:
     types: dict[str, str]  # every tensor's final type
@@ -264,7 +315,7 @@ MIN_FLOAT_AGREEMENT = 0.95  # float files must agree with PyTorch on the greedy 
 
 def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor,
            eval_text: str | None, eval_windows: int | None, eval_seq_len: int,
-           threads: int | None = None) -> dict:
+           threads: int | None = None, context: int | None = None) -> dict:
     """Export, load it back in llama.cpp, compare with PyTorch, benchmark it in a fresh process."""
     from .gguf_runner import benchmark, next_token_agreement
 
@@ -278,7 +329,8 @@ def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor
     if quant in FLOAT_TYPES and parity["top1_agreement"] < MIN_FLOAT_AGREEMENT:
         raise UserError(f"the {quant} GGUF disagrees with PyTorch: greedy next token agrees at "
                         f"{parity['top1_agreement']:.1%} of {parity['positions']} positions")
-    bench = benchmark(path, threads=threads, eval_text=eval_text if eval_windows != 0 else None,
+    bench = benchmark(path, threads=threads, context=context,
+                      eval_text=eval_text if eval_windows != 0 else None,
                       eval_windows=-1 if eval_windows is None else eval_windows,
                       eval_seq_len=eval_seq_len)
     return {"file": path.name, "arch": gguf_arch(loaded), "type": quant,

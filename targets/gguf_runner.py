@@ -25,15 +25,22 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import measure_in_subprocess, peak_rss_bytes
+from ..process import decode_rates, measure_in_subprocess, peak_rss_bytes
 
 
-def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):
+def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool, n_batch: int | None = None):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+    n_batch = n_batch or n_ctx
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                            n_threads=threads or os.cpu_count(), logits_all=logits_all,
                            verbose=False, seed=0)
+
+
+def _last_logits(llm) -> np.ndarray:
+    """The logits of the last token evaluated. (Without logits_all, llama-cpp-python does not
+    copy logits into ``llm.scores``; the context still holds the last row.)"""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -61,32 +68,40 @@ def llama_perplexity(llm, tokens: list[int], seq_len: int, max_windows: int | No
 
 
 def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-            eval_text: str | None = None, eval_windows: int | None = 16, eval_seq_len: int = 512) -> dict:
-    """Everything about one GGUF file, measured in this process."""
+            eval_text: str | None = None, eval_windows: int | None = 16, eval_seq_len: int = 512,
+            context: int | None = None) -> dict:
+    """Everything about one GGUF file, measured in this process. With ``context``, the KV cache
+    is sized for that many tokens and filled after the decode (in chunks of CHUNK tokens), so
+    peak RSS is that of an app whose context is full."""
+    from ..costmodel import CHUNK
     from ..texts import corpus
 
+    n_ctx = max(context or 0, prompt_tokens + gen_tokens)
     t0 = time.perf_counter()
-    llm = _llama(path, prompt_tokens + gen_tokens, threads, logits_all=False)
+    llm = _llama(path, n_ctx, threads, logits_all=False, n_batch=max(CHUNK, prompt_tokens))
     load_s = time.perf_counter() - t0
-    text = corpus("builtin")
-    prompt = llm.tokenize(text.encode(), add_bos=False, special=False)[:prompt_tokens]
+    text = llm.tokenize(corpus("builtin").encode(), add_bos=False, special=False)
+    prompt = text[:prompt_tokens]
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
-    generated = []
-    t0 = time.perf_counter()
+    steps = []
     for _ in range(gen_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        generated.append(token)
-        llm.eval([token])
-    decode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        llm.eval([int(np.argmax(_last_logits(llm)))])
+        steps.append(time.perf_counter() - t0)
+    fill = text[len(prompt):len(prompt) + n_ctx - llm.n_tokens]
+    for start in range(0, len(fill), CHUNK):
+        llm.eval(fill[start:start + CHUNK])
     result = {
         "file": str(path), "file_bytes": path.stat().st_size, "threads": threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
-        "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
-        # High-water mark of this process (llama.cpp, numpy, no torch) after prefill and decode,
-        # before the perplexity pass, whose all-position logits would dominate it.
+        "decode": decode_rates(steps),
+        "context": llm.n_tokens,
+        # High-water mark of this process (llama.cpp, numpy, no torch) after prefill, decode and
+        # filling the context, before the perplexity pass, whose all-position logits would
+        # dominate it.
         "peak_rss_bytes": peak_rss_bytes(),
     }
     del llm
@@ -132,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-text", default=None)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--context", type=int, default=None)
     a = p.parse_args(argv)
     result = measure(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.eval_text,
-                     None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len)
+                     None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len, a.context)
     text = json.dumps(result, indent=1)
     if a.json:
         a.json.write_text(text)

@@ -321,7 +321,7 @@ def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int
 
 def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tensor,
            eval_text: str | None, eval_windows: int | None, eval_seq_len: int,
-           threads: int | None = None, provider: str | None = None) -> dict:
+           threads: int | None = None, context: int | None = None, provider: str | None = None) -> dict:
     """Export, compare with PyTorch in ONNX Runtime, benchmark in a fresh process."""
     from .onnx_runner import available_provider, benchmark
 
@@ -334,7 +334,7 @@ def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tens
         raise UserError(f"the {dtype} ONNX model disagrees with PyTorch: greedy next token agrees at "
                         f"{check['top1_agreement']:.1%} of {check['positions']} positions")
     used = available_provider(provider)
-    bench = benchmark(folder, threads=threads, provider=used,
+    bench = benchmark(folder, threads=threads, provider=used, context=context,
                       eval_text=eval_text if eval_windows != 0 else None,
                       eval_windows=-1 if eval_windows is None else eval_windows, eval_seq_len=eval_seq_len)
     return {"folder": folder.name, "dtype": dtype, "opset": OPSET, "provider": used,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import measure_in_subprocess, peak_rss_bytes
+from ..process import decode_rates, measure_in_subprocess, peak_rss_bytes
 from .gguf_runner import _log_softmax
 
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -124,30 +124,40 @@ def onnx_perplexity(decoder: OnnxDecoder, tokens: list[int], seq_len: int, max_w
 
 def measure(folder: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
             provider: str = DEFAULT_PROVIDER, eval_text: str | None = None, eval_windows: int | None = 16,
-            eval_seq_len: int = 512) -> dict:
-    """Everything about one ONNX folder, measured in this process."""
+            eval_seq_len: int = 512, context: int | None = None) -> dict:
+    """Everything about one ONNX folder, measured in this process. With ``context``, the KV cache
+    is filled to that many tokens after the decode (in chunks of CHUNK tokens), so peak RSS is
+    that of an app whose context is full."""
+    from ..costmodel import CHUNK
     from ..texts import corpus
 
     t0 = time.perf_counter()
     decoder = OnnxDecoder(folder, provider, threads)
     load_s = time.perf_counter() - t0
     tok = decoder.tokenizer()
-    prompt = tok.encode(corpus("builtin"), add_special_tokens=False).ids[:prompt_tokens]
+    text = tok.encode(corpus("builtin"), add_special_tokens=False).ids
+    prompt = text[:prompt_tokens]
     t0 = time.perf_counter()
     logits, past = decoder.forward(np.asarray([prompt]), decoder.empty_past())
     prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    steps = []
     for _ in range(gen_tokens):
-        token = int(np.argmax(logits[0, -1]))
-        logits, past = decoder.forward(np.asarray([[token]]), past)
-    decode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits, past = decoder.forward(np.asarray([[int(np.argmax(logits[0, -1]))]]), past)
+        steps.append(time.perf_counter() - t0)
+    n_tokens = len(prompt) + gen_tokens
+    fill = text[len(prompt):len(prompt) + max(0, (context or 0) - n_tokens)]
+    for start in range(0, len(fill), CHUNK):
+        logits, past = decoder.forward(np.asarray([fill[start:start + CHUNK]]), past)
+        n_tokens += len(fill[start:start + CHUNK])
     files = [p for p in Path(folder).iterdir() if p.name.startswith(decoder.config["file"])]
     result = {
         "folder": str(folder), "dtype": decoder.config["dtype"], "provider": provider,
         "file_bytes": sum(p.stat().st_size for p in files), "threads": threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
-        "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
+        "decode": decode_rates(steps),
+        "context": n_tokens,
         "peak_rss_bytes": peak_rss_bytes(),  # before the perplexity pass and its full-window logits
     }
     del past, logits
@@ -177,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-text", default=None)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--context", type=int, default=None)
     a = p.parse_args(argv)
     try:
         result = measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads, a.provider, a.eval_text,
-                         None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len)
+                         None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len, a.context)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,257 @@
+"""Cost model: what a plan costs on a device, in a target format, before it is built.
+
+    memory  = base + k * weight bytes + KV cache at the context + attention and logit buffers
+    decode  = 1 / (overhead + bytes read per token / effective bandwidth)      (memory bound)
+    prefill = prompt / (overhead + prompt FLOPs / effective compute)           (compute bound)
+    TTFT    = prefill of the prompt + one decode step
+
+Weight bytes are exact for the format: GGUF tensors take the type llama.cpp's quantizer will give
+them (targets.gguf.intended_types + row-length fallbacks), ONNX tensors their dtype's size.
+Unstructured zeros cost the same as any weight in these dense formats: only structure counts.
+
+The efficiency terms (base, k, overheads, effective bandwidth and compute) come from a
+Calibration: measured on this machine by ``mosaic-export profile detect`` (a least-squares fit
+over a few model sizes run in the real runtime), or nominal for a device we cannot reach (a
+fraction of the datasheet figures), in which case every prediction is labelled nominal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape
+from .errors import UserError
+
+PROMPT_TOKENS = 512  # the benchmark protocol: decode speed after a prompt of this many tokens
+GEN_TOKENS = 128
+CHUNK = 512  # tokens per prefill call (llama.cpp's n_ubatch; the ONNX runner's chunk)
+
+# Nominal efficiencies for devices we cannot measure: a runtime reaches about this fraction of
+# the datasheet's bandwidth in decode and of its peak compute in prefill.
+NOMINAL_BANDWIDTH_EFFICIENCY = 0.6
+NOMINAL_COMPUTE_EFFICIENCY = 0.3
+NOMINAL_BASE = {"gguf": 64 * 2**20, "onnx": 96 * 2**20}  # runtime's own resident memory
+
+
+@dataclass(frozen=True)
+class Format:
+    target: str  # "gguf" | "onnx"
+    name: str  # GGUF type (Q8_0, Q4_K_M, ...) or ONNX dtype (fp32, fp16, int8)
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}:{self.name}"
+
+    @property
+    def kv_bytes_per_value(self) -> int:
+        """llama.cpp keeps the KV cache in F16; the ONNX graph in its activation dtype."""
+        return 2 if self.target == "gguf" or self.name == "fp16" else 4
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Efficiency terms of one runtime and format on one machine."""
+
+    decode_overhead_s: float  # per decoded token, beyond reading the weights
+    bandwidth: float  # effective bytes/s while decoding
+    prefill_overhead_s: float
+    prefill_flops: float  # effective FLOP/s while prefilling
+    memory_base: float  # bytes: the runtime itself, before weights
+    memory_per_weight_byte: float  # resident bytes per byte of weights
+    basis: str  # "measured" (profile detect on this machine) | "nominal" (datasheet)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def nominal(cls, target: str, bandwidth: float, compute_flops: float) -> Calibration:
+        return cls(0.0, NOMINAL_BANDWIDTH_EFFICIENCY * bandwidth, 0.0,
+                   NOMINAL_COMPUTE_EFFICIENCY * compute_flops, NOMINAL_BASE[target], 1.0, "nominal")
+
+
+@dataclass(frozen=True)
+class Weights:
+    total: int  # bytes resident: every weight tensor of the file
+    per_token: int  # bytes read to decode one token: every matrix but the embedding table
+    matmul_params: int  # parameters multiplied per token (embedding lookup excluded)
+    output_params: int  # of which the output layer
+
+
+def matrices(shape: ModelShape, dims: list[LayerDims]) -> list[tuple[str, int, int]]:
+    """(GGUF name, rows, row length) of every weight tensor; 1-D tensors have one row."""
+    out = [(f"{GGUF_MODEL_NAMES['embed']}.weight", shape.vocab, shape.hidden)]
+    for bid, d in enumerate(dims):
+        for p in PROJECTIONS:
+            rows, cols = shape.projection_shape(p, d)
+            out.append((GGUF_NAMES[p].format(bid=bid) + ".weight", rows, cols))
+        for norm in ("attn_norm", "ffn_norm"):
+            out.append((GGUF_NAMES[norm].format(bid=bid) + ".weight", 1, shape.hidden))
+    out.append((f"{GGUF_MODEL_NAMES['final_norm']}.weight", 1, shape.hidden))
+    if not shape.tied_embeddings:
+        out.append((f"{GGUF_MODEL_NAMES['lm_head']}.weight", shape.vocab, shape.hidden))
+    return out
+
+
+def weights(shape: ModelShape, dims: list[LayerDims], fmt: Format,
+            gguf_types: dict[str, str] | None = None) -> Weights:
+    """Bytes of the weights in the format. GGUF needs the intended type of every tensor
+    (targets.gguf.intended_types); the stored type follows from each row length."""
+    embed = f"{GGUF_MODEL_NAMES['embed']}.weight"
+    sizes = {}
+    for name, rows, cols in matrices(shape, dims):
+        if fmt.target == "gguf":
+            from .targets.gguf import resolved_type, tensor_bytes
+
+            if gguf_types is None or name not in gguf_types:
+                raise ValueError(f"no intended GGUF type for {name}")
+            sizes[name] = tensor_bytes(resolved_type(gguf_types[name], cols), rows, cols)
+        else:
+            sizes[name] = _onnx_bytes(fmt.name, rows, cols, matmul=rows > 1 and name != embed)
+    read = [name for name, rows, _ in matrices(shape, dims) if rows > 1 and name != embed]
+    total, per_token = sum(sizes.values()), sum(sizes[n] for n in read)
+    output_params = shape.vocab * shape.hidden
+    matmul = sum(r * c for n, r, c in matrices(shape, dims) if n in read)
+    if shape.tied_embeddings:  # the output layer multiplies by the embedding table
+        matmul += output_params
+        if fmt.target == "gguf":  # llama.cpp reads the table itself
+            per_token += sizes[embed]
+        else:  # the ONNX graph stores its own transposed copy
+            copy = _onnx_bytes(fmt.name, shape.vocab, shape.hidden, matmul=True)
+            total += copy
+            per_token += copy
+    return Weights(total, per_token, matmul, output_params)
+
+
+def _onnx_bytes(dtype: str, rows: int, cols: int, matmul: bool) -> int:
+    n = rows * cols
+    if dtype == "fp16":  # norms too (computed in float32)
+        return 2 * n
+    if dtype == "int8" and matmul:  # MatMulNBits: one byte a weight + a float32 scale per block
+        from .targets.onnx import INT8_BLOCK
+
+        return n + 4 * rows * (-(-cols // INT8_BLOCK))
+    return 4 * n
+
+
+def kv_bytes(shape: ModelShape, dims: list[LayerDims], fmt: Format, tokens: int) -> int:
+    """Keys and values of every layer for ``tokens`` positions (each layer its own KV heads)."""
+    return 2 * sum(d.n_kv for d in dims) * shape.head_dim * tokens * fmt.kv_bytes_per_value
+
+
+def buffer_bytes(shape: ModelShape, dims: list[LayerDims], fmt: Format, context: int) -> int:
+    """Largest transient buffers of a prefill chunk with the context full: attention scores of
+    the widest layer (float32), and the chunk's logits in ONNX (llama.cpp keeps the last row)."""
+    scores = max(d.n_head for d in dims) * min(CHUNK, context) * context * 4
+    logits = (min(CHUNK, context) if fmt.target == "onnx" else 1) * shape.vocab * 4
+    return scores + logits
+
+
+def prefill_flops(shape: ModelShape, dims: list[LayerDims], w: Weights, fmt: Format,
+                  tokens: int) -> float:
+    """Multiply-adds x 2 of a prompt: the matrices for every token (the output layer for the last
+    one only in llama.cpp, for all in ONNX) and causal attention (QK^T and PV)."""
+    out_rows = tokens if fmt.target == "onnx" else 1
+    linear = 2 * ((w.matmul_params - w.output_params) * tokens + w.output_params * out_rows)
+    attention = 2 * 2 * sum(d.n_head for d in dims) * shape.head_dim * tokens * (tokens + 1) / 2
+    return linear + attention
+
+
+@dataclass(frozen=True)
+class Cost:
+    weight_bytes: int
+    kv_bytes: int  # at the context
+    memory_bytes: float  # predicted peak resident set with the context full
+    decode_tokens_per_s: float  # after a PROMPT_TOKENS prompt
+    prefill_tokens_per_s: float  # on a PROMPT_TOKENS prompt
+    ttft_s: float
+    context: int
+    basis: str  # the calibration's: measured | nominal
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(shape: ModelShape, dims: list[LayerDims], fmt: Format, calib: Calibration,
+            context: int, gguf_types: dict[str, str] | None = None) -> Cost:
+    w = weights(shape, dims, fmt, gguf_types)
+    kv = kv_bytes(shape, dims, fmt, context)
+    memory = (calib.memory_base + calib.memory_per_weight_byte * w.total + kv
+              + buffer_bytes(shape, dims, fmt, context))
+    position = PROMPT_TOKENS + GEN_TOKENS // 2  # mean position while decoding
+    step = calib.decode_overhead_s + (w.per_token + kv_bytes(shape, dims, fmt, position)) / calib.bandwidth
+    flops = prefill_flops(shape, dims, w, fmt, PROMPT_TOKENS)
+    prefill = calib.prefill_overhead_s + flops / calib.prefill_flops
+    return Cost(w.total, kv, memory, 1 / step, PROMPT_TOKENS / prefill, prefill + step, context,
+                calib.basis)
+
+
+# --- calibration from measurements ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One model size run in the runtime: what the cost model needs and what was measured."""
+
+    dims: list[LayerDims]
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    peak_rss_bytes: float  # with the context full
+    context: int
+
+
+def fit(shape: ModelShape, fmt: Format, observations: list[Observation],
+        gguf_types: dict[str, str] | None = None) -> Calibration:
+    """Least-squares fit of the efficiency terms to runs of a few model sizes:
+    decode seconds/token against bytes read, prefill seconds against FLOPs, peak RSS (less the
+    analytic KV cache and buffers) against weight bytes."""
+    if len(observations) < 2:
+        raise UserError("calibration needs runs of at least two model sizes")
+    dec, pre, mem = [], [], []
+    position = PROMPT_TOKENS + GEN_TOKENS // 2
+    for o in observations:
+        w = weights(shape, o.dims, fmt, gguf_types)
+        dec.append((w.per_token + kv_bytes(shape, o.dims, fmt, position), 1 / o.decode_tokens_per_s))
+        pre.append((prefill_flops(shape, o.dims, w, fmt, PROMPT_TOKENS),
+                    PROMPT_TOKENS / o.prefill_tokens_per_s))
+        mem.append((w.total, o.peak_rss_bytes - kv_bytes(shape, o.dims, fmt, o.context)
+                    - buffer_bytes(shape, o.dims, fmt, o.context)))
+    d0, d1 = _line(dec)
+    p0, p1 = _line(pre)
+    m0, m1 = _line(mem)
+    return Calibration(d0, 1 / d1, p0, 1 / p1, m0, m1, "measured")
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Intercept and slope of y = a + b x, with a >= 0 and b > 0 (through the origin when the
+    free fit's intercept is negative: a runtime has no negative overhead)."""
+    x = np.array([p[0] for p in points], dtype=np.float64)
+    y = np.array([p[1] for p in points], dtype=np.float64)
+    a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
+    if a < 0 or b <= 0:
+        a, b = 0.0, float((x @ y) / (x @ x))
+    return float(a), float(b)
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Everything predict() needs but the layer sizes: one model, format, device and context."""
+
+    shape: ModelShape
+    fmt: Format
+    calibration: Calibration
+    context: int
+    gguf_types: dict[str, str] | None = None
+
+    def cost(self, dims: list[LayerDims]) -> Cost:
+        return predict(self.shape, dims, self.fmt, self.calibration, self.context, self.gguf_types)
+
+    def hint(self, budget: str) -> str:
+        """What other than pruning would move a budget's figure."""
+        smaller = {"gguf": "a smaller GGUF type than", "onnx": "a smaller ONNX dtype than"}[self.fmt.target]
+        if budget == "max_memory":
+            return f"{smaller} {self.fmt.name}, or a shorter --context than {self.context}"
+        if budget == "min_tokens_per_s":
+            return f"{smaller} {self.fmt.name}, or a device with more memory bandwidth"
+        return f"{smaller} {self.fmt.name}, or a device with more compute"
