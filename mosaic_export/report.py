@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .arch import PROJECTIONS
 from .plan import Plan
+from .search import LABELS, OPS, format_value
 from .units import format_bytes
 
 
@@ -75,6 +76,27 @@ def summary_table(report: dict) -> str:
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
 
 
+def budget_table(cost: dict) -> str:
+    """Each budget: its limit, the predicted figure and, when measured here, the measured one."""
+    local = cost["profile_local"]
+    measured = {c["name"]: c for c in cost.get("measured_budgets", [])}
+    rows = [("budget", f"predicted ({cost['basis']})",
+             "measured here" + ("" if local else " (not the profile's device)"), "verdict")]
+    for c in cost["predicted_budgets"]:
+        m = measured.get(c["name"])
+        if local and m is not None:
+            verdict = "met" if m["met"] else "MISSED"
+        else:
+            verdict = ("met" if c["met"] else "MISSED") + " (predicted)"
+        rows.append((f"{LABELS[c['name']]} {OPS[c['name']]} {format_value(c['name'], c['limit'])}",
+                     format_value(c["name"], c["value"]),
+                     format_value(c["name"], m["value"]) if m else "-", verdict))
+    if len(rows) == 1:
+        return "no budgets set"
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:<{w[3]}}" for a, b, c, d in rows)
+
+
 def pod_heatmap(plan: Plan, path: Path) -> None:
     """Two panels, layers x projections: the outlier ratio (POD) and the fraction of each
     projection's dense weights removed (structured and unstructured together)."""
@@ -107,3 +129,79 @@ def pod_heatmap(plan: Plan, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cost_plot(cost: dict, path: Path) -> None:
+    """Predicted peak memory and decode speed against the removal target for every plan the
+    search priced (or the one plan), budgets as lines, and the measured figures as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = cost.get("search")
+    if found:
+        plans = [found["dense"], found["chosen"]] + ([found["neighbour"]] if found["neighbour"] else [])
+        plans += found.get("priced", [])
+    else:
+        plans = []
+    pred = cost["predicted"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, scale, label, budget in (
+            (axes[0], "memory_bytes", 2**20, "peak memory (MiB)", "max_memory"),
+            (axes[1], "decode_tokens_per_s", 1, "decode tokens/s", "min_tokens_per_s")):
+        pts = sorted({(p["removed"], p["predicted"][key] / scale) for p in plans})
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, color="tab:blue",
+                    label=f"predicted ({cost['basis']})")
+        chosen = found["chosen"]["removed"] if found else cost.get("removed", 0.0)
+        ax.plot([chosen], [pred[key] / scale], "s", color="tab:blue", ms=8, label="this plan, predicted")
+        if "measured" in cost:
+            m = cost["measured"]["memory_bytes" if key == "memory_bytes" else key]
+            ax.plot([chosen], [m / scale], "*", color="tab:red", ms=12, label="this plan, measured here")
+        for b in cost["predicted_budgets"]:
+            if b["name"] == budget:
+                ax.axhline(b["limit"] / scale, color="gray", ls="--", label="budget")
+        ax.set_xlabel("decoder parameters removed by structure")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"cost model, {cost['format']}, context {pred['context']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(report: dict, folder: Path) -> None:
+    """OUT/report.md: the summary, the budgets, the search, and the plots beside it."""
+    lines = ["# mosaic-export report", "",
+             f"Model `{report['model']['source']}`, profile `{report['profile']['name']}` "
+             f"({report['profile']['description']}).", "", "## Summary", "", "```",
+             summary_table(report), "```", ""]
+    cost = report.get("cost")
+    if cost:
+        local = cost["profile_local"]
+        lines += ["## Budgets", "",
+                  "Measured on this machine, which " + ("is" if local else "is not") +
+                  " the profile's device" + ("" if local else ": the verdicts are the predictions'")
+                  + f". Predictions are {cost['basis']} (" +
+                  ("calibrated here by `mosaic-export profile detect`" if cost["basis"] == "measured"
+                   else "the datasheet figures of the profile, not measured") + ").", "", "```",
+                  budget_table(cost), "```", ""]
+        found = cost.get("search")
+        if found:
+            c, n = found["chosen"], found["neighbour"]
+            lines += ["## Search", "",
+                      f"{found['plans_evaluated']} plans priced on a grid of {found['step']:.0%}. "
+                      f"Chosen: {c['removed']:.1%} of the decoder removed by structure, the least "
+                      "whose predicted cost meets every budget."]
+            if n:
+                lines += ["", f"With 5% less pruning ({n['removed']:.1%} removed), predicted:", ""]
+                lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}" for b in n["budgets"]]
+            else:
+                lines += ["", "The dense model already meets every budget: nothing was pruned."]
+            lines.append("")
+        lines += ["![cost](cost.png)", ""]
+    lines += ["## Plan", "", "Per-projection outlier ratio and fraction removed:", "",
+              "![POD heat map](pod.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")

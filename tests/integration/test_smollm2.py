@@ -19,7 +19,7 @@ from mosaic_export.texts import corpus
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["--calib-samples", "8", "--calib-seq-len", "256", "--eval-windows", "4",
+SMALL = ["--target", "none", "--calib-samples", "8", "--calib-seq-len", "256", "--eval-windows", "4",
          "--eval-seq-len", "256"]
 
 

@@ -15,7 +15,7 @@ from mosaic_export.plan import Plan
 from mosaic_export.texts import corpus
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "3",
-        "--eval-seq-len", "64", "--align", "1"]
+        "--eval-seq-len", "64", "--align", "1", "--target", "none"]
 
 
 def run_cli(*args) -> int:

@@ -1,0 +1,161 @@
+"""Budget-constrained search: the least pruning whose predicted cost meets every budget.
+
+On the dense runtimes we export to (llama.cpp, ONNX Runtime), zeros inside a weight matrix are
+stored and read like any other weight: only removed structure (heads, MLP channels) lowers memory
+and latency. So the split is: the structured part is what the budgets need, found here; the
+unstructured part is left at zero (it would only cost accuracy). The structured part is placed
+by the POD allocation (plan.make_plan), at the target's channel alignment.
+
+The removal target r (share of decoder parameters) is searched on a grid of STEP: a coarse scan,
+then the first feasible step inside the bracket. The plan at r - NEIGHBOUR is reported with it,
+to show what a little less pruning would miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .arch import ModelShape
+from .costmodel import Cost, Pricing
+from .errors import UserError
+from .plan import LayerMeasurement, Plan, PruneSettings, make_plan
+from .profile import Budgets
+from .units import format_bytes
+
+STEP = 0.01
+COARSE = 0.05
+NEIGHBOUR = 0.05
+MAX_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    name: str  # max_memory | min_tokens_per_s | max_ttft
+    limit: float
+    value: float
+    met: bool
+
+    def describe(self) -> str:
+        return f"{LABELS[self.name]} {format_value(self.name, self.value)} (budget {OPS[self.name]} " \
+               f"{format_value(self.name, self.limit)})"
+
+
+LABELS = {"max_memory": "peak memory", "min_tokens_per_s": "decode", "max_ttft": "time to first token"}
+OPS = {"max_memory": "<=", "min_tokens_per_s": ">=", "max_ttft": "<="}
+
+
+def format_value(name: str, v: float) -> str:
+    return {"max_memory": format_bytes(v), "min_tokens_per_s": f"{v:.1f} tokens/s",
+            "max_ttft": f"{v * 1e3:.0f} ms"}[name]
+
+
+def check_budgets(budgets: Budgets, memory_bytes: float, tokens_per_s: float,
+                  ttft_s: float | None) -> list[BudgetCheck]:
+    """Each budget that is set, against figures (predicted or measured)."""
+    out = []
+    if budgets.max_memory_bytes is not None:
+        out.append(BudgetCheck("max_memory", budgets.max_memory_bytes, memory_bytes,
+                               memory_bytes <= budgets.max_memory_bytes))
+    if budgets.min_tokens_per_s is not None:
+        out.append(BudgetCheck("min_tokens_per_s", budgets.min_tokens_per_s, tokens_per_s,
+                               tokens_per_s >= budgets.min_tokens_per_s))
+    if budgets.max_ttft_s is not None and ttft_s is not None:
+        out.append(BudgetCheck("max_ttft", budgets.max_ttft_s, ttft_s, ttft_s <= budgets.max_ttft_s))
+    return out
+
+
+def cost_checks(budgets: Budgets, cost: Cost) -> list[BudgetCheck]:
+    return check_budgets(budgets, cost.memory_bytes, cost.decode_tokens_per_s, cost.ttft_s)
+
+
+@dataclass
+class Candidate:
+    target: float
+    plan: Plan
+    cost: Cost
+    checks: list[BudgetCheck]
+
+    @property
+    def feasible(self) -> bool:
+        return all(c.met for c in self.checks)
+
+    def to_dict(self) -> dict:
+        params = self.plan.params()
+        return {"removal_target": self.target,
+                "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
+                "layers": [lp.dims.__dict__ for lp in self.plan.layers],
+                "predicted": self.cost.to_dict(),
+                "budgets": [c.__dict__ | {"text": c.describe()} for c in self.checks]}
+
+
+@dataclass
+class SearchResult:
+    chosen: Candidate
+    neighbour: Candidate | None  # NEIGHBOUR less pruning (None when the chosen plan is dense)
+    dense: Candidate
+    priced: list[Candidate]  # every plan the search priced, by removal target
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen.to_dict(), "dense": self.dense.to_dict(),
+                "neighbour": self.neighbour.to_dict() if self.neighbour else None,
+                "plans_evaluated": len(self.priced), "step": STEP,
+                "priced": [{"removal_target": c.target, "removed": c.to_dict()["removed"],
+                            "predicted": c.cost.to_dict(), "feasible": c.feasible}
+                           for c in self.priced]}
+
+
+def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
+           settings: PruneSettings, budgets: Budgets, pricing: Pricing) -> SearchResult:
+    """The least structured removal target (on the STEP grid) whose predicted cost meets every
+    budget; when none does, a UserError naming each budget missed, the closest figure and what
+    else would help."""
+    seen: dict[float, Candidate] = {}
+
+    def at(target: float) -> Candidate:
+        target = round(target, 4)
+        if target not in seen:
+            s = replace(settings, sparsity=target, structured_fraction=1.0 if target else 0.0)
+            plan = make_plan(shape, source, measured, s)
+            cost = pricing.cost([lp.dims for lp in plan.layers])
+            seen[target] = Candidate(target, plan, cost, cost_checks(budgets, cost))
+        return seen[target]
+
+    dense = at(0.0)
+    if not dense.checks:
+        raise UserError("no budget to search for: give --max-memory, --min-tokens-per-s or "
+                        "--max-ttft (or a profile with budgets), or an explicit --sparsity")
+    if dense.feasible:
+        return SearchResult(dense, None, dense, [dense])
+    top = _largest_target(at)
+    if not top.feasible:
+        missed = [c for c in top.checks if not c.met]
+        raise UserError("no plan meets the budgets: " + "; ".join(
+            f"{LABELS[c.name]} budget {OPS[c.name]} {format_value(c.name, c.limit)} cannot be met: the "
+            f"closest is {format_value(c.name, c.value)} with {top.target:.0%} of the decoder removed "
+            f"({pricing.hint(c.name)})" for c in missed))
+    lo, hi = 0.0, top.target  # lo infeasible, hi feasible
+    t = COARSE
+    while t < hi - 1e-9:
+        if at(t).feasible:
+            hi = t
+            break
+        lo = t
+        t += COARSE
+    t = lo + STEP
+    while t < hi - 1e-9 and not at(t).feasible:
+        t += STEP
+    chosen = at(min(t, hi))
+    neighbour = at(max(0.0, chosen.target - NEIGHBOUR))
+    return SearchResult(chosen, neighbour, dense, [seen[t] for t in sorted(seen)])
+
+
+def _largest_target(at: Callable[[float], Candidate]) -> Candidate:
+    """The most pruning make_plan allows, up to MAX_TARGET (alignment can forbid more)."""
+    t = MAX_TARGET
+    while t > 0:
+        try:
+            return at(t)
+        except UserError:
+            t = round(t - COARSE, 4)
+    raise UserError("this model cannot be pruned by structure at all with this alignment")

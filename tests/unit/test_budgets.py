@@ -1,0 +1,111 @@
+"""The main command with budgets on the tiny model: search, report, and every bad budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mosaic_export.cli import main
+from mosaic_export.costmodel import Calibration, Format, Pricing
+from mosaic_export.model_io import load_model
+from mosaic_export.plan import Plan
+
+# A profile for ONNX fp32 with a closed-form calibration: no runtime overheads, weights resident
+# once, 1 GB/s. Not local: the verdicts are the predictions'.
+PROFILE = """name = "tiny-device"
+[device]
+memory = "8GiB"
+memory_bandwidth = "1GB/s"
+compute = "10GFLOPS"
+threads = 2
+[runtime]
+target = "onnx"
+dtype = "fp32"
+[budgets]
+context = 64
+[calibration."onnx:fp32"]
+decode_overhead = "0s"
+bandwidth = "1GB/s"
+prefill_overhead = "0s"
+prefill_compute = "10GFLOPS"
+memory_base = "0B"
+memory_per_weight_byte = 1.0
+"""
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "tiny.toml"
+    path.write_text(PROFILE)
+    return path
+
+
+def _dense_cost(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    calib = Calibration(0.0, 1e9, 0.0, 1e10, 0.0, 1.0, "measured")
+    pricing = Pricing(loaded.shape, Format("onnx", "fp32"), calib, 64)
+    return pricing.cost([loaded.shape.dense_dims] * loaded.shape.n_layers)
+
+
+def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
+    dense = _dense_cost(tiny_model_dir)
+    budget = int(dense.memory_bytes * 0.9)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST,
+                 "--max-memory", f"{budget}B", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the least that meets every budget" in printed and "peak memory <=" in printed
+    report = json.loads((out / "report.json").read_text())
+    cost, found = report["cost"], report["cost"]["search"]
+    assert cost["basis"] == "measured" and not cost["profile_local"]
+    assert 0 < found["chosen"]["removed"] and cost["predicted"]["memory_bytes"] <= budget
+    assert found["neighbour"]["removal_target"] == pytest.approx(
+        max(0.0, found["chosen"]["removal_target"] - 0.05))
+    assert not all(b["met"] for b in found["neighbour"]["budgets"])
+    plan = Plan.load(out / "plan.json")
+    assert plan.params()["decoder_resized"] < plan.params()["decoder_dense"]
+    assert all(r == 0 for lp in plan.layers for r in lp.ratios.values())  # no unstructured part
+    assert cost["measured"]["memory_bytes"] > 0 and cost["measured"]["context"] >= 64
+    for name in ("report.md", "cost.png", "pod.png", "onnx-fp32"):
+        assert (out / name).exists(), name
+
+
+def test_dense_model_that_fits_is_not_pruned(tiny_model_dir, profile, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST,
+                 "--max-memory", "1GiB", "--min-tokens-per-s", "1", "--out", str(out)]) == 0
+    assert "the dense model already meets every budget" in capsys.readouterr().out
+    plan = Plan.load(out / "plan.json")
+    assert plan.params()["decoder_resized"] == plan.params()["decoder_dense"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "10B"], "no plan meets the budgets: peak memory budget <= 10 B cannot be met: "
+                              "the closest is"),
+    (["--max-memory", "80"], "expected a size with a unit"),
+    (["--max-memory", "80 parsecs"], "expected a size as a number and one of the units"),
+    (["--min-tokens-per-s", "-5"], "--min-tokens-per-s: expected a positive value"),
+    (["--max-memory", "20GiB"], "contradictory budgets: max memory 20.0 GiB exceeds the device"),
+    (["--context", "100000"], "context of 100000 tokens is longer than the model's"),
+    (["--target", "none"], "--target none writes no runtime file"),
+    (["--profile", "no-such-device"], "unknown profile 'no-such-device'"),
+])
+def test_bad_budgets_fail_at_the_door(tiny_model_dir, profile, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--out", str(out), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_explicit_sparsity_reports_budgets_without_search(tiny_model_dir, profile, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.3",
+                 "--structured-fraction", "1", "--max-memory", "10B", "--out", str(out)]) == 0
+    cost = json.loads((out / "report.json").read_text())["cost"]
+    assert cost["search"] is None
+    assert [b["name"] for b in cost["predicted_budgets"]] == ["max_memory"]
+    assert not cost["predicted_budgets"][0]["met"]
