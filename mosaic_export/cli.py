@@ -5,6 +5,8 @@
     mosaic-export profiles                 list the built-in hardware profiles
     mosaic-export profile detect --out F   measure this machine, write a calibrated profile
     mosaic-export sweep [run options]      Pareto front across removal targets
+    mosaic-export run OUT --prompt TEXT    generate with OUT's runtime
+    mosaic-export verify OUT               checksums and parity of OUT
     mosaic-export bench MODEL              benchmark a GGUF file (llama.cpp) or an ONNX folder
                                            (ONNX Runtime)
 """
@@ -39,6 +41,8 @@ commands:
   mosaic-export sweep [options] --targets 0 0.1 0.2 ...
                                    the main job at several removal targets: Pareto fronts
                                    of perplexity vs memory and vs tokens/s
+  mosaic-export run OUT --prompt T generate from OUT with its runtime (chat template if any)
+  mosaic-export verify OUT         re-check OUT: sha256 of every file, parity with PyTorch
   mosaic-export bench MODEL        benchmark a .gguf file in llama.cpp, or an ONNX folder (or its
                                    model.onnx) in ONNX Runtime: speed, memory, perplexity
 """
@@ -293,8 +297,12 @@ def cmd_plan(argv: list[str]) -> int:
     from .report import plan_table
 
     args = build_parser("mosaic-export plan", plan_only=True).parse_args(argv)
-    plan, _ = run_plan(_config(args))
+    plan, found = run_plan(_config(args))
     print(plan_table(plan))
+    if found is not None:
+        from .pipeline import search_summary
+
+        print(search_summary(found))
     if args.write_plan:
         try:
             plan.save(args.write_plan)
@@ -318,6 +326,38 @@ def cmd_sweep(argv: list[str]) -> int:
         raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
     args.sparsity = 0.0
     sweep(_config(args), args.targets)
+    return 0
+
+
+def cmd_verify(argv: list[str]) -> int:
+    from .deploy import verify
+
+    p = argparse.ArgumentParser(prog="mosaic-export verify",
+                                description="Re-check an output folder: the sha256 of every file "
+                                            "against manifest.json, then parity of the runtime "
+                                            "file with the PyTorch checkpoint.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    verify(a.out, a.threads)
+    print(f"{a.out}: OK")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from .deploy import generate
+
+    p = argparse.ArgumentParser(prog="mosaic-export run",
+                                description="Generate from an output folder with its target runtime "
+                                            "(llama.cpp or ONNX Runtime), greedy, with the model's "
+                                            "chat template when it has one.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="plain completion, no chat template")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    print(generate(a.out, a.prompt, a.max_tokens, chat=not a.no_chat, threads=a.threads))
     return 0
 
 
@@ -350,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_profile(argv[1:])
         if argv[:1] == ["sweep"]:
             return cmd_sweep(argv[1:])
+        if argv[:1] == ["verify"]:
+            return cmd_verify(argv[1:])
+        if argv[:1] == ["run"]:
+            return cmd_generate(argv[1:])
         return cmd_run(argv)
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)

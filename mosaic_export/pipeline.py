@@ -26,6 +26,7 @@ import torch
 from . import __version__
 from .calibration import LayerStream, sample_windows, tokenize
 from .costmodel import Format, Pricing
+from .deploy import finalize
 from .errors import UserError
 from .evaluate import perplexity, windows
 from .model_io import LoadedModel, load_model, save_checkpoint
@@ -170,14 +171,15 @@ def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tenso
                           c.seed, source=c.source)
 
 
-def run_plan(config: RunConfig) -> tuple[Plan, LoadedModel]:
-    """Dry run: the plan and its parameter counts; prunes nothing."""
+def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
+    """Dry run: the plan (searched for when config.search) and its parameter counts; prunes
+    nothing."""
     profile, settings, plan, fmt = prepare(config)
     loaded = load_model(config.model)
     pricing = make_pricing(profile, fmt, loaded) if config.search else None
-    plan, _, _ = make_or_load_plan(config, loaded, settings, plan, calibration_ids(loaded, settings),
-                                   profile, pricing)
-    return plan, loaded
+    plan, _, found = make_or_load_plan(config, loaded, settings, plan,
+                                       calibration_ids(loaded, settings), profile, pricing)
+    return plan, found
 
 
 def run(config: RunConfig, log=print) -> dict:
@@ -236,6 +238,7 @@ def run(config: RunConfig, log=print) -> dict:
                    "pruned_fp32_bytes": 4 * pruned_counts["total"],
                    "peak_rss_over_fp32_model": peak_after_prune / dense_fp32},
         "budgets": dataclasses.asdict(profile.budgets),
+        "layers": [lp.dims.__dict__ for lp in plan.layers],
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()},
     }
@@ -275,6 +278,7 @@ def run(config: RunConfig, log=print) -> dict:
             cost_plot(report["cost"], folder / "cost.png")
         write_markdown(report, folder)
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        finalize(folder, report, calib[0].tolist())  # README.md, then manifest.json over all
 
     write_outputs(config.out, config.force, build)
     log(summary_table(report))

@@ -109,3 +109,95 @@ def test_explicit_sparsity_reports_budgets_without_search(tiny_model_dir, profil
     assert cost["search"] is None
     assert [b["name"] for b in cost["predicted_budgets"]] == ["max_memory"]
     assert not cost["predicted_budgets"][0]["met"]
+
+
+def test_plan_dry_run_searches_and_writes_nothing(tiny_model_dir, profile, tmp_path, capsys):
+    budget = int(_dense_cost(tiny_model_dir).memory_bytes * 0.9)
+    assert main(["plan", "--model", str(tiny_model_dir), "--profile", str(profile), "--calib-samples",
+                 "4", "--calib-seq-len", "64", "--max-memory", f"{budget}B"]) == 0
+    out = capsys.readouterr().out
+    assert "the least that meets every budget" in out and "decoder parameters: dense" in out
+    assert not list(tmp_path.iterdir())
+
+
+def test_sweep_writes_runs_csv_and_pareto_front(tiny_model_dir, profile, tmp_path):
+    import csv
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--profile", str(profile), *FAST,
+                 "--targets", "0", "0.3", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [float(r["target"]) for r in rows] == [0.0, 0.3]
+    assert float(rows[1]["removed"]) > 0.2 and float(rows[1]["memory_bytes"]) > 0
+    for name in ("r0.00", "r0.30", "pareto.png", "report.md"):
+        assert (out / name).exists(), name
+
+
+def test_pareto_front():
+    from mosaic_export.sweep import pareto
+
+    # (memory, perplexity): the third is worse on both than the second
+    assert pareto([(100, 10.0), (80, 12.0), (90, 13.0), (60, 20.0)], larger_is_better=False) == [0, 1, 3]
+    # (tokens/s, perplexity): higher speed is better
+    assert pareto([(10, 10.0), (20, 12.0), (15, 13.0)], larger_is_better=True) == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, profile, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "out"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.3",
+                 "--structured-fraction", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_manifest_lists_every_file_and_verify_passes(built, capsys):
+    from mosaic_export.deploy import sha256
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    files = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == files - {"manifest.json"}
+    assert "README.md" in files and "onnx-fp32/model.onnx.data" in files
+    assert all(sha256(built / n) == e["sha256"] for n, e in manifest["files"].items())
+    assert manifest["format"] == {"target": "onnx", "dtype": "fp32", "opset": 17,
+                                  "model_path": "onnx-fp32/model.onnx"}
+    assert len(manifest["layers"]) == 3 and manifest["versions"]["onnxruntime"]
+    assert manifest["cost"]["predicted"]["memory_bytes"] > 0 and len(manifest["parity"]["ids"]) == 64
+    assert main(["verify", str(built)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_same_inputs_same_files(built, tiny_model_dir, profile, tmp_path):
+    out = tmp_path / "again"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.3",
+                 "--structured-fraction", "1", "--out", str(out)]) == 0
+    first, second = (json.loads((o / "manifest.json").read_text())["files"] for o in (built, out))
+    # Every file is byte-identical but those holding measured figures (timings, speed, memory).
+    measured = {"report.json", "report.md", "README.md", "cost.png"}
+    assert set(first) == set(second)
+    assert {k: v for k, v in first.items() if k not in measured} == \
+        {k: v for k, v in second.items() if k not in measured}
+
+
+def test_verify_finds_a_changed_byte_and_a_stray_file(built, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    data = out / "onnx-fp32" / "model.onnx.data"
+    original = data.read_bytes()
+    data.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    assert main(["verify", str(out)]) == 2
+    assert "onnx-fp32/model.onnx.data has changed" in capsys.readouterr().err
+    data.write_bytes(original)
+    (out / "notes.txt").write_text("x")
+    assert main(["verify", str(out)]) == 2
+    assert "notes.txt is not in the manifest" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_run_generates_deterministically(built, capsys):
+    args = ["run", str(built), "--prompt", "def f(x):", "--max-tokens", "8", "--no-chat"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.strip()
