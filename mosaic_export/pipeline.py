@@ -147,22 +147,24 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSet
     return found.chosen.plan, stream, found
 
 
-def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel) -> Pricing:
+def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel, strict: bool = True) -> Pricing:
     """The cost model for this model in the format on the profile's device (GGUF: the types
-    llama.cpp's quantizer will choose, read from a stand-in file)."""
+    llama.cpp's quantizer will choose, read from a stand-in file). A budget context longer than
+    the model's is an error when budgets drive the run (``strict``), else priced at the model's."""
     from .targets import exporter
 
     exporter(fmt.target).check_exportable(loaded)
-    longest = getattr(loaded.model.config, "max_position_embeddings", None)
-    if longest is not None and profile.budgets.context > longest:
-        raise UserError(f"a context of {profile.budgets.context} tokens is longer than the model's "
-                        f"maximum of {longest}")
+    context = profile.budgets.context
+    longest = getattr(loaded.model.config, "max_position_embeddings", None) or context
+    if context > longest and strict:
+        raise UserError(f"a context of {context} tokens is longer than the model's maximum of "
+                        f"{longest}")
     types = None
     if fmt.target == "gguf":
         from .targets.gguf import intended_types
 
         types = intended_types(loaded, fmt.name)
-    return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), profile.budgets.context, types)
+    return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), min(context, longest), types)
 
 
 def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tensor:
@@ -197,7 +199,8 @@ def run(config: RunConfig, log=print) -> dict:
         f"(loaded in {load_s:.1f} s)")
     pricing = None
     if config.target is not None or config.search:  # before any pruning: can it be exported?
-        pricing = make_pricing(profile, fmt, loaded)
+        pricing = make_pricing(profile, fmt, loaded,
+                               strict=config.search or "context" in config.budgets)
     dense_counts = decoder_counts(loaded)
     dense_fp32 = 4 * dense_counts["total"]
 
@@ -256,7 +259,7 @@ def run(config: RunConfig, log=print) -> dict:
 
             log(f"exporting GGUF {fmt.name} and running it in llama.cpp")
             report["gguf"] = deploy(loaded, folder / f"model-{fmt.name}.gguf", fmt.name,
-                                    parity_ids=calib[0], context=profile.budgets.context, **evaluation)
+                                    parity_ids=calib[0], context=pricing.context, **evaluation)
         elif config.target == "onnx":
             from .targets.onnx import deploy as deploy_onnx
             from .targets.onnx_runner import available_provider
@@ -268,7 +271,7 @@ def run(config: RunConfig, log=print) -> dict:
             log(f"exporting ONNX {fmt.name} and running it in ONNX Runtime")
             report["onnx"] = deploy_onnx(loaded, folder / f"onnx-{fmt.name}", fmt.name,
                                          parity_ids=calib[0], provider=wanted,
-                                         context=profile.budgets.context, **evaluation)
+                                         context=pricing.context, **evaluation)
         if pricing is not None:
             report["cost"] = cost_section(profile, pricing, plan, found,
                                           report.get(fmt.target, {}).get("benchmark"))

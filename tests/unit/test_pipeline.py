@@ -33,7 +33,8 @@ def composite(tiny_model_dir, tmp_path_factory):
 
 def test_outputs_and_counts(composite):
     names = sorted(p.name for p in composite.iterdir())
-    assert names == ["model", "plan.json", "pod.png", "report.json"]
+    assert names == ["README.md", "manifest.json", "model", "plan.json", "pod.png", "report.json",
+                     "report.md"]
     report = json.loads((composite / "report.json").read_text())
     plan = Plan.load(composite / "plan.json")
     params = plan.params()
@@ -143,7 +144,7 @@ def test_alignment_rounds_channels(tiny_model_dir, tmp_path):
 
 def _bad(tmp_path, capsys, *args, match: str):
     out = tmp_path / "out"
-    code = run_cli(*args, *FAST, "--out", out)
+    code = run_cli("--sparsity", "0.3", *args, *FAST, "--out", out)
     err = capsys.readouterr().err
     assert code == 2, err
     assert match in err, err
@@ -191,7 +192,7 @@ def test_short_calibration_text(tmp_path, capsys, tiny_model_dir):
 
 def test_output_exists(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "out").mkdir()
-    code = run_cli("--model", tiny_model_dir, *FAST, "--out", tmp_path / "out")
+    code = run_cli("--model", tiny_model_dir, "--sparsity", "0.3", *FAST, "--out", tmp_path / "out")
     assert code == 2 and "exists; pass --force" in capsys.readouterr().err
 
 
