@@ -88,6 +88,9 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="decode speed after a 512-token prompt, tokens/s")
     b.add_argument("--context", type=int, default=None, help="context length the memory must hold")
     b.add_argument("--max-ttft", default=None, help="time to first token of a 512-token prompt: 200ms")
+    b.add_argument("--margin", type=_fraction, default=0.02,
+                   help="headroom the search keeps on every budget for the cost model's error, "
+                        "as a fraction (default: %(default)s)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation,
                    help="uniform (global), layer (OWL) or projection (Mosaic) "
                         "(default: %(default)s)")
@@ -161,7 +164,8 @@ def _config(args: argparse.Namespace):
     budgets = {k: getattr(args, k) for k in ("max_memory", "min_tokens_per_s", "context", "max_ttft")
                if getattr(args, k) is not None}
     cfg = RunConfig(profile=args.profile, model=args.model, settings=settings, plan=args.plan,
-                    threads=args.threads, alignment=args.align, search=search, budgets=budgets)
+                    threads=args.threads, alignment=args.align, search=search, budgets=budgets,
+                    margin=args.margin)
     if hasattr(args, "out"):
         cfg.out, cfg.force = args.out, args.force
         cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len

@@ -57,6 +57,7 @@ class RunConfig:
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
     dtype: str | None = None  # ONNX precision; None: the profile's (onnx profiles), else fp32
     search: bool = False  # choose the removal target from the budgets (settings.sparsity ignored)
+    margin: float = 0.02  # the search keeps this fraction below (above) each budget
     budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
 
 
@@ -117,6 +118,8 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         settings = plan.settings
     if config.out is not None:
         check_output(config.out, config.force)
+    if not 0 <= config.margin < 0.5:
+        raise UserError(f"--margin must be in [0, 0.5), got {config.margin}")
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
     for source in (settings.calibration.source, config.eval_text):
@@ -143,7 +146,8 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSet
     stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
-    found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing)
+    found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing,
+                   config.margin)
     return found.chosen.plan, stream, found
 
 

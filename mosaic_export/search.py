@@ -74,11 +74,8 @@ class Candidate:
     target: float
     plan: Plan
     cost: Cost
-    checks: list[BudgetCheck]
-
-    @property
-    def feasible(self) -> bool:
-        return all(c.met for c in self.checks)
+    checks: list[BudgetCheck]  # against the budgets as given
+    feasible: bool  # every budget met with the search's margin to spare
 
     def to_dict(self) -> dict:
         params = self.plan.params()
@@ -105,12 +102,26 @@ class SearchResult:
                            for c in self.priced]}
 
 
+def with_margin(budgets: Budgets, margin: float) -> Budgets:
+    """Budgets tightened by ``margin`` (a fraction): the headroom kept for the cost model's
+    error."""
+    return replace(
+        budgets,
+        max_memory_bytes=None if budgets.max_memory_bytes is None
+        else budgets.max_memory_bytes * (1 - margin),
+        min_tokens_per_s=None if budgets.min_tokens_per_s is None
+        else budgets.min_tokens_per_s * (1 + margin),
+        max_ttft_s=None if budgets.max_ttft_s is None else budgets.max_ttft_s * (1 - margin))
+
+
 def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
-           settings: PruneSettings, budgets: Budgets, pricing: Pricing) -> SearchResult:
+           settings: PruneSettings, budgets: Budgets, pricing: Pricing,
+           margin: float = 0.0) -> SearchResult:
     """The least structured removal target (on the STEP grid) whose predicted cost meets every
-    budget; when none does, a UserError naming each budget missed, the closest figure and what
-    else would help."""
+    budget with ``margin`` to spare; when none does, a UserError naming each budget missed, the
+    closest figure and what else would help."""
     seen: dict[float, Candidate] = {}
+    tight = with_margin(budgets, margin)
 
     def at(target: float) -> Candidate:
         target = round(target, 4)
@@ -118,7 +129,8 @@ def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
             s = replace(settings, sparsity=target, structured_fraction=1.0 if target else 0.0)
             plan = make_plan(shape, source, measured, s)
             cost = pricing.cost([lp.dims for lp in plan.layers])
-            seen[target] = Candidate(target, plan, cost, cost_checks(budgets, cost))
+            fits = all(c.met for c in cost_checks(tight, cost))
+            seen[target] = Candidate(target, plan, cost, cost_checks(budgets, cost), fits)
         return seen[target]
 
     dense = at(0.0)
@@ -129,8 +141,9 @@ def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
         return SearchResult(dense, None, dense, [dense])
     top = _largest_target(at)
     if not top.feasible:
-        missed = [c for c in top.checks if not c.met]
-        raise UserError("no plan meets the budgets: " + "; ".join(
+        missed = [c for c in top.checks if not c.met] or top.checks
+        headroom = f" (with a {margin:.0%} margin for the cost model's error)" if margin else ""
+        raise UserError(f"no plan meets the budgets{headroom}: " + "; ".join(
             f"{LABELS[c.name]} budget {OPS[c.name]} {format_value(c.name, c.limit)} cannot be met: the "
             f"closest is {format_value(c.name, c.value)} with {top.target:.0%} of the decoder removed "
             f"({pricing.hint(c.name)})" for c in missed))

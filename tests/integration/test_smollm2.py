@@ -109,3 +109,36 @@ def test_structured_onnx_parity_and_generation(structured, tmp_path):
     assert fp32["greedy_identical"], fp32
     int8 = parity(loaded, export(loaded, tmp_path / "int8", "int8").parent, ids[:128], gen_tokens=8)
     assert int8["top1_agreement"] > 0.9, int8
+
+
+def test_budget_search_end_to_end(tmp_path):
+    """The main command with a memory budget between the dense model's predicted figure and a 40%
+    pruned one's: it prunes the least that fits, exports Q8_0, measures it, and OUT verifies."""
+    from mosaic_export.costmodel import Format
+    from mosaic_export.pipeline import make_pricing
+    from mosaic_export.profile import load_profile
+
+    loaded = load_model()
+    pricing = make_pricing(load_profile("laptop-cpu"), Format("gguf", "Q8_0"), loaded)
+    dense = pricing.cost([loaded.shape.dense_dims] * loaded.shape.n_layers).memory_bytes
+    del loaded
+    budget = int(dense * 0.95)
+    out = tmp_path / "budget"
+    cmd = [sys.executable, "-m", "mosaic_export", "--max-memory", f"{budget}B", "--margin", "0", *SMALL[2:],
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the least that meets every budget" in proc.stdout
+    cost = json.loads((out / "report.json").read_text())["cost"]
+    found = cost["search"]
+    assert cost["format"] == "gguf:Q8_0" and cost["basis"] == "nominal"
+    assert 0 < found["chosen"]["removed"] < 0.5 and cost["predicted"]["memory_bytes"] <= budget
+    assert not found["neighbour"]["budgets"][0]["met"]  # 5% less pruning would not fit
+    assert cost["measured"]["context"] == 2048 and cost["measured"]["decode_tokens_per_s"] > 0
+    verify = subprocess.run([sys.executable, "-m", "mosaic_export", "verify", str(out)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr[-2000:]
+    gen = subprocess.run([sys.executable, "-m", "mosaic_export", "run", str(out), "--prompt",
+                          "What is the capital of France?", "--max-tokens", "16"],
+                         capture_output=True, text=True)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]

@@ -54,7 +54,7 @@ def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
     budget = int(dense.memory_bytes * 0.9)
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST,
-                 "--max-memory", f"{budget}B", "--out", str(out)]) == 0
+                 "--max-memory", f"{budget}B", "--margin", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "the least that meets every budget" in printed and "peak memory <=" in printed
     report = json.loads((out / "report.json").read_text())
@@ -82,8 +82,8 @@ def test_dense_model_that_fits_is_not_pruned(tiny_model_dir, profile, tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-memory", "10B"], "no plan meets the budgets: peak memory budget <= 10 B cannot be met: "
-                              "the closest is"),
+    (["--max-memory", "10B"], "no plan meets the budgets (with a 2% margin for the cost model's error): "
+                              "peak memory budget <= 10 B cannot be met: the closest is"),
     (["--max-memory", "80"], "expected a size with a unit"),
     (["--max-memory", "80 parsecs"], "expected a size as a number and one of the units"),
     (["--min-tokens-per-s", "-5"], "--min-tokens-per-s: expected a positive value"),

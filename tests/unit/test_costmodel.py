@@ -143,7 +143,8 @@ def _all_targets(shape, measured, budget, pricing):
         s = PruneSettings(sparsity=round(t, 4), structured_fraction=1.0)
         plan = make_plan(shape, "tiny", measured, s)
         cost = pricing.cost([lp.dims for lp in plan.layers])
-        out.append((t, Candidate(t, plan, cost, cost_checks(budget, cost))))
+        checks = cost_checks(budget, cost)
+        out.append((t, Candidate(t, plan, cost, checks, all(c.met for c in checks))))
         t += STEP
     return out
 
