@@ -91,6 +91,10 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     b.add_argument("--margin", type=_fraction, default=0.02,
                    help="headroom the search keeps on every budget for the cost model's error, "
                         "as a fraction (default: %(default)s)")
+    if not plan_only:
+        b.add_argument("--check-neighbour", action="store_true",
+                       help="also build the plan with 5%% less pruning and measure it here, to show "
+                            "the budget it misses")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation,
                    help="uniform (global), layer (OWL) or projection (Mosaic) "
                         "(default: %(default)s)")
@@ -171,6 +175,7 @@ def _config(args: argparse.Namespace):
         cfg.eval_text, cfg.eval_seq_len = args.eval_text, args.eval_seq_len
         cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
         cfg.target, cfg.quant, cfg.dtype = args.target, args.quant, args.dtype
+        cfg.check_neighbour = args.check_neighbour
         if cfg.target is None:  # the profile's runtime
             from .profile import load_profile
 

@@ -198,6 +198,11 @@ def write_markdown(report: dict, folder: Path) -> None:
             if n:
                 lines += ["", f"With 5% less pruning ({n['removed']:.1%} removed), predicted:", ""]
                 lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}" for b in n["budgets"]]
+                m = cost.get("neighbour_measured")
+                if m:
+                    lines += ["", "That plan built and run here (`--check-neighbour`), measured:", ""]
+                    lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}"
+                              for b in m["budgets"]]
             else:
                 lines += ["", "The dense model already meets every budget: nothing was pruned."]
             lines.append("")

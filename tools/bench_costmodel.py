@@ -32,17 +32,7 @@ from mosaic_export.model_io import load_model
 from mosaic_export.pipeline import calibration_ids, make_pricing
 from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
 from mosaic_export.profile import load_profile
-from mosaic_export.prune.apply import measure
-from mosaic_export.prune.structured import resize_layer
-
-
-def resized(dense, plan):
-    loaded = copy.deepcopy(dense)
-    for layer, lp in zip(loaded.spec.layer_list(loaded.model), plan.layers, strict=True):
-        if lp.dims != loaded.shape.dense_dims:
-            resize_layer(layer, loaded.spec, loaded.shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels)
-    loaded.layer_dims = [lp.dims for lp in plan.layers]
-    return loaded
+from mosaic_export.prune.apply import measure, resize_to_plan
 
 
 def main() -> int:
@@ -75,7 +65,8 @@ def main() -> int:
             s = replace(base, sparsity=t, structured_fraction=1.0 if t else 0.0, alignment=align)
             plan = make_plan(dense.shape, dense.source, measured, s)
             pred = pricing.cost([lp.dims for lp in plan.layers])
-            loaded = resized(dense, plan)
+            loaded = copy.deepcopy(dense)
+            resize_to_plan(loaded, plan)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 r = run_format(loaded, fmt, Path(tmp), context, a.threads)

@@ -106,3 +106,15 @@ def _restrict(stats: InputStats, keep: torch.Tensor) -> InputStats:
     other features' activations unchanged)."""
     h = stats.hessian[keep][:, keep] if stats.hessian is not None else None
     return InputStats(stats.sq_norm[keep], h, stats.n_tokens)
+
+
+def resize_to_plan(loaded, plan: Plan) -> None:
+    """Structure only: every layer cut to the plan's kept heads and channels, in place, without
+    compensation or unstructured pruning. A runtime's speed and memory depend on the sizes alone,
+    so this is how other plans are measured cheaply (tools/bench_costmodel.py, the neighbour
+    check of the main command)."""
+    shape = loaded.shape
+    for layer, lp in zip(loaded.spec.layer_list(loaded.model), plan.layers, strict=True):
+        if lp.dims != shape.dense_dims:
+            resize_layer(layer, loaded.spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels)
+    loaded.layer_dims = [lp.dims for lp in plan.layers]

@@ -54,7 +54,8 @@ def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
     budget = int(dense.memory_bytes * 0.9)
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST,
-                 "--max-memory", f"{budget}B", "--margin", "0", "--out", str(out)]) == 0
+                 "--max-memory", f"{budget}B", "--margin", "0", "--check-neighbour",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "the least that meets every budget" in printed and "peak memory <=" in printed
     report = json.loads((out / "report.json").read_text())
@@ -64,6 +65,9 @@ def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
     assert found["neighbour"]["removal_target"] == pytest.approx(
         max(0.0, found["chosen"]["removal_target"] - 0.05))
     assert not all(b["met"] for b in found["neighbour"]["budgets"])
+    measured = cost["neighbour_measured"]  # that plan built and run, as --check-neighbour asks
+    assert measured["removed"] == pytest.approx(found["neighbour"]["removed"])
+    assert measured["memory_bytes"] > 0 and "with 5% less pruning" in printed
     plan = Plan.load(out / "plan.json")
     assert plan.params()["decoder_resized"] < plan.params()["decoder_dense"]
     assert all(r == 0 for lp in plan.layers for r in lp.ratios.values())  # no unstructured part
