@@ -279,7 +279,7 @@ def run(config: RunConfig, log=print) -> dict:
                                          context=pricing.context, **evaluation)
         if pricing is not None:
             report["cost"] = cost_section(profile, pricing, plan, found,
-                                          report.get(fmt.target, {}).get("benchmark"))
+                                          report.get(fmt.target, {}).get("benchmark"), config.margin)
             if config.check_neighbour and found is not None and found.neighbour is not None:
                 log(f"measuring the plan with 5% less pruning ({found.neighbour.target:.0%})")
                 report["cost"]["neighbour_measured"] = measure_neighbour(
@@ -339,7 +339,7 @@ def search_summary(found: SearchResult) -> str:
 
 
 def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchResult | None,
-                 bench: dict | None) -> dict:
+                 bench: dict | None, margin: float = 0.0) -> dict:
     """Predicted and (on this machine) measured figures, each budget against them."""
     cost = pricing.cost([lp.dims for lp in plan.layers])
     b = profile.budgets
@@ -348,7 +348,7 @@ def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchRe
                "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
                "calibration": pricing.calibration.to_dict(), "predicted": cost.to_dict(),
                "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
-               "search": found.to_dict() if found else None}
+               "search": found.to_dict() if found else None, "margin": margin}
     if bench is not None:
         ttft = bench["prefill"]["seconds"] + 1 / bench["decode"]["tokens_per_s"]
         section["measured"] = {"memory_bytes": bench["peak_rss_bytes"],

@@ -80,7 +80,8 @@ def budget_table(cost: dict) -> str:
     """Each budget: its limit, the predicted figure and, when measured here, the measured one."""
     local = cost["profile_local"]
     measured = {c["name"]: c for c in cost.get("measured_budgets", [])}
-    rows = [("budget", f"predicted ({cost['basis']})",
+    basis = "calibrated here" if cost["basis"] == "measured" else "nominal"
+    rows = [("budget", f"predicted ({basis})",
              "measured here" + ("" if local else " (not the profile's device)"), "verdict")]
     for c in cost["predicted_budgets"]:
         m = measured.get(c["name"])
@@ -152,13 +153,18 @@ def cost_plot(cost: dict, path: Path) -> None:
             (axes[1], "decode_tokens_per_s", 1, "decode tokens/s", "min_tokens_per_s")):
         pts = sorted({(p["removed"], p["predicted"][key] / scale) for p in plans})
         if pts:
+            basis = "calibrated here" if cost["basis"] == "measured" else "nominal, datasheet"
             ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, color="tab:blue",
-                    label=f"predicted ({cost['basis']})")
+                    label=f"predicted ({basis})")
         chosen = found["chosen"]["removed"] if found else cost.get("removed", 0.0)
         ax.plot([chosen], [pred[key] / scale], "s", color="tab:blue", ms=8, label="this plan, predicted")
         if "measured" in cost:
             m = cost["measured"]["memory_bytes" if key == "memory_bytes" else key]
             ax.plot([chosen], [m / scale], "*", color="tab:red", ms=12, label="this plan, measured here")
+        n = cost.get("neighbour_measured")
+        if n:
+            ax.plot([n["removed"]], [n[key] / scale], "*", color="tab:orange", ms=10,
+                    label="5% less pruning, measured here")
         for b in cost["predicted_budgets"]:
             if b["name"] == budget:
                 ax.axhline(b["limit"] / scale, color="gray", ls="--", label="budget")
@@ -184,9 +190,10 @@ def write_markdown(report: dict, folder: Path) -> None:
         lines += ["## Budgets", "",
                   "Measured on this machine, which " + ("is" if local else "is not") +
                   " the profile's device" + ("" if local else ": the verdicts are the predictions'")
-                  + f". Predictions are {cost['basis']} (" +
+                  + ". Predictions come from the cost model " +
                   ("calibrated here by `mosaic-export profile detect`" if cost["basis"] == "measured"
-                   else "the datasheet figures of the profile, not measured") + ").", "", "```",
+                   else "with the profile's datasheet figures (nominal, not measured)") + ".", "",
+                  "```",
                   budget_table(cost), "```", ""]
         found = cost.get("search")
         if found:
@@ -194,7 +201,8 @@ def write_markdown(report: dict, folder: Path) -> None:
             lines += ["## Search", "",
                       f"{found['plans_evaluated']} plans priced on a grid of {found['step']:.0%}. "
                       f"Chosen: {c['removed']:.1%} of the decoder removed by structure, the least "
-                      "whose predicted cost meets every budget."]
+                      f"whose predicted cost meets every budget with a {cost.get('margin', 0):.0%} "
+                      "margin for the cost model's error."]
             if n:
                 lines += ["", f"With 5% less pruning ({n['removed']:.1%} removed), predicted:", ""]
                 lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}" for b in n["budgets"]]
