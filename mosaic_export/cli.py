@@ -29,11 +29,14 @@ removes attention heads and MLP channels (the model gets physically smaller), un
 pruning (Wanda or SparseGPT) zeroes weights inside what is kept.
 
 commands:
-  mosaic-export [options]          prune the model, write OUT/model/, OUT/plan.json,
-                                   OUT/report.json, OUT/pod.png (and OUT/model-T.gguf with
-                                   --target gguf, OUT/onnx-DTYPE/ with --target onnx) and
-                                   print a summary
-  mosaic-export plan [options]     dry run: print the per-projection plan and parameter
+  mosaic-export [options]          find the least pruning whose predicted cost meets the
+                                   profile's budgets (or prune exactly --sparsity), prune,
+                                   export for the profile's runtime (OUT/model-T.gguf or
+                                   OUT/onnx-DTYPE/), run it here, and write OUT/ with the
+                                   checkpoint, plan.json, report.json, report.md, plots,
+                                   manifest.json and an app README; print the summary and
+                                   the budgets (predicted, measured, met or missed)
+  mosaic-export plan [options]     dry run: print the plan (and the search) and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
   mosaic-export profile detect --out me.toml
@@ -49,6 +52,8 @@ commands:
 
 EPILOG = """\
 examples:
+  mosaic-export profile detect --out me.toml && mosaic-export --profile me.toml --max-memory 450MiB
+  mosaic-export --profile jetson-orin --min-tokens-per-s 20 --context 4096 --out build/
   mosaic-export --profile laptop-cpu --sparsity 0.3 --structured-fraction 1 --out build/
   mosaic-export plan --profile jetson-orin --model ./Llama-3.2-1B --sparsity 0.5
   mosaic-export --model m.gguf --sparsity 0.5 --method sparsegpt --eval-text test.txt --out o/
