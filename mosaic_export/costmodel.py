@@ -99,8 +99,9 @@ def weights(shape: ModelShape, dims: list[LayerDims], fmt: Format,
     """Bytes of the weights in the format. GGUF needs the intended type of every tensor
     (targets.gguf.intended_types); the stored type follows from each row length."""
     embed = f"{GGUF_MODEL_NAMES['embed']}.weight"
+    tensors = matrices(shape, dims)
     sizes = {}
-    for name, rows, cols in matrices(shape, dims):
+    for name, rows, cols in tensors:
         if fmt.target == "gguf":
             from .targets.gguf import resolved_type, tensor_bytes
 
@@ -109,10 +110,10 @@ def weights(shape: ModelShape, dims: list[LayerDims], fmt: Format,
             sizes[name] = tensor_bytes(resolved_type(gguf_types[name], cols), rows, cols)
         else:
             sizes[name] = _onnx_bytes(fmt.name, rows, cols, matmul=rows > 1 and name != embed)
-    read = [name for name, rows, _ in matrices(shape, dims) if rows > 1 and name != embed]
-    total, per_token = sum(sizes.values()), sum(sizes[n] for n in read)
+    read = [(name, rows * cols) for name, rows, cols in tensors if rows > 1 and name != embed]
+    total, per_token = sum(sizes.values()), sum(sizes[n] for n, _ in read)
     output_params = shape.vocab * shape.hidden
-    matmul = sum(r * c for n, r, c in matrices(shape, dims) if n in read)
+    matmul = sum(n for _, n in read)
     if shape.tied_embeddings:  # the output layer multiplies by the embedding table
         matmul += output_params
         if fmt.target == "gguf":  # llama.cpp reads the table itself

@@ -49,10 +49,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def files(folder: Path) -> list[str]:
+    """Every file under folder but the manifest itself, as sorted relative posix paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p != folder / MANIFEST)
+
+
 def file_table(folder: Path) -> dict[str, dict]:
     """Every file under folder but the manifest itself: relative path -> sha256 and size."""
-    return {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST}
+    return {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+            for name in files(folder)}
 
 
 def runtime_format(report: dict) -> dict:
@@ -299,9 +305,7 @@ def check_files(folder: Path, listed: dict) -> None:
                             f"says {entry['bytes']}")
         if sha256(path) != entry["sha256"]:
             raise UserError(f"verify: {name} has changed: its sha256 differs from the manifest")
-    extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p != folder / MANIFEST
-                   and p.relative_to(folder).as_posix() not in listed)
+    extra = [name for name in files(folder) if name not in listed]
     if extra:
         raise UserError(f"verify: {extra[0]} is not in the manifest")
 

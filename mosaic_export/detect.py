@@ -25,6 +25,7 @@ from .arch import LayerDims, ModelShape
 from .costmodel import Calibration, Format, Observation, fit
 from .errors import UserError
 from .model_io import LoadedModel, load_model
+from .process import proc_bytes
 from .profile import Budgets, load_profile
 from .prune.structured import resize_layer
 from .units import format_bytes
@@ -34,12 +35,9 @@ ROUNDS = 2  # runs per size; the calibration keeps the fastest
 
 
 def memory_total() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    total = proc_bytes("/proc/meminfo", "MemTotal")
+    if total is not None:
+        return total
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -233,7 +231,12 @@ def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
     text = profile_toml(out.stem, runtime, budgets, bandwidth, flops, calibrations,
                         f"Budgets from profile '{base.name}'.")
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    load_profile(str(tmp))  # what was written must load
-    tmp.replace(out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        load_profile(str(tmp))  # what was written must load
+        tmp.replace(out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return text

@@ -315,14 +315,21 @@ def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, pla
     with tempfile.TemporaryDirectory(prefix=".neighbour-", dir=config.out.resolve().parent) as tmp:
         bench = run_format(loaded, pricing.fmt, Path(tmp), pricing.context, config.threads)
     del loaded
-    ttft = bench["prefill"]["seconds"] + 1 / bench["decode"]["tokens_per_s"]
-    checks = check_budgets(profile.budgets, bench["peak_rss_bytes"], bench["decode"]["tokens_per_s"],
-                           ttft)
+    figures, checks = measured_figures(bench, profile.budgets)
     params = plan.params()
-    return {"removed": 1 - params["decoder_resized"] / params["decoder_dense"],
-            "memory_bytes": bench["peak_rss_bytes"],
-            "decode_tokens_per_s": bench["decode"]["tokens_per_s"], "ttft_s": ttft,
+    return {"removed": 1 - params["decoder_resized"] / params["decoder_dense"], **figures,
             "budgets": [c.__dict__ | {"text": c.describe()} for c in checks]}
+
+
+def measured_figures(bench: dict, budgets) -> tuple[dict, list]:
+    """A runtime benchmark's figures (TTFT: the prefill plus one decode step) and each budget
+    against them."""
+    decode = bench["decode"]["tokens_per_s"]
+    ttft = bench["prefill"]["seconds"] + 1 / decode
+    figures = {"memory_bytes": bench["peak_rss_bytes"], "decode_tokens_per_s": decode,
+               "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"], "ttft_s": ttft,
+               "context": bench["context"]}
+    return figures, check_budgets(budgets, bench["peak_rss_bytes"], decode, ttft)
 
 
 def search_summary(found: SearchResult) -> str:
@@ -350,12 +357,7 @@ def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchRe
                "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
                "search": found.to_dict() if found else None, "margin": margin}
     if bench is not None:
-        ttft = bench["prefill"]["seconds"] + 1 / bench["decode"]["tokens_per_s"]
-        section["measured"] = {"memory_bytes": bench["peak_rss_bytes"],
-                               "decode_tokens_per_s": bench["decode"]["tokens_per_s"],
-                               "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"],
-                               "ttft_s": ttft, "context": bench["context"]}
-        checks = check_budgets(b, bench["peak_rss_bytes"], bench["decode"]["tokens_per_s"], ttft)
+        section["measured"], checks = measured_figures(bench, b)
         section["measured_budgets"] = [c.__dict__ for c in checks]
     return section
 

@@ -14,16 +14,24 @@ from pathlib import Path
 from .errors import UserError
 
 
+def proc_bytes(path: str, key: str) -> int | None:
+    """A ``Key:   N kB`` line of a /proc file, in bytes; None where there is no such file."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark (VmHWM). Not ru_maxrss: Linux carries that
     over exec from the forked parent, so a process started by one holding a model would report
     the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB on Linux-likes
 
 

@@ -23,9 +23,7 @@ def _parse(text: str | int | float, units: dict[str, float], what: str) -> float
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise UserError(f"expected {what} as a string such as '8GiB' (units: {accepted}), "
                         f"got {text!r}")
-    if isinstance(text, (int, float)):
-        raise UserError(f"expected {what} with a unit (one of: {accepted}), got bare number {text!r}")
-    if re.fullmatch(_NUMBER, text):
+    if isinstance(text, (int, float)) or re.fullmatch(_NUMBER, text):
         raise UserError(f"expected {what} with a unit (one of: {accepted}), got bare number {text!r}")
     m = re.fullmatch(_NUMBER + r"([A-Za-z/]+)\s*", text)
     if not m or m.group(2) not in units:
