@@ -205,3 +205,20 @@ def test_run_generates_deterministically(built, capsys):
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first and first.strip()
+
+
+def test_profile_detect_writes_a_calibrated_local_profile(tiny_model_dir, tmp_path, capsys):
+    from mosaic_export.profile import load_profile
+
+    out = tmp_path / "me.toml"
+    assert main(["profile", "detect", "--model", str(tiny_model_dir), "--target", "onnx",
+                 "--context", "64", "--out", str(out)]) == 0
+    p = load_profile(str(out))
+    calib = p.calibration_for(Format("onnx", "fp32"))
+    assert p.local and p.runtime.target == "onnx" and p.budgets.context == 64
+    assert calib.basis == "measured" and calib.bandwidth > 0 and calib.memory_per_weight_byte > 0
+    assert p.device.memory_bandwidth > 0 and p.device.compute_flops > 0
+    assert "width 0.4" in capsys.readouterr().out
+    assert main(["profile", "detect", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["me.toml"]  # no temporary file left
