@@ -6,16 +6,26 @@ keeps its first heads and MLP channels: a stand-in for pruned models, the same t
 plan would have), exported and run in the runtime with the context full; the cost model's
 efficiency terms are fitted to those runs (costmodel.fit). The profile is marked ``local``: the
 main command then checks the measured figures against its budgets.
+
+Trust: each width runs ROUNDS to MAX_ROUNDS times and the fit takes the fastest run (the least
+disturbed); every width's runs go into the file as comments. A narrower model measured slower
+than a wider one, runs that disagree, or a machine busy with other work (other processes' share
+of the CPU time, the hypervisor's steal) make the figures untrustworthy: detect then refuses to
+write them unless forced, and a forced file carries ``# WARNING:`` lines.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import shutil
+import statistics
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +41,23 @@ from .prune.structured import resize_layer
 from .units import format_bytes
 
 WIDTHS = (1.0, 0.7, 0.4)  # stand-in model sizes, as a fraction of each layer's heads and channels
-ROUNDS = 2  # runs per size; the calibration keeps the fastest
+ROUNDS = 3  # runs per size at least; the calibration fits the fastest (the least disturbed)
+MAX_ROUNDS = 5  # runs per size at most, while the two fastest decode figures disagree
+AGREE = 0.05  # the two fastest decode figures agree within this fraction of the faster
+
+# Trust checks. A narrower model may measure at most MONOTONE_TOLERANCE slower than a wider one
+# (run-to-run noise: its weights are fewer, so it is faster); a width's runs may spread at most
+# MAX_SPREAD ((max - min) / median).
+MONOTONE_TOLERANCE = 0.05
+MAX_SPREAD = 0.15
+# Busy machine: other processes' share of the machine's CPU time (/proc/stat less this process
+# and its runtimes) over QUIET_S before measuring and over the whole measurement, the
+# hypervisor's steal share; where /proc/stat is missing, the 1-minute load average less this
+# process, per CPU.
+MAX_OTHERS = 0.25
+MAX_STEAL = 0.05
+MAX_LOAD_PER_CORE = 0.5
+QUIET_S = 2.0
 
 
 def memory_total() -> int:
@@ -86,6 +112,14 @@ def run_format(loaded: LoadedModel, fmt: Format, work: Path, context: int,
                threads: int | None, rounds: int = 1) -> dict:
     """Export the model in the format and benchmark it with the context full; with rounds > 1,
     the run with the fastest decode (the least disturbed by other load on a shared machine)."""
+    runs = run_rounds(loaded, fmt, work, context, threads, rounds, rounds)
+    return max(runs, key=lambda r: r["decode"]["tokens_per_s"])
+
+
+def run_rounds(loaded: LoadedModel, fmt: Format, work: Path, context: int, threads: int | None,
+               least: int = ROUNDS, most: int = MAX_ROUNDS) -> list[dict]:
+    """Export the model in the format and benchmark it ``least`` to ``most`` times, stopping once
+    the two fastest decode figures agree (``settled``); every run's result."""
     if fmt.target == "gguf":
         from .targets.gguf import export
         from .targets.gguf_runner import benchmark
@@ -99,23 +133,163 @@ def run_format(loaded: LoadedModel, fmt: Format, work: Path, context: int,
         path = work / f"onnx-{fmt.name}"
         export(loaded, path, fmt.name)
     try:
-        runs = [benchmark(path, threads=threads, eval_text=None, eval_windows=0, context=context)
-                for _ in range(rounds)]
-        return max(runs, key=lambda r: r["decode"]["tokens_per_s"])
+        runs: list[dict] = []
+        while len(runs) < most:
+            runs.append(benchmark(path, threads=threads, eval_text=None, eval_windows=0, context=context))
+            if len(runs) >= least and settled([r["decode"]["tokens_per_s"] for r in runs]):
+                break
+        return runs
     finally:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+# --- trust: repeated runs, plausible figures, an idle machine -----------------------------------
+
+def spread(values: Sequence[float]) -> float:
+    """Relative spread of repeated figures: (max - min) / median; 0 for fewer than two."""
+    if len(values) < 2:
+        return 0.0
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def settled(values: Sequence[float]) -> bool:
+    """Whether the two largest figures agree within AGREE of the larger."""
+    if len(values) < 2:
+        return False
+    first, second = sorted(values, reverse=True)[:2]
+    return first - second <= AGREE * first
+
+
+@dataclass(frozen=True)
+class WidthRuns:
+    """Repeated runs of one stand-in size: decode and prefill tokens/s of each run."""
+
+    width: float
+    decode: tuple[float, ...]
+    prefill: tuple[float, ...]
+
+
+def sanity_problems(runs: Sequence[WidthRuns], label: str = "") -> list[str]:
+    """What makes these figures implausible: a narrower model measured slower than a wider one
+    (fastest against fastest, beyond MONOTONE_TOLERANCE), or a width whose runs spread over
+    MAX_SPREAD; decode and prefill alike. Empty when they are plausible."""
+    prefix = f"{label} " if label else ""
+    problems = []
+    ordered = sorted(runs, key=lambda r: -r.width)
+    for metric in ("decode", "prefill"):
+        for i, narrow in enumerate(ordered):
+            for wide in ordered[:i]:
+                slow, fast = max(getattr(narrow, metric)), max(getattr(wide, metric))
+                if narrow.width < wide.width and slow < fast * (1 - MONOTONE_TOLERANCE):
+                    problems.append(
+                        f"{prefix}{metric} at width {_width(narrow.width)} ({_rate(slow)} tokens/s) is "
+                        f"slower than at width {_width(wide.width)} ({_rate(fast)} tokens/s): a narrower "
+                        "model cannot be slower")
+        for r in ordered:
+            values = getattr(r, metric)
+            if spread(values) > MAX_SPREAD:
+                problems.append(
+                    f"{prefix}{metric} at width {_width(r.width)} varied {spread(values):.0%} between runs "
+                    f"({', '.join(map(_rate, values))} tokens/s; limit {MAX_SPREAD:.0%})")
+    return problems
+
+
+def _rate(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def _width(w: float) -> str:
+    return f"{w:.1f}" if w == round(w, 1) else f"{w:g}"
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Cumulative CPU time in clock ticks: the machine's (all CPUs) and this process's."""
+
+    total: float  # user + nice + system + idle + iowait + irq + softirq + steal
+    busy: float  # user + nice + system + irq + softirq
+    steal: float  # taken by the hypervisor for other virtual machines
+    own: float  # this process and its finished children (the runtimes' benchmark processes)
+
+
+def parse_cpu_line(line: str) -> tuple[float, float, float]:
+    """(total, busy, steal) ticks from /proc/stat's ``cpu`` line; steal is its 8th figure (0 on
+    kernels without it). Guest time is already counted in user and nice."""
+    f = ([float(x) for x in line.split()[1:9]] + [0.0] * 8)[:8]
+    user, nice, system, idle, iowait, irq, softirq, steal = f
+    return sum(f), user + nice + system + irq + softirq, steal
+
+
+def read_cpu_times(stat: str = "/proc/stat") -> CpuTimes | None:
+    """The machine's and this process's CPU times now; None where there is no /proc/stat."""
+    try:
+        with open(stat) as fh:
+            line = fh.readline()
+    except OSError:
+        return None
+    if not line.startswith("cpu "):
+        return None
+    total, busy, steal = parse_cpu_line(line)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    own = sum(u.ru_utime + u.ru_stime for u in usage)
+    return CpuTimes(total, busy, steal, own * os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_shares(before: CpuTimes, after: CpuTimes) -> tuple[float, float]:
+    """Other processes' share of the machine's CPU time between two readings (this process and
+    its runtimes left out), and the hypervisor's steal share."""
+    total = after.total - before.total
+    if total <= 0:
+        return 0.0, 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return min(1.0, max(0.0, others / total)), max(0.0, (after.steal - before.steal) / total)
+
+
+def busy_reasons(when: str, others: float | None, steal: float | None, load1: float | None = None,
+                 cpus: int | None = None) -> list[str]:
+    """Why the machine was too busy ``when`` ("while measuring") to trust a measurement: other
+    processes' CPU share over MAX_OTHERS, steal over MAX_STEAL; where the CPU shares are unknown
+    (None), the 1-minute load average less this process over MAX_LOAD_PER_CORE per CPU."""
+    load = f"; 1-minute load average {load1:.2f} on {cpus} CPUs" if load1 is not None and cpus else ""
+    reasons = []
+    if others is not None and others > MAX_OTHERS:
+        reasons.append(f"other processes took {others:.0%} of the CPU time {when} "
+                       f"(limit {MAX_OTHERS:.0%}{load})")
+    if others is None and load1 is not None and cpus and (load1 - 1) / cpus > MAX_LOAD_PER_CORE:
+        reasons.append(f"the machine was busy {when}: 1-minute load average {load1:.2f} on {cpus} "
+                       f"CPUs (limit {MAX_LOAD_PER_CORE:g} per CPU besides this process)")
+    if steal is not None and steal > MAX_STEAL:
+        reasons.append(f"the hypervisor took {steal:.0%} of the CPU time {when} (steal; limit "
+                       f"{MAX_STEAL:.0%}): other virtual machines share these CPUs")
+    return reasons
+
+
+def machine_check(when: str, before: CpuTimes | None, after: CpuTimes | None) -> list[str]:
+    """busy_reasons between two readings, with the load average now."""
+    shares = cpu_shares(before, after) if before is not None and after is not None else (None, None)
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = None
+    return busy_reasons(when, *shares, load1, os.cpu_count())
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
 class FormatCalibration:
     fmt: Format
     calibration: Calibration
-    observations: list[Observation]
+    observations: list[Observation]  # the fastest runs at each width: what was fitted
+    widths: list[WidthRuns] = field(default_factory=list)  # every run at each width
 
 
 def calibrate(model: str | None, formats: list[Format], context: int, threads: int | None = None,
               log=print) -> list[FormatCalibration]:
-    """Run each format at each width of WIDTHS and fit its cost-model terms."""
+    """Run each format at each width of WIDTHS (ROUNDS to MAX_ROUNDS times) and fit its
+    cost-model terms to the fastest decode and prefill at each width."""
     from .targets import exporter
 
     loaded = load_model(model)
@@ -125,23 +299,26 @@ def calibrate(model: str | None, formats: list[Format], context: int, threads: i
     align = max(_alignment(f) for f in formats)
     types = {f.key: _gguf_types(loaded, f) for f in formats}
     runs: dict[str, list[Observation]] = {f.key: [] for f in formats}
+    widths: dict[str, list[WidthRuns]] = {f.key: [] for f in formats}
     with tempfile.TemporaryDirectory(prefix="mosaic-detect-") as tmp:
         for width in WIDTHS:
             dims = standin_dims(shape, width, align)
             shrink(loaded, dims)
             for fmt in formats:
                 t0 = time.perf_counter()
-                r = run_format(loaded, fmt, Path(tmp), context, threads, rounds=ROUNDS)
-                runs[fmt.key].append(Observation([dims] * shape.n_layers,
-                                                 r["decode"]["tokens_per_s"],
-                                                 r["prefill"]["tokens_per_s"],
-                                                 r["peak_rss_bytes"], r["context"]))
+                rs = run_rounds(loaded, fmt, Path(tmp), context, threads)
+                w = WidthRuns(width, tuple(r["decode"]["tokens_per_s"] for r in rs),
+                              tuple(r["prefill"]["tokens_per_s"] for r in rs))
+                r = max(rs, key=lambda r: r["decode"]["tokens_per_s"])
+                runs[fmt.key].append(Observation([dims] * shape.n_layers, max(w.decode),
+                                                 max(w.prefill), r["peak_rss_bytes"], r["context"]))
+                widths[fmt.key].append(w)
                 log(f"  {fmt.key:<12} width {width:.1f} ({dims.n_head} heads, {dims.n_ff} channels):"
-                    f" decode {r['decode']['tokens_per_s']:.1f} tokens/s, prefill "
-                    f"{r['prefill']['tokens_per_s']:.0f} tokens/s, peak RSS "
-                    f"{format_bytes(r['peak_rss_bytes'])} at {r['context']} tokens "
-                    f"({time.perf_counter() - t0:.0f} s)")
-    return [FormatCalibration(f, fit(shape, f, runs[f.key], types[f.key]), runs[f.key])
+                    f" decode {_rate(max(w.decode))} tokens/s, prefill {_rate(max(w.prefill))} tokens/s"
+                    f" (fastest of {len(rs)} runs; spread {spread(w.decode):.0%}, "
+                    f"{spread(w.prefill):.0%}), peak RSS {format_bytes(r['peak_rss_bytes'])} at "
+                    f"{r['context']} tokens ({time.perf_counter() - t0:.0f} s)")
+    return [FormatCalibration(f, fit(shape, f, runs[f.key], types[f.key]), runs[f.key], widths[f.key])
             for f in formats]
 
 
@@ -162,13 +339,17 @@ def _gguf_types(loaded: LoadedModel, fmt: Format) -> dict[str, str] | None:
 
 
 def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float, flops: float,
-                 calibrations: list[FormatCalibration], note: str) -> str:
-    """The profile file: this machine's figures, its runtime, budgets, and the calibration."""
+                 calibrations: list[FormatCalibration], note: str, problems: Sequence[str] = ()) -> str:
+    """The profile file: this machine's figures, its runtime, budgets, and the calibration;
+    ``problems`` (why the figures are not trustworthy: written anyway) as ``# WARNING:`` lines."""
     rt = (f'quant = "{runtime.name}"' if runtime.target == "gguf" else f'dtype = "{runtime.name}"')
+    warning = ["# WARNING: written with --force although the measurements are not trustworthy:",
+               *(f"# WARNING: - {p}" for p in problems)] if problems else []
     lines = [
         f"# Written by `mosaic-export profile detect` on {platform.node() or 'this machine'}"
         f" ({platform.machine()}).",
         f"# {note}",
+        *warning,
         f'name = "{name}"',
         f'description = "this machine, measured: {os.cpu_count()} threads, '
         f'{format_bytes(memory_total())}"',
@@ -197,9 +378,10 @@ def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float,
         k = c.calibration
         lines += [
             "",
-            f"# fitted to {len(c.observations)} runs: decode tokens/s "
+            f"# fitted to the fastest run at each of {len(c.observations)} widths: decode tokens/s "
             + ", ".join(f"{o.decode_tokens_per_s:.1f}" for o in c.observations)
             + "; peak RSS " + ", ".join(format_bytes(o.peak_rss_bytes) for o in c.observations),
+            *spread_comments(c.widths),
             f'[calibration."{c.fmt.key}"]',
             f'decode_overhead = "{k.decode_overhead_s * 1e3:.4f}ms"',
             f'bandwidth = "{k.bandwidth / 1e9:.3f}GB/s"',
@@ -211,10 +393,21 @@ def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float,
     return "\n".join(lines) + "\n"
 
 
+def spread_comments(widths: Sequence[WidthRuns]) -> list[str]:
+    """Comment lines: each width's runs, fastest / median / spread of decode and prefill tokens/s."""
+    def figures(values: Sequence[float]) -> str:
+        return f"{_rate(max(values))} / {_rate(statistics.median(values))} / {spread(values):.1%}"
+
+    return [f"#   width {_width(w.width)}, {len(w.decode)} runs: decode {figures(w.decode)}, "
+            f"prefill {figures(w.prefill)} (fastest / median / spread)" for w in widths]
+
+
 def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
            model: str | None = None, context: int | None = None, threads: int | None = None,
-           force: bool = False, log=print) -> str:
-    """Measure this machine and write the profile to ``out``; returns its text."""
+           force: bool = False, log=print, warn=_warn) -> str:
+    """Measure this machine and write the profile to ``out``; returns its text. Untrustworthy
+    figures (busy_reasons, sanity_problems) are a UserError, or with ``force`` a warning, printed
+    and written into the file."""
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
     if not out.resolve().parent.is_dir():
@@ -222,14 +415,28 @@ def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
     base = load_profile(budgets_from)
     budgets = base.budgets if context is None else Budgets(
         base.budgets.max_memory_bytes, context, base.budgets.min_tokens_per_s, base.budgets.max_ttft_s)
+    quiet = read_cpu_times()
+    time.sleep(QUIET_S)
+    start = read_cpu_times()
+    problems = machine_check("before measuring", quiet, start)
+    if problems and not force:  # nothing measured now could be written
+        raise _untrustworthy(problems, warn)
     log("measuring memory bandwidth and matmul throughput")
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     log(f"  memory bandwidth {bandwidth / 1e9:.2f} GB/s, float32 matmul {flops / 1e9:.1f} GFLOPS")
     log(f"calibrating {', '.join(f.key for f in formats)} at widths {', '.join(map(str, WIDTHS))}, "
         f"context {budgets.context}")
     calibrations = calibrate(model, formats, budgets.context, threads, log)
+    problems += machine_check("while measuring", start, read_cpu_times())
+    for c in calibrations:
+        problems += sanity_problems(c.widths, c.fmt.key)
+    if problems and not force:
+        raise _untrustworthy(problems, warn)
+    if problems:
+        warn("warning: the measurements are not trustworthy; writing them anyway (--force):\n"
+             + "\n".join(f"  - {p}" for p in problems))
     text = profile_toml(out.stem, runtime, budgets, bandwidth, flops, calibrations,
-                        f"Budgets from profile '{base.name}'.")
+                        f"Budgets from profile '{base.name}'.", problems)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -240,3 +447,11 @@ def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
     finally:
         tmp.unlink(missing_ok=True)
     return text
+
+
+def _untrustworthy(problems: list[str], warn) -> UserError:
+    """Warn with every problem; the error that refuses to write the profile."""
+    warn("warning: the measurements are not trustworthy:\n" + "\n".join(f"  - {p}" for p in problems))
+    more = f"; and {len(problems) - 1} more, listed above" if len(problems) > 1 else ""
+    return UserError(f"profile detect: the measurements are not trustworthy ({problems[0]}{more}); "
+                     "rerun on an idle machine, or pass --force to write them anyway")
