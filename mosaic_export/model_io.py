@@ -68,9 +68,49 @@ def _gguf_architecture(path: Path) -> str:
 
 def _read_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{folder}/config.json: cannot be read: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{folder}/config.json: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files named by model.safetensors.index.json, else model.safetensors; each
+    checked to open (a truncated or foreign file is refused). Nothing else is ever loaded."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        files = [folder / str(name) for name in names]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        raise UserError(f"no weights (model.safetensors or model.safetensors.index.json) in {folder}; "
+                        "only safetensors weights are loaded")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f}: missing (named by {index.name})")
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header or size
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    return files
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:-1])} or "
+                        f"{TOKENIZER_FILES[-1]})")
 
 
 def load_model(path: str | None = None) -> LoadedModel:
@@ -107,19 +147,40 @@ def load_model(path: str | None = None) -> LoadedModel:
         spec = arch_for(str(config.get("model_type")))
         if CHECKPOINT_KEY in config:
             return load_resized(target, source)
-        if not list(target.glob("*.safetensors")):
-            raise UserError(f"{target}: no weights (*.safetensors) in the model folder")
+        _weight_files(target)
+        _check_tokenizer(target)
         try:
             tokenizer = AutoTokenizer.from_pretrained(target)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32,
+                                                               use_safetensors=True,
+                                                               output_loading_info=True)
         except (OSError, ValueError) as e:
             raise UserError(f"{target}: cannot load the model: {e}") from None
+        except RuntimeError as e:  # torch's size mismatch in load_state_dict
+            if "size mismatch" not in str(e):
+                raise
+            raise UserError(f"{target}: weights do not match config.json: "
+                            f"{' '.join(str(e).split())[:300]}") from None
+        _check_loading_info(target, info)
         layer_dims = None
     model.eval()
     release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
     return LoadedModel(model, tokenizer, spec, shape, layer_dims or [shape.dense_dims] * shape.n_layers,
                        source, gguf_file)
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    """Refuse weights that do not fit config.json: transformers would initialise missing ones at
+    random, drop unexpected ones and (with its default) stop on mismatched shapes."""
+    problems = [f"{kind} {', '.join(str(k[0] if isinstance(k, tuple) else k) for k in keys[:3])}"
+                + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                for kind, keys in (("missing", sorted(info.get("missing_keys") or [])),
+                                   ("unexpected", sorted(info.get("unexpected_keys") or [])),
+                                   ("mismatched", list(info.get("mismatched_keys") or [])))
+                if keys]
+    if problems:
+        raise UserError(f"{folder}: weights do not match config.json: {'; '.join(problems)}")
 
 
 def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
@@ -152,6 +213,7 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
     spec = arch_for(config.model_type)
     shape = ModelShape(**meta["dense_shape"])
     layer_dims = [LayerDims(**d) for d in meta["layers"]]
+    _check_tokenizer(folder)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for layer, dims in zip(spec.layer_list(model), layer_dims, strict=True):
@@ -162,12 +224,18 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
                                   for g in range(dims.n_kv) for j in range(per)],
                          kv_heads=list(range(dims.n_kv)), channels=list(range(dims.n_ff)))
     state = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no weights (*.safetensors) in the checkpoint")
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for f in _weight_files(folder):
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors' SafetensorError: a corrupt file
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a size mismatch
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"{folder}: weights do not match the recorded sizes: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     tied = {"lm_head.weight"} if shape.tied_embeddings else set()
     if unexpected or set(missing) - tied:
         raise UserError(f"{folder}: weights do not match the recorded sizes "

@@ -79,8 +79,8 @@ class PruneSettings:
         need(0.0 <= self.lam < 0.5, f"lambda must be in [0, 0.5), got {self.lam}")
         need(self.alignment >= 1, f"alignment must be a positive integer, got {self.alignment}")
         c = self.calibration
-        need(c.n_samples >= 1 and c.seq_len >= 2,
-             f"calibration needs at least 1 sample of 2 tokens, got {c.n_samples} x {c.seq_len}")
+        need(c.n_samples >= 1, f"--calib-samples must be at least 1, got {c.n_samples}")
+        need(c.seq_len >= 2, f"--calib-seq-len must be at least 2 tokens, got {c.seq_len}")
         return self
 
 
