@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -88,11 +89,15 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     b = p.add_argument_group("budgets (override the profile's)")
     b.add_argument("--max-memory", default=None,
                    help="peak resident memory of the runtime with the context full, with a unit: "
-                        "80MiB, 1.5GB")
-    b.add_argument("--min-tokens-per-s", type=float, default=None,
-                   help="decode speed after a 512-token prompt, tokens/s")
+                        "80MiB, 1.5GB; or relative to the dense model's (predicted in the target "
+                        "format on the profile): 0.9x")
+    b.add_argument("--min-tokens-per-s", default=None,
+                   help="decode speed after a 512-token prompt, tokens/s: 60; or relative to the "
+                        "dense model's: 1.15x")
     b.add_argument("--context", type=int, default=None, help="context length the memory must hold")
-    b.add_argument("--max-ttft", default=None, help="time to first token of a 512-token prompt: 200ms")
+    b.add_argument("--max-ttft", default=None,
+                   help="time to first token of a 512-token prompt: 200ms; or relative to the "
+                        "dense model's: 0.8x")
     b.add_argument("--margin", type=_fraction, default=0.02,
                    help="headroom the search keeps on every budget for the cost model's error, "
                         "as a fraction (default: %(default)s)")
@@ -266,7 +271,9 @@ def cmd_profile(argv: list[str]) -> int:
         description="Measure this machine (memory bandwidth, matmul throughput, and the runtime's "
                     "decode, prefill and memory on the model at a few widths) and write a profile "
                     "for it. The main command, given that profile, checks its measured figures "
-                    "against the budgets.")
+                    "against the budgets. Each width runs 3 to 5 times; figures that are not "
+                    "trustworthy (a narrower model slower, runs that disagree, other work on the "
+                    "machine) are not written without --force: run it on an idle machine.")
     p.add_argument("action", choices=("detect",))
     p.add_argument("--out", type=Path, required=True, help="the profile file to write (.toml)")
     p.add_argument("--model", default=None, help="model to calibrate on (default: SmolLM2-135M)")
@@ -280,7 +287,10 @@ def cmd_profile(argv: list[str]) -> int:
                    help="profile whose budgets the new one starts with (default: %(default)s)")
     p.add_argument("--context", type=int, default=None, help="the budget's context length")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file; also write measurements that are not trustworthy "
+                        "(a narrower model measured slower, runs that disagree, a busy machine), with "
+                        "the warning printed and written into the file as # WARNING: lines")
     a = p.parse_args(argv)
     runtime = Format(a.target, a.quant if a.target == "gguf" else a.dtype)
     formats = [runtime]
@@ -390,9 +400,31 @@ def _quiet_libraries() -> None:
     logging.set_verbosity_error()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process is, so that it unwinds like Ctrl-C: temporary
+    folders removed, child processes (runtime benchmarks) killed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _dispatch(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _dispatch(argv: list[str]) -> int:
     try:
         if argv[:1] == ["profiles"]:
             return cmd_profiles()
@@ -412,8 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated as e:
+        print(f"mosaic-export: terminated ({signal.Signals(e.signum).name}); nothing was written",
+              file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("mosaic-export: interrupted", file=sys.stderr)
+        print("mosaic-export: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

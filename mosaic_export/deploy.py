@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from collections.abc import Iterable
 from importlib import metadata
@@ -274,7 +273,8 @@ def app_readme(folder: Path, manifest: dict) -> str:
 
 
 def load_manifest(folder: Path) -> dict:
-    """OUT/manifest.json, checked: the folder, the file and its version."""
+    """OUT/manifest.json, checked: the folder, the file, its version and the keys verify and run
+    read (format, files with sha256 and bytes, parity ids)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such output folder")
@@ -289,7 +289,35 @@ def load_manifest(folder: Path) -> dict:
     if version != MANIFEST_VERSION:
         raise UserError(f"{folder}/{MANIFEST}: manifest version {version} is not supported "
                         f"(expected {MANIFEST_VERSION})")
+    where = f"{folder}/{MANIFEST}"
+    fmt = _entry(manifest, "format", dict, where)
+    target = _entry(fmt, "target", (str, type(None)), f"{where}: format")
+    if target not in (None, "gguf", "onnx"):
+        raise UserError(f"{where}: unknown format target {target!r}")
+    if target is not None:
+        _entry(fmt, "model_path", str, f"{where}: format")
+        _entry(fmt, "quant" if target == "gguf" else "dtype", str, f"{where}: format")
+    for name, entry in _entry(manifest, "files", dict, where).items():
+        _entry(entry, "sha256", str, f"{where}: files: {name}")
+        _entry(entry, "bytes", int, f"{where}: files: {name}")
+    parity = manifest.get("parity") or {}
+    if not isinstance(parity, dict):
+        raise UserError(f"{where}: 'parity' is not an object")
+    ids = parity.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+        raise UserError(f"{where}: parity: 'ids' is not a list of token ids")
     return manifest
+
+
+def _entry(data, key: str, kind, where: str):
+    """data[key], which must exist and be of this type; else UserError naming where."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected an object, got {type(data).__name__}")
+    if key not in data:
+        raise UserError(f"{where}: missing key '{key}'")
+    if not isinstance(data[key], kind) or isinstance(data[key], bool):
+        raise UserError(f"{where}: '{key}' has the wrong type ({type(data[key]).__name__})")
+    return data[key]
 
 
 def check_files(folder: Path, listed: dict) -> None:
@@ -323,21 +351,22 @@ def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -
     ids = torch.tensor(recorded["ids"], dtype=torch.long)
     path = folder / fmt["model_path"]
     if fmt["target"] == "gguf":
-        from .targets.gguf import FLOAT_TYPES, MIN_FLOAT_AGREEMENT, native_log
+        from .targets.gguf import MIN_AGREEMENT as GGUF_FLOORS
         from .targets.gguf_runner import next_token_agreement
 
-        try:
-            with native_log(Path(os.devnull)):  # llama.cpp's load log
-                parity = next_token_agreement(loaded.model, path, ids, threads)
-        except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
-            raise UserError(f"verify: {fmt['model_path']} does not load in llama.cpp: {e}") from None
-        floor = MIN_FLOAT_AGREEMENT if fmt["quant"] in FLOAT_TYPES else 0.0
+        probe = recorded.get("tokenizer_probe") or {}
+        parity = next_token_agreement(loaded.model, path, ids, threads, text=probe.get("text"),
+                                      name=fmt["model_path"])
+        if probe.get("ids") is not None and parity.pop("text_ids") != probe["ids"]:
+            raise UserError(f"verify: {fmt['model_path']}: llama.cpp tokenizes the recorded probe text "
+                            f"differently from the build's reference ({probe.get('reference')})")
+        floor = GGUF_FLOORS.get(fmt["quant"], 0.0)
     else:
         from .targets.onnx import MAX_FP32_LOGIT_DIFF, MIN_AGREEMENT
         from .targets.onnx import parity as onnx_parity
 
         parity = onnx_parity(loaded, path.parent, ids, threads=threads)
-        floor = MIN_AGREEMENT
+        floor = MIN_AGREEMENT[fmt["dtype"]]
         if fmt["dtype"] == "fp32" and not parity["max_abs_logit_diff"] <= MAX_FP32_LOGIT_DIFF:
             raise UserError(f"verify: {fmt['model_path']}: max |logit difference| to PyTorch "
                             f"{parity['max_abs_logit_diff']:.2e} > {MAX_FP32_LOGIT_DIFF:g}")
@@ -393,19 +422,10 @@ def generate(folder: Path, prompt: str, max_tokens: int = 64, chat: bool = True,
 
 
 def _generate_gguf(path: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None) -> str:
-    from .targets.gguf import native_log
-    from .targets.gguf_runner import _llama
+    from .targets.gguf_runner import run_llama
 
-    try:
-        with native_log(Path(os.devnull)):  # llama.cpp's load log
-            llm = _llama(path, GENERATE_CONTEXT, threads, logits_all=False)
-        if chat and llm.metadata.get("tokenizer.chat_template"):
-            out = llm.create_chat_completion([{"role": "user", "content": prompt}],
-                                             max_tokens=max_tokens, temperature=0.0)
-            return out["choices"][0]["message"]["content"]
-        return llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"]
-    except ValueError as e:  # a file llama.cpp cannot load; a prompt longer than the context
-        raise UserError(f"llama.cpp: {e}") from None
+    return run_llama("generate", path, prompt=prompt, max_tokens=max_tokens, no_chat=not chat,
+                     threads=threads, context=GENERATE_CONTEXT)["text"]
 
 
 def _generate_onnx(folder: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None) -> str:

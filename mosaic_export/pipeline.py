@@ -37,6 +37,7 @@ from .prune.apply import apply_plan, measure
 from .report import budget_table, cost_plot, pod_heatmap, summary_table, write_markdown
 from .search import SearchResult, check_budgets, cost_checks, search
 from .texts import BUILTIN, HELDOUT, corpus
+from .units import format_bytes
 
 
 @dataclass
@@ -62,11 +63,38 @@ class RunConfig:
     budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
 
 
+def is_tool_output(folder: Path) -> bool:
+    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv and runs that
+    have manifests)."""
+    from .deploy import MANIFEST
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if isinstance(manifest, dict) and "manifest_version" in manifest:
+            return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return (folder / "sweep.csv").is_file() and any(folder.glob(f"r*/{MANIFEST}"))
+
+
+def check_replaceable(out: Path) -> None:
+    """--force replaces only an output of this tool or an empty folder, and never the current
+    folder or one above it."""
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"--force will not replace {out}: it holds the current folder")
+    if any(out.iterdir()) and not is_tool_output(out):
+        raise UserError(f"--force will not replace {out}: it is not an output folder of "
+                        "mosaic-export (no manifest.json) and not empty")
+
+
 def check_output(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserError(f"output folder {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder")
+    if out.exists():
+        check_replaceable(out)
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UserError(f"cannot write {out}: folder {parent} does not exist")
@@ -96,6 +124,12 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
     runtime = profile.runtime
     target = config.target or runtime.target
     check_target(target)
+    if config.alignment is not None and config.alignment < 1:
+        raise UserError(f"--align must be a positive integer, got {config.alignment}")
+    if config.threads is not None and config.threads < 1:
+        raise UserError(f"--threads must be a positive integer, got {config.threads}")
+    if config.eval_seq_len < 2:
+        raise UserError(f"--eval-seq-len must be at least 2 tokens, got {config.eval_seq_len}")
     if target == "gguf":
         from .targets.gguf import alignment as gguf_alignment
         from .targets.gguf import check_type
@@ -103,14 +137,14 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         if config.dtype is not None:
             raise UserError("--dtype is for the ONNX target; GGUF takes --quant")
         fmt = check_type(config.quant or (runtime.quant if runtime.target == "gguf" else "F16"))
-        alignment = config.alignment or gguf_alignment(fmt)
+        alignment = gguf_alignment(fmt) if config.alignment is None else config.alignment
     else:
         from .targets.onnx import check_dtype
 
         if config.quant is not None:
             raise UserError("--quant is for the GGUF target; ONNX takes --dtype")
         fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
-        alignment = config.alignment or 1
+        alignment = 1 if config.alignment is None else config.alignment
     settings = replace(config.settings, alignment=alignment).validate()
     plan = Plan.load(config.plan) if config.plan else None
     if plan is not None and config.search:
@@ -129,6 +163,63 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
     return profile, settings, plan, Format(target, fmt)
+
+
+def check_lengths(config: RunConfig, loaded: LoadedModel, settings: PruneSettings | None = None,
+                  evaluate: bool = True) -> None:
+    """The calibration (and, with ``evaluate``, perplexity) windows fit the model's positions."""
+    longest = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not longest:
+        return
+    lengths = [("--calib-seq-len", (settings or config.settings).calibration.seq_len)]
+    if evaluate and config.eval_windows != 0:
+        lengths.append(("--eval-seq-len", config.eval_seq_len))
+    for flag, n in lengths:
+        if n > longest:
+            raise UserError(f"{flag} {n} is longer than the model's maximum of {longest} tokens "
+                            "(max_position_embeddings)")
+
+
+def resolve_budgets(profile: Profile, pricing: Pricing | None, log=None) -> Profile:
+    """Relative budgets ("0.9x") as absolute ones: the factor times the dense model's predicted
+    figure in the target's format on the profile."""
+    relative = profile.budgets.relative
+    if not relative:
+        return profile
+    if pricing is None:
+        raise UserError("relative budgets (such as 0.9x) are relative to the dense model in a "
+                        "runtime format: give a target (--target gguf or onnx)")
+    dense = pricing.cost([pricing.shape.dense_dims] * pricing.shape.n_layers)
+    resolved = profile.resolve_relative(dense.memory_bytes, dense.decode_tokens_per_s, dense.ttft_s)
+    if log is not None:
+        b = resolved.budgets
+        absolute = {"max_memory": format_bytes(b.max_memory_bytes or 0),
+                    "min_tokens_per_s": f"{b.min_tokens_per_s or 0:.1f} tokens/s",
+                    "max_ttft": f"{(b.max_ttft_s or 0) * 1e3:.0f} ms"}
+        log(f"budgets relative to the dense model ({pricing.fmt.key}, {dense.basis} prediction): "
+            + "; ".join(f"{name} {factor:g}x = {absolute[name]}" for name, factor in relative.items()))
+    return resolved
+
+
+def output_bytes_needed(plan: Plan, pricing: Pricing | None, dense_total_params: int) -> int:
+    """Disk the outputs take at their largest: the float32 checkpoint, the float32 file an export
+    starts from and the runtime file (its exact weight bytes when priced), with 10% to spare."""
+    params = plan.params()
+    total = dense_total_params - (params["decoder_dense"] - params["decoder_resized"])
+    runtime = 0
+    if pricing is not None:
+        runtime = 4 * total + pricing.cost([lp.dims for lp in plan.layers]).weight_bytes
+    return int(1.1 * (4 * total + runtime)) + 16 * 2**20
+
+
+def check_free_space(out: Path, plan: Plan, pricing: Pricing | None, dense_total_params: int) -> None:
+    """Refuse before the long work when the disk cannot hold the outputs."""
+    need = output_bytes_needed(plan, pricing, dense_total_params)
+    parent = out.resolve().parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise UserError(f"not enough free space for {out}: the outputs need about "
+                        f"{format_bytes(need)}, {parent} has {format_bytes(free)} free")
 
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
@@ -183,7 +274,9 @@ def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
     nothing."""
     profile, settings, plan, fmt = prepare(config)
     loaded = load_model(config.model)
-    pricing = make_pricing(profile, fmt, loaded) if config.search else None
+    check_lengths(config, loaded, settings, evaluate=False)
+    pricing = make_pricing(profile, fmt, loaded) if config.search or profile.budgets.relative else None
+    profile = resolve_budgets(profile, pricing)
     plan, _, found = make_or_load_plan(config, loaded, settings, plan,
                                        calibration_ids(loaded, settings), profile, pricing)
     return plan, found
@@ -193,19 +286,21 @@ def run(config: RunConfig, log=print) -> dict:
     """Prune, save, reload-check and evaluate; returns the report (also written to OUT)."""
     if config.out is None:
         raise UserError("an output folder is needed (--out)")
+    profile, settings, plan, fmt = prepare(config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    profile, settings, plan, fmt = prepare(config)
     log(f"profile {profile.name}: {profile.description}")
     t0 = time.perf_counter()
     loaded = load_model(config.model)
     load_s = time.perf_counter() - t0
+    check_lengths(config, loaded, settings)
     log(f"model {loaded.source}: {loaded.shape.model_type}, {loaded.shape.n_layers} layers "
         f"(loaded in {load_s:.1f} s)")
     pricing = None
     if config.target is not None or config.search:  # before any pruning: can it be exported?
         pricing = make_pricing(profile, fmt, loaded,
                                strict=config.search or "context" in config.budgets)
+    profile = resolve_budgets(profile, pricing, log)
     dense_counts = decoder_counts(loaded)
     dense_fp32 = 4 * dense_counts["total"]
 
@@ -221,6 +316,7 @@ def run(config: RunConfig, log=print) -> dict:
     plan, stream, found = make_or_load_plan(config, loaded, settings, plan, calib, profile, pricing)
     if found is not None:
         log(search_summary(found))
+    check_free_space(config.out, plan, pricing, dense_counts["total"])
     apply_plan(stream, loaded.spec, plan)
     del stream
     loaded.layer_dims = [lp.dims for lp in plan.layers]
@@ -283,7 +379,7 @@ def run(config: RunConfig, log=print) -> dict:
             if config.check_neighbour and found is not None and found.neighbour is not None:
                 log(f"measuring the plan with 5% less pruning ({found.neighbour.target:.0%})")
                 report["cost"]["neighbour_measured"] = measure_neighbour(
-                    config, profile, pricing, found.neighbour.plan)
+                    config, profile, pricing, found.neighbour.plan, folder)
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
         if "cost" in report:
@@ -292,7 +388,7 @@ def run(config: RunConfig, log=print) -> dict:
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         finalize(folder, report, calib[0].tolist())  # README.md, then manifest.json over all
 
-    write_outputs(config.out, config.force, build)
+    write_outputs(config.out, config.force, build, log)
     log(summary_table(report))
     if "cost" in report:
         log(budget_table(report["cost"]))
@@ -304,7 +400,8 @@ def run(config: RunConfig, log=print) -> dict:
     return report
 
 
-def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan) -> dict:
+def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan,
+                      work: Path) -> dict:
     """The dense model cut to the plan's structure (sizes are what cost), exported and run in the
     runtime like the chosen plan; its measured figures against the budgets."""
     from .detect import run_format
@@ -312,7 +409,7 @@ def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, pla
 
     loaded = load_model(config.model)
     resize_to_plan(loaded, plan)
-    with tempfile.TemporaryDirectory(prefix=".neighbour-", dir=config.out.resolve().parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".neighbour-", dir=work) as tmp:  # removed with work
         bench = run_format(loaded, pricing.fmt, Path(tmp), pricing.context, config.threads)
     del loaded
     figures, checks = measured_figures(bench, profile.budgets)
@@ -362,12 +459,52 @@ def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchRe
     return section
 
 
-def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None:
+TMP_INFIX = ".tmp-"  # OUT is built in .OUT.tmp-PID-XXXX beside it
+
+
+def stale_temporaries(out: Path) -> tuple[list[Path], list[Path]]:
+    """Temporary folders an earlier run left beside OUT: (those whose process is gone, those
+    whose process may still run). The folder name carries the process id."""
+    gone, unknown = [], []
+    for path in sorted(out.parent.glob(f".{out.name}{TMP_INFIX}*")):
+        pid_text = path.name[len(f".{out.name}{TMP_INFIX}"):].split("-")[0]
+        if not pid_text.isdigit():  # written before names carried the process id
+            unknown.append(path)
+        elif not _alive(int(pid_text)):
+            gone.append(path)
+    return gone, unknown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path, log=print) -> None:
+    """Remove what a killed earlier run left beside OUT; name what may belong to a live run."""
+    gone, unknown = stale_temporaries(out)
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path.name}, left by an earlier run that was killed")
+    for path in unknown:
+        log(f"mosaic-export: warning: {path} was left by an earlier run (it may still be running); "
+            "delete it if not")
+
+
+def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=print) -> None:
     """Let build() write everything into a temporary folder beside OUT, then move it into place.
 
-    On any failure the temporary folder is removed: OUT is either complete or untouched."""
+    On any failure (a signal included: the CLI turns SIGTERM and SIGHUP into an exception) the
+    temporary folder is removed: OUT is either complete or untouched. Temporary folders of
+    earlier runs that were killed outright (SIGKILL, power) are removed first."""
     out = out.resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out, log)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}{os.getpid()}-", dir=out.parent))
     try:
         build(tmp)
         mask = os.umask(0)
@@ -377,14 +514,23 @@ def write_outputs(out: Path, force: bool, build: Callable[[Path], None]) -> None
         if out.exists():
             if not force:
                 raise UserError(f"output folder {out} appeared while working; not replacing it")
+            check_replaceable(out)
             shutil.rmtree(out)
         tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out}: {e}") from None
-    except BaseException:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, UserError | KeyboardInterrupt) and disk_full(out.parent, e):
+            raise UserError(f"cannot write {out}: no space left on the device "
+                            f"({format_bytes(shutil.disk_usage(out.parent).free)} free)") from None
         raise
+
+
+def disk_full(folder: Path, error: BaseException) -> bool:
+    """Did error come from a full disk? (Libraries wrap ENOSPC in their own exception types.)"""
+    return "No space left" in str(error) or shutil.disk_usage(folder).free < 2**20
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import json
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,18 +70,72 @@ def decode_rates(steps: list[float]) -> dict:
             "mean_tokens_per_s": n / sum(steps)}
 
 
-def measure_in_subprocess(module: str, target: Path, runtime: str, **options) -> dict:
+class RuntimeCrash(UserError):
+    """A runtime's child process was killed by a signal (SIGSEGV, SIGILL, ...)."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+def signal_name(returncode: int) -> str | None:
+    """'SIGSEGV' for a child killed by signal 11 (return code -11); None for a normal exit."""
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Ask Linux to kill this child when its parent dies (even by SIGKILL): no orphaned
+    benchmark keeps running after mosaic-export is gone."""
+    if _LIBC is not None and hasattr(_LIBC, "prctl"):
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def run_child(module: str, args: list[str], runtime: str, what: str, name: str) -> dict:
+    """Run ``python -m module ARGS --json FILE`` and return the JSON it writes.
+
+    The child dies with this process. A failure is a UserError naming the runtime, what it was
+    doing and ``name`` (the file as the user will know it, not a temporary path); a child killed by
+    a signal is a RuntimeCrash ("llama.cpp crashed (SIGSEGV) while decoding model-Q8_0.gguf")."""
+    with tempfile.TemporaryDirectory(prefix="mosaic-child-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, *args, "--json", str(out)]
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec)
+        crashed = signal_name(proc.returncode)
+        if crashed is not None:
+            raise RuntimeCrash(f"{runtime} crashed ({crashed}) while {what} {name}", crashed)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            tail = lines[-1] if lines else f"exit code {proc.returncode}, no output"
+            raise UserError(f"{runtime} could not run {name} ({what}): "
+                            f"{tail.removeprefix('mosaic-export: error: ')}")
+        return json.loads(out.read_text())
+
+
+def option_args(options: dict) -> list[str]:
+    """{'eval_text': 'x', 'safe': True, 'context': None} -> ['--eval-text', 'x', '--safe']."""
+    args: list[str] = []
+    for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+def measure_in_subprocess(module: str, target: Path, runtime: str, name: str | None = None,
+                          **options) -> dict:
     """Run ``python -m module TARGET --json FILE [--option value ...]`` and return its JSON, so
     peak RSS and load time are the runtime's own, not this process's (which may hold a model).
     Options that are None are left out; a failure is a UserError naming the runtime."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", module, str(target), "--json", str(out)]
-        for key, value in options.items():
-            if value is not None:
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"{runtime} could not run {target}: {tail[0]}")
-        return json.loads(out.read_text())
+    return run_child(module, [str(target), *option_args(options)], runtime, "benchmarking",
+                     name or Path(target).name)

@@ -60,6 +60,9 @@ class Budgets:
     context: int  # tokens of context the memory budget must hold
     min_tokens_per_s: float | None  # decode speed
     max_ttft_s: float | None  # time to first token
+    # Budgets given relative to the dense model ("0.9x"): (name, factor) pairs, resolved into the
+    # absolute fields above by Profile.resolve_relative once the dense model is priced.
+    relative: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,24 +87,75 @@ class Profile:
         return self.calibration.get(fmt.key) or Calibration.nominal(
             fmt.target, self.device.memory_bandwidth, self.device.compute_flops)
 
-    def with_budgets(self, max_memory: str | None = None, min_tokens_per_s: float | None = None,
+    def with_budgets(self, max_memory: str | None = None, min_tokens_per_s: str | float | None = None,
                      context: int | None = None, max_ttft: str | None = None) -> Profile:
-        """Budgets overridden from the command line, checked like the file's."""
+        """Budgets overridden from the command line, checked like the file's. Memory, tokens/s and
+        TTFT may be relative to the dense model ("0.9x"): see resolve_relative."""
         b, new = self.budgets, {}
-        if max_memory is not None:
-            new["max_memory_bytes"] = _positive(parse_bytes(max_memory), "--max-memory", max_memory)
-        if min_tokens_per_s is not None:
-            new["min_tokens_per_s"] = _positive(min_tokens_per_s, "--min-tokens-per-s", min_tokens_per_s)
+        relative = dict(b.relative)
+        given = {"max_memory": (max_memory, "--max-memory", "max_memory_bytes", parse_bytes),
+                 "min_tokens_per_s": (min_tokens_per_s, "--min-tokens-per-s", "min_tokens_per_s",
+                                      _tokens_per_s),
+                 "max_ttft": (max_ttft, "--max-ttft", "max_ttft_s", parse_seconds)}
+        for name, (value, option, field, parse) in given.items():
+            if value is None:
+                continue
+            factor = relative_factor(value, option)
+            if factor is not None:
+                relative[name] = factor
+                new[field] = None
+            else:
+                relative.pop(name, None)
+                new[field] = _positive(parse(value), option, value)
         if context is not None:
             new["context"] = _positive(context, "--context", context)
-        if max_ttft is not None:
-            new["max_ttft_s"] = _positive(parse_seconds(max_ttft), "--max-ttft", max_ttft)
+        b = dataclasses.replace(b, **new, relative=dict(sorted(relative.items())))
+        self._check_memory(b)
+        return dataclasses.replace(self, budgets=b)
+
+    def resolve_relative(self, dense_memory_bytes: float, dense_tokens_per_s: float,
+                         dense_ttft_s: float) -> Profile:
+        """Relative budgets as absolute ones: the factor times the dense model's figure (predicted
+        in the target's format on this profile)."""
+        b = self.budgets
+        dense = {"max_memory": ("max_memory_bytes", dense_memory_bytes),
+                 "min_tokens_per_s": ("min_tokens_per_s", dense_tokens_per_s),
+                 "max_ttft": ("max_ttft_s", dense_ttft_s)}
+        new = {dense[name][0]: factor * dense[name][1] for name, factor in b.relative.items()}
+        if "max_memory_bytes" in new:
+            new["max_memory_bytes"] = int(new["max_memory_bytes"])
         b = dataclasses.replace(b, **new)
+        self._check_memory(b)
+        return dataclasses.replace(self, budgets=b)
+
+    def _check_memory(self, b: Budgets) -> None:
         if b.max_memory_bytes is not None and b.max_memory_bytes > self.device.memory_bytes:
             raise UserError(f"contradictory budgets: max memory {format_bytes(b.max_memory_bytes)} "
                             f"exceeds the device's memory {format_bytes(self.device.memory_bytes)} "
                             f"(profile {self.name})")
-        return dataclasses.replace(self, budgets=b)
+
+
+def relative_factor(value, option: str) -> float | None:
+    """The factor of a relative budget ("0.9x" -> 0.9), None for an absolute one."""
+    if not isinstance(value, str) or not value.strip().endswith("x"):
+        return None
+    text = value.strip()[:-1]
+    try:
+        factor = float(text)
+    except ValueError:
+        raise UserError(f"{option}: expected a factor of the dense model's figure such as 0.9x, "
+                        f"got {value!r}") from None
+    if not factor > 0:
+        raise UserError(f"{option}: expected a positive factor, got {value!r}")
+    return factor
+
+
+def _tokens_per_s(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--min-tokens-per-s: expected tokens/s (60) or a factor of the dense "
+                        f"model's (1.15x), got {value!r}") from None
 
 
 def _positive(value, option: str, given):

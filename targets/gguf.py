@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import sys
@@ -96,6 +97,42 @@ def tensors(loaded: LoadedModel) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
 
 
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for the Hugging Face pre-tokenizers they
+# implement, by signature: each step's type and the setting that changes the split.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Split", QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+}
+
+
+def pre_tokenizer_signature(pre: dict | None) -> tuple:
+    """A tokenizer.json ``pre_tokenizer`` as ((type, setting), ...)."""
+    steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+    out = []
+    for step in steps:
+        kind = (step or {}).get("type")
+        setting = {"ByteLevel": lambda s: s.get("use_regex", True),
+                   "Digits": lambda s: s.get("individual_digits", False),
+                   "Split": lambda s: (s.get("pattern") or {}).get("Regex")}.get(kind, lambda s: None)
+        out.append((kind, setting(step or {})))
+    return tuple(out)
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for a Hugging Face pre-tokenizer; a UserError for one it does not have
+    (a wrong name would split text differently in llama.cpp, silently)."""
+    signature = pre_tokenizer_signature(pre)
+    if signature not in PRE_TOKENIZERS:
+        raise UserError(f"GGUF export: the tokenizer's pre-tokenizer {signature} is not one of those "
+                        f"mapped to llama.cpp's ({', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
+    return PRE_TOKENIZERS[signature]
+
+
 def _tokenizer_fields(loaded: LoadedModel, writer) -> None:
     """Tokenizer metadata: copied as it was from a source GGUF (transformers' rebuilt tokenizer
     is not a faithful round trip), else built from a byte-level BPE tokenizer."""
@@ -113,8 +150,6 @@ def _tokenizer_fields(loaded: LoadedModel, writer) -> None:
         return
     tok = loaded.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
-    import json
-
     model = json.loads(backend.to_str())["model"] if backend is not None else {}
     if model.get("type") != "BPE":
         raise UserError("GGUF export needs the source GGUF or a byte-level BPE tokenizer; "
@@ -126,7 +161,7 @@ def _tokenizer_fields(loaded: LoadedModel, writer) -> None:
     special = set(tok.all_special_tokens)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(json.loads(backend.to_str()).get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control, 1: normal
     writer.add_token_merges(merges)
@@ -310,25 +345,74 @@ def export(loaded: LoadedModel, path: Path, quant: str = "F32") -> TypeCheck:
         shutil.rmtree(work, ignore_errors=True)
 
 
-MIN_FLOAT_AGREEMENT = 0.95  # float files must agree with PyTorch on the greedy next token
+# Parity floors: the least greedy next-token agreement with PyTorch (on the parity window of real
+# text) a file of each type must reach, at build and in `verify`. Measured on SmolLM2-135M, dense
+# and 30% pruned (BENCHMARKS.md, "Parity floors"); a broken file agrees at a few percent.
+MIN_AGREEMENT = {"F32": 0.99, "F16": 0.99, "BF16": 0.99, "Q8_0": 0.95, "Q6_K": 0.90, "Q5_K_M": 0.85,
+                 "Q4_K_M": 0.85, "Q4_0": 0.80}
+# Text whose token ids llama.cpp and the source tokenizer must agree on: prose, code, numbers,
+# runs of spaces and newlines, accents, CJK and an emoji (pre-tokenizers differ on exactly these).
+TOKENIZER_PROBE = ("The quick brown fox, 1234567 and 3.14159!\n\n  def f(x):\n\treturn x ** 2  # ok\n"
+                   "Don't, we'll, they're: I'M SURE.   Naïve café, Zürich, 東京, 🚀 — done.\n")
+
+
+def tokenizer_probe() -> str:
+    from ..texts import HELDOUT, corpus
+
+    return TOKENIZER_PROBE + corpus(HELDOUT)[:3000]
+
+
+def check_parity(quant: str, parity: dict, name: str, source_ids: list[int] | None = None) -> None:
+    """The type's agreement floor, and (when given) the source tokenizer's ids of the probe text
+    against llama.cpp's: a UserError naming the file when either fails."""
+    floor = MIN_AGREEMENT[quant]
+    if not parity["top1_agreement"] >= floor:
+        raise UserError(f"{name} disagrees with PyTorch: greedy next token agrees at "
+                        f"{parity['top1_agreement']:.1%} of {parity['positions']} positions "
+                        f"(floor for {quant}: {floor:.0%})")
+    if source_ids is not None and parity.get("text_ids") is not None:
+        cpp = parity["text_ids"]
+        if cpp != source_ids:
+            at = next((i for i, (a, b) in enumerate(zip(cpp, source_ids, strict=False)) if a != b),
+                      min(len(cpp), len(source_ids)))
+            raise UserError(f"{name}: llama.cpp tokenizes text differently from the source tokenizer "
+                            f"(first difference at token {at}: {cpp[at:at + 3]} vs "
+                            f"{source_ids[at:at + 3]}); the GGUF's tokenizer metadata is wrong")
+
+
+def source_token_ids(loaded: LoadedModel, text: str) -> list[int]:
+    """The source tokenizer's ids of text (transformers' tokenizer of the model folder)."""
+    return [int(t) for t in loaded.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def tokenizer_check(loaded: LoadedModel, parity: dict, probe: str) -> dict:
+    """The reference ids for the probe text and where they come from: for a model read from a GGUF
+    file, that file's own tokenization in llama.cpp (the exporter copies its tokenizer; the
+    tokenizer transformers rebuilds from a GGUF is not always faithful to it), else the source
+    tokenizer's. Recorded in the manifest, so `verify` needs neither source."""
+    from_gguf = parity.get("source_text_ids") is not None
+    ids = parity["source_text_ids"] if from_gguf else source_token_ids(loaded, probe)
+    return {"reference": "source GGUF in llama.cpp" if from_gguf else "source tokenizer",
+            "text": probe, "ids": ids, "tokens": len(ids)}
 
 
 def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor,
            eval_text: str | None, eval_windows: int | None, eval_seq_len: int,
            threads: int | None = None, context: int | None = None) -> dict:
-    """Export, load it back in llama.cpp, compare with PyTorch, benchmark it in a fresh process."""
+    """Export, load it back in llama.cpp, compare with PyTorch (logits and tokenizer ids), benchmark
+    it in a fresh process."""
     from .gguf_runner import benchmark, next_token_agreement
 
     check = export(loaded, path, quant)
-    try:
-        with native_log(path.with_suffix(".load.log")):
-            parity = next_token_agreement(loaded.model, path, parity_ids, threads)
-        path.with_suffix(".load.log").unlink()
-    except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
-        raise UserError(f"the written GGUF does not load in llama.cpp: {e}") from None
-    if quant in FLOAT_TYPES and parity["top1_agreement"] < MIN_FLOAT_AGREEMENT:
-        raise UserError(f"the {quant} GGUF disagrees with PyTorch: greedy next token agrees at "
-                        f"{parity['top1_agreement']:.1%} of {parity['positions']} positions")
+    probe = tokenizer_probe()
+    parity = next_token_agreement(loaded.model, path, parity_ids, threads, text=probe,
+                                  source_gguf=loaded.gguf_file)
+    tokenizer = tokenizer_check(loaded, parity, probe)
+    check_parity(quant, parity, path.name, tokenizer["ids"])
+    parity["tokenizer_ids_match"] = parity.pop("text_ids") == tokenizer["ids"]
+    parity.pop("source_text_ids", None)
+    parity["tokenizer_probe"] = tokenizer
+    parity["min_agreement"] = MIN_AGREEMENT[quant]
     bench = benchmark(path, threads=threads, context=context,
                       eval_text=eval_text if eval_windows != 0 else None,
                       eval_windows=-1 if eval_windows is None else eval_windows,

@@ -1,9 +1,20 @@
 """Run a GGUF file in stock llama.cpp (llama-cpp-python): speed, memory, perplexity, parity.
 
-``benchmark`` runs ``measure`` in a separate process, so peak RSS and load time are the
-runtime's own, not this process's (which holds the PyTorch model):
+llama.cpp always runs in a child process (``run_llama``), so its peak RSS and load time are its
+own, not this process's (which holds the PyTorch model), and a crash of native code is reported
+instead of killing mosaic-export:
 
-    python -m mosaic_export.targets.gguf_runner MODEL.gguf [--eval-text FILE] [--json OUT]
+    python -m mosaic_export.targets.gguf_runner MODEL.gguf --job bench [--eval-text FILE] [--json OUT]
+    python -m mosaic_export.targets.gguf_runner MODEL.gguf --job parity --ids IDS.json \
+        --reference LOGITS.npy [--text-file TEXT] [--json OUT]
+    python -m mosaic_export.targets.gguf_runner MODEL.gguf --job generate --prompt P [--json OUT]
+
+The safe setting (``--safe``) loads the model with llama.cpp's extra buffer types off
+(``llama_model_params.use_extra_bufts = False``): no AMX matmul and no weight repacking. ggml's AMX
+path dies with SIGSEGV (a general protection fault at ``ldtilecfg``) inside some virtual machines
+whose CPU reports AMX; elsewhere the extra buffer types are kept, since repacking speeds up some
+types. A child killed by a signal is run once more with the safe setting, and the rest of this
+process's runs use it; the result records which setting ran (``llama_setup``).
 
 Speed: load time; prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode of
 ``gen_tokens`` tokens, one at a time (tokens/s); peak RSS of the process up to there (the
@@ -15,26 +26,97 @@ the GGUF's own tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from ..process import decode_rates, measure_in_subprocess, peak_rss_bytes
+from ..process import RuntimeCrash, decode_rates, option_args, peak_rss_bytes, run_child
+
+MODULE = "mosaic_export.targets.gguf_runner"
+SAFE_ENV = "MOSAIC_LLAMA_SAFE"  # 1: always load with the safe setting; 0: never fall back to it
+# Fault injection for tests: the child kills itself with SIGSEGV before its first evaluation when
+# it runs without the safe setting, as llama.cpp's AMX path does on the affected machines.
+FAULT_ENV = "MOSAIC_FAULT_LLAMA_UNSAFE_SEGV"
+JOBS = {"bench": "benchmarking", "parity": "checking parity of", "generate": "generating with"}
 
 
-def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool, n_batch: int | None = None):
+@contextlib.contextmanager
+def _model_params(safe: bool):
+    """While a Llama is constructed, its default model parameters have ``use_extra_bufts`` off when
+    ``safe`` (llama-cpp-python has no argument for it)."""
+    import llama_cpp.llama_cpp as lib
+
+    if not safe:
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def without_extra_bufts():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_bufts
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool, n_batch: int | None = None,
+           safe: bool = False):
     import llama_cpp
 
     n_batch = n_batch or n_ctx
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                           n_threads=threads or os.cpu_count(), logits_all=logits_all,
-                           verbose=False, seed=0)
+    with _model_params(safe):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                              n_threads=threads or os.cpu_count(), logits_all=logits_all,
+                              verbose=False, seed=0)
+    if not safe and os.environ.get(FAULT_ENV) == "1":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return llm
+
+
+# This process's choice: None until a child crashed (or SAFE_ENV decided), then the fallback's note.
+_fallback: dict = {"safe": os.environ.get(SAFE_ENV) == "1", "reason": None}
+
+
+def run_llama(job: str, path: Path, name: str | None = None, **options) -> dict:
+    """Run a job of this module on ``path`` in a child process and return its result. A child
+    killed by a signal is reported by name and run once more with the safe setting, which the
+    rest of this process's runs keep; ``result["llama_setup"]`` says which setting ran."""
+    name = name or Path(path).name
+
+    def attempt(safe: bool) -> dict:
+        args = [str(path), "--job", job, *option_args({**options, "safe": safe})]
+        return run_child(MODULE, args, "llama.cpp", JOBS[job], name)
+
+    safe = _fallback["safe"]
+    try:
+        result = attempt(safe)
+    except RuntimeCrash as e:
+        if safe or os.environ.get(SAFE_ENV) == "0":
+            raise
+        print(f"mosaic-export: warning: {e}; running it again with llama.cpp's extra buffer types "
+              "off (no AMX, no weight repacking)", file=sys.stderr)
+        _fallback.update(safe=True, reason=str(e))
+        try:
+            result = attempt(True)
+        except RuntimeCrash as again:
+            raise RuntimeCrash(f"{again} (also with llama.cpp's extra buffer types off)",
+                               again.signal_name) from None
+        safe = True
+    result["llama_setup"] = {"extra_buffer_types": not safe, "fallback_after": _fallback["reason"]}
+    return result
 
 
 def _last_logits(llm) -> np.ndarray:
@@ -69,7 +151,7 @@ def llama_perplexity(llm, tokens: list[int], seq_len: int, max_windows: int | No
 
 def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
             eval_text: str | None = None, eval_windows: int | None = 16, eval_seq_len: int = 512,
-            context: int | None = None) -> dict:
+            context: int | None = None, safe: bool = False) -> dict:
     """Everything about one GGUF file, measured in this process. With ``context``, the KV cache
     is sized for that many tokens and filled after the decode (in chunks of CHUNK tokens), so
     peak RSS is that of an app whose context is full."""
@@ -78,7 +160,7 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
 
     n_ctx = max(context or 0, prompt_tokens + gen_tokens)
     t0 = time.perf_counter()
-    llm = _llama(path, n_ctx, threads, logits_all=False, n_batch=max(CHUNK, prompt_tokens))
+    llm = _llama(path, n_ctx, threads, logits_all=False, n_batch=max(CHUNK, prompt_tokens), safe=safe)
     load_s = time.perf_counter() - t0
     text = llm.tokenize(corpus("builtin").encode(), add_bos=False, special=False)
     prompt = text[:prompt_tokens]
@@ -106,7 +188,7 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
     }
     del llm
     if eval_text is not None and eval_windows != 0:
-        llm = _llama(path, eval_seq_len, threads, logits_all=True)
+        llm = _llama(path, eval_seq_len, threads, logits_all=True, safe=safe)
         tokens = llm.tokenize(corpus(eval_text).encode(), add_bos=False, special=False)
         result["perplexity"] = {**llama_perplexity(llm, tokens, eval_seq_len, eval_windows),
                                 "text": eval_text}
@@ -114,43 +196,119 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
     return result
 
 
-def benchmark(path: Path, **kwargs) -> dict:
+def benchmark(path: Path, name: str | None = None, **kwargs) -> dict:
     """measure() in a fresh process (its own peak RSS); returns its result."""
     if not Path(path).is_file():
         raise UserError(f"GGUF file not found: {path}")
-    return measure_in_subprocess("mosaic_export.targets.gguf_runner", path,
-                                 "llama.cpp", **kwargs)
+    return run_llama("bench", Path(path), name, **kwargs)
 
 
-def next_token_agreement(model, path: Path, ids, threads: int | None = None) -> dict:
-    """PyTorch vs llama.cpp on the same token ids (1-D): greedy next-token agreement at every
-    position, and the largest logit difference."""
-    import torch
-
-    llm = _llama(path, len(ids), threads, logits_all=True)
-    llm.eval([int(t) for t in ids])
-    cpp = np.asarray(llm.scores[: len(ids)])
-    del llm
-    with torch.no_grad():
-        ref = model(input_ids=torch.as_tensor(ids)[None]).logits[0].float().numpy()
+def agreement(ids: list[int], cpp: np.ndarray, ref: np.ndarray) -> dict:
+    """Greedy next-token agreement at every position and the largest logit difference."""
     return {"positions": len(ids), "top1_agreement": float((cpp.argmax(-1) == ref.argmax(-1)).mean()),
             "max_abs_logit_diff": float(np.abs(cpp - ref).max())}
 
 
+def tokenize_file(path: Path, text: str) -> list[int]:
+    """A GGUF file's own tokenization of text (vocabulary only: no weights are loaded)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return llm.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def parity_in_process(path: Path, ids: list[int], reference: np.ndarray, threads: int | None = None,
+                      text: str | None = None, source_gguf: Path | None = None,
+                      safe: bool = False) -> dict:
+    """llama.cpp's logits on ids against the reference's; with ``text``, also llama.cpp's token
+    ids of that text (``text_ids``), and with ``source_gguf`` the source file's (``source_text_ids``)."""
+    llm = _llama(path, len(ids), threads, logits_all=True, safe=safe)
+    llm.eval([int(t) for t in ids])
+    result = agreement(ids, np.asarray(llm.scores[: len(ids)]), reference)
+    if text is not None:
+        result["text_ids"] = llm.tokenize(text.encode(), add_bos=False, special=False)
+        if source_gguf is not None:
+            result["source_text_ids"] = tokenize_file(source_gguf, text)
+    return result
+
+
+def next_token_agreement(model, path: Path, ids, threads: int | None = None, text: str | None = None,
+                         name: str | None = None, source_gguf: Path | None = None) -> dict:
+    """PyTorch vs llama.cpp (in a child process) on the same token ids (1-D): greedy next-token
+    agreement at every position and the largest logit difference; with ``text``, llama.cpp's ids
+    for it (``text_ids``), and the source GGUF's (``source_text_ids``) when given."""
+    import torch
+
+    ids = [int(t) for t in ids]
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(ids)[None]).logits[0].float().numpy()
+    with tempfile.TemporaryDirectory(prefix="mosaic-parity-") as tmp:
+        np.save(Path(tmp) / "reference.npy", ref)
+        (Path(tmp) / "ids.json").write_text(json.dumps(ids))
+        text_file = None
+        if text is not None:
+            text_file = Path(tmp) / "text.txt"
+            text_file.write_text(text, encoding="utf-8")
+        return run_llama("parity", Path(path), name, ids=Path(tmp) / "ids.json",
+                         reference=Path(tmp) / "reference.npy", text_file=text_file,
+                         source_gguf=source_gguf, threads=threads)
+
+
+def generate_in_process(path: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None,
+                        context: int, safe: bool = False) -> dict:
+    """Greedy generation (the chat template when the model has one and ``chat``)."""
+    llm = _llama(path, context, threads, logits_all=False, safe=safe)
+    try:
+        if chat and llm.metadata.get("tokenizer.chat_template"):
+            out = llm.create_chat_completion([{"role": "user", "content": prompt}],
+                                             max_tokens=max_tokens, temperature=0.0)
+            return {"text": out["choices"][0]["message"]["content"]}
+        return {"text": llm.create_completion(prompt, max_tokens=max_tokens,
+                                              temperature=0.0)["choices"][0]["text"]}
+    except ValueError as e:  # a prompt longer than the context
+        raise UserError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mosaic_export.targets.gguf_runner")
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     p.add_argument("model", type=Path)
+    p.add_argument("--job", choices=tuple(JOBS), default="bench")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--safe", action="store_true", help="llama.cpp's extra buffer types off")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-text", default=None)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--ids", type=Path, default=None, help="parity: a JSON list of token ids")
+    p.add_argument("--reference", type=Path, default=None, help="parity: reference logits (.npy)")
+    p.add_argument("--text-file", type=Path, default=None, help="parity: text to tokenize")
+    p.add_argument("--source-gguf", type=Path, default=None,
+                   help="parity: also tokenize the text with this GGUF's vocabulary")
+    p.add_argument("--prompt", default=None, help="generate: the prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true")
     a = p.parse_args(argv)
-    result = measure(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.eval_text,
-                     None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len, a.context)
+    try:
+        if a.job == "bench":
+            result = measure(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.eval_text,
+                             None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len,
+                             a.context, a.safe)
+        elif a.job == "parity":
+            text = a.text_file.read_text(encoding="utf-8") if a.text_file else None
+            result = parity_in_process(a.model, json.loads(a.ids.read_text()), np.load(a.reference),
+                                       a.threads, text, a.source_gguf, a.safe)
+        else:
+            result = generate_in_process(a.model, a.prompt, a.max_tokens, not a.no_chat, a.threads,
+                                         a.context or 2048, a.safe)
+    except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
+        print(f"mosaic-export: error: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"mosaic-export: error: {e}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=1)
     if a.json:
         a.json.write_text(text)

@@ -293,7 +293,10 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
 
 
 MAX_FP32_LOGIT_DIFF = 1e-3  # fp32 must match PyTorch this closely on every logit
-MIN_AGREEMENT = 0.5  # fp16 / int8: below this greedy agreement the export is broken, not just coarse
+# Parity floors: the least greedy next-token agreement with PyTorch (on the parity window of real
+# text) each dtype must reach, at build and in `verify`; measured on SmolLM2-135M, dense and 30%
+# pruned (BENCHMARKS.md, "Parity floors").
+MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.95, "int8": 0.85}
 
 
 def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int = 64,
@@ -330,9 +333,11 @@ def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tens
     if dtype == "fp32" and not check["max_abs_logit_diff"] <= MAX_FP32_LOGIT_DIFF:
         raise UserError(f"the fp32 ONNX model disagrees with PyTorch: max |logit difference| "
                         f"{check['max_abs_logit_diff']:.2e} > {MAX_FP32_LOGIT_DIFF:g}")
-    if not check["top1_agreement"] >= MIN_AGREEMENT:
+    if not check["top1_agreement"] >= MIN_AGREEMENT[dtype]:
         raise UserError(f"the {dtype} ONNX model disagrees with PyTorch: greedy next token agrees at "
-                        f"{check['top1_agreement']:.1%} of {check['positions']} positions")
+                        f"{check['top1_agreement']:.1%} of {check['positions']} positions "
+                        f"(floor for {dtype}: {MIN_AGREEMENT[dtype]:.0%})")
+    check["min_agreement"] = MIN_AGREEMENT[dtype]
     used = available_provider(provider)
     bench = benchmark(folder, threads=threads, provider=used, context=context,
                       eval_text=eval_text if eval_windows != 0 else None,

@@ -143,7 +143,8 @@ def test_unexportable_model_fails_before_pruning(tmp_path, capsys, target):
     tiny_model(rope_scaling={"rope_type": "linear", "factor": 2.0}).save_pretrained(folder)
     tiny_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
     out = tmp_path / "out"
-    assert main(["--model", str(folder), "--target", target, "--out", str(out)]) == 2
+    assert main(["--model", str(folder), "--target", target, "--calib-seq-len", "64", "--eval-seq-len",
+                 "64", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "rope scaling" in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
