@@ -215,6 +215,16 @@ def write_markdown(report: dict, folder: Path) -> None:
                 lines += ["", "The dense model already meets every budget: nothing was pruned."]
             lines.append("")
         lines += ["![cost](cost.png)", ""]
+    setup = ((report.get("gguf") or {}).get("benchmark") or {}).get("llama_setup") or {}
+    if setup.get("fallback_after"):
+        lines += ["## Runtime set-up", "",
+                  f"{setup['fallback_after']}; the runs were repeated with llama.cpp's extra buffer "
+                  "types off (no AMX matmul, no weight repacking), and the figures above are from "
+                  "those runs.", ""]
+    relative = (report.get("budgets") or {}).get("relative") or {}
+    if relative:
+        lines += ["Budgets given relative to the dense model's predicted figures: "
+                  + ", ".join(f"{name} {factor:g}x" for name, factor in relative.items()) + ".", ""]
     lines += ["## Plan", "", "Per-projection outlier ratio and fraction removed:", "",
               "![POD heat map](pod.png)", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -126,6 +126,7 @@ def test_main_command_and_verify_survive_a_crashing_runtime(tiny_model_dir, tmp_
     setup = report["gguf"]["benchmark"]["llama_setup"]
     assert setup["extra_buffer_types"] is False and "SIGSEGV" in setup["fallback_after"]
     assert report["gguf"]["parity"]["tokenizer_ids_match"] is True
+    assert "## Runtime set-up" in (out / "report.md").read_text()
     monkeypatch.setattr(gguf_runner, "_fallback", {"safe": False, "reason": None})  # a new process
     assert main(["verify", str(out)]) == 0
     assert "crashed (SIGSEGV)" in capsys.readouterr().err
