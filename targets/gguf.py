@@ -346,10 +346,11 @@ def export(loaded: LoadedModel, path: Path, quant: str = "F32") -> TypeCheck:
 
 
 # Parity floors: the least greedy next-token agreement with PyTorch (on the parity window of real
-# text) a file of each type must reach, at build and in `verify`. Measured on SmolLM2-135M, dense
-# and 30% pruned (BENCHMARKS.md, "Parity floors"); a broken file agrees at a few percent.
-MIN_AGREEMENT = {"F32": 0.99, "F16": 0.99, "BF16": 0.99, "Q8_0": 0.95, "Q6_K": 0.90, "Q5_K_M": 0.85,
-                 "Q4_K_M": 0.85, "Q4_0": 0.80}
+# text) a file of each type must reach, at build and in `verify`: about 4 points under the lowest
+# of SmolLM2-135M dense and 30% pruned (tools/parity_floors.py, BENCHMARKS.md "Parity floors");
+# a broken file agrees at a few percent.
+MIN_AGREEMENT = {"F32": 0.99, "F16": 0.98, "BF16": 0.97, "Q8_0": 0.92, "Q6_K": 0.90, "Q5_K_M": 0.80,
+                 "Q4_K_M": 0.80, "Q4_0": 0.70}
 # Text whose token ids llama.cpp and the source tokenizer must agree on: prose, code, numbers,
 # runs of spaces and newlines, accents, CJK and an emoji (pre-tokenizers differ on exactly these).
 TOKENIZER_PROBE = ("The quick brown fox, 1234567 and 3.14159!\n\n  def f(x):\n\treturn x ** 2  # ok\n"

@@ -294,9 +294,9 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
 
 MAX_FP32_LOGIT_DIFF = 1e-3  # fp32 must match PyTorch this closely on every logit
 # Parity floors: the least greedy next-token agreement with PyTorch (on the parity window of real
-# text) each dtype must reach, at build and in `verify`; measured on SmolLM2-135M, dense and 30%
-# pruned (BENCHMARKS.md, "Parity floors").
-MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.95, "int8": 0.85}
+# text) each dtype must reach, at build and in `verify`: about 4 points under the lowest of
+# SmolLM2-135M dense and 30% pruned (tools/parity_floors.py, BENCHMARKS.md "Parity floors").
+MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.97, "int8": 0.90}
 
 
 def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int = 64,

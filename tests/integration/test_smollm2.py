@@ -137,7 +137,7 @@ def test_budget_search_end_to_end(tmp_path):
     assert "llama.cpp crashed (SIGSEGV) while checking parity of model-Q8_0.gguf" in proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["gguf"]["benchmark"]["llama_setup"]["extra_buffer_types"] is False
-    assert report["gguf"]["parity"]["top1_agreement"] >= 0.95
+    assert report["gguf"]["parity"]["top1_agreement"] >= 0.92  # the Q8_0 floor
     assert report["gguf"]["parity"]["tokenizer_ids_match"] is True
     assert report["budgets"]["max_memory_bytes"] == budget
     cost = report["cost"]
