@@ -53,7 +53,8 @@ commands:
 
 EPILOG = """\
 examples:
-  mosaic-export profile detect --out me.toml && mosaic-export --profile me.toml --max-memory 450MiB
+  mosaic-export profile detect --out me.toml && mosaic-export --profile me.toml --max-memory 0.9x
+  mosaic-export --profile me.toml --max-memory 450MiB --min-tokens-per-s 1.1x
   mosaic-export --profile jetson-orin --min-tokens-per-s 20 --context 4096 --out build/
   mosaic-export --profile laptop-cpu --sparsity 0.3 --structured-fraction 1 --out build/
   mosaic-export plan --profile jetson-orin --model ./Llama-3.2-1B --sparsity 0.5
