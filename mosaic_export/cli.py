@@ -22,6 +22,7 @@ from pathlib import Path
 from .allocation import ALLOCATIONS
 from .errors import UserError
 from .plan import METHODS, STRUCTURED_SCORES, CalibrationSettings, PruneSettings
+from .recover import RecoverSettings
 
 DESCRIPTION = """\
 Fit a decoder-only LLM to a device: composite projection pruning (Mosaic, arXiv 2504.06323).
@@ -161,6 +162,31 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                         "the whole text (default: %(default)s)")
     p.add_argument("--eval-seq-len", type=int, default=512,
                    help="tokens per perplexity window (default: %(default)s)")
+    r = p.add_argument_group("recovery (distil the pruned model from the dense one)")
+    d = RecoverSettings()
+    r.add_argument("--recover", action="store_true",
+                   help="after pruning, train the pruned model to match the dense model's next-token "
+                        "distributions (KL divergence; zeros of unstructured pruning stay zero)")
+    r.add_argument("--recover-tokens", type=int, default=d.tokens,
+                   help="training tokens (default: %(default)s, about ten minutes for the default "
+                        "model on 2 CPU cores)")
+    r.add_argument("--recover-text", default=d.text,
+                   help="'builtin', a .txt or .jsonl file (like --calib-text), or 'self': text the "
+                        "dense model generates, cached beside OUT (default: %(default)s)")
+    r.add_argument("--recover-seq-len", type=int, default=d.seq_len,
+                   help="tokens per training window (default: %(default)s)")
+    r.add_argument("--recover-batch", type=int, default=d.batch,
+                   help="windows per optimizer step, accumulated one at a time (default: %(default)s)")
+    r.add_argument("--recover-lr", type=float, default=d.lr,
+                   help="AdamW peak learning rate, after a 5%% warm-up, cosine decay (default: "
+                        "%(default)s)")
+    r.add_argument("--recover-temperature", type=float, default=d.temperature,
+                   help="distillation temperature (default: %(default)s)")
+    r.add_argument("--recover-hidden-weight", type=float, default=d.hidden_weight,
+                   help="weight of a per-layer hidden-state MSE term (default: %(default)s: none)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue a recovery that was interrupted (its state is kept in .OUT.recover/ "
+                        "beside OUT)")
     return p
 
 
@@ -187,6 +213,15 @@ def _config(args: argparse.Namespace):
         cfg.eval_windows = None if args.eval_windows == -1 else args.eval_windows
         cfg.target, cfg.quant, cfg.dtype = args.target, args.quant, args.dtype
         cfg.check_neighbour = args.check_neighbour
+        if args.resume and not args.recover:
+            raise UserError("--resume continues a recovery: give --recover too")
+        if args.recover:
+            cfg.recover = RecoverSettings(
+                tokens=args.recover_tokens, seq_len=args.recover_seq_len, batch=args.recover_batch,
+                lr=args.recover_lr, temperature=args.recover_temperature,
+                hidden_weight=args.recover_hidden_weight, text=args.recover_text,
+                seed=args.seed).validate()
+            cfg.resume = args.resume
         if cfg.target is None:  # the profile's runtime
             from .profile import load_profile
 

@@ -31,9 +31,10 @@ from .errors import UserError
 from .evaluate import perplexity, windows
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .plan import Plan, PruneSettings, make_plan
-from .process import peak_rss_bytes
+from .process import peak_rss_bytes, release_memory
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
+from .recover import RecoverSettings
 from .report import budget_table, cost_plot, pod_heatmap, summary_table, write_markdown
 from .search import SearchResult, check_budgets, cost_checks, search
 from .texts import BUILTIN, HELDOUT, corpus
@@ -61,6 +62,8 @@ class RunConfig:
     margin: float = 0.02  # the search keeps this fraction below (above) each budget
     check_neighbour: bool = False  # also build and measure the plan with 5% less pruning
     budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
+    recover: RecoverSettings | None = None  # distil the pruned model from the dense one (recover.py)
+    resume: bool = False  # continue an interrupted recovery from its saved state
 
 
 def is_tool_output(folder: Path) -> bool:
@@ -157,7 +160,8 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         raise UserError(f"--margin must be in [0, 0.5), got {config.margin}")
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
-    for source in (settings.calibration.source, config.eval_text):
+    recover_text = [config.recover.text] if config.recover and config.recover.text != "self" else []
+    for source in (settings.calibration.source, config.eval_text, *recover_text):
         if source not in (BUILTIN, HELDOUT) and not Path(source).is_file():
             raise UserError(f"text file not found: {source}")
     if config.model is not None and not Path(config.model).exists():
@@ -178,6 +182,31 @@ def check_lengths(config: RunConfig, loaded: LoadedModel, settings: PruneSetting
         if n > longest:
             raise UserError(f"{flag} {n} is longer than the model's maximum of {longest} tokens "
                             "(max_position_embeddings)")
+
+
+def recovery_state_dir(out: Path) -> Path:
+    """Where an interrupted recovery keeps its state: beside OUT, not inside its temporary
+    folder (which an interruption removes)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.recover"
+
+
+def recover_model(config: RunConfig, loaded: LoadedModel, log=print) -> dict:
+    """Distil the pruned model in place from the dense one (loaded again as the teacher)."""
+    from .recover import distill, training_windows
+
+    settings = config.recover
+    log(f"recovering: distilling from the dense model on {settings.windows} windows of "
+        f"{settings.seq_len} tokens of {settings.text} ({settings.steps} steps)")
+    teacher = load_model(config.model)
+    ids, source = training_windows(settings, teacher, recovery_state_dir(config.out), log)
+    result = distill(loaded.model, teacher.model, ids, settings, recovery_state_dir(config.out),
+                     config.resume)
+    del teacher
+    release_memory()
+    log(f"recovered in {result.seconds:.0f} s: distillation loss {result.first_loss:.3f} -> "
+        f"{result.final_loss:.3f}")
+    return {**result.to_dict(), "text": source}
 
 
 def resolve_budgets(profile: Profile, pricing: Pricing | None, log=None) -> Profile:
@@ -330,6 +359,12 @@ def run(config: RunConfig, log=print) -> dict:
                            f"the plan says {expected['decoder_resized']}")
     ppl_pruned = perplexity(loaded.model, eval_ids, config.eval_text,
                             desc="perplexity (pruned)") if eval_ids is not None else None
+    recovery, ppl_before = None, None
+    if config.recover is not None:
+        recovery = recover_model(config, loaded, log)
+        ppl_before = ppl_pruned
+        ppl_pruned = perplexity(loaded.model, eval_ids, config.eval_text,
+                                desc="perplexity (recovered)") if eval_ids is not None else None
 
     report = {
         "tool": {"name": "mosaic-export", "version": __version__},
@@ -350,6 +385,10 @@ def run(config: RunConfig, log=print) -> dict:
         report["perplexity"] = {"dense": ppl_dense.to_dict(), "pruned": ppl_pruned.to_dict(),
                                 "protocol": "non-overlapping windows from the start of the text, "
                                             "each scored alone; see mosaic_export/evaluate.py"}
+        if ppl_before is not None:
+            report["perplexity"]["before_recovery"] = ppl_before.to_dict()
+    if recovery is not None:
+        report["recovery"] = recovery
     def build(folder: Path) -> None:
         save_checkpoint(loaded, folder / "model")
         report["reload"] = reload_check(loaded, folder / "model", calib[:1, :128])

@@ -41,6 +41,13 @@ def summary_table(report: dict) -> str:
         rows.append((f"perplexity ({Path(ev['dense']['text']).name}, "
                      f"{ev['dense']['n_predicted']:,} tokens)",
                      f"{ev['dense']['perplexity']:.3f}", f"{ev['pruned']['perplexity']:.3f}"))
+        if "before_recovery" in ev:
+            rows.append(("perplexity before recovery", "", f"{ev['before_recovery']['perplexity']:.3f}"))
+    rec = report.get("recovery")
+    if rec:
+        rows.append(("recovery (distillation)", "",
+                     f"{rec['tokens']:,} tokens of {rec['text']}, {rec['steps']} steps, loss "
+                     f"{rec['first_loss']:.3f} -> {rec['final_loss']:.3f}, {rec['seconds']:.0f} s"))
     rows.append(("pruning wall time", "", f"{report['timing']['prune_s']:.1f} s"))
     rows.append(("peak RSS (process)", "", format_bytes(rss["peak_rss_bytes"])))
     rows.append(("float32 model size", format_bytes(rss["dense_fp32_bytes"]),

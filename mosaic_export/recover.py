@@ -1,0 +1,358 @@
+"""Recovery: distil the pruned (resized and/or sparse) model from the dense one.
+
+The dense model is the teacher, frozen; the pruned model is the student. On windows of text the
+student learns the teacher's next-token distribution:
+
+    loss = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))      per predicted token
+         + hidden_weight * mean over layers of MSE(h_student, h_teacher)  (optional)
+
+with AdamW, a linear warm-up then cosine decay of the learning rate, and gradient accumulation
+(one window at a time, ``batch`` windows a step), so memory stays at the two models, the
+optimizer state and one window's activations. Weights that unstructured pruning set to zero stay
+zero: their gradients are masked and the weights re-masked after every step. The embedding table
+(tied to the output layer in SmolLM2) is frozen; every decoder layer and the final norm learn.
+
+Interrupting (Ctrl-C, SIGTERM) saves the state (student weights, optimizer, schedule, data
+position, RNG) to ``state_dir``; ``resume`` continues it, to the same final weights as an
+uninterrupted run with the same seed. The same seed gives the same data order and weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+# Sized so that the default model (SmolLM2-135M, 30% removed) recovers in about ten minutes on
+# 2 CPU cores (BENCHMARKS.md, "Recovery").
+DEFAULT_TOKENS = 65_536
+STATE_FILE = "recover-state.pt"
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    tokens: int = DEFAULT_TOKENS  # training tokens (windows x seq_len), rounded up to whole steps
+    seq_len: int = 256
+    batch: int = 4  # windows per optimizer step (accumulated one window at a time)
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of the steps with a linearly rising learning rate
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    weight_decay: float = 0.0
+    text: str = "builtin"  # like --calib-text; or "self": text the dense model generates
+    seed: int = 0
+
+    def validate(self) -> RecoverSettings:
+        checks = [(self.tokens >= self.seq_len, f"--recover-tokens must be at least one window "
+                                                f"({self.seq_len} tokens), got {self.tokens}"),
+                  (self.seq_len >= 2, f"--recover-seq-len must be at least 2, got {self.seq_len}"),
+                  (self.batch >= 1, f"--recover-batch must be at least 1, got {self.batch}"),
+                  (self.lr > 0, f"--recover-lr must be positive, got {self.lr}"),
+                  (0 <= self.warmup < 1, f"warm-up must be in [0, 1), got {self.warmup}"),
+                  (self.temperature > 0, f"--recover-temperature must be positive, got "
+                                         f"{self.temperature}"),
+                  (self.hidden_weight >= 0, f"the hidden-state weight must be >= 0, got "
+                                            f"{self.hidden_weight}")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    @property
+    def windows(self) -> int:
+        """Windows seen: the token budget in whole steps."""
+        steps = math.ceil(self.tokens / (self.seq_len * self.batch))
+        return steps * self.batch
+
+    @property
+    def steps(self) -> int:
+        return self.windows // self.batch
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the softened next-token distributions, mean per token.
+    Logits: (..., vocab)."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over the first
+    ``warmup`` share of the steps, then cosine decay to zero at the end."""
+    n_warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+    if step < n_warm:
+        return lr * (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, steps - n_warm)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def zero_masks(model: nn.Module, parameters: list[nn.Parameter]) -> dict[int, torch.Tensor]:
+    """For each 2-D trainable weight holding exact zeros (unstructured pruning), where it is
+    non-zero; keyed by id(parameter). Weights without zeros need no mask."""
+    masks = {}
+    for p in parameters:
+        if p.ndim == 2:
+            keep = p.detach() != 0
+            if not bool(keep.all()):
+                masks[id(p)] = keep
+    return masks
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter but the input embedding (and the output layer when it is tied to it)."""
+    frozen = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is model.get_input_embeddings().weight:
+        frozen.add(id(out.weight))
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def data_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class RecoverResult:
+    settings: dict
+    steps: int
+    windows: int
+    tokens: int
+    seconds: float
+    first_loss: float
+    final_loss: float
+    curve: list[dict] = field(default_factory=list)  # per step: tokens, loss, lr
+    resumed_from_step: int | None = None
+    masked_weights: int = 0  # weights kept at zero
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, hidden: bool):
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    return out.logits, (out.hidden_states if hidden else None)
+
+
+def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings: RecoverSettings,
+            state_dir: Path | None = None, resume: bool = False,
+            stop: Callable[[int], bool] | None = None) -> RecoverResult:
+    """Train ``student`` in place on windows ``ids`` (n_windows, seq_len) to match ``teacher``.
+
+    ``state_dir``: where an interrupted run saves its state (and, with ``resume``, where it is
+    read). ``stop(step)``: called after each step, True to interrupt there as Ctrl-C would (tests).
+    """
+    settings.validate()
+    if ids.shape[0] < settings.windows:
+        raise UserError(f"recovery needs {settings.windows} windows of {settings.seq_len} tokens, "
+                        f"got {ids.shape[0]}")
+    ids = ids[:settings.windows]
+    torch.manual_seed(settings.seed)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = trainable(student)
+    params_set = {id(p) for p in params}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in params_set)
+    masks = zero_masks(student, params)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    digest = data_digest(ids)
+    start, curve, seconds = 0, [], 0.0
+    resumed = None
+    if resume:
+        state = _load_state(state_dir, settings, digest)
+        student.load_state_dict(state["student"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, curve, seconds, resumed = state["step"], state["curve"], state["seconds"], state["step"]
+    hidden = settings.hidden_weight > 0
+    student.train()
+    t0 = time.perf_counter() - seconds
+    bar = tqdm(total=settings.steps, initial=start, desc="recover", unit="step", leave=False)
+    step = start
+    try:
+        for step in range(start, settings.steps):
+            lr = lr_at(step, settings.steps, settings.lr, settings.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for w in range(settings.batch):
+                window = ids[step * settings.batch + w][None]  # (1, seq_len)
+                with torch.no_grad():
+                    t_logits, t_hidden = _forward(teacher, window, hidden)
+                s_logits, s_hidden = _forward(student, window, hidden)
+                loss = kd_loss(s_logits[:, :-1], t_logits[:, :-1], settings.temperature)
+                if hidden:
+                    layers = list(zip(s_hidden[1:], t_hidden[1:], strict=True))
+                    loss = loss + settings.hidden_weight * sum(
+                        F.mse_loss(a, b) for a, b in layers) / len(layers)
+                (loss / settings.batch).backward()
+                total += float(loss.detach()) / settings.batch
+            for p in params:
+                if id(p) in masks and p.grad is not None:
+                    p.grad.mul_(masks[id(p)])
+            optimizer.step()
+            with torch.no_grad():
+                for p in params:
+                    if id(p) in masks:
+                        p.mul_(masks[id(p)])
+            done = (step + 1) * settings.batch * settings.seq_len
+            curve.append({"step": step + 1, "tokens": done, "loss": total, "lr": lr})
+            trained = done - start * settings.batch * settings.seq_len  # this session's tokens
+            rate = trained / max(time.perf_counter() - t0 - seconds, 1e-9)
+            bar.set_postfix(loss=f"{total:.3f}", tokens_per_s=f"{rate:.0f}")
+            bar.update(1)
+            if stop is not None and stop(step + 1):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if state_dir is not None:
+            _save_state(state_dir, settings, digest, student, optimizer, step + 1 if curve and
+                        curve[-1]["step"] == step + 1 else step, curve, time.perf_counter() - t0)
+        raise
+    finally:
+        bar.close()
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    if state_dir is not None:
+        (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+    return RecoverResult(asdict(settings), settings.steps, settings.windows,
+                         settings.windows * settings.seq_len, time.perf_counter() - t0,
+                         curve[0]["loss"] if curve else float("nan"),
+                         curve[-1]["loss"] if curve else float("nan"), curve, resumed,
+                         sum(int((~m).sum()) for m in masks.values()))
+
+
+def _fingerprint(settings: RecoverSettings, digest: str) -> str:
+    return json.dumps({"settings": asdict(settings), "data": digest}, sort_keys=True)
+
+
+def _save_state(state_dir: Path, settings: RecoverSettings, digest: str, student: nn.Module,
+                optimizer: torch.optim.Optimizer, step: int, curve: list[dict], seconds: float) -> None:
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{STATE_FILE}.tmp"
+    torch.save({"fingerprint": _fingerprint(settings, digest), "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                "curve": curve, "seconds": seconds}, tmp)
+    tmp.replace(state_dir / STATE_FILE)
+
+
+def _load_state(state_dir: Path | None, settings: RecoverSettings, digest: str) -> dict:
+    path = Path(state_dir or ".") / STATE_FILE
+    if state_dir is None or not path.is_file():
+        raise UserError(f"--resume: no saved recovery state in {state_dir}")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {e})") from None
+    if state.get("fingerprint") != _fingerprint(settings, digest):
+        raise UserError(f"--resume: {path} was saved by a run with other recovery settings or data")
+    return state
+
+
+# --- training text ------------------------------------------------------------------------------
+
+SELF = "self"
+SELF_BATCH = 8  # sequences generated at once
+SELF_PROMPT_TOKENS = 16
+
+
+def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None = None,
+                     log=print) -> tuple[torch.Tensor, str]:
+    """(settings.windows, seq_len) token ids to distil on, and a description of their source:
+    random windows (seeded) of a text source, or of text the teacher generates (``self``)."""
+    from .calibration import sample_windows, tokenize
+    from .texts import corpus
+
+    if settings.text != SELF:
+        tokens = tokenize(teacher.tokenizer, corpus(settings.text))
+        return (sample_windows(tokens, settings.windows, settings.seq_len, settings.seed,
+                               source=settings.text), settings.text)
+    stream = self_text(teacher, settings.windows * settings.seq_len, settings.seed, cache_dir, log)
+    return stream.view(settings.windows, settings.seq_len), "self (generated by the dense model)"
+
+
+def self_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
+    """n prompts: alternately the first SELF_PROMPT_TOKENS tokens of a random window of the
+    built-in text (continuations), and, when the model has a chat template, an instruction about
+    a topic of that text in the template (answers)."""
+    from pydoc_data.topics import topics
+
+    from .calibration import tokenize
+    from .texts import BUILTIN, corpus
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = tokenize(tokenizer, corpus(BUILTIN))
+    keys = sorted(topics)
+    chat = getattr(tokenizer, "chat_template", None)
+    asks = ("Explain {} in a few sentences.", "Give an example of {} and say what it does.",
+            "What is {} used for?", "Write a short paragraph about {}.")
+    prompts = []
+    for i in range(n):
+        if chat and i % 2:
+            key = keys[int(torch.randint(len(keys), (1,), generator=g))]
+            ask = asks[int(torch.randint(len(asks), (1,), generator=g))].format(key.replace("-", " "))
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": ask}],
+                                                add_generation_prompt=True)
+        else:
+            start = int(torch.randint(tokens.numel() - SELF_PROMPT_TOKENS, (1,), generator=g))
+            ids = tokens[start:start + SELF_PROMPT_TOKENS].tolist()
+        prompts.append([int(t) for t in ids])
+    return prompts
+
+
+@torch.no_grad()
+def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, log=print) -> torch.Tensor:
+    """n_tokens of text the teacher writes itself: sampled (temperature 1) continuations and
+    answers to self_prompts, prompt and answer kept, joined with the end-of-text token. Cached in
+    cache_dir by model, seed and length: the same seed gives the same tokens."""
+    model, tok = teacher.model, teacher.tokenizer
+    key = hashlib.sha256(json.dumps([teacher.source, n_tokens, seed,
+                                     sum(p.numel() for p in model.parameters())]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"self-text-{key}.json" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        ids = json.loads(cache.read_text())
+        log(f"self text: {len(ids)} tokens from {cache}")
+        return torch.tensor(ids, dtype=torch.long)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    torch.manual_seed(seed)
+    stream: list[int] = []
+    bar = tqdm(total=n_tokens, desc="self text", unit="token", leave=False)
+    round_ = 0
+    while len(stream) < n_tokens:
+        prompts = self_prompts(tok, SELF_BATCH, seed * 1_000_003 + round_)
+        width = max(map(len, prompts))
+        batch = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])  # left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(batch, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=256, pad_token_id=eos, eos_token_id=eos)
+        for p, row in zip(prompts, out, strict=True):
+            new = row[width:].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            piece = p + new + [eos]
+            stream += piece
+            bar.update(len(piece))
+        round_ += 1
+    bar.close()
+    ids = stream[:n_tokens]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(ids))
+    return torch.tensor(ids, dtype=torch.long)

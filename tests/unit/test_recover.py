@@ -1,0 +1,146 @@
+"""Recovery by distillation on the tiny model: the loss, the schedule, masks, resume, self text."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_export.cli import main
+from mosaic_export.errors import UserError
+from mosaic_export.model_io import load_model
+from mosaic_export.recover import (
+    RecoverSettings,
+    distill,
+    kd_loss,
+    lr_at,
+    self_text,
+    training_windows,
+)
+
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64"]
+SETTINGS = RecoverSettings(tokens=48 * 32, seq_len=32, batch=2, lr=2e-3, warmup=0.1)
+
+
+def test_kd_loss_is_the_kl_divergence():
+    t = torch.randn(3, 5, 11)
+    assert float(kd_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(3, 5, 11)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(kd_loss(s, t)) == pytest.approx(float(kl), rel=1e-5)
+    p2, q2 = F.softmax(t / 2, -1), F.softmax(s / 2, -1)
+    kl2 = (p2 * (p2.log() - q2.log())).sum(-1).mean() * 4
+    assert float(kd_loss(s, t, temperature=2.0)) == pytest.approx(float(kl2), rel=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [lr_at(i, 20, 1.0, 0.2) for i in range(20)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lr_at(0, 10, 1.0, 0.0) == pytest.approx(1.0)
+
+
+def test_settings_are_checked():
+    with pytest.raises(UserError, match="--recover-tokens must be at least one window"):
+        RecoverSettings(tokens=10, seq_len=32).validate()
+    with pytest.raises(UserError, match="--recover-lr must be positive"):
+        RecoverSettings(lr=0).validate()
+    assert RecoverSettings(tokens=100, seq_len=32, batch=2).windows == 4  # whole steps
+
+
+@pytest.fixture
+def pair(tiny_model_dir):
+    """The tiny model as teacher, and a student with noise on every decoder weight and 40% of
+    each zeroed."""
+    teacher = load_model(str(tiny_model_dir))
+    with torch.no_grad():  # sharper next-token distributions than random weights give
+        teacher.model.model.norm.weight.mul_(8.0)
+    student = copy.deepcopy(teacher.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    w = m.weight
+                    cut = w.abs().flatten().kthvalue(int(0.4 * w.numel())).values
+                    w.add_(torch.randn(w.shape, generator=g) * w.std() * 0.5).mul_(w.abs() > cut)
+    ids, _ = training_windows(SETTINGS, teacher)
+    return teacher, student, ids
+
+
+def _kl(student, teacher, ids) -> float:
+    with torch.no_grad():
+        return float(kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+def test_distillation_lowers_the_kl_and_keeps_the_zeros(pair):
+    teacher, student, ids = pair
+    held = ids[-2:]
+    zeros = {n: (p == 0) for n, p in student.named_parameters() if p.ndim == 2 and "layers" in n}
+    before = _kl(student, teacher.model, held)
+    result = distill(student, teacher.model, ids, SETTINGS)
+    after = _kl(student, teacher.model, held)
+    assert after < 0.85 * before, (before, after)  # on windows it did not train on
+    assert len(result.curve) == SETTINGS.steps and result.tokens == SETTINGS.windows * SETTINGS.seq_len
+    assert result.masked_weights == sum(int(z.sum()) for z in zeros.values()) > 0
+    for n, p in student.named_parameters():
+        if n in zeros:
+            assert bool((p[zeros[n]] == 0).all()), n
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(pair, tmp_path):
+    teacher, student, ids = pair
+    whole = copy.deepcopy(student)
+    distill(whole, teacher.model, ids, SETTINGS)
+    parted = copy.deepcopy(student)
+    with pytest.raises(KeyboardInterrupt):
+        distill(parted, teacher.model, ids, SETTINGS, state_dir=tmp_path, stop=lambda step: step == 2)
+    assert (tmp_path / "recover-state.pt").is_file()
+    resumed = copy.deepcopy(student)  # a new process: the weights as pruned, then the state
+    result = distill(resumed, teacher.model, ids, SETTINGS, state_dir=tmp_path, resume=True)
+    assert result.resumed_from_step == 2 and len(result.curve) == SETTINGS.steps
+    assert not (tmp_path / "recover-state.pt").exists()
+    for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    other = RecoverSettings(**{**SETTINGS.__dict__, "lr": 1e-3})
+    with pytest.raises(UserError, match="no saved recovery state"):
+        distill(copy.deepcopy(student), teacher.model, ids, other, state_dir=tmp_path, resume=True)
+
+
+def test_self_text_is_deterministic_and_cached(tiny_model_dir, tmp_path):
+    teacher = load_model(str(tiny_model_dir))
+    a = self_text(teacher, 300, seed=3, cache_dir=tmp_path)
+    assert a.shape == (300,) and len(list(tmp_path.glob("self-text-*.json"))) == 1
+    b = self_text(teacher, 300, seed=3)  # no cache: generated again
+    assert torch.equal(a, b)
+    assert not torch.equal(a, self_text(teacher, 300, seed=4))
+
+
+def test_cli_recover_end_to_end(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), *FAST, "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--target", "gguf", "--quant", "F32", "--recover", "--recover-tokens", "256",
+                 "--recover-seq-len", "32", "--recover-batch", "2", "--recover-lr", "3e-3",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rec = report["recovery"]
+    assert rec["steps"] == 4 and rec["tokens"] == 256 and rec["text"] == "builtin"
+    ppl = report["perplexity"]
+    # a random tiny model says nothing about quality: that the figures are there is what counts
+    assert ppl["before_recovery"]["perplexity"] > 0 and ppl["pruned"]["perplexity"] > 0
+    assert "recovery (distillation)" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0
+
+
+def test_resume_needs_recover(tiny_model_dir, tmp_path, capsys):
+    assert main(["--model", str(tiny_model_dir), *FAST, "--sparsity", "0.3", "--resume",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--resume continues a recovery: give --recover too" in capsys.readouterr().err
