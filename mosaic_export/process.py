@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -88,14 +89,21 @@ def signal_name(returncode: int) -> str | None:
         return f"signal {-returncode}"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    """Ask Linux to kill this child when its parent dies (even by SIGKILL): no orphaned
-    benchmark keeps running after mosaic-export is gone."""
-    if _LIBC is not None and hasattr(_LIBC, "prctl"):
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
+PARENT_ENV = "MOSAIC_PARENT_PID"  # set for a runtime child: the process it must not outlive
 PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Called first thing in a runtime child: ask Linux to kill this process when the one that
+    started it dies (even by SIGKILL), so no orphaned benchmark keeps running after mosaic-export
+    is gone; exit at once if that already happened. (Not done between fork and exec: a parent
+    holding torch's threads may deadlock there.)"""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or _LIBC is None or not hasattr(_LIBC, "prctl"):
+        return
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the parent died before the request
+        os._exit(1)
 
 
 def run_child(module: str, args: list[str], runtime: str, what: str, name: str) -> dict:
@@ -107,8 +115,8 @@ def run_child(module: str, args: list[str], runtime: str, what: str, name: str) 
     with tempfile.TemporaryDirectory(prefix="mosaic-child-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--json", str(out)]
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec)
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         crashed = signal_name(proc.returncode)
         if crashed is not None:
             raise RuntimeCrash(f"{runtime} crashed ({crashed}) while {what} {name}", crashed)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import RuntimeCrash, decode_rates, option_args, peak_rss_bytes, run_child
+from ..process import RuntimeCrash, decode_rates, die_with_parent, option_args, peak_rss_bytes, run_child
 
 MODULE = "mosaic_export.targets.gguf_runner"
 SAFE_ENV = "MOSAIC_LLAMA_SAFE"  # 1: always load with the safe setting; 0: never fall back to it
@@ -270,6 +270,7 @@ def generate_in_process(path: Path, prompt: str, max_tokens: int, chat: bool, th
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     p.add_argument("model", type=Path)
     p.add_argument("--job", choices=tuple(JOBS), default="bench")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import decode_rates, measure_in_subprocess, peak_rss_bytes
+from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
 from .gguf_runner import _log_softmax
 
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -177,6 +177,7 @@ def benchmark(folder: Path, **kwargs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     p = argparse.ArgumentParser(prog="python -m mosaic_export.targets.onnx_runner")
     p.add_argument("folder", type=Path)
     p.add_argument("--json", type=Path, default=None)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 
 def main() -> int:
+    from mosaic_export.process import die_with_parent
+
+    die_with_parent()
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("segv", "fail", "ok", "sleep"))
     p.add_argument("--pid-file", type=Path, default=None)
