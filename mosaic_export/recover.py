@@ -221,8 +221,9 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if state_dir is not None:
-            _save_state(state_dir, settings, digest, student, optimizer, step + 1 if curve and
-                        curve[-1]["step"] == step + 1 else step, curve, time.perf_counter() - t0)
+            # the steps done are the curve's (a resumed run's curve starts with the earlier ones)
+            _save_state(state_dir, settings, digest, student, optimizer, len(curve), curve,
+                        time.perf_counter() - t0)
         raise
     finally:
         bar.close()
