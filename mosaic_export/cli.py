@@ -129,7 +129,8 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
     p.add_argument("--calib-text", default=c.source,
                    help="calibration text: 'builtin' (Python's pydoc topics), a .txt or a "
-                        ".jsonl file with a 'text' field (default: %(default)s)")
+                        ".jsonl file with a 'text' field, or 'self': text the dense model "
+                        "generates, cached beside OUT (default: %(default)s)")
     p.add_argument("--calib-samples", type=int, default=c.n_samples,
                    help="calibration samples (default: %(default)s)")
     p.add_argument("--calib-seq-len", type=int, default=c.seq_len,
@@ -184,6 +185,9 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="distillation temperature (default: %(default)s)")
     r.add_argument("--recover-hidden-weight", type=float, default=d.hidden_weight,
                    help="weight of a per-layer hidden-state MSE term (default: %(default)s: none)")
+    r.add_argument("--device", default="auto",
+                   help="where recovery (and self-text generation) runs: auto (a CUDA GPU when "
+                        "torch sees one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--resume", action="store_true",
                    help="continue a recovery that was interrupted (its state is kept in .OUT.recover/ "
                         "beside OUT)")
@@ -222,6 +226,7 @@ def _config(args: argparse.Namespace):
                 hidden_weight=args.recover_hidden_weight, text=args.recover_text,
                 seed=args.seed).validate()
             cfg.resume = args.resume
+        cfg.device = args.device
         if cfg.target is None:  # the profile's runtime
             from .profile import load_profile
 

@@ -110,8 +110,18 @@ def describe(folder: Path, report: dict, parity_ids: Iterable[int] | None = None
         "budgets": report.get("budgets"),
         "cost": report.get("cost"),
         "parity": {**recorded, "ids": None if parity_ids is None else [int(t) for t in parity_ids]},
+        "recovery": recovery_record(report.get("recovery")),
         "versions": versions(),
     }
+
+
+def recovery_record(recovery: dict | None) -> dict | None:
+    """How the model was recovered, without the per-step curve (report.json has it)."""
+    if not recovery:
+        return None
+    keys = ("text", "tokens", "steps", "windows", "first_loss", "final_loss", "seconds", "device",
+            "resumed_from_step", "settings")
+    return {k: recovery.get(k) for k in keys}
 
 
 def write_manifest(folder: Path, report: dict, parity_ids: Iterable[int] | None = None) -> dict:
@@ -256,6 +266,11 @@ def app_readme(folder: Path, manifest: dict) -> str:
     if profile.get("name"):
         lines += [f"Built for profile `{profile['name']}`"
                   + (f" ({profile['description']})" if profile.get("description") else "") + ".", ""]
+    rec = manifest.get("recovery")
+    if rec:
+        lines += [f"After pruning it was distilled from the dense model on {rec['tokens']:,} tokens "
+                  f"of {rec['text']} ({rec['steps']} steps, {rec['seconds']:.0f} s; distillation "
+                  f"loss {rec['first_loss']:.3f} -> {rec['final_loss']:.3f}).", ""]
     lines += ["## Files", "", *(f"- {f}" for f in files), ""]
     if layers:
         lines += ["## Layers", "", f"{len(layers)} decoder layers, each at its own size:", "",

@@ -34,10 +34,10 @@ from .plan import Plan, PruneSettings, make_plan
 from .process import peak_rss_bytes, release_memory
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
-from .recover import RecoverSettings
-from .report import budget_table, cost_plot, pod_heatmap, summary_table, write_markdown
+from .recover import RecoverSettings, resolve_device
+from .report import budget_table, cost_plot, pod_heatmap, recovery_plot, summary_table, write_markdown
 from .search import SearchResult, check_budgets, cost_checks, search
-from .texts import BUILTIN, HELDOUT, corpus
+from .texts import BUILTIN, HELDOUT, SELF, corpus
 from .units import format_bytes
 
 
@@ -64,6 +64,7 @@ class RunConfig:
     budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
     recover: RecoverSettings | None = None  # distil the pruned model from the dense one (recover.py)
     resume: bool = False  # continue an interrupted recovery from its saved state
+    device: str = "auto"  # where recovery trains: auto (CUDA when torch sees a GPU), cpu, cuda[:N]
 
 
 def is_tool_output(folder: Path) -> bool:
@@ -160,10 +161,14 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         raise UserError(f"--margin must be in [0, 0.5), got {config.margin}")
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
-    recover_text = [config.recover.text] if config.recover and config.recover.text != "self" else []
+    recover_text = [config.recover.text] if config.recover else []
     for source in (settings.calibration.source, config.eval_text, *recover_text):
-        if source not in (BUILTIN, HELDOUT) and not Path(source).is_file():
+        if source not in (BUILTIN, HELDOUT, SELF) and not Path(source).is_file():
             raise UserError(f"text file not found: {source}")
+    if config.eval_text == SELF:
+        raise UserError("--eval-text self: perplexity is measured on real text (builtin-heldout "
+                        "or a file)")
+    resolve_device(config.device)
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
     return profile, settings, plan, Format(target, fmt)
@@ -199,9 +204,10 @@ def recover_model(config: RunConfig, loaded: LoadedModel, log=print) -> dict:
     log(f"recovering: distilling from the dense model on {settings.windows} windows of "
         f"{settings.seq_len} tokens of {settings.text} ({settings.steps} steps)")
     teacher = load_model(config.model)
-    ids, source = training_windows(settings, teacher, recovery_state_dir(config.out), log)
+    ids, source = training_windows(settings, teacher, recovery_state_dir(config.out), log,
+                                   config.device)
     result = distill(loaded.model, teacher.model, ids, settings, recovery_state_dir(config.out),
-                     config.resume)
+                     config.resume, device=config.device)
     del teacher
     release_memory()
     log(f"recovered in {result.seconds:.0f} s: distillation loss {result.first_loss:.3f} -> "
@@ -292,8 +298,16 @@ def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel, strict: boo
     return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), min(context, longest), types)
 
 
-def calibration_ids(loaded: LoadedModel, settings: PruneSettings) -> torch.Tensor:
+def calibration_ids(loaded: LoadedModel, settings: PruneSettings, cache_dir: Path | None = None,
+                    device: str | None = "cpu") -> torch.Tensor:
+    """The calibration windows: sampled from the text source, or (``self``) the model's own text,
+    generated before any pruning (cached in ``cache_dir``)."""
     c = settings.calibration
+    if c.source == SELF:
+        from .recover import self_text
+
+        ids = self_text(loaded, c.n_samples * c.seq_len, c.seed, cache_dir, device=device)
+        return ids.view(c.n_samples, c.seq_len)
     return sample_windows(tokenize(loaded.tokenizer, corpus(c.source)), c.n_samples, c.seq_len,
                           c.seed, source=c.source)
 
@@ -337,7 +351,7 @@ def run(config: RunConfig, log=print) -> dict:
     if config.eval_windows != 0:
         eval_ids = windows(tokenize(loaded.tokenizer, corpus(config.eval_text)),
                            config.eval_seq_len, config.eval_windows, config.eval_text)
-    calib = calibration_ids(loaded, settings)
+    calib = calibration_ids(loaded, settings, recovery_state_dir(config.out), config.device)
     ppl_dense = perplexity(loaded.model, eval_ids, config.eval_text,
                            desc="perplexity (dense)") if eval_ids is not None else None
 
@@ -373,7 +387,9 @@ def run(config: RunConfig, log=print) -> dict:
         "settings": asdict(settings),
         "params": {"dense": dense_counts, "pruned": pruned_counts, "planned": expected},
         "timing": {"load_s": load_s, "prune_s": prune_s},
-        "memory": {"peak_rss_bytes": peak_after_prune, "dense_fp32_bytes": dense_fp32,
+        # peak_rss_bytes is replaced by the whole run's (recovery, export, checks) at its end
+        "memory": {"peak_rss_bytes": peak_after_prune, "peak_rss_after_prune_bytes": peak_after_prune,
+                   "dense_fp32_bytes": dense_fp32,
                    "pruned_fp32_bytes": 4 * pruned_counts["total"],
                    "peak_rss_over_fp32_model": peak_after_prune / dense_fp32},
         "budgets": dataclasses.asdict(profile.budgets),
@@ -419,10 +435,13 @@ def run(config: RunConfig, log=print) -> dict:
                 log(f"measuring the plan with 5% less pruning ({found.neighbour.target:.0%})")
                 report["cost"]["neighbour_measured"] = measure_neighbour(
                     config, profile, pricing, found.neighbour.plan, folder)
+        report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
         if "cost" in report:
             cost_plot(report["cost"], folder / "cost.png")
+        if "recovery" in report:
+            recovery_plot(report["recovery"], folder / "recovery.png")
         write_markdown(report, folder)
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         finalize(folder, report, calib[0].tolist())  # README.md, then manifest.json over all

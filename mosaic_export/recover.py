@@ -33,6 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .process import peak_rss_bytes
+from .texts import SELF
 
 # Sized so that the default model (SmolLM2-135M, 30% removed) recovers in about ten minutes on
 # 2 CPU cores (BENCHMARKS.md, "Recovery").
@@ -137,6 +139,9 @@ class RecoverResult:
     curve: list[dict] = field(default_factory=list)  # per step: tokens, loss, lr
     resumed_from_step: int | None = None
     masked_weights: int = 0  # weights kept at zero
+    device: str = "cpu"
+    peak_rss_bytes: int = 0  # this process's peak resident set up to the end of training
+    peak_device_bytes: int | None = None  # CUDA: the most memory torch allocated on the GPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,20 +152,45 @@ def _forward(model: nn.Module, ids: torch.Tensor, hidden: bool):
     return out.logits, (out.hidden_states if hidden else None)
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or None): CUDA when torch sees a GPU, else the CPU; otherwise the device named,
+    which must exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {device!r} (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: recovery runs on cpu or cuda")
+    return dev
+
+
 def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings: RecoverSettings,
             state_dir: Path | None = None, resume: bool = False,
-            stop: Callable[[int], bool] | None = None) -> RecoverResult:
+            stop: Callable[[int], bool] | None = None, device: str | None = "cpu") -> RecoverResult:
     """Train ``student`` in place on windows ``ids`` (n_windows, seq_len) to match ``teacher``.
 
     ``state_dir``: where an interrupted run saves its state (and, with ``resume``, where it is
     read). ``stop(step)``: called after each step, True to interrupt there as Ctrl-C would (tests).
+    ``device``: where both models train (``auto``: CUDA when there is one); the student comes
+    back to the CPU at the end, the teacher too.
     """
     settings.validate()
+    dev = resolve_device(device)
     if ids.shape[0] < settings.windows:
         raise UserError(f"recovery needs {settings.windows} windows of {settings.seq_len} tokens, "
                         f"got {ids.shape[0]}")
     ids = ids[:settings.windows]
     torch.manual_seed(settings.seed)
+    student.to(dev)
+    teacher.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -192,7 +222,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for w in range(settings.batch):
-                window = ids[step * settings.batch + w][None]  # (1, seq_len)
+                window = ids[step * settings.batch + w][None].to(dev)  # (1, seq_len)
                 with torch.no_grad():
                     t_logits, t_hidden = _forward(teacher, window, hidden)
                 s_logits, s_hidden = _forward(student, window, hidden)
@@ -230,13 +260,16 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
+        student.to("cpu")
+        teacher.to("cpu")
     if state_dir is not None:
         (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
     return RecoverResult(asdict(settings), settings.steps, settings.windows,
                          settings.windows * settings.seq_len, time.perf_counter() - t0,
                          curve[0]["loss"] if curve else float("nan"),
                          curve[-1]["loss"] if curve else float("nan"), curve, resumed,
-                         sum(int((~m).sum()) for m in masks.values()))
+                         sum(int((~m).sum()) for m in masks.values()), str(dev), peak_rss_bytes(),
+                         torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
 
 
 def _fingerprint(settings: RecoverSettings, digest: str) -> str:
@@ -259,7 +292,7 @@ def _load_state(state_dir: Path | None, settings: RecoverSettings, digest: str) 
     if state_dir is None or not path.is_file():
         raise UserError(f"--resume: no saved recovery state in {state_dir}")
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {e})") from None
     if state.get("fingerprint") != _fingerprint(settings, digest):
@@ -269,13 +302,12 @@ def _load_state(state_dir: Path | None, settings: RecoverSettings, digest: str) 
 
 # --- training text ------------------------------------------------------------------------------
 
-SELF = "self"
-SELF_BATCH = 8  # sequences generated at once
+SELF_BATCH = 32  # sequences generated at once: the batch runs until its longest ends, so wider is faster
 SELF_PROMPT_TOKENS = 16
 
 
 def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None = None,
-                     log=print) -> tuple[torch.Tensor, str]:
+                     log=print, device: str | None = "cpu") -> tuple[torch.Tensor, str]:
     """(settings.windows, seq_len) token ids to distil on, and a description of their source:
     random windows (seeded) of a text source, or of text the teacher generates (``self``)."""
     from .calibration import sample_windows, tokenize
@@ -285,7 +317,8 @@ def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None 
         tokens = tokenize(teacher.tokenizer, corpus(settings.text))
         return (sample_windows(tokens, settings.windows, settings.seq_len, settings.seed,
                                source=settings.text), settings.text)
-    stream = self_text(teacher, settings.windows * settings.seq_len, settings.seed, cache_dir, log)
+    stream = self_text(teacher, settings.windows * settings.seq_len, settings.seed, cache_dir, log,
+                       device)
     return stream.view(settings.windows, settings.seq_len), "self (generated by the dense model)"
 
 
@@ -319,13 +352,18 @@ def self_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, log=print) -> torch.Tensor:
+def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, log=print,
+              device: str | None = "cpu") -> torch.Tensor:
     """n_tokens of text the teacher writes itself: sampled (temperature 1) continuations and
     answers to self_prompts, prompt and answer kept, joined with the end-of-text token. Cached in
-    cache_dir by model, seed and length: the same seed gives the same tokens."""
+    cache_dir by model, seed, length and device type (a GPU samples other numbers than the CPU):
+    the same seed gives the same tokens."""
     model, tok = teacher.model, teacher.tokenizer
-    key = hashlib.sha256(json.dumps([teacher.source, n_tokens, seed,
-                                     sum(p.numel() for p in model.parameters())]).encode()).hexdigest()[:16]
+    dev = resolve_device(device)
+    key_parts = [teacher.source, n_tokens, seed, sum(p.numel() for p in model.parameters()), SELF_BATCH]
+    if dev.type != "cpu":
+        key_parts.append(dev.type)
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"self-text-{key}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         ids = json.loads(cache.read_text())
@@ -333,6 +371,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
         return torch.tensor(ids, dtype=torch.long)
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     torch.manual_seed(seed)
+    model.to(dev)
     stream: list[int] = []
     bar = tqdm(total=n_tokens, desc="self text", unit="token", leave=False)
     round_ = 0
@@ -341,8 +380,9 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
         width = max(map(len, prompts))
         batch = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])  # left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(batch, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                             max_new_tokens=256, pad_token_id=eos, eos_token_id=eos)
+        out = model.generate(batch.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                             temperature=1.0, top_k=0, max_new_tokens=256, pad_token_id=eos,
+                             eos_token_id=eos).cpu()
         for p, row in zip(prompts, out, strict=True):
             new = row[width:].tolist()
             if eos in new:
@@ -352,6 +392,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
             bar.update(len(piece))
         round_ += 1
     bar.close()
+    model.to("cpu")
     ids = stream[:n_tokens]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

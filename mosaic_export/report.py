@@ -49,7 +49,9 @@ def summary_table(report: dict) -> str:
                      f"{rec['tokens']:,} tokens of {rec['text']}, {rec['steps']} steps, loss "
                      f"{rec['first_loss']:.3f} -> {rec['final_loss']:.3f}, {rec['seconds']:.0f} s"))
     rows.append(("pruning wall time", "", f"{report['timing']['prune_s']:.1f} s"))
-    rows.append(("peak RSS (process)", "", format_bytes(rss["peak_rss_bytes"])))
+    if "peak_rss_after_prune_bytes" in rss:
+        rows.append(("peak RSS after pruning", "", format_bytes(rss["peak_rss_after_prune_bytes"])))
+    rows.append(("peak RSS (whole run)", "", format_bytes(rss["peak_rss_bytes"])))
     rows.append(("float32 model size", format_bytes(rss["dense_fp32_bytes"]),
                  format_bytes(rss["pruned_fp32_bytes"])))
     g = report.get("gguf")
@@ -185,6 +187,36 @@ def cost_plot(cost: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def recovery_plot(recovery: dict, path: Path) -> None:
+    """The distillation loss of every step (and its running mean) against the tokens trained on,
+    with the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = recovery["curve"]
+    tokens = [c["tokens"] for c in curve]
+    loss = [c["loss"] for c in curve]
+    k = max(1, len(loss) // 16)
+    mean = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1])
+            for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(tokens, loss, ".", ms=3, color="tab:blue", alpha=0.5, label="loss per step")
+    ax.plot(tokens, mean, "-", color="tab:blue", label=f"running mean of {k} steps")
+    ax.set_xlabel("tokens trained on")
+    ax.set_ylabel("distillation loss (KL, nats per token)")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(tokens, [c["lr"] for c in curve], "-", color="gray", lw=1, label="learning rate")
+    lr.set_ylabel("learning rate")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"recovery on {Path(str(recovery['text'])).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_markdown(report: dict, folder: Path) -> None:
     """OUT/report.md: the summary, the budgets, the search, and the plots beside it."""
     lines = ["# mosaic-export report", "",
@@ -232,6 +264,26 @@ def write_markdown(report: dict, folder: Path) -> None:
     if relative:
         lines += ["Budgets given relative to the dense model's predicted figures: "
                   + ", ".join(f"{name} {factor:g}x" for name, factor in relative.items()) + ".", ""]
+    rec = report.get("recovery")
+    if rec:
+        s = rec["settings"]
+        ev = report.get("perplexity") or {}
+        change = ""
+        if "before_recovery" in ev:
+            change = (f" Perplexity on {Path(ev['dense']['text']).name}: "
+                      f"{ev['before_recovery']['perplexity']:.2f} after pruning, "
+                      f"{ev['pruned']['perplexity']:.2f} after recovery "
+                      f"(dense {ev['dense']['perplexity']:.2f}).")
+        lines += ["## Recovery", "",
+                  f"Distilled from the dense model (KL divergence of the next-token distributions "
+                  f"at temperature {s['temperature']:g}"
+                  + (f", plus {s['hidden_weight']:g} x the hidden-state MSE" if s["hidden_weight"] else "")
+                  + f") on {rec['tokens']:,} tokens of {rec['text']}: {rec['steps']} steps of "
+                  f"{s['batch']} windows of {s['seq_len']} tokens, AdamW at {s['lr']:g} with warm-up "
+                  f"and cosine decay, seed {s['seed']}, on {rec.get('device', 'cpu')}; "
+                  f"{rec['seconds']:.0f} s, peak RSS {format_bytes(rec.get('peak_rss_bytes', 0))}. "
+                  f"Distillation loss {rec['first_loss']:.3f} (first step) -> {rec['final_loss']:.3f} "
+                  f"(last step)." + change, "", "![recovery](recovery.png)", ""]
     lines += ["## Plan", "", "Per-projection outlier ratio and fraction removed:", "",
               "![POD heat map](pod.png)", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -3,7 +3,8 @@
 ``builtin``: Python's own documentation topics (``pydoc_data.topics``), real English prose and
 code, first 90%: for calibration. ``builtin-heldout``: the last 10%, never used for calibration:
 the default perplexity text. Anything else is a path: a plain text file, or a JSONL file with a
-string field ``text`` per line.
+string field ``text`` per line. ``self`` (calibration and recovery only) is text the dense model
+generates (``mosaic_export.recover.self_text``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .errors import UserError
 
 BUILTIN = "builtin"
 HELDOUT = "builtin-heldout"
+SELF = "self"  # text the dense model writes itself (mosaic_export.recover.self_text)
 BUILTIN_SPLIT = 0.9  # the built-in corpus: first 90% for calibration, the rest held out
 
 

@@ -8,6 +8,7 @@ instead of killing mosaic-export:
     python -m mosaic_export.targets.gguf_runner MODEL.gguf --job parity --ids IDS.json \
         --reference LOGITS.npy [--text-file TEXT] [--json OUT]
     python -m mosaic_export.targets.gguf_runner MODEL.gguf --job generate --prompt P [--json OUT]
+    python -m mosaic_export.targets.gguf_runner MODEL.gguf --job generate --prompts P.json
 
 The safe setting (``--safe``) loads the model with llama.cpp's extra buffer types off
 (``llama_model_params.use_extra_bufts = False``): no AMX matmul and no weight repacking. ggml's AMX
@@ -254,19 +255,25 @@ def next_token_agreement(model, path: Path, ids, threads: int | None = None, tex
                          source_gguf=source_gguf, threads=threads)
 
 
-def generate_in_process(path: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None,
-                        context: int, safe: bool = False) -> dict:
-    """Greedy generation (the chat template when the model has one and ``chat``)."""
+def generate_in_process(path: Path, prompts: list[str], max_tokens: int, chat: bool,
+                        threads: int | None, context: int, safe: bool = False) -> list[str]:
+    """Greedy generation for each prompt, one model load (the chat template when the model has
+    one and ``chat``)."""
     llm = _llama(path, context, threads, logits_all=False, safe=safe)
+    use_chat = chat and llm.metadata.get("tokenizer.chat_template")
+    texts = []
     try:
-        if chat and llm.metadata.get("tokenizer.chat_template"):
-            out = llm.create_chat_completion([{"role": "user", "content": prompt}],
-                                             max_tokens=max_tokens, temperature=0.0)
-            return {"text": out["choices"][0]["message"]["content"]}
-        return {"text": llm.create_completion(prompt, max_tokens=max_tokens,
-                                              temperature=0.0)["choices"][0]["text"]}
+        for prompt in prompts:
+            if use_chat:
+                out = llm.create_chat_completion([{"role": "user", "content": prompt}],
+                                                 max_tokens=max_tokens, temperature=0.0)
+                texts.append(out["choices"][0]["message"]["content"])
+            else:
+                texts.append(llm.create_completion(prompt, max_tokens=max_tokens,
+                                                   temperature=0.0)["choices"][0]["text"])
     except ValueError as e:  # a prompt longer than the context
         raise UserError(str(e)) from None
+    return texts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-gguf", type=Path, default=None,
                    help="parity: also tokenize the text with this GGUF's vocabulary")
     p.add_argument("--prompt", default=None, help="generate: the prompt")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="generate: a JSON list of prompts, answered in turn (one model load)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true")
     a = p.parse_args(argv)
@@ -302,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             result = parity_in_process(a.model, json.loads(a.ids.read_text()), np.load(a.reference),
                                        a.threads, text, a.source_gguf, a.safe)
         else:
-            result = generate_in_process(a.model, a.prompt, a.max_tokens, not a.no_chat, a.threads,
-                                         a.context or 2048, a.safe)
+            prompts = json.loads(a.prompts.read_text()) if a.prompts else [a.prompt]
+            texts = generate_in_process(a.model, prompts, a.max_tokens, not a.no_chat, a.threads,
+                                        a.context or 2048, a.safe)
+            result = {"texts": texts} if a.prompts else {"text": texts[0]}
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
         print(f"mosaic-export: error: {e}", file=sys.stderr)
         return 2

@@ -137,7 +137,52 @@ def test_cli_recover_end_to_end(tiny_model_dir, tmp_path, capsys):
     # a random tiny model says nothing about quality: that the figures are there is what counts
     assert ppl["before_recovery"]["perplexity"] > 0 and ppl["pruned"]["perplexity"] > 0
     assert "recovery (distillation)" in capsys.readouterr().out
+    assert rec["device"] == "cpu" and rec["peak_rss_bytes"] > 0
+    assert (out / "recovery.png").is_file() and "## Recovery" in (out / "report.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recovery"]["steps"] == 4 and "curve" not in manifest["recovery"]
+    assert "distilled from the dense model on 256 tokens" in (out / "README.md").read_text()
+    assert report["memory"]["peak_rss_bytes"] >= report["memory"]["peak_rss_after_prune_bytes"]
     assert main(["verify", str(out)]) == 0
+
+
+def test_cli_self_text_for_calibration_and_recovery(tiny_model_dir, tmp_path):
+    """--calib-text self and --recover-text self: the model's own text, generated once before
+    pruning and cached beside OUT, so a second run reads the same tokens."""
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir), "--calib-samples", "4", "--calib-seq-len", "32",
+            "--eval-windows", "2", "--eval-seq-len", "64", "--sparsity", "0.3",
+            "--structured-fraction", "1", "--target", "none", "--calib-text", "self", "--recover",
+            "--recover-text", "self", "--recover-tokens", "128", "--recover-seq-len", "32",
+            "--recover-batch", "2", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    cached = sorted((tmp_path / ".out.recover").glob("self-text-*.json"))
+    assert len(cached) == 1  # 4 x 32 calibration tokens = 2 steps x 2 windows x 32: one text
+    first = json.loads((out / "report.json").read_text())
+    assert main([*args, "--force"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["recovery"]["curve"] == first["recovery"]["curve"]
+    assert again["recovery"]["text"].startswith("self")
+
+
+def test_device_is_checked():
+    from mosaic_export.recover import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_cli_rejects_a_missing_device(tiny_model_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    assert main(["--model", str(tiny_model_dir), *FAST, "--sparsity", "0.3", "--recover",
+                 "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_resume_needs_recover(tiny_model_dir, tmp_path, capsys):
