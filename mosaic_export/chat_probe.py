@@ -48,10 +48,12 @@ def answered(reply: str, accepted: tuple[str, ...]) -> bool:
 
 
 def score(replies: list[str]) -> dict:
-    """The count of questions answered and, per question, the reply and whether it counts."""
+    """The count of questions answered, of replies that say anything at all (a broken model
+    ends its turn at once), and, per question, the reply and whether it counts."""
     rows = [{"question": q, "expected": accepted[0], "reply": reply, "answered": answered(reply, accepted)}
             for (q, accepted), reply in zip(QUESTIONS, replies, strict=True)]
-    return {"answered": sum(r["answered"] for r in rows), "questions": len(rows), "rows": rows}
+    return {"answered": sum(r["answered"] for r in rows),
+            "replied": sum(bool(r["reply"].strip()) for r in rows), "questions": len(rows), "rows": rows}
 
 
 def probe_gguf(path: Path, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> dict:

@@ -119,8 +119,8 @@ def recovery_record(recovery: dict | None) -> dict | None:
     """How the model was recovered, without the per-step curve (report.json has it)."""
     if not recovery:
         return None
-    keys = ("text", "tokens", "steps", "windows", "first_loss", "final_loss", "seconds", "device",
-            "resumed_from_step", "settings")
+    keys = ("text", "text_seconds", "tokens", "steps", "windows", "first_loss", "final_loss",
+            "seconds", "device", "resumed_from_step", "settings")
     return {k: recovery.get(k) for k in keys}
 
 

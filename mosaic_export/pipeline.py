@@ -204,15 +204,17 @@ def recover_model(config: RunConfig, loaded: LoadedModel, log=print) -> dict:
     log(f"recovering: distilling from the dense model on {settings.windows} windows of "
         f"{settings.seq_len} tokens of {settings.text} ({settings.steps} steps)")
     teacher = load_model(config.model)
+    t0 = time.perf_counter()
     ids, source = training_windows(settings, teacher, recovery_state_dir(config.out), log,
                                    config.device)
+    text_s = time.perf_counter() - t0  # self text: the generation (or the cache read)
     result = distill(loaded.model, teacher.model, ids, settings, recovery_state_dir(config.out),
                      config.resume, device=config.device)
     del teacher
     release_memory()
     log(f"recovered in {result.seconds:.0f} s: distillation loss {result.first_loss:.3f} -> "
         f"{result.final_loss:.3f}")
-    return {**result.to_dict(), "text": source}
+    return {**result.to_dict(), "text": source, "text_seconds": text_s}
 
 
 def resolve_budgets(profile: Profile, pricing: Pricing | None, log=None) -> Profile:

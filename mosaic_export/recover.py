@@ -52,7 +52,9 @@ class RecoverSettings:
     temperature: float = 1.0
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
-    text: str = "builtin"  # like --calib-text; or "self": text the dense model generates
+    # "self": text the dense model generates (the default: the only text measured to bring the
+    # chat behaviour back, BENCHMARKS.md "Recovery"); or like --calib-text: builtin, a file
+    text: str = "self"
     seed: int = 0
 
     def validate(self) -> RecoverSettings:
@@ -372,6 +374,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     torch.manual_seed(seed)
     model.to(dev)
+    t0 = time.perf_counter()
     stream: list[int] = []
     bar = tqdm(total=n_tokens, desc="self text", unit="token", leave=False)
     round_ = 0
@@ -394,6 +397,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     bar.close()
     model.to("cpu")
     ids = stream[:n_tokens]
+    log(f"self text: {n_tokens} tokens generated in {time.perf_counter() - t0:.0f} s")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(ids))

@@ -210,7 +210,8 @@ def recovery_plot(recovery: dict, path: Path) -> None:
     lr = ax.twinx()
     lr.plot(tokens, [c["lr"] for c in curve], "-", color="gray", lw=1, label="learning rate")
     lr.set_ylabel("learning rate")
-    ax.legend(loc="upper right", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.suptitle(f"recovery on {Path(str(recovery['text'])).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

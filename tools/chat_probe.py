@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         if not path:
             p.error(f"expected NAME=FILE.gguf, got {spec!r}")
         results[name] = {"file": path, **probe_gguf(Path(path), a.threads)}
-        print(f"{name}: {results[name]['answered']}/{results[name]['questions']}", flush=True)
+        r = results[name]
+        print(f"{name}: {r['answered']}/{r['questions']} answered, {r['replied']} replies not empty",
+              flush=True)
     names = list(results)
     width = max(len(q) for q, _ in QUESTIONS)
     print(f"\n{'question':<{width}}  " + "  ".join(f"{n:>8}" for n in names))

@@ -16,6 +16,8 @@ def test_an_answer_counts_as_a_whole_word_in_any_spelling():
 def test_score_counts_per_question():
     replies = [accepted[0] for _, accepted in QUESTIONS]
     replies[0] = "I do not know."
+    replies[1] = " "
     result = score(replies)
     assert len(QUESTIONS) == 20 and result["questions"] == 20
-    assert result["answered"] == 19 and not result["rows"][0]["answered"]
+    assert result["answered"] == 18 and not result["rows"][0]["answered"]
+    assert result["replied"] == 19

@@ -209,3 +209,16 @@ def test_door_checks(outs, tmp_path, capsys):
     shutil.rmtree(folder / "onnx-fp32")
     assert main(["run", str(folder), "--prompt", "x"]) == 2
     assert "the runtime file onnx-fp32/model.onnx is missing" in capsys.readouterr().err
+
+
+def test_chat_probe_asks_each_question_as_run_does(outs):
+    """The probe's one-load batch of questions gives each the reply `run` gives it alone."""
+    from mosaic_export.chat_probe import QUESTIONS, probe_gguf
+
+    folder = outs["gguf"][0]
+    result = probe_gguf(folder / "model-F32.gguf", threads=1, max_tokens=6)
+    assert result["questions"] == len(QUESTIONS) == len(result["rows"])
+    assert result["answered"] == sum(r["answered"] for r in result["rows"])
+    for i in (0, 7, 19):
+        alone = generate(folder, QUESTIONS[i][0], max_tokens=6, chat=True, threads=1)
+        assert result["rows"][i]["reply"] == alone
