@@ -169,8 +169,8 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="after pruning, train the pruned model to match the dense model's next-token "
                         "distributions (KL divergence; zeros of unstructured pruning stay zero)")
     r.add_argument("--recover-tokens", type=int, default=d.tokens,
-                   help="training tokens (default: %(default)s, about ten minutes for the default "
-                        "model on 2 CPU cores)")
+                   help="training tokens (default: %(default)s, about ten minutes of training for "
+                        "the default model on 2 CPU cores)")
     r.add_argument("--recover-text", default=d.text,
                    help="'self': text the dense model generates (about 15 minutes for 65,536 "
                         "tokens of the default model on 2 CPU cores, then cached beside OUT), or "
