@@ -58,12 +58,13 @@ def score(replies: list[str]) -> dict:
 
 def probe_gguf(path: Path, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     """Ask the questions to a GGUF file in llama.cpp (in a child process), greedily, with the
-    file's chat template."""
+    file's chat template and the context `mosaic-export run` uses."""
+    from .deploy import GENERATE_CONTEXT
     from .targets.gguf_runner import run_llama
 
     with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as tmp:
         prompts = Path(tmp) / "prompts.json"
         prompts.write_text(json.dumps([q for q, _ in QUESTIONS]))
         out = run_llama("generate", Path(path), prompts=prompts, max_tokens=max_tokens,
-                        threads=threads, context=512)
+                        threads=threads, context=GENERATE_CONTEXT)
     return score(out["texts"])
