@@ -154,6 +154,11 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--dtype", default=None,
                    help="ONNX precision: fp32, fp16, int8 (weight-only, onnxruntime's MatMulNBits) "
                         "(default: the profile's for an onnx profile, else fp32)")
+    p.add_argument("--types", nargs="+", default=None, metavar="TYPE",
+                   help="the types a budget search chooses among, with the structure: GGUF or "
+                        "ONNX types as for --quant / --dtype (default: every type the target "
+                        "offers, F16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 or fp32 fp16 int8, unless "
+                        "--quant / --dtype fixes one; in a sweep: each, at every --targets)")
     p.add_argument("--eval-text", default="builtin-heldout",
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
                         "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
@@ -237,7 +242,31 @@ def _config(args: argparse.Namespace):
                 raise UserError("--target none writes no runtime file, so there is nothing to "
                                 "fit to the budgets: give --sparsity, or a target")
             cfg.target = None
+        cfg.types = _types(args, search, cfg.target)
     return cfg
+
+
+def _types(args: argparse.Namespace, search: bool, target: str | None) -> tuple[str, ...] | None:
+    """The types to search (or sweep): --types, checked against the target; by default every
+    type the target offers when a search runs and neither --quant nor --dtype fixes one."""
+    from .joint import TYPES
+
+    fixed = args.quant or args.dtype
+    if args.types is None:
+        return TYPES[target] if search and target and not fixed and args.plan is None else None
+    if target is None:
+        raise UserError("--types needs a target format (--target gguf or onnx)")
+    if fixed:
+        raise UserError(f"--types and {'--quant' if args.quant else '--dtype'} both choose the type: "
+                        "give one")
+    if not search and not getattr(args, "targets", None):
+        raise UserError("--types is for a budget search (no --sparsity) or a sweep")
+    offered = TYPES[target]
+    bad = [t for t in args.types if t not in offered]
+    if bad:
+        raise UserError(f"--types: {', '.join(bad)} not offered by the {target} target "
+                        f"({', '.join(offered)})")
+    return tuple(dict.fromkeys(args.types))
 
 
 def cmd_profiles() -> int:

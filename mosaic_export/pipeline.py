@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,13 +30,22 @@ from .costmodel import Format, Pricing
 from .deploy import finalize
 from .errors import UserError
 from .evaluate import perplexity, windows
+from .joint import JointResult
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .plan import Plan, PruneSettings, make_plan
 from .process import peak_rss_bytes, release_memory
 from .profile import Profile, load_profile
 from .prune.apply import apply_plan, measure
 from .recover import RecoverSettings, resolve_device
-from .report import budget_table, cost_plot, pod_heatmap, recovery_plot, summary_table, write_markdown
+from .report import (
+    budget_table,
+    cost_plot,
+    front_plot,
+    pod_heatmap,
+    recovery_plot,
+    summary_table,
+    write_markdown,
+)
 from .search import SearchResult, check_budgets, cost_checks, search
 from .texts import BUILTIN, HELDOUT, SELF, corpus
 from .units import format_bytes
@@ -59,6 +69,9 @@ class RunConfig:
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
     dtype: str | None = None  # ONNX precision; None: the profile's (onnx profiles), else fp32
     search: bool = False  # choose the removal target from the budgets (settings.sparsity ignored)
+    # With search: the types the search may choose among (joint.py), None: the one type of
+    # --quant / --dtype / the profile (the search then varies structure only)
+    types: tuple[str, ...] | None = None
     margin: float = 0.02  # the search keeps this fraction below (above) each budget
     check_neighbour: bool = False  # also build and measure the plan with 5% less pruning
     budgets: dict = field(default_factory=dict)  # overrides: max_memory, min_tokens_per_s, context, max_ttft
@@ -150,6 +163,15 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
         alignment = 1 if config.alignment is None else config.alignment
     settings = replace(config.settings, alignment=alignment).validate()
+    if config.types:
+        from .joint import TYPES
+
+        bad = [t for t in config.types if t not in TYPES[target]]
+        if bad:
+            raise UserError(f"types {', '.join(bad)} are not offered by the {target} target "
+                            f"({', '.join(TYPES[target])})")
+        if config.plan:
+            raise UserError("--plan applies a plan as it is; it cannot be combined with --types")
     plan = Plan.load(config.plan) if config.plan else None
     if plan is not None and config.search:
         raise UserError("--plan applies a plan as it is; it cannot be combined with a budget search")
@@ -261,9 +283,11 @@ def check_free_space(out: Path, plan: Plan, pricing: Pricing | None, dense_total
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
                       plan: Plan | None, calib: torch.Tensor, profile: Profile | None = None,
-                      pricing: Pricing | None = None) -> tuple[Plan, LayerStream, SearchResult | None]:
+                      pricing: Pricing | None = None, log=print
+                      ) -> tuple[Plan, LayerStream, SearchResult | JointResult | None]:
     """The plan given, or one made from pass 1: at settings.sparsity, or, with config.search,
-    at the least removal whose predicted cost meets the profile's budgets."""
+    at the least removal whose predicted cost meets the profile's budgets (with config.types, the
+    joint search over types, structure and recovery: a JointResult)."""
     stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
@@ -275,9 +299,112 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSet
     stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
+    if config.types:
+        joint = joint_search(config, loaded, measured, settings, profile, calib)
+        return joint.chosen.candidate.plan, stream, joint
     found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing,
                    config.margin)
     return found.chosen.plan, stream, found
+
+
+def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: PruneSettings,
+                 profile: Profile, calib: torch.Tensor, log=print) -> JointResult:
+    """The joint search (joint.py): every type's budget search, the quality probe (quality.py:
+    the dense model at each type in its runtime; pruned copies only where pruning could win),
+    the choice."""
+    from .joint import (
+        choose,
+        competitive,
+        infeasible_message,
+        options,
+        probe_levels,
+        recovery_level,
+        type_searches,
+    )
+    from .quality import (
+        PROBE_WINDOWS,
+        QualityModel,
+        measure_structure,
+        measure_types,
+        probe_ids,
+        probe_text,
+        recovered_share,
+        structure_points,
+    )
+
+    target = config.target
+    pricings = {t: replace(make_pricing(profile, Format(target, t), loaded),
+                           calibration=calibration_near(profile, Format(target, t)))
+                for t in config.types}
+    alignments = {t: config.alignment or type_alignment(target, t) for t in config.types}
+    searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
+                             pricings, alignments, config.margin)
+    if all(isinstance(s, str) for s in searches.values()):
+        raise UserError(infeasible_message(searches))
+    text = probe_text(settings.calibration.source)
+    probe = probe_ids(loaded, text)
+    log(f"joint search over {', '.join(config.types)}: quality probe on {probe.shape[0]} windows "
+        f"of {text}")
+    reference = perplexity(loaded.model, probe, text, desc="probe (dense)").perplexity
+    context = next(iter(pricings.values())).context
+    with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as work:
+        dense_runs = measure_types(loaded, target, list(config.types), text, work, context,
+                                   config.threads, log=log)
+    type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
+    comp = competitive(searches, type_deltas)
+    levels = probe_levels(list(comp.values()))
+    structure, share, recovered = (), None, None
+    if levels:
+        recover_at = recovery_level(levels, list(comp.values())) if config.recover else None
+        align = min(alignments[t] for t in comp)
+        log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment {align})")
+        probed = measure_structure(loaded, measured, replace(settings, alignment=align), levels,
+                                   calib, probe, config.recover, recover_at,
+                                   recovery_state_dir(config.out) if config.out else None,
+                                   config.device, log)
+        structure = structure_points(reference, [(r, p) for _, r, p in probed["levels"]])
+        recovered = probed["recovered"]
+        if recovered is not None:
+            pruned_at = dict((r, p) for _, r, p in probed["levels"])[recovered[0]]
+            share = recovered_share(reference, pruned_at, recovered[1])
+    else:
+        log("structural probe skipped: no pruned candidate can beat the best dense type that "
+            "meets the budgets")
+    quality = QualityModel(reference, type_deltas, structure, share, probe={
+        "text": text, "windows": PROBE_WINDOWS, "dense_runs": {
+            t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
+                "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
+                "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},
+        "structure_alignment": min((alignments[t] for t in comp), default=None),
+        "recovered": list(recovered) if recovered else None})
+    opts = options(searches, quality, config.recover is not None)
+    chosen, why = choose(opts)
+    log(f"joint search: {chosen.label()}: {why}")
+    return JointResult(chosen, opts, searches, quality, why, pricings)
+
+
+def calibration_near(profile: Profile, fmt: Format):
+    """The format's calibration when `profile detect` measured it; else the terms measured for
+    another type of the same target (the profile's own type first), labelled as transferred: one
+    machine's efficiencies move less between types than datasheet fractions miss by; else nominal."""
+    own = profile.calibration.get(fmt.key)
+    if own is not None:
+        return own
+    runtime = profile.runtime
+    first = f"{runtime.target}:{runtime.quant if runtime.target == 'gguf' else runtime.dtype}"
+    for key in sorted(profile.calibration, key=lambda k: k != first):
+        if key.startswith(f"{fmt.target}:"):
+            return replace(profile.calibration[key], basis=f"transferred from {key}")
+    return profile.calibration_for(fmt)
+
+
+def type_alignment(target: str, type_: str) -> int:
+    """The channel alignment a type needs (GGUF block sizes; ONNX none)."""
+    if target == "gguf":
+        from .targets.gguf import alignment
+
+        return alignment(type_)
+    return 1
 
 
 def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel, strict: bool = True) -> Pricing:
@@ -358,7 +485,13 @@ def run(config: RunConfig, log=print) -> dict:
                            desc="perplexity (dense)") if eval_ids is not None else None
 
     t0 = time.perf_counter()
-    plan, stream, found = make_or_load_plan(config, loaded, settings, plan, calib, profile, pricing)
+    plan, stream, found = make_or_load_plan(config, loaded, settings, plan, calib, profile, pricing,
+                                            log)
+    joint = None
+    if isinstance(found, JointResult):  # the type is the search's choice
+        joint, found = found, found.search
+        fmt, pricing = Format(fmt.target, joint.chosen.type), joint.pricings[joint.chosen.type]
+        settings = plan.settings
     if found is not None:
         log(search_summary(found))
     check_free_space(config.out, plan, pricing, dense_counts["total"])
@@ -376,7 +509,9 @@ def run(config: RunConfig, log=print) -> dict:
     ppl_pruned = perplexity(loaded.model, eval_ids, config.eval_text,
                             desc="perplexity (pruned)") if eval_ids is not None else None
     recovery, ppl_before = None, None
-    if config.recover is not None:
+    if config.recover is not None and joint is not None and not joint.chosen.recovered:
+        log("recovery skipped: the joint search chose a model without pruning")
+    elif config.recover is not None:
         recovery = recover_model(config, loaded, log)
         ppl_before = ppl_pruned
         ppl_pruned = perplexity(loaded.model, eval_ids, config.eval_text,
@@ -407,6 +542,8 @@ def run(config: RunConfig, log=print) -> dict:
             report["perplexity"]["before_recovery"] = ppl_before.to_dict()
     if recovery is not None:
         report["recovery"] = recovery
+    if joint is not None:
+        report["joint"] = joint.to_dict()
     def build(folder: Path) -> None:
         save_checkpoint(loaded, folder / "model")
         report["reload"] = reload_check(loaded, folder / "model", calib[:1, :128])
@@ -437,6 +574,8 @@ def run(config: RunConfig, log=print) -> dict:
                 log(f"measuring the plan with 5% less pruning ({found.neighbour.target:.0%})")
                 report["cost"]["neighbour_measured"] = measure_neighbour(
                     config, profile, pricing, found.neighbour.plan, folder)
+        if joint is not None:
+            report["joint"]["measured"] = joint_check(joint, report, fmt.target)
         report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
         plan.save(folder / "plan.json")
         pod_heatmap(plan, folder / "pod.png")
@@ -444,6 +583,8 @@ def run(config: RunConfig, log=print) -> dict:
             cost_plot(report["cost"], folder / "cost.png")
         if "recovery" in report:
             recovery_plot(report["recovery"], folder / "recovery.png")
+        if "joint" in report:
+            front_plot(report["joint"], folder / "front.png")
         write_markdown(report, folder)
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         finalize(folder, report, calib[0].tolist())  # README.md, then manifest.json over all
@@ -458,6 +599,21 @@ def run(config: RunConfig, log=print) -> dict:
                 + "; ".join(f"{b['text']}: {'met' if b['met'] else 'MISSED'}" for b in n["budgets"]))
     log(f"wrote {config.out}/ ({', '.join(sorted(p.name for p in config.out.iterdir()))})")
     return report
+
+
+def joint_check(joint: JointResult, report: dict, target: str) -> dict | None:
+    """The chosen candidate's predicted perplexity on the evaluation text (the dense float32
+    figure there, moved by the predicted change) against the runtime's measured one."""
+    measured = report.get(target, {}).get("benchmark", {}).get("perplexity")
+    dense = report.get("perplexity", {}).get("dense")
+    if not measured or not dense or joint.chosen.delta is None:
+        return None
+    from .quality import log_error
+
+    predicted = dense["perplexity"] * math.exp(joint.chosen.delta)
+    return {"text": measured["text"], "predicted_perplexity": predicted,
+            "measured_perplexity": measured["perplexity"],
+            "log_error": log_error(predicted, measured["perplexity"])}
 
 
 def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan,

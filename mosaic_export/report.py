@@ -85,11 +85,22 @@ def summary_table(report: dict) -> str:
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
 
 
+def basis_text(basis: str, short: bool = False) -> str:
+    """What a prediction's calibration is, in words (costmodel.Calibration.basis)."""
+    if basis == "measured":
+        return "calibrated here" if short else "calibrated here by `mosaic-export profile detect`"
+    if basis.startswith("transferred"):
+        other = basis.split()[-1]
+        return (f"calibrated here for {other}" if short else
+                f"with the terms `profile detect` measured here for {other} (this type was not measured)")
+    return "nominal" if short else "with the profile's datasheet figures (nominal, not measured)"
+
+
 def budget_table(cost: dict) -> str:
     """Each budget: its limit, the predicted figure and, when measured here, the measured one."""
     local = cost["profile_local"]
     measured = {c["name"]: c for c in cost.get("measured_budgets", [])}
-    basis = "calibrated here" if cost["basis"] == "measured" else "nominal"
+    basis = basis_text(cost["basis"], short=True)
     rows = [("budget", f"predicted ({basis})",
              "measured here" + ("" if local else " (not the profile's device)"), "verdict")]
     for c in cost["predicted_budgets"]:
@@ -105,6 +116,19 @@ def budget_table(cost: dict) -> str:
         return "no budgets set"
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:<{w[3]}}" for a, b, c, d in rows)
+
+
+def pareto(points: list[tuple[float, float]], larger_is_better: bool) -> list[int]:
+    """Indices of the points not dominated in (cost x, perplexity y): lower y, and lower x (or
+    higher x when larger_is_better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (y2 <= y and (x2 >= x if larger_is_better else x2 <= x)) and (y2 < y or x2 != x)
+            for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
 
 
 def pod_heatmap(plan: Plan, path: Path) -> None:
@@ -162,7 +186,7 @@ def cost_plot(cost: dict, path: Path) -> None:
             (axes[1], "decode_tokens_per_s", 1, "decode tokens/s", "min_tokens_per_s")):
         pts = sorted({(p["removed"], p["predicted"][key] / scale) for p in plans})
         if pts:
-            basis = "calibrated here" if cost["basis"] == "measured" else "nominal, datasheet"
+            basis = basis_text(cost["basis"], short=True)
             ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, color="tab:blue",
                     label=f"predicted ({basis})")
         chosen = found["chosen"]["removed"] if found else cost.get("removed", 0.0)
@@ -218,6 +242,116 @@ def recovery_plot(recovery: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def front_points(joint: dict) -> list[dict]:
+    """The options with a predicted quality, each once (a type's dense plan is priced by its own
+    search and may repeat), with flags: on the memory front, on the speed front."""
+    seen, pts = set(), []
+    for o in joint["options"]:
+        key = (o["type"], round(o["removed"], 6), o["recovered"])
+        if o["predicted_perplexity"] is None or key in seen:
+            continue
+        seen.add(key)
+        pts.append(dict(o))
+    for key, larger in (("memory_bytes", False), ("decode_tokens_per_s", True)):
+        front = set(pareto([(p["predicted"][key], p["predicted_perplexity"]) for p in pts], larger))
+        for i, p in enumerate(pts):
+            p[f"front_{key}"] = i in front
+    return pts
+
+
+def joint_section(joint: dict) -> list[str]:
+    """report.md: the joint search's choice, why, the quality model's inputs, every candidate."""
+    q, c = joint["quality"], joint["chosen"]
+    probe = q["probe"]
+    lines = ["## Joint search: type, structure, recovery", "",
+             f"Chosen: **{_option_label(c)}**. {joint['reason'][0].upper()}{joint['reason'][1:]}.", ""]
+    m = joint.get("measured")
+    if m:
+        lines += [f"Predicted perplexity on {Path(m['text']).name}: {m['predicted_perplexity']:.2f}; "
+                  f"measured in the runtime: {m['measured_perplexity']:.2f} (log error "
+                  f"{m['log_error']:.3f}).", ""]
+    lines += [f"Quality model (`mosaic_export/quality.py`): log perplexity = dense float32 + the "
+              f"type's change + the structural change x (1 - the share recovery closes), each "
+              f"measured on {probe['windows']} windows of {Path(probe['text']).name} (dense, "
+              f"PyTorch float32: {q['reference']:.3f}).", "",
+              "| type | dense probe perplexity (runtime) | change | file (MiB) | decode tokens/s |",
+              "|---|---|---|---|---|"]
+    for t, d in q["type_deltas"].items():
+        r = probe["dense_runs"][t]
+        lines.append(f"| {t} | {r['perplexity']:.3f} | {d:+.4f} | {r['file_bytes'] / 2**20:.1f} | "
+                     f"{r['decode_tokens_per_s']:.1f} |")
+    lines.append("")
+    if q["structure"]:
+        lines += ["Structural change measured at " + ", ".join(
+            f"{r:.1%} removed: {d:+.3f}" for r, d in q["structure"])
+                  + f" (plans at alignment {probe['structure_alignment']}, after compensation)"
+                  + (f"; recovery closed {q['recovered_share']:.0%} of it at "
+                     f"{probe['recovered'][0]:.1%} removed" if q["recovered_share"] is not None else "")
+                  + ".", ""]
+    else:
+        lines += ["No structural probe: no type that needs pruning to meet the budgets can beat the "
+                  "best dense type that meets them without pruning.", ""]
+    if joint["infeasible_types"]:
+        lines += ["Types that no plan fits: " + "; ".join(
+            f"{t} ({s})" for t, s in joint["infeasible_types"].items()), ""]
+    lines += ["Every candidate with a predicted quality (predictions; `front`: not dominated):", "",
+              "| candidate | predicted perplexity | memory (MiB) | decode tokens/s | budgets | front |",
+              "|---|---|---|---|---|---|"]
+    for p in sorted(front_points(joint), key=lambda p: p["predicted"]["memory_bytes"]):
+        fronts = [name for name, key in (("memory", "memory_bytes"), ("speed", "decode_tokens_per_s"))
+                  if p[f"front_{key}"]]
+        lines.append(f"| {_option_label(p)} | {p['predicted_perplexity']:.2f} | "
+                     f"{p['predicted']['memory_bytes'] / 2**20:.1f} | "
+                     f"{p['predicted']['decode_tokens_per_s']:.1f} | "
+                     f"{'met' if p['feasible'] else 'missed'} | {', '.join(fronts)} |")
+    return lines + ["", "![front](front.png)", ""]
+
+
+def _option_label(o: dict) -> str:
+    if o["removed"] < 1e-9:
+        return f"dense {o['type']}"
+    return f"{o['type']}, {o['removed']:.1%} removed" + (", recovered" if o["recovered"] else "")
+
+
+def front_plot(joint: dict, path: Path) -> None:
+    """Predicted perplexity against predicted memory and decode speed of every candidate: dense
+    types, pruned plans, recovered plans; the fronts as lines, the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = front_points(joint)
+    c = joint["chosen"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"dense": ("o", "tab:green"), "pruned": ("^", "tab:gray"), "recovered": ("v", "tab:blue")}
+    for ax, key, scale, label in ((axes[0], "memory_bytes", 2**20, "predicted peak memory (MiB)"),
+                                  (axes[1], "decode_tokens_per_s", 1, "predicted decode tokens/s")):
+        for kind, (marker, color) in styles.items():
+            sel = [p for p in pts if (p["removed"] < 1e-9) == (kind == "dense")
+                   and (kind != "recovered" or p["recovered"]) and (kind != "pruned" or not p["recovered"])]
+            ax.scatter([p["predicted"][key] / scale for p in sel], [p["predicted_perplexity"] for p in sel],
+                       marker=marker, color=color, label=kind, zorder=2,
+                       alpha=[1.0 if p["feasible"] else 0.35 for p in sel] if sel else None)
+        for p in pts:
+            if p["removed"] < 1e-9:
+                ax.annotate(p["type"], (p["predicted"][key] / scale, p["predicted_perplexity"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = sorted((p for p in pts if p[f"front_{key}"]), key=lambda p: p["predicted"][key])
+        ax.plot([p["predicted"][key] / scale for p in front], [p["predicted_perplexity"] for p in front],
+                "-", color="tab:red", lw=1, label="front", zorder=1)
+        ax.plot([c["predicted"][key] / scale], [c["predicted_perplexity"]], "*", color="tab:red", ms=14,
+                label="chosen", zorder=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("predicted perplexity (probe)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("joint search: every candidate (faded: misses a budget)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_markdown(report: dict, folder: Path) -> None:
     """OUT/report.md: the summary, the budgets, the search, and the plots beside it."""
     lines = ["# mosaic-export report", "",
@@ -230,9 +364,7 @@ def write_markdown(report: dict, folder: Path) -> None:
         lines += ["## Budgets", "",
                   "Measured on this machine, which " + ("is" if local else "is not") +
                   " the profile's device" + ("" if local else ": the verdicts are the predictions'")
-                  + ". Predictions come from the cost model " +
-                  ("calibrated here by `mosaic-export profile detect`" if cost["basis"] == "measured"
-                   else "with the profile's datasheet figures (nominal, not measured)") + ".", "",
+                  + ". Predictions come from the cost model " + basis_text(cost["basis"]) + ".", "",
                   "```",
                   budget_table(cost), "```", ""]
         found = cost.get("search")
@@ -285,6 +417,8 @@ def write_markdown(report: dict, folder: Path) -> None:
                   f"{rec['seconds']:.0f} s, peak RSS {format_bytes(rec.get('peak_rss_bytes', 0))}. "
                   f"Distillation loss {rec['first_loss']:.3f} (first step) -> {rec['final_loss']:.3f} "
                   f"(last step)." + change, "", "![recovery](recovery.png)", ""]
+    if report.get("joint"):
+        lines += joint_section(report["joint"])
     lines += ["## Plan", "", "Per-projection outlier ratio and fraction removed:", "",
               "![POD heat map](pod.png)", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,9 +1,10 @@
-"""`mosaic-export sweep`: the main job at several removal targets; the Pareto front of quality
-against memory and against speed, for one target format.
+"""`mosaic-export sweep`: the main job at several removal targets (and, with --types, at several
+storage types); the Pareto front of quality against memory and against speed.
 
-Each target is a full run (structured pruning at that share of the decoder, export, benchmark on
-this machine, perplexity) written to OUT/r{target}/; OUT/sweep.csv holds one row per run,
-OUT/pareto.png the two fronts and OUT/report.md both.
+Each (type, target) is a full run (structured pruning at that share of the decoder, export,
+benchmark on this machine, perplexity) written to OUT/r{target}/ (OUT/{type}-r{target}/ with
+--types); OUT/sweep.csv holds one row per run, OUT/pareto.png the two fronts and OUT/report.md
+both.
 """
 
 from __future__ import annotations
@@ -14,23 +15,11 @@ from pathlib import Path
 
 from .errors import UserError
 from .pipeline import RunConfig, check_output, run, write_outputs
+from .report import pareto
 
-FIELDS = ["target", "removed", "perplexity", "memory_bytes", "decode_tokens_per_s",
+FIELDS = ["type", "target", "removed", "perplexity", "memory_bytes", "decode_tokens_per_s",
           "prefill_tokens_per_s", "file_bytes", "predicted_memory_bytes",
           "predicted_decode_tokens_per_s"]
-
-
-def pareto(points: list[tuple[float, float]], larger_is_better: bool) -> list[int]:
-    """Indices of the points not dominated in (cost x, perplexity y): lower y, and lower x (or
-    higher x when larger_is_better)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any(
-            (y2 <= y and (x2 >= x if larger_is_better else x2 <= x)) and (y2 < y or x2 != x)
-            for j, (x2, y2) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return front
 
 
 def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
@@ -45,13 +34,20 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
     check_output(out, config.force)
     rows: list[dict] = []
 
+    types = config.types or [None]  # None: the one type of --quant / --dtype / the profile
+    option = "quant" if config.target == "gguf" else "dtype"
+
     def build(folder: Path) -> None:
-        for t in sorted(set(targets)):
-            log(f"--- sweep: {t:.0%} of the decoder removed by structure")
-            settings = replace(config.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
-            r = run(replace(config, settings=settings, search=False, out=folder / f"r{t:.2f}",
-                            force=False), log=log)
-            rows.append(_row(t, r, config.target))
+        for type_ in types:
+            for t in sorted(set(targets)):
+                log(f"--- sweep: {t:.0%} of the decoder removed by structure"
+                    + (f", {type_}" if type_ else ""))
+                settings = replace(config.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
+                name = f"{type_}-r{t:.2f}" if type_ else f"r{t:.2f}"
+                typed = {option: type_, "alignment": None} if type_ else {}
+                r = run(replace(config, settings=settings, search=False, types=None,
+                                out=folder / name, force=False, **typed), log=log)
+                rows.append(_row(t, r, config.target))
         _write(folder, rows, config.target)
 
     write_outputs(out, config.force, build)
@@ -62,7 +58,8 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
 def _row(target: float, report: dict, fmt_target: str) -> dict:
     bench = report[fmt_target]["benchmark"]
     p, cost = report["params"], report.get("cost", {})
-    return {"target": target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
+    return {"type": cost["format"].split(":")[1],
+            "target": target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
             "perplexity": report["perplexity"]["pruned"]["perplexity"],
             "memory_bytes": bench["peak_rss_bytes"],
             "decode_tokens_per_s": bench["decode"]["tokens_per_s"],
@@ -93,25 +90,28 @@ def _write(folder: Path, rows: list[dict], fmt_target: str) -> None:
         ax.scatter([x for x, _ in pts], [y for _, y in pts], color="tab:gray", zorder=2)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o-", color="tab:red",
                 label="Pareto front", zorder=3)
+        typed = len({r["type"] for r in rows}) > 1
         for r, (x, y) in zip(rows, pts, strict=True):
-            ax.annotate(f"{r['removed']:.0%}", (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+            ax.annotate(f"{r['type']} " * typed + f"{r['removed']:.0%}", (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs cost across removal targets ({fmt_target}, measured here)")
+    fig.suptitle(f"quality vs cost across removal targets and types ({fmt_target}, measured here)")
     fig.tight_layout()
     fig.savefig(folder / "pareto.png", dpi=110)
     plt.close(fig)
     lines = ["# mosaic-export sweep", "",
-             "| removed | perplexity | peak memory (MiB) | decode tokens/s | prefill tokens/s | "
-             "file (MiB) | on memory front | on speed front |", "|---|---|---|---|---|---|---|---|"]
+             "| type | removed | perplexity | peak memory (MiB) | decode tokens/s | prefill tokens/s | "
+             "file (MiB) | on memory front | on speed front |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        lines.append(f"| {r['removed']:.1%} | {r['perplexity']:.3f} | {r['memory_bytes'] / 2**20:.1f} | "
+        lines.append(f"| {r['type']} | {r['removed']:.1%} | {r['perplexity']:.3f} | "
+                     f"{r['memory_bytes'] / 2**20:.1f} | "
                      f"{r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['file_bytes'] / 2**20:.1f} | {'yes' if i in fronts['memory_bytes'] else ''} | "
                      f"{'yes' if i in fronts['decode_tokens_per_s'] else ''} |")
     lines += ["", "![Pareto fronts](pareto.png)", "",
-              "Each row is a full run in `r<target>/` with its own report."]
+              "Each row is a full run in `r<target>/` (`<type>-r<target>/` with --types) with its "
+              "own report."]
     (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -273,7 +273,7 @@ def test_a_relative_budget_drives_the_search(tiny_model_dir, tmp_path, capsys):
     profile.write_text(PROFILE)
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--max-memory", "0.9x",
-                 "--margin", "0", "--out", str(out)]) == 0
+                 "--dtype", "fp32", "--margin", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "budgets relative to the dense model (onnx:fp32, measured prediction): max_memory 0.9x" in printed
     report = json.loads((out / "report.json").read_text())

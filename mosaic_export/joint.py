@@ -1,0 +1,195 @@
+"""The joint search: the best predicted model for the budgets over storage type, structured
+removal and recovery, with quantization alone (no pruning) as a candidate like any other.
+
+1. For every type the target offers (GGUF: F16 ... Q4_0; ONNX: fp32, fp16, int8), the budget
+   search of search.py at that type's channel alignment: the least structured removal whose
+   predicted cost meets every budget (0 when the dense model at that type already does).
+2. Quality (quality.py): the dense model's probe perplexity at every type, in its runtime. The
+   best dense type that meets the budgets sets the bar; a pruned candidate can only beat it at a
+   type whose own quantization costs less than the bar, so the structural probe (pruned copies,
+   PyTorch) runs only for those, at LADDER levels up to their removal, and recovery (when asked)
+   once, at the level nearest their median removal.
+3. Choice: among candidates whose predicted cost meets every budget, the lowest predicted
+   log-perplexity; within TIE of it, the fastest predicted decode. Removing more structure at a
+   type is assumed never to help, so at each type only its least feasible removal can win.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .arch import ModelShape
+from .costmodel import Pricing
+from .errors import UserError
+from .plan import LayerMeasurement, PruneSettings
+from .profile import Budgets
+from .quality import QualityModel
+from .search import Candidate, SearchResult, search
+
+TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
+LADDER = (0.15, 0.30, 0.45, 0.60, 0.80)  # removal levels the structural probe may measure
+TIE = 1e-3  # predicted log-perplexities this close are a tie, broken by decode speed
+
+
+@dataclass
+class Option:
+    """One candidate: a type, a plan at that type's alignment, with or without recovery."""
+
+    type: str
+    candidate: Candidate  # the plan, its predicted cost and the budget checks (search.py)
+    recovered: bool = False
+    delta: float | None = None  # predicted log-perplexity change against dense float32
+
+    @property
+    def removed(self) -> float:
+        p = self.candidate.plan.params()
+        return 1 - p["decoder_resized"] / p["decoder_dense"]
+
+    @property
+    def feasible(self) -> bool:
+        return self.candidate.feasible
+
+    def label(self) -> str:
+        if self.removed < 1e-9:
+            return f"dense {self.type}"
+        return f"{self.type}, {self.removed:.1%} removed{', recovered' if self.recovered else ''}"
+
+    def to_dict(self, reference: float | None = None) -> dict:
+        c = self.candidate.cost
+        return {"type": self.type, "removal_target": self.candidate.target, "removed": self.removed,
+                "recovered": self.recovered, "feasible": self.feasible, "delta": self.delta,
+                "predicted_perplexity": None if self.delta is None or reference is None
+                else reference * math.exp(self.delta),
+                "predicted": {"weight_bytes": c.weight_bytes, "memory_bytes": c.memory_bytes,
+                              "decode_tokens_per_s": c.decode_tokens_per_s,
+                              "prefill_tokens_per_s": c.prefill_tokens_per_s, "ttft_s": c.ttft_s,
+                              "basis": c.basis}}
+
+
+@dataclass
+class JointResult:
+    chosen: Option
+    options: list[Option]  # every candidate priced, every type, with and without recovery
+    searches: dict[str, SearchResult | str]  # type -> its budget search, or why none meets the budgets
+    quality: QualityModel
+    reason: str  # why the chosen candidate, in one sentence
+    pricings: dict[str, Pricing] = field(default_factory=dict)
+
+    @property
+    def search(self) -> SearchResult:
+        """The budget search at the chosen type (what the cost section reports)."""
+        return self.searches[self.chosen.type]
+
+    def to_dict(self) -> dict:
+        ref = self.quality.reference
+        return {"chosen": self.chosen.to_dict(ref), "reason": self.reason,
+                "quality": self.quality.to_dict(),
+                "infeasible_types": {t: s for t, s in self.searches.items() if isinstance(s, str)},
+                "options": [o.to_dict(ref) for o in self.options]}
+
+
+def type_searches(shape: ModelShape, source: str, measured: list[LayerMeasurement],
+                  settings: PruneSettings, budgets: Budgets, pricings: dict[str, Pricing],
+                  alignments: dict[str, int], margin: float) -> dict[str, SearchResult | str]:
+    """The budget search at every type, each at its own alignment; the error's text for a type
+    at which no plan meets the budgets."""
+    out: dict[str, SearchResult | str] = {}
+    for t, pricing in pricings.items():
+        try:
+            out[t] = search(shape, source, measured, replace(settings, alignment=alignments[t]),
+                            budgets, pricing, margin)
+        except UserError as e:
+            if "no budget to search for" in str(e):
+                raise
+            out[t] = str(e)
+    return out
+
+
+def competitive(searches: dict[str, SearchResult | str], type_deltas: dict[str, float]) -> dict[str, float]:
+    """Types whose least feasible removal is above 0 and whose quantization alone costs less than
+    the best dense type that meets the budgets: {type: removed share}. Only these need the
+    structural probe."""
+    dense_ok = [type_deltas[t] for t, s in searches.items()
+                if isinstance(s, SearchResult) and s.chosen.target == 0]
+    bar = min(dense_ok, default=math.inf)
+    out = {}
+    for t, s in searches.items():
+        if isinstance(s, SearchResult) and s.chosen.target > 0 and type_deltas[t] < bar:
+            p = s.chosen.plan.params()
+            out[t] = 1 - p["decoder_resized"] / p["decoder_dense"]
+    return out
+
+
+def probe_levels(removals: list[float], ladder: tuple[float, ...] = LADDER) -> list[float]:
+    """LADDER levels up to the first at or above the largest removal: enough to interpolate every
+    competitive candidate."""
+    if not removals:
+        return []
+    top = max(removals)
+    levels = []
+    for level in ladder:
+        levels.append(level)
+        if level >= top - 1e-9:
+            return levels
+    raise UserError(f"a removal of {top:.0%} is past the largest probe level {ladder[-1]:.0%}")
+
+
+def recovery_level(levels: list[float], removals: list[float]) -> float | None:
+    """The probe level nearest the median competitive removal (where recovery is measured)."""
+    if not levels or not removals:
+        return None
+    mid = sorted(removals)[len(removals) // 2]
+    return min(levels, key=lambda lv: (abs(lv - mid), lv))
+
+
+def options(searches: dict[str, SearchResult | str], quality: QualityModel,
+            recover: bool) -> list[Option]:
+    """Every priced plan of every type as a candidate, with its predicted quality; with
+    ``recover``, each pruned plan also as recovered."""
+    out = []
+    for t, s in searches.items():
+        if isinstance(s, str):
+            continue
+        for c in s.priced:
+            o = Option(t, c)
+            o.delta = quality.delta(t, o.removed)
+            out.append(o)
+            if recover and o.removed > 1e-9:
+                r = Option(t, c, recovered=True)
+                r.delta = quality.delta(t, o.removed, recovered=True)
+                out.append(r)
+    return out
+
+
+def choose(opts: list[Option]) -> tuple[Option, str]:
+    """The feasible option with the lowest predicted log-perplexity (within TIE: the fastest
+    predicted decode), and why, in one sentence."""
+    ok = [o for o in opts if o.feasible and o.delta is not None]
+    if not ok:
+        raise UserError("no candidate (type x structured removal) meets the budgets with a predicted "
+                        "quality")
+    best = min(o.delta for o in ok)
+    chosen = max((o for o in ok if o.delta <= best + TIE),
+                 key=lambda o: (o.candidate.cost.decode_tokens_per_s, -o.removed))
+    pruned = [o for o in ok if o.removed > 1e-9]
+    dense = [o for o in ok if o.removed <= 1e-9]
+    if chosen.removed <= 1e-9:
+        if pruned:
+            rival = min(pruned, key=lambda o: o.delta)
+            why = (f"{chosen.label()} meets every budget without pruning and is predicted better "
+                   f"than every pruned candidate that does (the best, {rival.label()}, is predicted "
+                   f"{math.exp(rival.delta - chosen.delta) - 1:+.1%} perplexity)")
+        else:
+            why = f"{chosen.label()} meets every budget without pruning, and is the best type that does"
+    elif dense:
+        rival = min(dense, key=lambda o: o.delta)
+        why = (f"{chosen.label()} is predicted {math.exp(chosen.delta - rival.delta) - 1:+.1%} "
+               f"perplexity against the best dense type that meets the budgets, {rival.label()}")
+    else:
+        why = f"no dense type meets the budgets; {chosen.label()} is the best predicted candidate that does"
+    return chosen, why
+
+
+def infeasible_message(searches: dict[str, SearchResult | str]) -> str:
+    return "no type meets the budgets: " + "; ".join(f"{t}: {s}" for t, s in searches.items())

@@ -1,0 +1,189 @@
+"""Predicted quality: how much a storage type and a structured removal raise perplexity.
+
+    log ppl(type, removed, recovered) = log ppl(dense, PyTorch float32)
+                                        + type_delta[type]
+                                        + structure(removed) x (1 - recovered_share if recovered)
+
+All three terms are measured on the same probe: the first PROBE_WINDOWS windows of the
+calibration text (the built-in text when the calibration text is ``self``).
+- type_delta: the runtime's own perplexity of the dense model exported at that type (llama.cpp
+  for GGUF, ONNX Runtime for ONNX), less PyTorch's float32 perplexity, in log terms.
+- structure(r): PyTorch perplexity of the model pruned by structure alone (after compensation) at a
+  few removal levels (the share of decoder parameters removed), less the dense model's; linear in
+  log-perplexity between levels, (0, 0) included, never extrapolated past the last level.
+- recovered_share: the share of structure(r) that recovery (distillation) closes, measured at one
+  level and assumed the same at the others.
+
+The sum assumes the quantization error and the structural error independent (additive in
+log-perplexity). That is a model, not a fact: its error against measured points is reported
+(BENCHMARKS.md, "The best model for the budget").
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass, field
+
+PROBE_WINDOWS = 8  # probe windows of PROBE_SEQ_LEN tokens: seconds per type for a small model
+PROBE_SEQ_LEN = 512
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """The measured terms of the prediction (log-perplexity changes against dense float32)."""
+
+    reference: float  # the dense model's perplexity in PyTorch, float32, on the probe
+    type_deltas: dict[str, float]  # type -> log ppl(runtime, dense at type) - log reference
+    structure: tuple[tuple[float, float], ...] = ()  # (removed share, log ppl change), increasing
+    recovered_share: float | None = None  # share of the structural change recovery closes
+    probe: dict = field(default_factory=dict)  # text, windows, what was measured where
+
+    def structural(self, removed: float) -> float | None:
+        """The log-perplexity change of removing ``removed`` of the decoder by structure:
+        interpolated between measured levels; None past the last one (not predicted)."""
+        if removed <= 1e-9:
+            return 0.0
+        points = [(0.0, 0.0), *self.structure]
+        xs = [x for x, _ in points]
+        if removed > xs[-1] + 1e-9:
+            return None
+        i = bisect.bisect_left(xs, removed)
+        if i < len(xs) and abs(xs[i] - removed) <= 1e-9:
+            return points[i][1]
+        (x0, y0), (x1, y1) = points[i - 1], points[i]
+        return y0 + (y1 - y0) * (removed - x0) / (x1 - x0)
+
+    def delta(self, type_: str, removed: float, recovered: bool = False) -> float | None:
+        """Predicted log-perplexity change against dense float32; None when not predictable
+        (the type not measured, the removal past the probed levels, recovery not measured)."""
+        s = self.structural(removed)
+        if type_ not in self.type_deltas or s is None:
+            return None
+        if recovered and removed > 1e-9:
+            if self.recovered_share is None:
+                return None
+            s *= 1 - self.recovered_share
+        return self.type_deltas[type_] + s
+
+    def perplexity(self, type_: str, removed: float, recovered: bool = False,
+                   dense: float | None = None) -> float | None:
+        """Predicted perplexity, anchored at ``dense`` (the dense float32 perplexity on another
+        text, e.g. the evaluation text) or at the probe's."""
+        d = self.delta(type_, removed, recovered)
+        return None if d is None else (dense if dense is not None else self.reference) * math.exp(d)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["structure"] = [list(p) for p in self.structure]
+        return out
+
+
+def structure_points(reference: float, measured: list[tuple[float, float]]) -> tuple:
+    """(removed share, log change) pairs from (removed share, perplexity) measurements, sorted;
+    a later level measured better than an earlier one is kept as measured (noise is shown, not
+    smoothed)."""
+    return tuple(sorted((r, math.log(p / reference)) for r, p in measured))
+
+
+def recovered_share(reference: float, pruned: float, recovered: float) -> float:
+    """The share of the pruned model's log-perplexity gap to dense that recovery closed."""
+    gap = math.log(pruned / reference)
+    if gap <= 0:
+        return 0.0
+    return max(0.0, min(1.0, 1 - math.log(recovered / reference) / gap))
+
+
+def log_error(predicted: float, measured: float) -> float:
+    """|log predicted - log measured|: 0.1 is about 10% off."""
+    return abs(math.log(predicted / measured))
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    if not n:
+        raise ValueError("median of nothing")
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+# --- measuring the terms -------------------------------------------------------------------------
+
+
+def probe_text(calibration_source: str) -> str:
+    """The text the probe scores: the calibration text, or the built-in text for ``self``
+    (generated text is the model's own: its perplexity says little)."""
+    from .texts import BUILTIN, SELF
+
+    return BUILTIN if calibration_source == SELF else calibration_source
+
+
+def probe_ids(loaded, text: str, n_windows: int = PROBE_WINDOWS):
+    """The probe windows as PyTorch scores them (the runners cut the same windows)."""
+    from .calibration import tokenize
+    from .evaluate import windows
+    from .texts import corpus
+
+    return windows(tokenize(loaded.tokenizer, corpus(text)), PROBE_SEQ_LEN, n_windows, text)
+
+
+def measure_types(loaded, target: str, types: list[str], text: str, work, context: int,
+                  threads: int | None = None, n_windows: int = PROBE_WINDOWS, log=print) -> dict:
+    """The dense model exported at each type and run in its runtime (a fresh process each):
+    {type: benchmark result}, the probe perplexity under "perplexity"; speed and memory are
+    measured with the context full, as for any built model."""
+    from pathlib import Path
+
+    from .costmodel import Format
+    from .detect import export_format
+
+    out = {}
+    for t in types:
+        folder = Path(work) / f"dense-{t}"
+        path, benchmark = export_format(loaded, Format(target, t), folder)
+        out[t] = benchmark(path, threads=threads, eval_text=text, eval_windows=n_windows,
+                           eval_seq_len=PROBE_SEQ_LEN, context=context)
+        p = out[t]["perplexity"]["perplexity"]
+        log(f"  dense {t}: probe perplexity {p:.3f}, {out[t]['file_bytes'] / 2**20:.1f} MiB, "
+            f"decode {out[t]['decode']['tokens_per_s']:.1f} tokens/s")
+    return out
+
+
+def measure_structure(loaded, measured, settings, levels: list[float], calib, probe,
+                      recover=None, recover_at: float | None = None, cache_dir=None,
+                      device: str | None = "cpu", log=print) -> dict:
+    """Perplexity on the probe of copies of the dense model pruned by structure alone at each
+    level (a plan made from the pass-1 measurements, applied with compensation); with ``recover``
+    (RecoverSettings), the copy at ``recover_at`` is also distilled from the dense model.
+    Returns {"levels": [(target, removed, perplexity)], "recovered": (removed, perplexity) | None}."""
+    import copy
+    from dataclasses import replace
+
+    from .calibration import LayerStream
+    from .evaluate import perplexity
+    from .plan import make_plan
+    from .prune.apply import apply_plan
+
+    rows, recovered = [], None
+    for level in levels:
+        s = replace(settings, sparsity=level, structured_fraction=1.0)
+        plan = make_plan(loaded.shape, loaded.source, measured, s)
+        params = plan.params()
+        removed = 1 - params["decoder_resized"] / params["decoder_dense"]
+        student = copy.deepcopy(loaded)
+        apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
+        student.layer_dims = [lp.dims for lp in plan.layers]
+        ppl = perplexity(student.model, probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
+        log(f"  {removed:.1%} removed by structure: probe perplexity {ppl:.3f}")
+        rows.append((level, removed, ppl))
+        if recover is not None and recover_at is not None and abs(level - recover_at) < 1e-9:
+            from .recover import distill, training_windows
+
+            ids, _ = training_windows(recover, loaded, cache_dir, log, device)
+            result = distill(student.model, loaded.model, ids, recover, device=device)
+            log(f"  recovered in {result.seconds:.0f} s")
+            rppl = perplexity(student.model, probe, "probe", desc="probe (recovered)").perplexity
+            log(f"  {removed:.1%} removed, recovered: probe perplexity {rppl:.3f}")
+            recovered = (removed, rppl)
+        del student
+    return {"levels": rows, "recovered": recovered}
