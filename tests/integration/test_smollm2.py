@@ -132,7 +132,7 @@ def test_budget_search_end_to_end(tmp_path):
     budget = int(dense * 0.95)
     out = tmp_path / "budget"
     cmd = [sys.executable, "-m", "mosaic_export", "--max-memory", "0.95x", "--margin", "0", *SMALL[2:],
-           "--out", str(out)]
+           "--quant", "Q8_0", "--out", str(out)]  # the type fixed: the search varies structure only
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, FAULT_ENV: "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the least that meets every budget" in proc.stdout
@@ -158,3 +158,26 @@ def test_budget_search_end_to_end(tmp_path):
     # runtime generates, and greedily (the same text twice).
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout
+
+
+def test_joint_search_chooses_the_type_and_predicts_its_quality(tmp_path):
+    """The main command with a memory budget of 80% of dense Q8_0's predicted figure and no type
+    given: the joint search runs the dense model at every GGUF type in llama.cpp, probes structure
+    for the types that would need pruning, and (a smaller dense type fitting at a small quality
+    cost) delivers a dense model at a smaller type; its predicted perplexity is within 10% of the
+    one llama.cpp measures."""
+    out = tmp_path / "joint"
+    cmd = [sys.executable, "-m", "mosaic_export", "--max-memory", "0.8x", *SMALL[2:], "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "joint search over F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    joint, cost = report["joint"], report["cost"]
+    chosen = joint["chosen"]
+    assert set(joint["quality"]["type_deltas"]) == {"F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"}
+    assert chosen["feasible"] and cost["predicted"]["memory_bytes"] <= report["budgets"]["max_memory_bytes"]
+    assert cost["format"] == f"gguf:{chosen['type']}" and (out / f"model-{chosen['type']}.gguf").is_file()
+    if chosen["removed"] == 0:
+        assert "without pruning" in joint["reason"] and chosen["type"] not in ("F16", "Q8_0")
+    assert joint["measured"]["log_error"] < 0.1, joint["measured"]
+    assert "## Joint search" in (out / "report.md").read_text() and (out / "front.png").is_file()

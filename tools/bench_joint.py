@@ -1,0 +1,202 @@
+"""Quality per byte: dense at every GGUF type against structured pruning at a few types, without
+and with recovery, all measured in llama.cpp; and the joint search's quality model checked
+against every row.
+
+    python tools/bench_joint.py --profile bench/joint/this-machine.toml \\
+        --calib-text ../shared/data/wikitext-2/valid.txt --eval-text ../shared/data/wikitext-2/test.txt \\
+        --eval-windows 32 --recover-tokens 32768 --json bench/joint/table.json
+
+Rows: the dense model at each of --types; the model pruned by structure (POD composite plan,
+compensated, at the type's channel alignment) at each of --levels for each of --pruned-types,
+as pruned and after recovery (distillation from the dense model on --recover-text). Each row is
+exported by mosaic-export, run in a fresh llama.cpp process with the context full (peak RSS at
+--context tokens, decode and prefill tokens/s after a 512-token prompt) and scored on the same
+--eval-windows windows of --eval-text.
+
+The prediction is the joint search's (mosaic_export/quality.py), built as the main command builds
+it: the dense model's probe perplexity at each type in llama.cpp, the structural change measured
+in PyTorch at the levels on plans at the finest alignment among --pruned-types, recovery's share
+measured at the middle level; anchored at the dense PyTorch perplexity on the evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from mosaic_export.targets.gguf import export
+from mosaic_export.targets.gguf_runner import benchmark
+
+from mosaic_export.calibration import LayerStream, tokenize
+from mosaic_export.costmodel import Format
+from mosaic_export.evaluate import perplexity, windows
+from mosaic_export.joint import TYPES
+from mosaic_export.model_io import load_model
+from mosaic_export.pipeline import calibration_ids, calibration_near, make_pricing, type_alignment
+from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
+from mosaic_export.profile import load_profile
+from mosaic_export.prune.apply import apply_plan, measure
+from mosaic_export.quality import (
+    QualityModel,
+    log_error,
+    measure_types,
+    median,
+    probe_ids,
+    probe_text,
+    recovered_share,
+    structure_points,
+)
+from mosaic_export.recover import RecoverSettings, distill, training_windows
+from mosaic_export.report import pareto
+from mosaic_export.texts import corpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--profile", default="laptop-cpu", help="for the predicted costs beside the measured")
+    p.add_argument("--types", nargs="+", default=list(TYPES["gguf"]))
+    p.add_argument("--pruned-types", nargs="+", default=["Q8_0", "Q4_K_M"])
+    p.add_argument("--levels", type=float, nargs="+", default=[0.15, 0.30, 0.45])
+    p.add_argument("--calib-text", default="builtin")
+    p.add_argument("--recover-text", default=None, help="default: the calibration text")
+    p.add_argument("--recover-tokens", type=int, default=32768, help="0: no recovered rows")
+    p.add_argument("--eval-text", default="builtin-heldout")
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    t_start = time.perf_counter()
+
+    dense = load_model(a.model)
+    settings = PruneSettings(sparsity=0.0, structured_fraction=1.0,
+                             calibration=CalibrationSettings(source=a.calib_text))
+    calib = calibration_ids(dense, settings)
+    measured = measure(LayerStream(dense.model, dense.spec, calib), dense.spec, dense.shape,
+                       settings.outlier_m)
+    eval_ids = windows(tokenize(dense.tokenizer, corpus(a.eval_text)), 512, a.eval_windows, a.eval_text)
+    dense_eval = perplexity(dense.model, eval_ids, a.eval_text, desc="perplexity (dense)").perplexity
+    text = probe_text(a.calib_text)
+    probe = probe_ids(dense, text)
+    reference = perplexity(dense.model, probe, text, desc="probe (dense)").perplexity
+    print(f"dense PyTorch: {a.eval_text} {dense_eval:.3f}, probe {reference:.3f}", flush=True)
+    profile = load_profile(a.profile)
+    pricings = {t: replace(make_pricing(profile, Format("gguf", t), dense),
+                           calibration=calibration_near(profile, Format("gguf", t))) for t in a.types}
+    rows: list[dict] = []
+    recover = None
+    if a.recover_tokens:
+        recover = RecoverSettings(tokens=a.recover_tokens, text=a.recover_text or a.calib_text).validate()
+        train_ids, _ = training_windows(recover, dense)
+
+    with tempfile.TemporaryDirectory(prefix="bench-joint-") as tmp:
+        work = Path(tmp)
+        probes = measure_types(dense, "gguf", a.types, text, work / "probe", a.context)
+        type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in probes.items()}
+
+        def row(loaded, type_: str, removed: float, recovered: bool, probe_ppl: float | None,
+                extra: dict | None = None) -> dict:
+            path = work / f"m-{type_}.gguf"
+            export(loaded, path, type_)
+            r = benchmark(path, eval_text=a.eval_text, eval_windows=a.eval_windows, context=a.context)
+            path.unlink()
+            cost = pricings[type_].cost(loaded.layer_dims)
+            out = {"type": type_, "removed": removed, "recovered": recovered,
+                   "file_bytes": r["file_bytes"], "peak_rss_bytes": r["peak_rss_bytes"],
+                   "context": r["context"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
+                   "prefill_tokens_per_s": r["prefill"]["tokens_per_s"],
+                   "perplexity": r["perplexity"]["perplexity"], "probe_perplexity": probe_ppl,
+                   "predicted_memory_bytes": cost.memory_bytes,
+                   "predicted_decode_tokens_per_s": cost.decode_tokens_per_s, **(extra or {})}
+            print(f"{type_:<7} {removed:6.1%} {'recovered' if recovered else '':<9} "
+                  f"{out['file_bytes'] / 2**20:7.1f} MiB  RSS {out['peak_rss_bytes'] / 2**20:6.1f} MiB  "
+                  f"decode {out['decode_tokens_per_s']:6.1f}  prefill {out['prefill_tokens_per_s']:6.0f}  "
+                  f"perplexity {out['perplexity']:.3f}", flush=True)
+            rows.append(out)
+            return out
+
+        for t in a.types:
+            row(dense, t, 0.0, False, probes[t]["perplexity"]["perplexity"])
+        finest = min(type_alignment("gguf", t) for t in a.pruned_types)
+        middle = sorted(a.levels)[len(a.levels) // 2]
+        for t in a.pruned_types:
+            align = type_alignment("gguf", t)
+            for level in sorted(a.levels):
+                plan = make_plan(dense.shape, dense.source, measured,
+                                 replace(settings, sparsity=level, alignment=align))
+                params = plan.params()
+                removed = 1 - params["decoder_resized"] / params["decoder_dense"]
+                student = copy.deepcopy(dense)
+                t0 = time.perf_counter()
+                apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
+                student.layer_dims = [lp.dims for lp in plan.layers]
+                prune_s = time.perf_counter() - t0
+                ppl = perplexity(student.model, probe, text, desc="probe").perplexity
+                row(student, t, removed, False, ppl, {"level": level, "alignment": align,
+                                                      "prune_s": prune_s})
+                if recover is not None:
+                    t0 = time.perf_counter()
+                    distill(student.model, dense.model, train_ids, recover)
+                    rec_s = time.perf_counter() - t0
+                    rppl = perplexity(student.model, probe, text, desc="probe").perplexity
+                    row(student, t, removed, True, rppl, {"level": level, "alignment": align,
+                                                          "recover_s": rec_s})
+                del student
+
+    pruned = [r for r in rows if r["removed"] > 0 and r["alignment"] == finest]
+    structure = structure_points(reference, [(r["removed"], r["probe_perplexity"])
+                                             for r in pruned if not r["recovered"]])
+    share = None
+    at = [r for r in pruned if r["level"] == middle]
+    if recover is not None and len(at) == 2:
+        share = recovered_share(reference, at[0]["probe_perplexity"], at[1]["probe_perplexity"])
+    quality = QualityModel(reference, type_deltas, structure, share,
+                           probe={"text": text, "structure_alignment": finest, "recovered_at": middle})
+    for r in rows:
+        pred = quality.perplexity(r["type"], r["removed"], r["recovered"], dense=dense_eval)
+        r["predicted_perplexity"] = pred
+        r["log_error"] = None if pred is None else log_error(pred, r["perplexity"])
+    for key, larger in (("peak_rss_bytes", False), ("decode_tokens_per_s", True)):
+        front = set(pareto([(r[key], r["perplexity"]) for r in rows], larger))
+        for i, r in enumerate(rows):
+            r[f"front_{key}"] = i in front
+    errors = [r["log_error"] for r in rows if r["log_error"] is not None]
+    out = {"model": dense.source, "calib_text": a.calib_text, "eval_text": a.eval_text,
+           "eval_windows": eval_ids.shape[0], "context": a.context, "profile": a.profile,
+           "recover": None if recover is None else {"tokens": recover.tokens, "text": recover.text},
+           "dense_pytorch_perplexity": dense_eval, "quality": quality.to_dict(),
+           "median_abs_log_error": median(errors), "threads": torch.get_num_threads(),
+           "seconds": time.perf_counter() - t_start, "rows": rows}
+    print(f"median |log predicted - log measured| over {len(errors)} rows: {out['median_abs_log_error']:.3f}")
+    print(table(rows))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | file (MiB) | peak RSS (MiB) | decode tokens/s | prefill tokens/s | perplexity | "
+             "predicted | front (memory, speed) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"dense {r['type']}" if r["removed"] == 0 else \
+            f"{r['type']}, {r['removed']:.1%} removed" + (", recovered" if r["recovered"] else "")
+        front = ", ".join(n for n, k in (("memory", "peak_rss_bytes"), ("speed", "decode_tokens_per_s"))
+                          if r[f"front_{k}"])
+        pred = f"{r['predicted_perplexity']:.2f}" if r["predicted_perplexity"] else "-"
+        lines.append(f"| {name} | {r['file_bytes'] / 2**20:.1f} | {r['peak_rss_bytes'] / 2**20:.1f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['perplexity']:.2f} | {pred} | {front} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
