@@ -28,7 +28,10 @@ from .quality import QualityModel
 from .search import Candidate, SearchResult, search
 
 TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
-LADDER = (0.15, 0.30, 0.45, 0.60, 0.80)  # removal levels the structural probe may measure
+# Removal levels the structural probe may measure. A type that needs more than the last to fit
+# is not predicted (its candidates cannot be chosen): at 60% removed a model has lost most of
+# its quality, and probing further would cost more than it could tell.
+LADDER = (0.15, 0.30, 0.45, 0.60)
 TIE = 1e-3  # predicted log-perplexities this close are a tie, broken by decode speed
 
 
@@ -107,9 +110,9 @@ def type_searches(shape: ModelShape, source: str, measured: list[LayerMeasuremen
 
 
 def competitive(searches: dict[str, SearchResult | str], type_deltas: dict[str, float]) -> dict[str, float]:
-    """Types whose least feasible removal is above 0 and whose quantization alone costs less than
-    the best dense type that meets the budgets: {type: removed share}. Only these need the
-    structural probe."""
+    """Types whose least feasible removal is above 0 (and within LADDER) and whose quantization
+    alone costs less than the best dense type that meets the budgets: {type: removed share}.
+    Only these need the structural probe."""
     dense_ok = [type_deltas[t] for t, s in searches.items()
                 if isinstance(s, SearchResult) and s.chosen.target == 0]
     bar = min(dense_ok, default=math.inf)
@@ -117,7 +120,9 @@ def competitive(searches: dict[str, SearchResult | str], type_deltas: dict[str, 
     for t, s in searches.items():
         if isinstance(s, SearchResult) and s.chosen.target > 0 and type_deltas[t] < bar:
             p = s.chosen.plan.params()
-            out[t] = 1 - p["decoder_resized"] / p["decoder_dense"]
+            removed = 1 - p["decoder_resized"] / p["decoder_dense"]
+            if removed <= LADDER[-1] + 1e-9:
+                out[t] = removed
     return out
 
 
@@ -131,8 +136,8 @@ def probe_levels(removals: list[float], ladder: tuple[float, ...] = LADDER) -> l
     for level in ladder:
         levels.append(level)
         if level >= top - 1e-9:
-            return levels
-    raise UserError(f"a removal of {top:.0%} is past the largest probe level {ladder[-1]:.0%}")
+            break
+    return levels
 
 
 def recovery_level(levels: list[float], removals: list[float]) -> float | None:

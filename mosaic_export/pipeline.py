@@ -313,6 +313,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     the dense model at each type in its runtime; pruned copies only where pruning could win),
     the choice."""
     from .joint import (
+        LADDER,
         choose,
         competitive,
         infeasible_message,
@@ -326,10 +327,9 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         QualityModel,
         measure_structure,
         measure_types,
-        probe_ids,
-        probe_text,
         recovered_share,
         structure_points,
+        write_probe,
     )
 
     target = config.target
@@ -341,14 +341,14 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
                              pricings, alignments, config.margin)
     if all(isinstance(s, str) for s in searches.values()):
         raise UserError(infeasible_message(searches))
-    text = probe_text(settings.calibration.source)
-    probe = probe_ids(loaded, text)
-    log(f"joint search over {', '.join(config.types)}: quality probe on {probe.shape[0]} windows "
-        f"of {text}")
-    reference = perplexity(loaded.model, probe, text, desc="probe (dense)").perplexity
+    text = config.eval_text if config.eval_windows != 0 else HELDOUT
     context = next(iter(pricings.values())).context
     with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as work:
-        dense_runs = measure_types(loaded, target, list(config.types), text, work, context,
+        path, probe = write_probe(text, loaded.tokenizer, work)
+        log(f"joint search over {', '.join(config.types)}: quality probe on {probe.shape[0]} windows "
+            f"from the end of {text}")
+        reference = perplexity(loaded.model, probe, text, desc="probe (dense)").perplexity
+        dense_runs = measure_types(loaded, target, list(config.types), str(path), work, context,
                                    config.threads, log=log)
     type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
     comp = competitive(searches, type_deltas)
@@ -368,10 +368,10 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
             pruned_at = dict((r, p) for _, r, p in probed["levels"])[recovered[0]]
             share = recovered_share(reference, pruned_at, recovered[1])
     else:
-        log("structural probe skipped: no pruned candidate can beat the best dense type that "
-            "meets the budgets")
+        log("structural probe skipped: no type that needs pruning (up to "
+            f"{LADDER[-1]:.0%}) to meet the budgets can beat the best dense type that meets them")
     quality = QualityModel(reference, type_deltas, structure, share, probe={
-        "text": text, "windows": PROBE_WINDOWS, "dense_runs": {
+        "text": text, "windows": PROBE_WINDOWS, "from": "the end of the text", "dense_runs": {
             t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
                 "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
                 "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},

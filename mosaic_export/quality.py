@@ -4,8 +4,8 @@
                                         + type_delta[type]
                                         + structure(removed) x (1 - recovered_share if recovered)
 
-All three terms are measured on the same probe: the first PROBE_WINDOWS windows of the
-calibration text (the built-in text when the calibration text is ``self``).
+All three terms are measured on the same probe: PROBE_WINDOWS windows from the end of the
+evaluation text (write_probe says why not the calibration text).
 - type_delta: the runtime's own perplexity of the dense model exported at that type (llama.cpp
   for GGUF, ONNX Runtime for ONNX), less PyTorch's float32 perplexity, in log terms.
 - structure(r): PyTorch perplexity of the model pruned by structure alone (after compensation) at a
@@ -110,21 +110,32 @@ def median(values: list[float]) -> float:
 # --- measuring the terms -------------------------------------------------------------------------
 
 
-def probe_text(calibration_source: str) -> str:
-    """The text the probe scores: the calibration text, or the built-in text for ``self``
-    (generated text is the model's own: its perplexity says little)."""
-    from .texts import BUILTIN, SELF
+def write_probe(eval_text: str, tokenizer, folder) -> tuple:
+    """The probe: a file in ``folder`` holding the tail of the evaluation text (from a line
+    start, PROBE_WINDOWS windows of PROBE_SEQ_LEN tokens and a margin), and its windows as PyTorch
+    scores them (the runners read the same file and cut the same windows).
 
-    return BUILTIN if calibration_source == SELF else calibration_source
+    Not the calibration text: compensation is fitted on the calibration windows, so scoring
+    there flatters pruning. The tail, not the head: the report evaluates the first windows of the
+    same text, so on a long text (WikiText-2 test) the probe and the evaluation are disjoint; on a
+    short one (the built-in held-out text) they overlap."""
+    from pathlib import Path
 
-
-def probe_ids(loaded, text: str, n_windows: int = PROBE_WINDOWS):
-    """The probe windows as PyTorch scores them (the runners cut the same windows)."""
     from .calibration import tokenize
     from .evaluate import windows
     from .texts import corpus
 
-    return windows(tokenize(loaded.tokenizer, corpus(text)), PROBE_SEQ_LEN, n_windows, text)
+    text = corpus(eval_text)
+    need = PROBE_WINDOWS * PROBE_SEQ_LEN
+    total = tokenize(tokenizer, text).numel()
+    start = int(len(text) * max(0.0, 1 - 1.1 * need / total))
+    start = text.find("\n", start) + 1 if start else 0
+    if tokenize(tokenizer, text[start:]).numel() < need:
+        start = 0
+    path = Path(folder) / "probe.txt"
+    path.write_text(text[start:], encoding="utf-8")
+    ids = windows(tokenize(tokenizer, corpus(str(path))), PROBE_SEQ_LEN, PROBE_WINDOWS, str(path))
+    return path, ids
 
 
 def measure_types(loaded, target: str, types: list[str], text: str, work, context: int,

