@@ -61,6 +61,7 @@ def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
     assert "the least that meets every budget" in printed and "peak memory <=" in printed
     report = json.loads((out / "report.json").read_text())
     cost, found = report["cost"], report["cost"]["search"]
+    assert "joint" not in report and cost["format"] == "onnx:fp32"  # --dtype fixes the type
     assert cost["basis"] == "measured" and not cost["profile_local"]
     assert 0 < found["chosen"]["removed"] and cost["predicted"]["memory_bytes"] <= budget
     assert found["neighbour"]["removal_target"] == pytest.approx(
