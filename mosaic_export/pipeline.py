@@ -336,11 +336,6 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     pricings = {t: replace(make_pricing(profile, Format(target, t), loaded),
                            calibration=calibration_near(profile, Format(target, t)))
                 for t in config.types}
-    alignments = {t: config.alignment or type_alignment(target, t) for t in config.types}
-    searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
-                             pricings, alignments, config.margin)
-    if all(isinstance(s, str) for s in searches.values()):
-        raise UserError(infeasible_message(searches))
     text = config.eval_text if config.eval_windows != 0 else HELDOUT
     context = next(iter(pricings.values())).context
     with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as work:
@@ -351,6 +346,15 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         dense_runs = measure_types(loaded, target, list(config.types), str(path), work, context,
                                    config.threads, log=log)
     type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
+    dense_dims = [loaded.shape.dense_dims] * loaded.shape.n_layers
+    for t, pricing in pricings.items():  # a type detect did not measure: anchored at its dense
+        if profile.local and pricing.calibration.basis != "measured":  # run (this machine's only)
+            pricings[t] = replace(pricing, calibration=anchored(pricing, dense_dims, dense_runs[t]))
+    alignments = {t: config.alignment or type_alignment(target, t) for t in config.types}
+    searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
+                             pricings, alignments, config.margin)
+    if all(isinstance(s, str) for s in searches.values()):
+        raise UserError(infeasible_message(searches))
     comp = competitive(searches, type_deltas)
     levels = probe_levels(list(comp.values()))
     structure, share, recovered = (), None, None
@@ -381,6 +385,29 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     chosen, why = choose(opts)
     log(f"joint search: {chosen.label()}: {why}")
     return JointResult(chosen, opts, searches, quality, why, pricings)
+
+
+def anchored(pricing: Pricing, dims, run: dict):
+    """The pricing's calibration moved so that it predicts the dense model's run in the runtime
+    exactly: the memory base by the difference in peak RSS, the effective bandwidth and compute by
+    the measured decode and prefill times (overheads kept). For a type `profile detect` did not
+    measure, one real run of this model beats efficiencies carried over from another type (llama.cpp
+    repacks Q4_0 for AVX2 and holds more than its file) or from a datasheet; the search still
+    scales it to smaller plans by bytes and FLOPs."""
+    from .costmodel import GEN_TOKENS, PROMPT_TOKENS, kv_bytes, prefill_flops, weights
+
+    c, fmt, shape = pricing.calibration, pricing.fmt, pricing.shape
+    cost = pricing.cost(dims)
+    w = weights(shape, dims, fmt, pricing.gguf_types)
+    read = w.per_token + kv_bytes(shape, dims, fmt, PROMPT_TOKENS + GEN_TOKENS // 2)
+    step = 1 / run["decode"]["tokens_per_s"] - c.decode_overhead_s
+    prefill = PROMPT_TOKENS / run["prefill"]["tokens_per_s"] - c.prefill_overhead_s
+    return replace(
+        c, memory_base=c.memory_base + run["peak_rss_bytes"] - cost.memory_bytes,
+        bandwidth=read / step if step > 0 else c.bandwidth,
+        prefill_flops=prefill_flops(shape, dims, w, fmt, PROMPT_TOKENS) / prefill if prefill > 0
+        else c.prefill_flops,
+        basis=f"{c.basis}, anchored at the dense {fmt.name} run")
 
 
 def calibration_near(profile: Profile, fmt: Format):

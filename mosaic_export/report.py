@@ -87,6 +87,10 @@ def summary_table(report: dict) -> str:
 
 def basis_text(basis: str, short: bool = False) -> str:
     """What a prediction's calibration is, in words (costmodel.Calibration.basis)."""
+    if ", anchored" in basis:
+        return (f"{basis_text(basis.split(',')[0], short)}, anchored at this type's dense run here"
+                if short else f"{basis_text(basis.split(',')[0])}, then moved to predict this "
+                "type's dense run here exactly (memory base, bandwidth, compute)")
     if basis == "measured":
         return "calibrated here" if short else "calibrated here by `mosaic-export profile detect`"
     if basis.startswith("transferred"):

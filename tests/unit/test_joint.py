@@ -153,8 +153,8 @@ def test_main_command_searches_types_and_reports_the_front(tiny_model_dir, profi
     chosen = joint["chosen"]
     assert report["cost"]["format"] == f"onnx:{chosen['type']}"
     assert (out / f"onnx-{chosen['type']}").is_dir()
-    if chosen["type"] == "fp16":  # fits dense: nothing pruned, no structural probe was needed
-        assert chosen["removed"] == 0 and not joint["quality"]["structure"]
+    if chosen["type"] == "fp16":  # fits dense: nothing pruned
+        assert chosen["removed"] == 0 and "without pruning" in joint["reason"]
     m = joint["measured"]
     assert m["predicted_perplexity"] > 0 and m["log_error"] == pytest.approx(
         abs(math.log(m["predicted_perplexity"] / m["measured_perplexity"])))
@@ -201,3 +201,21 @@ def test_sweep_over_types(tiny_model_dir, profile, tmp_path):
         ("fp32", 0.0), ("fp32", 0.3), ("int8", 0.0), ("int8", 0.3)]
     assert float(rows[2]["file_bytes"]) < float(rows[0]["file_bytes"])
     assert (out / "int8-r0.30").is_dir() and "| int8 |" in (out / "report.md").read_text()
+
+
+def test_an_unmeasured_type_is_anchored_at_its_dense_run(measured):
+    from mosaic_export.pipeline import anchored
+
+    loaded, _ = measured
+    pricing = _pricings(loaded.shape)["int8"]
+    dims = [loaded.shape.dense_dims] * loaded.shape.n_layers
+    run = {"peak_rss_bytes": 5_000_000, "decode": {"tokens_per_s": 400.0},
+           "prefill": {"tokens_per_s": 3000.0}}
+    calib = anchored(pricing, dims, run)
+    cost = Pricing(pricing.shape, pricing.fmt, calib, pricing.context).cost(dims)
+    assert cost.memory_bytes == pytest.approx(5_000_000)
+    assert cost.decode_tokens_per_s == pytest.approx(400.0)
+    assert cost.prefill_tokens_per_s == pytest.approx(3000.0)
+    assert calib.basis == "measured, anchored at the dense int8 run"
+    smaller = [type(dims[0])(n_head=dims[0].n_head, n_kv=dims[0].n_kv, n_ff=dims[0].n_ff // 2)] * len(dims)
+    assert Pricing(pricing.shape, pricing.fmt, calib, pricing.context).cost(smaller).memory_bytes < 5_000_000
