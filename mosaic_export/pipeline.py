@@ -300,7 +300,7 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSet
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
     if config.types:
-        joint = joint_search(config, loaded, measured, settings, profile, calib)
+        joint = joint_search(config, loaded, measured, settings, profile, calib, log)
         return joint.chosen.candidate.plan, stream, joint
     found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing,
                    config.margin)
