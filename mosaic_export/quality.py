@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 PROBE_WINDOWS = 8  # probe windows of PROBE_SEQ_LEN tokens: seconds per type for a small model
 PROBE_SEQ_LEN = 512
+OVERSHOOT = 0.01  # removal share past the last probed level still predicted (by its slope)
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,16 @@ class QualityModel:
 
     def structural(self, removed: float) -> float | None:
         """The log-perplexity change of removing ``removed`` of the decoder by structure:
-        interpolated between measured levels; None past the last one (not predicted)."""
+        interpolated between measured levels, continued along the last segment up to OVERSHOOT
+        past the last level (a plan at a coarser alignment lands a little off the probed one);
+        None further out (not predicted)."""
         if removed <= 1e-9:
             return 0.0
         points = [(0.0, 0.0), *self.structure]
         xs = [x for x, _ in points]
-        if removed > xs[-1] + 1e-9:
+        if len(xs) == 1 or removed > xs[-1] + OVERSHOOT:
             return None
-        i = bisect.bisect_left(xs, removed)
+        i = min(bisect.bisect_left(xs, removed), len(xs) - 1)
         if i < len(xs) and abs(xs[i] - removed) <= 1e-9:
             return points[i][1]
         (x0, y0), (x1, y1) = points[i - 1], points[i]

@@ -2,7 +2,7 @@
 and with recovery, all measured in llama.cpp; and the joint search's quality model checked
 against every row.
 
-    python tools/bench_joint.py --profile bench/joint/this-machine.toml \\
+    python tools/bench_joint.py --profile bench/costmodel/this-machine.toml \\
         --calib-text ../shared/data/wikitext-2/valid.txt --eval-text ../shared/data/wikitext-2/test.txt \\
         --eval-windows 32 --recover-tokens 32768 --json bench/joint/table.json
 
@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rescore", type=Path, default=None,
+                   help="recompute the predictions, errors and fronts of a table this tool wrote "
+                        "(after a change to the quality model), in place; measures nothing")
     a = p.parse_args(argv)
+    if a.rescore:
+        return finish(json.loads(a.rescore.read_text()), a.rescore)
     t_start = time.perf_counter()
 
     dense = load_model(a.model)
@@ -161,8 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     quality = QualityModel(reference, type_deltas, structure, share,
                            probe={"text": a.eval_text, "from": "the end of the text",
                                   "structure_alignment": finest, "recovered_at": middle})
+    out = {"model": dense.source, "calib_text": a.calib_text, "eval_text": a.eval_text,
+           "eval_windows": eval_ids.shape[0], "context": a.context, "profile": a.profile,
+           "recover": None if recover is None else {"tokens": recover.tokens, "text": recover.text},
+           "dense_pytorch_perplexity": dense_eval, "quality": quality.to_dict(),
+           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start, "rows": rows}
+    return finish(out, a.json)
+
+
+def finish(out: dict, path: Path | None) -> int:
+    """Predictions, their errors and the fronts for every row; printed, and written to path."""
+    q = out["quality"]
+    quality = QualityModel(q["reference"], q["type_deltas"], tuple(map(tuple, q["structure"])),
+                           q["recovered_share"], q["probe"])
+    rows = out["rows"]
     for r in rows:
-        pred = quality.perplexity(r["type"], r["removed"], r["recovered"], dense=dense_eval)
+        pred = quality.perplexity(r["type"], r["removed"], r["recovered"],
+                                  dense=out["dense_pytorch_perplexity"])
         r["predicted_perplexity"] = pred
         r["log_error"] = None if pred is None else log_error(pred, r["perplexity"])
     for key, larger in (("peak_rss_bytes", False), ("decode_tokens_per_s", True)):
@@ -170,17 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, r in enumerate(rows):
             r[f"front_{key}"] = i in front
     errors = [r["log_error"] for r in rows if r["log_error"] is not None]
-    out = {"model": dense.source, "calib_text": a.calib_text, "eval_text": a.eval_text,
-           "eval_windows": eval_ids.shape[0], "context": a.context, "profile": a.profile,
-           "recover": None if recover is None else {"tokens": recover.tokens, "text": recover.text},
-           "dense_pytorch_perplexity": dense_eval, "quality": quality.to_dict(),
-           "median_abs_log_error": median(errors), "threads": torch.get_num_threads(),
-           "seconds": time.perf_counter() - t_start, "rows": rows}
-    print(f"median |log predicted - log measured| over {len(errors)} rows: {out['median_abs_log_error']:.3f}")
+    out["median_abs_log_error"] = median(errors)
+    out["predicted_rows"] = len(errors)
+    print(f"median |log predicted - log measured| over {len(errors)} of {len(rows)} rows: "
+          f"{out['median_abs_log_error']:.3f}")
     print(table(rows))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
     return 0
 
 

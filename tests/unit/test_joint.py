@@ -36,8 +36,10 @@ def test_prediction_adds_log_changes_and_interpolates_structure():
     assert q.delta("int8", 0.1) == pytest.approx(0.05 + 0.15)  # half way from (0, 0) to (0.2, 0.3)
     assert q.delta("int8", 0.3) == pytest.approx(0.05 + 0.6)
     assert q.delta("int8", 0.3, recovered=True) == pytest.approx(0.05 + 0.3)
-    assert q.delta("int8", 0.5) is None  # past the last probed level: not predicted
+    assert q.delta("int8", 0.405) == pytest.approx(0.05 + 0.9 + 0.005 * 3)  # the last slope, 1% on
+    assert q.delta("int8", 0.42) is None  # further past the last probed level: not predicted
     assert q.delta("fp16", 0.1) is None  # a type not measured
+    assert QualityModel(10.0, {"fp32": 0.0}).delta("fp32", 0.005) is None  # no structure probed
     assert QualityModel(10.0, {"fp32": 0.0}, ((0.2, 0.3),)).delta("fp32", 0.2, recovered=True) is None
     assert q.perplexity("int8", 0.2) == pytest.approx(10.0 * math.exp(0.35))
     assert q.perplexity("int8", 0.2, dense=20.0) == pytest.approx(20.0 * math.exp(0.35))
