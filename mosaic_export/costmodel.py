@@ -17,7 +17,7 @@ fraction of the datasheet figures), in which case every prediction is labelled n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -256,3 +256,24 @@ class Pricing:
         if budget == "min_tokens_per_s":
             return f"{smaller} {self.fmt.name}, or a device with more memory bandwidth"
         return f"{smaller} {self.fmt.name}, or a device with more compute"
+
+
+def anchored(pricing: Pricing, dims: list[LayerDims], run: dict) -> Calibration:
+    """The pricing's calibration moved so that it predicts the dense model's run in the runtime
+    exactly: the memory base by the difference in peak RSS, the effective bandwidth and compute by
+    the measured decode and prefill times (overheads kept). For a type `profile detect` did not
+    measure, one real run of this model beats efficiencies carried over from another type (llama.cpp
+    repacks Q4_0 for AVX2 and holds more than its file) or from a datasheet; the search still
+    scales it to smaller plans by bytes and FLOPs."""
+    c, fmt, shape = pricing.calibration, pricing.fmt, pricing.shape
+    cost = pricing.cost(dims)
+    w = weights(shape, dims, fmt, pricing.gguf_types)
+    read = w.per_token + kv_bytes(shape, dims, fmt, PROMPT_TOKENS + GEN_TOKENS // 2)
+    step = 1 / run["decode"]["tokens_per_s"] - c.decode_overhead_s
+    prefill = PROMPT_TOKENS / run["prefill"]["tokens_per_s"] - c.prefill_overhead_s
+    return replace(
+        c, memory_base=c.memory_base + run["peak_rss_bytes"] - cost.memory_bytes,
+        bandwidth=read / step if step > 0 else c.bandwidth,
+        prefill_flops=prefill_flops(shape, dims, w, fmt, PROMPT_TOKENS) / prefill if prefill > 0
+        else c.prefill_flops,
+        basis=f"{c.basis}, anchored at the dense {fmt.name} run")

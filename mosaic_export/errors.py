@@ -10,3 +10,7 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class Infeasible(UserError):
+    """No plan meets the budgets (at one type): the joint search records it and tries the others."""

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 
 from .arch import ModelShape
 from .costmodel import Pricing
-from .errors import UserError
+from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, PruneSettings
 from .profile import Budgets
-from .quality import QualityModel
+from .quality import QualityModel, recovered_share
 from .search import Candidate, SearchResult, search
 
 TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
@@ -46,8 +46,7 @@ class Option:
 
     @property
     def removed(self) -> float:
-        p = self.candidate.plan.params()
-        return 1 - p["decoder_resized"] / p["decoder_dense"]
+        return self.candidate.plan.removed()
 
     @property
     def feasible(self) -> bool:
@@ -78,6 +77,7 @@ class JointResult:
     quality: QualityModel
     reason: str  # why the chosen candidate, in one sentence
     pricings: dict[str, Pricing] = field(default_factory=dict)
+    seconds: float = 0.0  # the whole joint search: every type's runtime run and the probes
 
     @property
     def search(self) -> SearchResult:
@@ -102,25 +102,27 @@ def type_searches(shape: ModelShape, source: str, measured: list[LayerMeasuremen
         try:
             out[t] = search(shape, source, measured, replace(settings, alignment=alignments[t]),
                             budgets, pricing, margin)
-        except UserError as e:
-            if "no budget to search for" in str(e):
-                raise
+        except Infeasible as e:
             out[t] = str(e)
     return out
+
+
+def dense_bar(searches: dict[str, SearchResult | str], type_deltas: dict[str, float]) -> float:
+    """The predicted change of the best type that meets the budgets without pruning (infinite when
+    none does): what a pruned candidate has to beat."""
+    return min((type_deltas[t] for t, s in searches.items()
+                if isinstance(s, SearchResult) and s.chosen.target == 0), default=math.inf)
 
 
 def competitive(searches: dict[str, SearchResult | str], type_deltas: dict[str, float]) -> dict[str, float]:
     """Types whose least feasible removal is above 0 (and within LADDER) and whose quantization
     alone costs less than the best dense type that meets the budgets: {type: removed share}.
     Only these need the structural probe."""
-    dense_ok = [type_deltas[t] for t, s in searches.items()
-                if isinstance(s, SearchResult) and s.chosen.target == 0]
-    bar = min(dense_ok, default=math.inf)
+    bar = dense_bar(searches, type_deltas)
     out = {}
     for t, s in searches.items():
         if isinstance(s, SearchResult) and s.chosen.target > 0 and type_deltas[t] < bar:
-            p = s.chosen.plan.params()
-            removed = 1 - p["decoder_resized"] / p["decoder_dense"]
+            removed = s.chosen.plan.removed()
             if removed <= LADDER[-1] + 1e-9:
                 out[t] = removed
     return out
@@ -140,6 +142,42 @@ def probe_levels(removals: list[float], ladder: tuple[float, ...] = LADDER) -> l
     return levels
 
 
+def ruled_out(comp: dict[str, float], type_deltas: dict[str, float], bar: float, removed: float,
+              change: float, share: float | None) -> set[str]:
+    """Competitive types a measured level already rules out, so the probe can stop short of them:
+    each needs more removal than ``removed``, and removing more is assumed never to help, so its
+    best candidate is predicted at least its type change + ``change`` x (1 - ``share``), and that
+    is not within TIE of ``bar``. ``share``: recovery's share, 0 without recovery, None while it is
+    not yet measured (then a recovered candidate has no bound, and nothing is ruled out)."""
+    if share is None:
+        return set()
+    return {t for t, r in comp.items()
+            if r > removed + 1e-9 and type_deltas[t] + change * (1 - share) >= bar + TIE}
+
+
+def probe_stop(comp: dict[str, float], type_deltas: dict[str, float], bar: float, reference: float,
+               recover: bool, log=print):
+    """quality.measure_structure's ``stop``: true once every competitive type that still needs a
+    further level is ruled out by the levels measured so far (ruled_out)."""
+
+    def stop(rows: list[tuple[float, float, float]], recovered: list[tuple[float, float]]) -> bool:
+        level, removed, ppl = rows[-1]
+        share = None if recover else 0.0
+        if recovered:
+            pruned_at = {r: p for _, r, p in rows}[recovered[0][0]]
+            share = recovered_share(reference, pruned_at, recovered[0][1])
+        out = ruled_out(comp, type_deltas, bar, removed, math.log(ppl / reference), share)
+        live = [r for t, r in comp.items() if t not in out]
+        if live and probe_levels(live)[-1] > level + 1e-9:
+            return False
+        if out and probe_levels(list(comp.values()))[-1] > level + 1e-9:
+            log(f"structural probe stopped at {level:.0%}: {', '.join(sorted(out))} would need more "
+                f"removal and cannot beat the best dense type that meets the budgets")
+        return True
+
+    return stop
+
+
 def recovery_level(levels: list[float], removals: list[float]) -> float | None:
     """The probe level nearest the median competitive removal (where recovery is measured)."""
     if not levels or not removals:
@@ -150,13 +188,19 @@ def recovery_level(levels: list[float], removals: list[float]) -> float | None:
 
 def options(searches: dict[str, SearchResult | str], quality: QualityModel,
             recover: bool) -> list[Option]:
-    """Every priced plan of every type as a candidate, with its predicted quality; with
+    """Every distinct plan each type's search priced (removal targets a step apart can round to
+    the same channels at a coarse alignment) as a candidate, with its predicted quality; with
     ``recover``, each pruned plan also as recovered."""
     out = []
     for t, s in searches.items():
         if isinstance(s, str):
             continue
+        seen = set()
         for c in s.priced:
+            dims = tuple(lp.dims for lp in c.plan.layers)
+            if dims in seen:
+                continue
+            seen.add(dims)
             o = Option(t, c)
             o.delta = quality.delta(t, o.removed)
             out.append(o)

@@ -135,7 +135,7 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
     Returns the profile (budgets overridden), the settings, the plan to apply (if given) and the
     format the cost model prices: the target's (``--target``, else the profile's) with the GGUF
     type or the ONNX dtype (the option, else the profile's, else F16 / fp32)."""
-    from .targets import check_target
+    from .targets import channel_alignment, check_target
 
     profile = load_profile(config.profile).with_budgets(**config.budgets)
     runtime = profile.runtime
@@ -148,20 +148,18 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
     if config.eval_seq_len < 2:
         raise UserError(f"--eval-seq-len must be at least 2 tokens, got {config.eval_seq_len}")
     if target == "gguf":
-        from .targets.gguf import alignment as gguf_alignment
         from .targets.gguf import check_type
 
         if config.dtype is not None:
             raise UserError("--dtype is for the ONNX target; GGUF takes --quant")
         fmt = check_type(config.quant or (runtime.quant if runtime.target == "gguf" else "F16"))
-        alignment = gguf_alignment(fmt) if config.alignment is None else config.alignment
     else:
         from .targets.onnx import check_dtype
 
         if config.quant is not None:
             raise UserError("--quant is for the GGUF target; ONNX takes --dtype")
         fmt = check_dtype(config.dtype or (runtime.dtype if runtime.target == "onnx" else "fp32"))
-        alignment = 1 if config.alignment is None else config.alignment
+    alignment = config.alignment or channel_alignment(target, fmt)
     settings = replace(config.settings, alignment=alignment).validate()
     if config.types:
         from .joint import TYPES
@@ -312,13 +310,16 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     """The joint search (joint.py): every type's budget search, the quality probe (quality.py:
     the dense model at each type in its runtime; pruned copies only where pruning could win),
     the choice."""
+    from .costmodel import anchored
     from .joint import (
         LADDER,
         choose,
         competitive,
+        dense_bar,
         infeasible_message,
         options,
         probe_levels,
+        probe_stop,
         recovery_level,
         type_searches,
     )
@@ -331,10 +332,12 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         structure_points,
         write_probe,
     )
+    from .targets import channel_alignment
 
+    t0 = time.perf_counter()
     target = config.target
     pricings = {t: replace(make_pricing(profile, Format(target, t), loaded),
-                           calibration=calibration_near(profile, Format(target, t)))
+                           calibration=profile.calibration_near(Format(target, t)))
                 for t in config.types}
     text = config.eval_text if config.eval_windows != 0 else HELDOUT
     context = next(iter(pricings.values())).context
@@ -350,7 +353,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     for t, pricing in pricings.items():  # a type detect did not measure: anchored at its dense
         if profile.local and pricing.calibration.basis != "measured":  # run (this machine's only)
             pricings[t] = replace(pricing, calibration=anchored(pricing, dense_dims, dense_runs[t]))
-    alignments = {t: config.alignment or type_alignment(target, t) for t in config.types}
+    alignments = {t: config.alignment or channel_alignment(target, t) for t in config.types}
     searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
                              pricings, alignments, config.margin)
     if all(isinstance(s, str) for s in searches.values()):
@@ -359,15 +362,18 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     levels = probe_levels(list(comp.values()))
     structure, share, recovered = (), None, None
     if levels:
-        recover_at = recovery_level(levels, list(comp.values())) if config.recover else None
+        recover_at = (recovery_level(levels, list(comp.values())),) if config.recover else ()
         align = min(alignments[t] for t in comp)
-        log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment {align})")
+        log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment {align}; "
+            "it stops once the levels measured rule out the types that need more)")
+        stop = probe_stop(comp, type_deltas, dense_bar(searches, type_deltas), reference,
+                          config.recover is not None, log)
         probed = measure_structure(loaded, measured, replace(settings, alignment=align), levels,
                                    calib, probe, config.recover, recover_at,
                                    recovery_state_dir(config.out) if config.out else None,
-                                   config.device, log)
+                                   config.device, log, stop=stop)
         structure = structure_points(reference, [(r, p) for _, r, p in probed["levels"]])
-        recovered = probed["recovered"]
+        recovered = probed["recovered"][0] if probed["recovered"] else None
         if recovered is not None:
             pruned_at = dict((r, p) for _, r, p in probed["levels"])[recovered[0]]
             share = recovered_share(reference, pruned_at, recovered[1])
@@ -384,54 +390,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     opts = options(searches, quality, config.recover is not None)
     chosen, why = choose(opts)
     log(f"joint search: {chosen.label()}: {why}")
-    return JointResult(chosen, opts, searches, quality, why, pricings)
-
-
-def anchored(pricing: Pricing, dims, run: dict):
-    """The pricing's calibration moved so that it predicts the dense model's run in the runtime
-    exactly: the memory base by the difference in peak RSS, the effective bandwidth and compute by
-    the measured decode and prefill times (overheads kept). For a type `profile detect` did not
-    measure, one real run of this model beats efficiencies carried over from another type (llama.cpp
-    repacks Q4_0 for AVX2 and holds more than its file) or from a datasheet; the search still
-    scales it to smaller plans by bytes and FLOPs."""
-    from .costmodel import GEN_TOKENS, PROMPT_TOKENS, kv_bytes, prefill_flops, weights
-
-    c, fmt, shape = pricing.calibration, pricing.fmt, pricing.shape
-    cost = pricing.cost(dims)
-    w = weights(shape, dims, fmt, pricing.gguf_types)
-    read = w.per_token + kv_bytes(shape, dims, fmt, PROMPT_TOKENS + GEN_TOKENS // 2)
-    step = 1 / run["decode"]["tokens_per_s"] - c.decode_overhead_s
-    prefill = PROMPT_TOKENS / run["prefill"]["tokens_per_s"] - c.prefill_overhead_s
-    return replace(
-        c, memory_base=c.memory_base + run["peak_rss_bytes"] - cost.memory_bytes,
-        bandwidth=read / step if step > 0 else c.bandwidth,
-        prefill_flops=prefill_flops(shape, dims, w, fmt, PROMPT_TOKENS) / prefill if prefill > 0
-        else c.prefill_flops,
-        basis=f"{c.basis}, anchored at the dense {fmt.name} run")
-
-
-def calibration_near(profile: Profile, fmt: Format):
-    """The format's calibration when `profile detect` measured it; else the terms measured for
-    another type of the same target (the profile's own type first), labelled as transferred: one
-    machine's efficiencies move less between types than datasheet fractions miss by; else nominal."""
-    own = profile.calibration.get(fmt.key)
-    if own is not None:
-        return own
-    runtime = profile.runtime
-    first = f"{runtime.target}:{runtime.quant if runtime.target == 'gguf' else runtime.dtype}"
-    for key in sorted(profile.calibration, key=lambda k: k != first):
-        if key.startswith(f"{fmt.target}:"):
-            return replace(profile.calibration[key], basis=f"transferred from {key}")
-    return profile.calibration_for(fmt)
-
-
-def type_alignment(target: str, type_: str) -> int:
-    """The channel alignment a type needs (GGUF block sizes; ONNX none)."""
-    if target == "gguf":
-        from .targets.gguf import alignment
-
-        return alignment(type_)
-    return 1
+    return JointResult(chosen, opts, searches, quality, why, pricings, time.perf_counter() - t0)
 
 
 def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel, strict: bool = True) -> Pricing:
@@ -525,7 +484,8 @@ def run(config: RunConfig, log=print) -> dict:
     apply_plan(stream, loaded.spec, plan)
     del stream
     loaded.layer_dims = [lp.dims for lp in plan.layers]
-    prune_s = time.perf_counter() - t0
+    joint_s = joint.seconds if joint is not None else 0.0
+    prune_s = time.perf_counter() - t0 - joint_s  # the joint search is timed on its own
     peak_after_prune = peak_rss_bytes()
 
     pruned_counts = decoder_counts(loaded)
@@ -548,9 +508,10 @@ def run(config: RunConfig, log=print) -> dict:
         "tool": {"name": "mosaic-export", "version": __version__},
         "profile": profile.to_dict(),
         "model": {"source": loaded.source, "shape": loaded.shape.to_dict()},
+        "format": {"target": fmt.target, "type": fmt.name},
         "settings": asdict(settings),
         "params": {"dense": dense_counts, "pruned": pruned_counts, "planned": expected},
-        "timing": {"load_s": load_s, "prune_s": prune_s},
+        "timing": {"load_s": load_s, "prune_s": prune_s, **({"joint_s": joint_s} if joint else {})},
         # peak_rss_bytes is replaced by the whole run's (recovery, export, checks) at its end
         "memory": {"peak_rss_bytes": peak_after_prune, "peak_rss_after_prune_bytes": peak_after_prune,
                    "dense_fp32_bytes": dense_fp32,
@@ -656,8 +617,7 @@ def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, pla
         bench = run_format(loaded, pricing.fmt, Path(tmp), pricing.context, config.threads)
     del loaded
     figures, checks = measured_figures(bench, profile.budgets)
-    params = plan.params()
-    return {"removed": 1 - params["decoder_resized"] / params["decoder_dense"], **figures,
+    return {"removed": plan.removed(), **figures,
             "budgets": [c.__dict__ | {"text": c.describe()} for c in checks]}
 
 
@@ -690,9 +650,8 @@ def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchRe
     """Predicted and (on this machine) measured figures, each budget against them."""
     cost = pricing.cost([lp.dims for lp in plan.layers])
     b = profile.budgets
-    params = plan.params()
     section = {"format": pricing.fmt.key, "basis": cost.basis, "profile_local": profile.local,
-               "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
+               "removed": plan.removed(),
                "calibration": pricing.calibration.to_dict(), "predicted": cost.to_dict(),
                "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
                "search": found.to_dict() if found else None, "margin": margin}

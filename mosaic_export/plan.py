@@ -133,6 +133,11 @@ class Plan:
             "total_dense": dense + outside, "total_resized": resized + outside,
         }
 
+    def removed(self) -> float:
+        """The share of decoder parameters removed by structure (0 for a dense plan)."""
+        p = self.params()
+        return 1 - p["decoder_resized"] / p["decoder_dense"]
+
     def is_structured(self) -> bool:
         return any(lp.dims != self.shape.dense_dims for lp in self.layers)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,20 @@ class Profile:
         from the device figures."""
         return self.calibration.get(fmt.key) or Calibration.nominal(
             fmt.target, self.device.memory_bandwidth, self.device.compute_flops)
+
+    def calibration_near(self, fmt: Format) -> Calibration:
+        """The format's calibration when `profile detect` measured it; else the terms measured for
+        another type of the same target (the profile's own type first), labelled as transferred: one
+        machine's efficiencies move less between types than datasheet fractions miss by; else nominal."""
+        own = self.calibration.get(fmt.key)
+        if own is not None:
+            return own
+        runtime = self.runtime
+        first = f"{runtime.target}:{runtime.quant if runtime.target == 'gguf' else runtime.dtype}"
+        for key in sorted(self.calibration, key=lambda k: k != first):
+            if key.startswith(f"{fmt.target}:"):
+                return replace(self.calibration[key], basis=f"transferred from {key}")
+        return self.calibration_for(fmt)
 
     def with_budgets(self, max_memory: str | None = None, min_tokens_per_s: str | float | None = None,
                      context: int | None = None, max_ttft: str | None = None) -> Profile:

@@ -164,13 +164,17 @@ def measure_types(loaded, target: str, types: list[str], text: str, work, contex
 
 
 def measure_structure(loaded, measured, settings, levels: list[float], calib, probe,
-                      recover=None, recover_at: float | None = None, cache_dir=None,
-                      device: str | None = "cpu", log=print) -> dict:
+                      recover=None, recover_at=(), cache_dir=None, device: str | None = "cpu",
+                      log=print, visit=None, stop=None) -> dict:
     """Perplexity on the probe of copies of the dense model pruned by structure alone at each
     level (a plan made from the pass-1 measurements, applied with compensation); with ``recover``
-    (RecoverSettings), the copy at ``recover_at`` is also distilled from the dense model.
-    Returns {"levels": [(target, removed, perplexity)], "recovered": (removed, perplexity) | None}."""
+    (RecoverSettings), the copies at the levels in ``recover_at`` are also distilled from the
+    dense model. ``visit(student, row)``, when given, sees each copy as measured (pruned, then
+    recovered), with row = {"level", "removed", "recovered", "perplexity", "seconds"};
+    ``stop(levels, recovered)``, when given, is asked after each level whether to go on.
+    Returns {"levels": [(target, removed, perplexity)], "recovered": [(removed, perplexity)]}."""
     import copy
+    import time
     from dataclasses import replace
 
     from .calibration import LayerStream
@@ -178,26 +182,36 @@ def measure_structure(loaded, measured, settings, levels: list[float], calib, pr
     from .plan import make_plan
     from .prune.apply import apply_plan
 
-    rows, recovered = [], None
+    rows, recovered, train_ids = [], [], None
     for level in levels:
         s = replace(settings, sparsity=level, structured_fraction=1.0)
         plan = make_plan(loaded.shape, loaded.source, measured, s)
-        params = plan.params()
-        removed = 1 - params["decoder_resized"] / params["decoder_dense"]
+        removed = plan.removed()
         student = copy.deepcopy(loaded)
+        t0 = time.perf_counter()
         apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
         student.layer_dims = [lp.dims for lp in plan.layers]
+        seconds = time.perf_counter() - t0
         ppl = perplexity(student.model, probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
         log(f"  {removed:.1%} removed by structure: probe perplexity {ppl:.3f}")
         rows.append((level, removed, ppl))
-        if recover is not None and recover_at is not None and abs(level - recover_at) < 1e-9:
+        if visit is not None:
+            visit(student, {"level": level, "removed": removed, "recovered": False,
+                            "perplexity": ppl, "seconds": seconds})
+        if recover is not None and any(abs(level - at) < 1e-9 for at in recover_at):
             from .recover import distill, training_windows
 
-            ids, _ = training_windows(recover, loaded, cache_dir, log, device)
-            result = distill(student.model, loaded.model, ids, recover, device=device)
+            if train_ids is None:
+                train_ids, _ = training_windows(recover, loaded, cache_dir, log, device)
+            result = distill(student.model, loaded.model, train_ids, recover, device=device)
             log(f"  recovered in {result.seconds:.0f} s")
             rppl = perplexity(student.model, probe, "probe", desc="probe (recovered)").perplexity
             log(f"  {removed:.1%} removed, recovered: probe perplexity {rppl:.3f}")
-            recovered = (removed, rppl)
+            recovered.append((removed, rppl))
+            if visit is not None:
+                visit(student, {"level": level, "removed": removed, "recovered": True,
+                                "perplexity": rppl, "seconds": result.seconds})
         del student
+        if stop is not None and stop(rows, recovered):
+            break
     return {"levels": rows, "recovered": recovered}

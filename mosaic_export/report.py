@@ -48,6 +48,9 @@ def summary_table(report: dict) -> str:
         rows.append(("recovery (distillation)", "",
                      f"{rec['tokens']:,} tokens of {rec['text']}, {rec['steps']} steps, loss "
                      f"{rec['first_loss']:.3f} -> {rec['final_loss']:.3f}, {rec['seconds']:.0f} s"))
+    if "joint_s" in report["timing"]:
+        rows.append(("joint search wall time (dense runs, probes)", "",
+                     f"{report['timing']['joint_s']:.1f} s"))
     rows.append(("pruning wall time", "", f"{report['timing']['prune_s']:.1f} s"))
     if "peak_rss_after_prune_bytes" in rss:
         rows.append(("peak RSS after pruning", "", format_bytes(rss["peak_rss_after_prune_bytes"])))
@@ -247,15 +250,8 @@ def recovery_plot(recovery: dict, path: Path) -> None:
 
 
 def front_points(joint: dict) -> list[dict]:
-    """The options with a predicted quality, each once (a type's dense plan is priced by its own
-    search and may repeat), with flags: on the memory front, on the speed front."""
-    seen, pts = set(), []
-    for o in joint["options"]:
-        key = (o["type"], round(o["removed"], 6), o["recovered"])
-        if o["predicted_perplexity"] is None or key in seen:
-            continue
-        seen.add(key)
-        pts.append(dict(o))
+    """The options with a predicted quality, with flags: on the memory front, on the speed front."""
+    pts = [dict(o) for o in joint["options"] if o["predicted_perplexity"] is not None]
     for key, larger in (("memory_bytes", False), ("decode_tokens_per_s", True)):
         front = set(pareto([(p["predicted"][key], p["predicted_perplexity"]) for p in pts], larger))
         for i, p in enumerate(pts):

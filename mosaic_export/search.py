@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from .arch import ModelShape
 from .costmodel import Cost, Pricing
-from .errors import UserError
+from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, Plan, PruneSettings, make_plan
 from .profile import Budgets
 from .units import format_bytes
@@ -78,9 +78,7 @@ class Candidate:
     feasible: bool  # every budget met with the search's margin to spare
 
     def to_dict(self) -> dict:
-        params = self.plan.params()
-        return {"removal_target": self.target,
-                "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
+        return {"removal_target": self.target, "removed": self.plan.removed(),
                 "layers": [lp.dims.__dict__ for lp in self.plan.layers],
                 "predicted": self.cost.to_dict(),
                 "budgets": [c.__dict__ | {"text": c.describe()} for c in self.checks]}
@@ -97,7 +95,7 @@ class SearchResult:
         return {"chosen": self.chosen.to_dict(), "dense": self.dense.to_dict(),
                 "neighbour": self.neighbour.to_dict() if self.neighbour else None,
                 "plans_evaluated": len(self.priced), "step": STEP,
-                "priced": [{"removal_target": c.target, "removed": c.to_dict()["removed"],
+                "priced": [{"removal_target": c.target, "removed": c.plan.removed(),
                             "predicted": c.cost.to_dict(), "feasible": c.feasible}
                            for c in self.priced]}
 
@@ -143,7 +141,7 @@ def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
     if not top.feasible:
         missed = [c for c in top.checks if not c.met] or top.checks
         headroom = f" (with a {margin:.0%} margin for the cost model's error)" if margin else ""
-        raise UserError(f"no plan meets the budgets{headroom}: " + "; ".join(
+        raise Infeasible(f"no plan meets the budgets{headroom}: " + "; ".join(
             f"{LABELS[c.name]} budget {OPS[c.name]} {format_value(c.name, c.limit)} cannot be met: the "
             f"closest is {format_value(c.name, c.value)} with {top.target:.0%} of the decoder removed "
             f"({pricing.hint(c.name)})" for c in missed))
@@ -171,4 +169,4 @@ def _largest_target(at: Callable[[float], Candidate]) -> Candidate:
             return at(t)
         except UserError:
             t = round(t - COARSE, 4)
-    raise UserError("this model cannot be pruned by structure at all with this alignment")
+    raise Infeasible("this model cannot be pruned by structure at all with this alignment")

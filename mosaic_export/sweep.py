@@ -58,7 +58,7 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
 def _row(target: float, report: dict, fmt_target: str) -> dict:
     bench = report[fmt_target]["benchmark"]
     p, cost = report["params"], report.get("cost", {})
-    return {"type": cost["format"].split(":")[1],
+    return {"type": report["format"]["type"],
             "target": target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
             "perplexity": report["perplexity"]["pruned"]["perplexity"],
             "memory_bytes": bench["peak_rss_bytes"],

@@ -18,3 +18,13 @@ def check_target(name: str) -> str:
     if name not in TARGETS:
         raise UserError(f"target '{name}' is not supported; supported: {', '.join(TARGETS)}")
     return name
+
+
+def channel_alignment(target: str, type_: str) -> int:
+    """The multiple a resized layer's channel counts must keep for the type to store them
+    (GGUF: the type's block size; ONNX: none)."""
+    if check_target(target) == "gguf":
+        from .gguf import alignment
+
+        return alignment(type_)
+    return 1

@@ -71,9 +71,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 r = run_format(loaded, fmt, Path(tmp), context, a.threads)
             del loaded
-            params = plan.params()
-            row = {"format": fmt.key, "target": t,
-                   "removed": 1 - params["decoder_resized"] / params["decoder_dense"],
+            row = {"format": fmt.key, "target": t, "removed": plan.removed(),
                    "weight_bytes": pred.weight_bytes, "file_bytes": r["file_bytes"],
                    "decode_pred": pred.decode_tokens_per_s, "decode_meas": r["decode"]["tokens_per_s"],
                    "rss_pred": pred.memory_bytes, "rss_meas": r["peak_rss_bytes"],

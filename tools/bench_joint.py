@@ -24,7 +24,6 @@ dense PyTorch perplexity on the evaluation text.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -34,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from mosaic_export.targets import channel_alignment
 from mosaic_export.targets.gguf import export
 from mosaic_export.targets.gguf_runner import benchmark
 
@@ -42,20 +42,21 @@ from mosaic_export.costmodel import Format
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.joint import TYPES
 from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids, calibration_near, make_pricing, type_alignment
-from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
+from mosaic_export.pipeline import calibration_ids, make_pricing
+from mosaic_export.plan import CalibrationSettings, PruneSettings
 from mosaic_export.profile import load_profile
-from mosaic_export.prune.apply import apply_plan, measure
+from mosaic_export.prune.apply import measure
 from mosaic_export.quality import (
     QualityModel,
     log_error,
+    measure_structure,
     measure_types,
     median,
     recovered_share,
     structure_points,
     write_probe,
 )
-from mosaic_export.recover import RecoverSettings, distill, training_windows
+from mosaic_export.recover import RecoverSettings
 from mosaic_export.report import pareto
 from mosaic_export.texts import corpus
 
@@ -92,12 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     dense_eval = perplexity(dense.model, eval_ids, a.eval_text, desc="perplexity (dense)").perplexity
     profile = load_profile(a.profile)
     pricings = {t: replace(make_pricing(profile, Format("gguf", t), dense, strict=False),
-                           calibration=calibration_near(profile, Format("gguf", t))) for t in a.types}
+                           calibration=profile.calibration_near(Format("gguf", t))) for t in a.types}
     rows: list[dict] = []
     recover = None
     if a.recover_tokens:
         recover = RecoverSettings(tokens=a.recover_tokens, text=a.recover_text or a.calib_text).validate()
-        train_ids, _ = training_windows(recover, dense)
 
     with tempfile.TemporaryDirectory(prefix="bench-joint-") as tmp:
         work = Path(tmp)
@@ -130,31 +130,18 @@ def main(argv: list[str] | None = None) -> int:
 
         for t in a.types:
             row(dense, t, 0.0, False, probes[t]["perplexity"]["perplexity"])
-        finest = min(type_alignment("gguf", t) for t in a.pruned_types)
+        finest = min(channel_alignment("gguf", t) for t in a.pruned_types)
         middle = sorted(a.levels)[len(a.levels) // 2]
         for t in a.pruned_types:
-            align = type_alignment("gguf", t)
-            for level in sorted(a.levels):
-                plan = make_plan(dense.shape, dense.source, measured,
-                                 replace(settings, sparsity=level, alignment=align))
-                params = plan.params()
-                removed = 1 - params["decoder_resized"] / params["decoder_dense"]
-                student = copy.deepcopy(dense)
-                t0 = time.perf_counter()
-                apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
-                student.layer_dims = [lp.dims for lp in plan.layers]
-                prune_s = time.perf_counter() - t0
-                ppl = perplexity(student.model, probe, str(text), desc="probe").perplexity
-                row(student, t, removed, False, ppl, {"level": level, "alignment": align,
-                                                      "prune_s": prune_s})
-                if recover is not None:
-                    t0 = time.perf_counter()
-                    distill(student.model, dense.model, train_ids, recover)
-                    rec_s = time.perf_counter() - t0
-                    rppl = perplexity(student.model, probe, str(text), desc="probe").perplexity
-                    row(student, t, removed, True, rppl, {"level": level, "alignment": align,
-                                                          "recover_s": rec_s})
-                del student
+            align = channel_alignment("gguf", t)
+
+            def visit(student, r, t=t, align=align):
+                timing = "recover_s" if r["recovered"] else "prune_s"
+                row(student, t, r["removed"], r["recovered"], r["perplexity"],
+                    {"level": r["level"], "alignment": align, timing: r["seconds"]})
+
+            measure_structure(dense, measured, replace(settings, alignment=align), sorted(a.levels),
+                              calib, probe, recover, sorted(a.levels), visit=visit)
 
     pruned = [r for r in rows if r["removed"] > 0 and r["alignment"] == finest]
     structure = structure_points(reference, [(r["removed"], r["probe_perplexity"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,16 @@ from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.cli import main
 from mosaic_export.costmodel import Calibration, Format, Pricing
 from mosaic_export.errors import UserError
-from mosaic_export.joint import choose, competitive, options, probe_levels, recovery_level, type_searches
+from mosaic_export.joint import (
+    choose,
+    competitive,
+    options,
+    probe_levels,
+    probe_stop,
+    recovery_level,
+    ruled_out,
+    type_searches,
+)
 from mosaic_export.model_io import load_model
 from mosaic_export.plan import PruneSettings
 from mosaic_export.profile import Budgets
@@ -62,6 +72,24 @@ def test_probe_levels_cover_the_largest_competitive_removal():
     assert probe_levels([0.9]) == [0.15, 0.30, 0.45, 0.60]  # competitive() never asks past 60%
     assert recovery_level([0.15, 0.30, 0.45], [0.12, 0.29, 0.40]) == 0.30
     assert recovery_level([], [0.1]) is None
+
+
+def test_the_probe_stops_once_the_measured_change_rules_out_the_rest():
+    reference, deltas, bar = 10.0, {"F16": 0.0, "Q8_0": 0.01}, 0.05  # a dense type at 0.05 fits
+    comp = {"Q8_0": 0.05, "F16": 0.55}  # F16 must lose 55% to fit
+    logged = []
+    stop = probe_stop(comp, deltas, bar, reference, recover=False, log=logged.append)
+    # 15% removed costs log 1.5 = 0.405 > 0.05: F16, needing more, cannot win; Q8_0 needs no more.
+    assert stop([(0.15, 0.15, 15.0)], [])
+    assert "stopped at 15%: F16" in logged[0]
+    assert ruled_out(comp, deltas, bar, 0.15, math.log(1.5), 0.0) == {"F16"}
+    # A level that costs almost nothing rules nothing out: go on to the level F16 needs.
+    assert not probe_stop(comp, deltas, bar, reference, False)([(0.15, 0.15, 10.1)], [])
+    # With recovery asked and not yet measured there is no bound; once measured, there is.
+    assert ruled_out(comp, deltas, bar, 0.15, math.log(1.5), None) == set()
+    assert not probe_stop(comp, deltas, bar, reference, True)([(0.15, 0.15, 15.0)], [])
+    assert probe_stop(comp, deltas, bar, reference, True)([(0.15, 0.15, 15.0)], [(0.15, 12.0)])
+    assert ruled_out(comp, deltas, bar, 0.15, math.log(1.5), 0.95) == set()  # recovery closes 95%
 
 
 # --- the choice on the tiny model, with a closed-form cost and injected quality ----------------
@@ -128,6 +156,37 @@ def test_nothing_fits(measured):
         choose(options(searches, QualityModel(10.0, {t: 0.0 for t in TYPES}), recover=False))
 
 
+def test_no_budget_at_all_is_an_error_not_an_infeasible_type(measured):
+    loaded, m = measured
+    with pytest.raises(UserError, match="no budget to search for"):
+        type_searches(loaded.shape, loaded.source, m, PruneSettings(sparsity=0.0),
+                      Budgets(None, 64, None, None), _pricings(loaded.shape), {t: 1 for t in TYPES}, 0.0)
+
+
+def test_a_plan_priced_at_two_targets_is_one_candidate(measured):
+    searches, _, _ = _searches(measured, lambda d: (d["fp16"] + d["fp32"]) / 2)
+    s = searches["fp32"]
+    twice = replace(s, priced=[s.chosen, replace(s.chosen, target=s.chosen.target + 0.01)])
+    q = QualityModel(10.0, {"fp32": 0.0}, ((0.45, 0.5), (0.6, 0.8)), recovered_share=0.5)
+    opts = options({"fp32": twice}, q, recover=True)
+    assert [(o.candidate.target, o.recovered) for o in opts] == [(s.chosen.target, False),
+                                                                 (s.chosen.target, True)]
+    assert opts[0].removed == s.chosen.plan.removed() > 0
+
+
+def test_a_type_detect_did_not_measure_borrows_the_terms_of_one_it_did():
+    from mosaic_export.profile import load_profile
+
+    profile = load_profile("laptop-cpu")
+    assert profile.calibration_near(Format("gguf", "Q8_0")).basis == "nominal"  # nothing measured
+    measured = Calibration(0.001, 2e10, 0.01, 5e10, 1e8, 1.1, "measured")
+    local = replace(profile, calibration={"gguf:Q8_0": measured})
+    assert local.calibration_near(Format("gguf", "Q8_0")) is measured
+    near = local.calibration_near(Format("gguf", "Q4_K_M"))
+    assert near.basis == "transferred from gguf:Q8_0" and near.bandwidth == measured.bandwidth
+    assert local.calibration_near(Format("onnx", "int8")).basis == "nominal"  # another target
+
+
 # --- the command -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -163,6 +222,8 @@ def test_main_command_searches_types_and_reports_the_front(tiny_model_dir, profi
     text = (out / "report.md").read_text()
     assert "## Joint search" in text and "| dense fp16 |" in text
     assert (out / "front.png").stat().st_size > 0
+    assert report["format"] == {"target": "onnx", "type": chosen["type"]}
+    assert report["timing"]["joint_s"] > 0 and "joint search wall time" in text
 
 
 def test_joint_search_probes_structure_where_pruning_can_win(tiny_model_dir, profile, tmp_path):
@@ -206,7 +267,7 @@ def test_sweep_over_types(tiny_model_dir, profile, tmp_path):
 
 
 def test_an_unmeasured_type_is_anchored_at_its_dense_run(measured):
-    from mosaic_export.pipeline import anchored
+    from mosaic_export.costmodel import anchored
 
     loaded, _ = measured
     pricing = _pricings(loaded.shape)["int8"]
