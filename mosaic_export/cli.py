@@ -397,7 +397,12 @@ def cmd_plan(argv: list[str]) -> int:
     from .pipeline import run_plan
     from .report import plan_table
 
-    args = build_parser("mosaic-export plan", plan_only=True).parse_args(argv)
+    p = build_parser("mosaic-export plan", plan_only=True)
+    p.description = ("Dry run: the plan, made at --sparsity or by the budget search at the "
+                     "profile's GGUF type or ONNX dtype, with its predicted cost; nothing is pruned "
+                     "or exported. The joint search over types scores the model in the runtime, so "
+                     "only the main command runs it.")
+    args = p.parse_args(argv)
     plan, found = run_plan(_config(args))
     print(plan_table(plan))
     if found is not None:

@@ -211,9 +211,10 @@ def options(searches: dict[str, SearchResult | str], quality: QualityModel,
     return out
 
 
-def choose(opts: list[Option]) -> tuple[Option, str]:
+def choose(opts: list[Option], quality: QualityModel | None = None) -> tuple[Option, str]:
     """The feasible option with the lowest predicted log-perplexity (within TIE: the fastest
-    predicted decode), and why, in one sentence."""
+    predicted decode), and why, in one sentence (``quality``: to say what ruled out the pruned
+    candidates the probe did not reach)."""
     ok = [o for o in opts if o.feasible and o.delta is not None]
     if not ok:
         raise UserError("no candidate (type x structured removal) meets the budgets with a predicted "
@@ -231,6 +232,12 @@ def choose(opts: list[Option]) -> tuple[Option, str]:
                    f"{math.exp(rival.delta - chosen.delta) - 1:+.1%} perplexity)")
         else:
             why = f"{chosen.label()} meets every budget without pruning, and is the best type that does"
+        beyond = sorted({o.type for o in opts if o.feasible and o.delta is None and o.removed > 1e-9})
+        if beyond and quality is not None and quality.structure:
+            level, change = quality.structure[-1]
+            why += (f"; {', '.join(beyond)} would fit only with more removal than the structural "
+                    f"probe reached: {level:.0%} removed already costs {math.exp(change) - 1:+.0%} "
+                    f"perplexity")
     elif dense:
         rival = min(dense, key=lambda o: o.delta)
         why = (f"{chosen.label()} is predicted {math.exp(chosen.delta - rival.delta) - 1:+.1%} "

@@ -388,7 +388,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         "structure_alignment": min((alignments[t] for t in comp), default=None),
         "recovered": list(recovered) if recovered else None})
     opts = options(searches, quality, config.recover is not None)
-    chosen, why = choose(opts)
+    chosen, why = choose(opts, quality)
     log(f"joint search: {chosen.label()}: {why}")
     return JointResult(chosen, opts, searches, quality, why, pricings, time.perf_counter() - t0)
 

@@ -128,6 +128,12 @@ def test_a_dense_type_that_fits_and_beats_pruning_is_chosen(measured):
     chosen, why = choose(options(searches, q, recover=False))
     assert (chosen.type, chosen.removed) == ("fp16", 0.0)
     assert "without pruning and is predicted better than every pruned candidate" in why
+    # A probe stopped at 15% (its change ruled fp32 out): fp32's plans have no prediction.
+    stopped = QualityModel(10.0, deltas, ((0.15, 0.4),))
+    chosen, why = choose(options(searches, stopped, recover=False), stopped)
+    assert (chosen.type, chosen.removed) == ("fp16", 0.0)
+    assert why.endswith("fp32 would fit only with more removal than the structural probe reached: "
+                        "15% removed already costs +49% perplexity")
 
 
 def test_a_pruned_plan_wins_when_structure_costs_less_than_quantization(measured):
