@@ -7,8 +7,9 @@ removal and recovery, with quantization alone (no pruning) as a candidate like a
 2. Quality (quality.py): the dense model's probe perplexity at every type, in its runtime. The
    best dense type that meets the budgets sets the bar; a pruned candidate can only beat it at a
    type whose own quantization costs less than the bar, so the structural probe (pruned copies,
-   PyTorch) runs only for those, at LADDER levels up to their removal, and recovery (when asked)
-   once, at the level nearest their median removal.
+   PyTorch) runs only for those, at LADDER levels up to their removal, stopping early once a
+   measured level rules out the types that need more (probe_stop), and recovery (when asked)
+   once, at the level nearest their median removal (nothing is ruled out before it).
 3. Choice: among candidates whose predicted cost meets every budget, the lowest predicted
    log-perplexity; within TIE of it, the fastest predicted decode. Removing more structure at a
    type is assumed never to help, so at each type only its least feasible removal can win.
@@ -24,7 +25,7 @@ from .costmodel import Pricing
 from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, PruneSettings
 from .profile import Budgets
-from .quality import QualityModel, recovered_share
+from .quality import OVERSHOOT, QualityModel, recovered_share
 from .search import Candidate, SearchResult, search
 
 TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
@@ -152,13 +153,14 @@ def ruled_out(comp: dict[str, float], type_deltas: dict[str, float], bar: float,
     if share is None:
         return set()
     return {t for t, r in comp.items()
-            if r > removed + 1e-9 and type_deltas[t] + change * (1 - share) >= bar + TIE}
+            if r > removed + 1e-9 and type_deltas[t] + change * (1 - share) > bar + TIE}
 
 
 def probe_stop(comp: dict[str, float], type_deltas: dict[str, float], bar: float, reference: float,
                recover: bool, log=print):
-    """quality.measure_structure's ``stop``: true once every competitive type that still needs a
-    further level is ruled out by the levels measured so far (ruled_out)."""
+    """quality.measure_structure's ``stop``: true once no competitive type needs a removal past
+    what the levels measured so far predict (the last one's removal + OVERSHOOT), except those
+    the levels measured rule out (ruled_out)."""
 
     def stop(rows: list[tuple[float, float, float]], recovered: list[tuple[float, float]]) -> bool:
         level, removed, ppl = rows[-1]
@@ -167,10 +169,9 @@ def probe_stop(comp: dict[str, float], type_deltas: dict[str, float], bar: float
             pruned_at = {r: p for _, r, p in rows}[recovered[0][0]]
             share = recovered_share(reference, pruned_at, recovered[0][1])
         out = ruled_out(comp, type_deltas, bar, removed, math.log(ppl / reference), share)
-        live = [r for t, r in comp.items() if t not in out]
-        if live and probe_levels(live)[-1] > level + 1e-9:
+        if any(r > removed + OVERSHOOT for t, r in comp.items() if t not in out):
             return False
-        if out and probe_levels(list(comp.values()))[-1] > level + 1e-9:
+        if any(r > removed + OVERSHOOT for r in comp.values()):
             log(f"structural probe stopped at {level:.0%}: {', '.join(sorted(out))} would need more "
                 f"removal and cannot beat the best dense type that meets the budgets")
         return True
@@ -232,7 +233,8 @@ def choose(opts: list[Option], quality: QualityModel | None = None) -> tuple[Opt
                    f"{math.exp(rival.delta - chosen.delta) - 1:+.1%} perplexity)")
         else:
             why = f"{chosen.label()} meets every budget without pruning, and is the best type that does"
-        beyond = sorted({o.type for o in opts if o.feasible and o.delta is None and o.removed > 1e-9})
+        beyond = sorted({o.type for o in opts if o.feasible and o.removed > 1e-9}
+                        - {o.type for o in pruned})
         if beyond and quality is not None and quality.structure:
             level, change = quality.structure[-1]
             why += (f"; {', '.join(beyond)} would fit only with more removal than the structural "

@@ -386,6 +386,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
                 "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
                 "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},
         "structure_alignment": min((alignments[t] for t in comp), default=None),
+        "structure_levels_planned": levels,
         "recovered": list(recovered) if recovered else None})
     opts = options(searches, quality, config.recover is not None)
     chosen, why = choose(opts, quality)
@@ -508,7 +509,7 @@ def run(config: RunConfig, log=print) -> dict:
         "tool": {"name": "mosaic-export", "version": __version__},
         "profile": profile.to_dict(),
         "model": {"source": loaded.source, "shape": loaded.shape.to_dict()},
-        "format": {"target": fmt.target, "type": fmt.name},
+        "format": {"target": fmt.target, "type": fmt.name} if config.target else None,
         "settings": asdict(settings),
         "params": {"dense": dense_counts, "pruned": pruned_counts, "planned": expected},
         "timing": {"load_s": load_s, "prune_s": prune_s, **({"joint_s": joint_s} if joint else {})},

@@ -165,13 +165,15 @@ def measure_types(loaded, target: str, types: list[str], text: str, work, contex
 
 def measure_structure(loaded, measured, settings, levels: list[float], calib, probe,
                       recover=None, recover_at=(), cache_dir=None, device: str | None = "cpu",
-                      log=print, visit=None, stop=None) -> dict:
+                      log=print, visit=None, stop=None, train_ids=None) -> dict:
     """Perplexity on the probe of copies of the dense model pruned by structure alone at each
     level (a plan made from the pass-1 measurements, applied with compensation); with ``recover``
     (RecoverSettings), the copies at the levels in ``recover_at`` are also distilled from the
     dense model. ``visit(student, row)``, when given, sees each copy as measured (pruned, then
     recovered), with row = {"level", "removed", "recovered", "perplexity", "seconds"};
-    ``stop(levels, recovered)``, when given, is asked after each level whether to go on.
+    ``stop(levels, recovered)``, when given, is asked after each level (and its recovery) whether
+    to stop there (True ends the probe). ``train_ids``: recovery's training windows, when the
+    caller has them (else read or written once, on the first recovery).
     Returns {"levels": [(target, removed, perplexity)], "recovered": [(removed, perplexity)]}."""
     import copy
     import time
@@ -182,7 +184,7 @@ def measure_structure(loaded, measured, settings, levels: list[float], calib, pr
     from .plan import make_plan
     from .prune.apply import apply_plan
 
-    rows, recovered, train_ids = [], [], None
+    rows, recovered = [], []
     for level in levels:
         s = replace(settings, sparsity=level, structured_fraction=1.0)
         plan = make_plan(loaded.shape, loaded.source, measured, s)

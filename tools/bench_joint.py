@@ -56,7 +56,7 @@ from mosaic_export.quality import (
     structure_points,
     write_probe,
 )
-from mosaic_export.recover import RecoverSettings
+from mosaic_export.recover import RecoverSettings, training_windows
 from mosaic_export.report import pareto
 from mosaic_export.texts import corpus
 
@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     pricings = {t: replace(make_pricing(profile, Format("gguf", t), dense, strict=False),
                            calibration=profile.calibration_near(Format("gguf", t))) for t in a.types}
     rows: list[dict] = []
-    recover = None
+    recover, train_ids = None, None
     if a.recover_tokens:
         recover = RecoverSettings(tokens=a.recover_tokens, text=a.recover_text or a.calib_text).validate()
+        train_ids, _ = training_windows(recover, dense)
 
     with tempfile.TemporaryDirectory(prefix="bench-joint-") as tmp:
         work = Path(tmp)
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                     {"level": r["level"], "alignment": align, timing: r["seconds"]})
 
             measure_structure(dense, measured, replace(settings, alignment=align), sorted(a.levels),
-                              calib, probe, recover, sorted(a.levels), visit=visit)
+                              calib, probe, recover, sorted(a.levels), visit=visit,
+                              train_ids=train_ids)
 
     pruned = [r for r in rows if r["removed"] > 0 and r["alignment"] == finest]
     structure = structure_points(reference, [(r["removed"], r["probe_perplexity"])

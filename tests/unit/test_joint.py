@@ -90,6 +90,12 @@ def test_the_probe_stops_once_the_measured_change_rules_out_the_rest():
     assert not probe_stop(comp, deltas, bar, reference, True)([(0.15, 0.15, 15.0)], [])
     assert probe_stop(comp, deltas, bar, reference, True)([(0.15, 0.15, 15.0)], [(0.15, 12.0)])
     assert ruled_out(comp, deltas, bar, 0.15, math.log(1.5), 0.95) == set()  # recovery closes 95%
+    # F16 is ruled out, but Q6_K, which could still win, needs 25%: the probe goes on to 30%.
+    wider = {"Q6_K": 0.25, "F16": 0.55}
+    go_on = probe_stop(wider, {"F16": 0.0, "Q6_K": -0.5}, bar, reference, recover=False)
+    assert ruled_out(wider, {"F16": 0.0, "Q6_K": -0.5}, bar, 0.15, math.log(1.5), 0.0) == {"F16"}
+    assert not go_on([(0.15, 0.15, 15.0)], [])
+    assert go_on([(0.15, 0.15, 15.0), (0.30, 0.30, 16.0)], [])  # Q6_K covered, F16 ruled out
 
 
 # --- the choice on the tiny model, with a closed-form cost and injected quality ----------------
@@ -134,6 +140,11 @@ def test_a_dense_type_that_fits_and_beats_pruning_is_chosen(measured):
     assert (chosen.type, chosen.removed) == ("fp16", 0.0)
     assert why.endswith("fp32 would fit only with more removal than the structural probe reached: "
                         "15% removed already costs +49% perplexity")
+    # fp32's least removal predicted (and beaten): no such clause, though its 80% plan is not.
+    chosen, why = choose(options(searches, q, recover=False), q)
+    assert any(o.type == "fp32" and o.removed > 0.7 and o.delta is None
+               for o in options(searches, q, recover=False))
+    assert chosen.type == "fp16" and "would fit only" not in why
 
 
 def test_a_pruned_plan_wins_when_structure_costs_less_than_quantization(measured):
