@@ -25,7 +25,7 @@ from .costmodel import Pricing
 from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, PruneSettings
 from .profile import Budgets
-from .quality import OVERSHOOT, QualityModel, recovered_share
+from .quality import OVERSHOOT, QualityModel, share_points
 from .search import Candidate, SearchResult, search
 
 TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
@@ -157,17 +157,17 @@ def ruled_out(comp: dict[str, float], type_deltas: dict[str, float], bar: float,
 
 
 def probe_stop(comp: dict[str, float], type_deltas: dict[str, float], bar: float, reference: float,
-               recover: bool, log=print):
+               recoveries: int, log=print):
     """quality.measure_structure's ``stop``: true once no competitive type needs a removal past
     what the levels measured so far predict (the last one's removal + OVERSHOOT), except those
-    the levels measured rule out (ruled_out)."""
+    the levels measured rule out (ruled_out). ``recoveries``: how many levels recovery is
+    measured at; until all are, nothing is ruled out, then the largest share bounds."""
 
     def stop(rows: list[tuple[float, float, float]], recovered: list[tuple[float, float]]) -> bool:
         level, removed, ppl = rows[-1]
-        share = None if recover else 0.0
-        if recovered:
-            pruned_at = {r: p for _, r, p in rows}[recovered[0][0]]
-            share = recovered_share(reference, pruned_at, recovered[0][1])
+        share = 0.0 if not recoveries else None
+        if recoveries and len(recovered) >= recoveries:
+            share = max(s for _, s in share_points(reference, rows, recovered))
         out = ruled_out(comp, type_deltas, bar, removed, math.log(ppl / reference), share)
         if any(r > removed + OVERSHOOT for t, r in comp.items() if t not in out):
             return False
@@ -179,12 +179,14 @@ def probe_stop(comp: dict[str, float], type_deltas: dict[str, float], bar: float
     return stop
 
 
-def recovery_level(levels: list[float], removals: list[float]) -> float | None:
-    """The probe level nearest the median competitive removal (where recovery is measured)."""
+def recovery_levels(levels: list[float], removals: list[float]) -> tuple[float, ...]:
+    """The probe levels nearest the least and the largest competitive removal (one when they
+    coincide): where recovery's share is measured, so that the candidates in between are
+    interpolated, not carried from a level far off."""
     if not levels or not removals:
-        return None
-    mid = sorted(removals)[len(removals) // 2]
-    return min(levels, key=lambda lv: (abs(lv - mid), lv))
+        return ()
+    nearest = [min(levels, key=lambda lv: (abs(lv - r), lv)) for r in (min(removals), max(removals))]
+    return tuple(sorted(set(nearest)))
 
 
 def options(searches: dict[str, SearchResult | str], quality: QualityModel,

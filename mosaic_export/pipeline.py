@@ -320,7 +320,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         options,
         probe_levels,
         probe_stop,
-        recovery_level,
+        recovery_levels,
         type_searches,
     )
     from .quality import (
@@ -328,7 +328,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         QualityModel,
         measure_structure,
         measure_types,
-        recovered_share,
+        share_points,
         structure_points,
         write_probe,
     )
@@ -362,21 +362,20 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     levels = probe_levels(list(comp.values()))
     structure, share, recovered = (), None, None
     if levels:
-        recover_at = (recovery_level(levels, list(comp.values())),) if config.recover else ()
+        recover_at = recovery_levels(levels, list(comp.values())) if config.recover else ()
         align = min(alignments[t] for t in comp)
         log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment {align}; "
             "it stops once the levels measured rule out the types that need more)")
         stop = probe_stop(comp, type_deltas, dense_bar(searches, type_deltas), reference,
-                          config.recover is not None, log)
+                          len(recover_at), log)
         probed = measure_structure(loaded, measured, replace(settings, alignment=align), levels,
                                    calib, probe, config.recover, recover_at,
                                    recovery_state_dir(config.out) if config.out else None,
                                    config.device, log, stop=stop)
         structure = structure_points(reference, [(r, p) for _, r, p in probed["levels"]])
-        recovered = probed["recovered"][0] if probed["recovered"] else None
-        if recovered is not None:
-            pruned_at = dict((r, p) for _, r, p in probed["levels"])[recovered[0]]
-            share = recovered_share(reference, pruned_at, recovered[1])
+        recovered = probed["recovered"]
+        if recovered:
+            share = share_points(reference, probed["levels"], recovered)
     else:
         log("structural probe skipped: no type that needs pruning (up to "
             f"{LADDER[-1]:.0%}) to meet the budgets can beat the best dense type that meets them")
@@ -387,7 +386,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
                 "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},
         "structure_alignment": min((alignments[t] for t in comp), default=None),
         "structure_levels_planned": levels,
-        "recovered": list(recovered) if recovered else None})
+        "recovered": [list(r) for r in recovered] if recovered else None})
     opts = options(searches, quality, config.recover is not None)
     chosen, why = choose(opts, quality)
     log(f"joint search: {chosen.label()}: {why}")

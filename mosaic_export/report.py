@@ -259,6 +259,15 @@ def front_points(joint: dict) -> list[dict]:
     return pts
 
 
+def _recovery_text(share) -> str:
+    """The recovered share(s) for report.md: a list of [removed, share] points (or one share)."""
+    if share is None:
+        return ""
+    if isinstance(share, (int, float)):
+        return f"; recovery closed {share:.0%} of it"
+    return "; recovery closed " + ", ".join(f"{s:.0%} of it at {r:.1%} removed" for r, s in share)
+
+
 def joint_section(joint: dict) -> list[str]:
     """report.md: the joint search's choice, why, the quality model's inputs, every candidate."""
     q, c = joint["quality"], joint["chosen"]
@@ -285,8 +294,7 @@ def joint_section(joint: dict) -> list[str]:
         lines += ["Structural change measured at " + ", ".join(
             f"{r:.1%} removed: {d:+.3f}" for r, d in q["structure"])
                   + f" (plans at alignment {probe['structure_alignment']}, after compensation)"
-                  + (f"; recovery closed {q['recovered_share']:.0%} of it at "
-                     f"{probe['recovered'][0]:.1%} removed" if q["recovered_share"] is not None else "")
+                  + _recovery_text(q["recovered_share"])
                   + ".", ""]
     else:
         lines += ["No structural probe: no type that needs pruning to meet the budgets can beat the "

@@ -17,8 +17,9 @@ The prediction is the joint search's (mosaic_export/quality.py), built as the ma
 it, on the probe (8 windows from the end of the evaluation text, disjoint from the first
 --eval-windows on WikiText-2 test): the dense model's probe perplexity at each type in
 llama.cpp, the structural change measured in PyTorch at the levels on plans at the finest
-alignment among --pruned-types, recovery's share measured at the middle level; anchored at the
-dense PyTorch perplexity on the evaluation text.
+alignment among --pruned-types, recovery's share measured at the least and the largest level
+and interpolated between them; anchored at the dense PyTorch perplexity on the evaluation text.
+`--rescore` rebuilds the prediction from the rows, so a change to that rule needs no new run.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from mosaic_export.quality import (
     measure_structure,
     measure_types,
     median,
-    recovered_share,
+    share_points,
     structure_points,
     write_probe,
 )
@@ -132,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         for t in a.types:
             row(dense, t, 0.0, False, probes[t]["perplexity"]["perplexity"])
         finest = min(channel_alignment("gguf", t) for t in a.pruned_types)
-        middle = sorted(a.levels)[len(a.levels) // 2]
         for t in a.pruned_types:
             align = channel_alignment("gguf", t)
 
@@ -145,16 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                               calib, probe, recover, sorted(a.levels), visit=visit,
                               train_ids=train_ids)
 
-    pruned = [r for r in rows if r["removed"] > 0 and r["alignment"] == finest]
-    structure = structure_points(reference, [(r["removed"], r["probe_perplexity"])
-                                             for r in pruned if not r["recovered"]])
-    share = None
-    at = [r for r in pruned if r["level"] == middle]
-    if recover is not None and len(at) == 2:
-        share = recovered_share(reference, at[0]["probe_perplexity"], at[1]["probe_perplexity"])
-    quality = QualityModel(reference, type_deltas, structure, share,
-                           probe={"text": a.eval_text, "from": "the end of the text",
-                                  "structure_alignment": finest, "recovered_at": middle})
+    quality = QualityModel(reference, type_deltas, probe={
+        "text": a.eval_text, "from": "the end of the text", "structure_alignment": finest})
     out = {"model": dense.source, "calib_text": a.calib_text, "eval_text": a.eval_text,
            "eval_windows": eval_ids.shape[0], "context": a.context, "profile": a.profile,
            "recover": None if recover is None else {"tokens": recover.tokens, "text": recover.text},
@@ -163,11 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     return finish(out, a.json)
 
 
+def quality_of(out: dict) -> QualityModel:
+    """The joint search's quality model from the table's rows, as the main command measures it:
+    the structural change from the pruned rows at the finest alignment; recovery's share at the
+    least and the largest level (the main command's recovery_levels when the competing removals
+    span the levels), interpolated between them."""
+    q = out["quality"]
+    pruned = [r for r in out["rows"]
+              if r["removed"] > 0 and r.get("alignment") == q["probe"]["structure_alignment"]]
+    levels = [(r["level"], r["removed"], r["probe_perplexity"]) for r in pruned if not r["recovered"]]
+    ends = (min(lv for lv, _, _ in levels), max(lv for lv, _, _ in levels)) if levels else ()
+    recovered = [(r["removed"], r["probe_perplexity"]) for r in pruned
+                 if r["recovered"] and r["level"] in ends]
+    structure = structure_points(q["reference"], [(r, p) for _, r, p in levels])
+    share = share_points(q["reference"], levels, recovered) if recovered else None
+    return QualityModel(q["reference"], q["type_deltas"], structure, share,
+                        {**q["probe"], "recovered_at": list(ends) if recovered else None})
+
+
 def finish(out: dict, path: Path | None) -> int:
     """Predictions, their errors and the fronts for every row; printed, and written to path."""
-    q = out["quality"]
-    quality = QualityModel(q["reference"], q["type_deltas"], tuple(map(tuple, q["structure"])),
-                           q["recovered_share"], q["probe"])
+    quality = quality_of(out)
+    out["quality"] = quality.to_dict()
     rows = out["rows"]
     for r in rows:
         pred = quality.perplexity(r["type"], r["removed"], r["recovered"],
