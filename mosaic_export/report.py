@@ -43,11 +43,11 @@ def summary_table(report: dict) -> str:
                      f"{ev['dense']['perplexity']:.3f}", f"{ev['pruned']['perplexity']:.3f}"))
         if "before_recovery" in ev:
             rows.append(("perplexity before recovery", "", f"{ev['before_recovery']['perplexity']:.3f}"))
-    rec = report.get("recovery")
+    rec, notes = report.get("recovery"), []  # notes: too long for a column, printed below it
     if rec:
-        rows.append(("recovery (distillation)", "",
-                     f"{rec['tokens']:,} tokens of {rec['text']}, {rec['steps']} steps, loss "
-                     f"{rec['first_loss']:.3f} -> {rec['final_loss']:.3f}, {rec['seconds']:.0f} s"))
+        rows.append(("recovery (distillation) wall time", "", f"{rec['seconds']:.0f} s"))
+        notes.append(f"recovery: {rec['tokens']:,} tokens of {rec['text']}, {rec['steps']} steps, "
+                     f"loss {rec['first_loss']:.3f} -> {rec['final_loss']:.3f}")
     if "joint_s" in report["timing"]:
         rows.append(("joint search wall time (dense runs, probes)", "",
                      f"{report['timing']['joint_s']:.1f} s"))
@@ -85,7 +85,7 @@ def summary_table(report: dict) -> str:
         if "perplexity" in b:
             rows.append(("ONNX Runtime perplexity", "", f"{b['perplexity']['perplexity']:.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
+    return "\n".join([f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows] + notes)
 
 
 def basis_text(basis: str, short: bool = False) -> str:
