@@ -164,8 +164,9 @@ def test_joint_search_chooses_the_type_and_predicts_its_quality(tmp_path):
     """The main command choosing between Q8_0 and Q4_K_M with a memory budget that dense Q4_K_M
     just meets and dense Q8_0 does not: the joint search runs the dense model at both types in
     llama.cpp, probes structure (Q8_0 would need pruning, and Q8_0 alone costs less quality than
-    Q4_K_M), takes the candidate with the best predicted perplexity, builds it, and its predicted
-    perplexity is within 10% of what llama.cpp measures."""
+    Q4_K_M) until the measured change rules Q8_0 out or predicts it, takes the candidate with the
+    best predicted perplexity, builds it, and its predicted perplexity is within 10% of what
+    llama.cpp measures."""
     from mosaic_export.costmodel import Format
     from mosaic_export.pipeline import make_pricing
     from mosaic_export.profile import load_profile
@@ -189,7 +190,11 @@ def test_joint_search_chooses_the_type_and_predicts_its_quality(tmp_path):
     feasible = [o for o in joint["options"] if o["feasible"] and o["delta"] is not None]
     chosen = joint["chosen"]
     assert chosen["delta"] == min(o["delta"] for o in feasible)
-    assert {(o["type"], o["removed"] > 0) for o in feasible} >= {("Q4_K_M", False), ("Q8_0", True)}
+    assert ("Q4_K_M", False) in {(o["type"], o["removed"] > 0) for o in feasible}
+    if not any(o["type"] == "Q8_0" and o["removed"] > 0 for o in feasible):
+        # The probe stopped at its first level: the change measured there ruled Q8_0 out.
+        assert len(q["structure"]) == 1 and chosen["type"] == "Q4_K_M"
+        assert "Q8_0 would fit only with more removal than the structural probe reached" in joint["reason"]
     assert cost["format"] == f"gguf:{chosen['type']}" and (out / f"model-{chosen['type']}.gguf").is_file()
     assert cost["predicted"]["memory_bytes"] <= budget
     assert joint["measured"]["log_error"] < 0.1, joint["measured"]
