@@ -358,19 +358,16 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
               device: str | None = "cpu") -> torch.Tensor:
     """n_tokens of text the teacher writes itself: sampled (temperature 1) continuations and
     answers to self_prompts, prompt and answer kept, joined with the end-of-text token. Cached in
-    cache_dir by model, seed, length and device type (a GPU samples other numbers than the CPU):
-    the same seed gives the same tokens."""
+    cache_dir by model, seed, length and device type (a GPU samples other numbers than the CPU),
+    and read from any longer cached text of the same model and seed: the same seed gives the
+    same tokens."""
     model, tok = teacher.model, teacher.tokenizer
     dev = resolve_device(device)
-    key_parts = [teacher.source, n_tokens, seed, sum(p.numel() for p in model.parameters()), SELF_BATCH]
-    if dev.type != "cpu":
-        key_parts.append(dev.type)
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"self-text-{key}.json" if cache_dir is not None else None
-    if cache is not None and cache.is_file():
-        ids = json.loads(cache.read_text())
-        log(f"self text: {len(ids)} tokens from {cache}")
-        return torch.tensor(ids, dtype=torch.long)
+    cached = _cached_self_text(teacher, seed, dev, n_tokens, cache_dir)
+    if cached is not None:
+        path, ids = cached
+        log(f"self text: {n_tokens} tokens from {path}")
+        return torch.tensor(ids[:n_tokens], dtype=torch.long)
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     torch.manual_seed(seed)
     model.to(dev)
@@ -398,7 +395,38 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     model.to("cpu")
     ids = stream[:n_tokens]
     log(f"self text: {n_tokens} tokens generated in {time.perf_counter() - t0:.0f} s")
-    if cache is not None:
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"{_self_text_stem(teacher, seed, dev)}-{n_tokens}.json"
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(ids))
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        tmp.write_text(json.dumps(ids))
+        tmp.replace(cache)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _self_text_stem(teacher, seed: int, dev: torch.device) -> str:
+    """The cache name of a self text, without its length: the model, the seed, the batch width
+    and the device type (a GPU samples other numbers than the CPU)."""
+    key_parts = [teacher.source, seed, sum(p.numel() for p in teacher.model.parameters()), SELF_BATCH]
+    if dev.type != "cpu":
+        key_parts.append(dev.type)
+    return "self-text-" + hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+
+
+def _cached_self_text(teacher, seed: int, dev: torch.device, n_tokens: int,
+                      cache_dir: Path | None) -> tuple[Path, list[int]] | None:
+    """The shortest cached self text of at least n_tokens for this model and seed. Generation
+    runs in whole rounds from the seed, so a shorter text is a prefix of a longer one: a
+    calibration text (--calib-text self) is read from a longer recovery text, and the reverse."""
+    if cache_dir is None:
+        return None
+    stem = _self_text_stem(teacher, seed, dev)
+    found = []
+    for path in Path(cache_dir).glob(f"{stem}-*.json"):
+        length = path.stem.rsplit("-", 1)[1]
+        if length.isdigit() and int(length) >= n_tokens:
+            found.append((int(length), path))
+    if not found:
+        return None
+    path = min(found)[1]
+    return path, json.loads(path.read_text())

@@ -124,6 +124,18 @@ def test_self_text_is_deterministic_and_cached(tiny_model_dir, tmp_path):
     assert not torch.equal(a, self_text(teacher, 300, seed=4))
 
 
+def test_a_shorter_self_text_is_read_from_a_longer_cached_one(tiny_model_dir, tmp_path):
+    """Generation runs in whole rounds from the seed, so a shorter text is a prefix of a longer
+    one: a cached 300-token text serves a request for 100 tokens without generating."""
+    teacher = load_model(str(tiny_model_dir))
+    long = self_text(teacher, 300, seed=3, cache_dir=tmp_path)
+    logged = []
+    short = self_text(teacher, 100, seed=3, cache_dir=tmp_path, log=logged.append)
+    assert torch.equal(short, long[:100]) and "from" in logged[0]
+    assert torch.equal(short, self_text(teacher, 100, seed=3))  # what generating it gives
+    assert len(list(tmp_path.glob("self-text-*.json"))) == 1
+
+
 def test_cli_recover_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), *FAST, "--sparsity", "0.3", "--structured-fraction", "1",
