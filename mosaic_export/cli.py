@@ -185,7 +185,8 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     r.add_argument("--recover-text", default=d.text,
                    help="'self': text the dense model generates (about 15 minutes for 65,536 "
                         "tokens of the default model on 2 CPU cores, then cached beside OUT), or "
-                        "'builtin', a .txt or .jsonl file like --calib-text (default: %(default)s)")
+                        "'builtin', a .txt or .jsonl file like --calib-text; several, "
+                        "comma-separated (self,FILE), share the windows evenly (default: %(default)s)")
     r.add_argument("--recover-seq-len", type=int, default=d.seq_len,
                    help="tokens per training window (default: %(default)s)")
     r.add_argument("--recover-batch", type=int, default=d.batch,

@@ -181,7 +181,7 @@ def prepare(config: RunConfig) -> tuple[Profile, PruneSettings, Plan | None, For
         raise UserError(f"--margin must be in [0, 0.5), got {config.margin}")
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
-    recover_text = [config.recover.text] if config.recover else []
+    recover_text = config.recover.sources if config.recover else []
     for source in (settings.calibration.source, config.eval_text, *recover_text):
         if source not in (BUILTIN, HELDOUT, SELF) and not Path(source).is_file():
             raise UserError(f"text file not found: {source}")
@@ -419,7 +419,7 @@ def calibration_ids(loaded: LoadedModel, settings: PruneSettings, cache_dir: Pat
     generated before any pruning (cached in ``cache_dir``)."""
     c = settings.calibration
     if c.source == SELF:
-        from .recover import self_text
+        from .self_text import self_text
 
         ids = self_text(loaded, c.n_samples * c.seq_len, c.seed, cache_dir, device=device)
         return ids.view(c.n_samples, c.seq_len)
