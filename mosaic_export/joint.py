@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .arch import ModelShape
 from .costmodel import Pricing
@@ -45,7 +46,7 @@ class Option:
     recovered: bool = False
     delta: float | None = None  # predicted log-perplexity change against dense float32
 
-    @property
+    @cached_property
     def removed(self) -> float:
         return self.candidate.plan.removed()
 
@@ -99,10 +100,11 @@ def type_searches(shape: ModelShape, source: str, measured: list[LayerMeasuremen
     """The budget search at every type, each at its own alignment; the error's text for a type
     at which no plan meets the budgets."""
     out: dict[str, SearchResult | str] = {}
+    plans: dict = {}  # types at one alignment share their plans
     for t, pricing in pricings.items():
         try:
             out[t] = search(shape, source, measured, replace(settings, alignment=alignments[t]),
-                            budgets, pricing, margin)
+                            budgets, pricing, margin, plans)
         except Infeasible as e:
             out[t] = str(e)
     return out

@@ -360,7 +360,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         raise UserError(infeasible_message(searches))
     comp = competitive(searches, type_deltas)
     levels = probe_levels(list(comp.values()))
-    structure, share, recovered = (), None, None
+    structure, share, recovered = (), (), None
     if levels:
         recover_at = recovery_levels(levels, list(comp.values())) if config.recover else ()
         align = min(alignments[t] for t in comp)

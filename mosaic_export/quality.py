@@ -38,9 +38,9 @@ class QualityModel:
     reference: float  # the dense model's perplexity in PyTorch, float32, on the probe
     type_deltas: dict[str, float]  # type -> log ppl(runtime, dense at type) - log reference
     structure: tuple[tuple[float, float], ...] = ()  # (removed share, log ppl change), increasing
-    # share of the structural change recovery closes: one for every removal, or measured
-    # (removed share, share) points, increasing
-    recovered_share: float | tuple[tuple[float, float], ...] | None = None
+    # share of the structural change recovery closes, measured: (removed share, share) points,
+    # increasing; one point stands for every removal; none: recovery not measured
+    recovered_share: tuple[tuple[float, float], ...] = ()
     probe: dict = field(default_factory=dict)  # text, windows, what was measured where
 
     def structural(self, removed: float) -> float | None:
@@ -77,8 +77,6 @@ class QualityModel:
         """Recovery's share at ``removed``: interpolated between measured points, the nearest
         point's outside them; None when recovery was not measured."""
         points = self.recovered_share
-        if points is None or isinstance(points, (int, float)):
-            return points
         if not points:
             return None
         xs = [x for x, _ in points]
@@ -100,8 +98,7 @@ class QualityModel:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["structure"] = [list(p) for p in self.structure]
-        if isinstance(self.recovered_share, tuple):
-            out["recovered_share"] = [list(p) for p in self.recovered_share]
+        out["recovered_share"] = [list(p) for p in self.recovered_share] or None
         return out
 
 

@@ -260,11 +260,9 @@ def front_points(joint: dict) -> list[dict]:
 
 
 def _recovery_text(share) -> str:
-    """The recovered share(s) for report.md: a list of [removed, share] points (or one share)."""
-    if share is None:
+    """The recovered shares for report.md: a list of [removed, share] points, or None."""
+    if not share:
         return ""
-    if isinstance(share, (int, float)):
-        return f"; recovery closed {share:.0%} of it"
     return "; recovery closed " + ", ".join(f"{s:.0%} of it at {r:.1%} removed" for r, s in share)
 
 

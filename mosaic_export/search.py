@@ -114,18 +114,22 @@ def with_margin(budgets: Budgets, margin: float) -> Budgets:
 
 def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
            settings: PruneSettings, budgets: Budgets, pricing: Pricing,
-           margin: float = 0.0) -> SearchResult:
+           margin: float = 0.0, plans: dict | None = None) -> SearchResult:
     """The least structured removal target (on the STEP grid) whose predicted cost meets every
     budget with ``margin`` to spare; when none does, a UserError naming each budget missed, the
-    closest figure and what else would help."""
+    closest figure and what else would help. ``plans``: plans already made, by (settings,
+    target), shared by searches at several types (the plan does not depend on the type)."""
     seen: dict[float, Candidate] = {}
+    plans = {} if plans is None else plans
     tight = with_margin(budgets, margin)
 
     def at(target: float) -> Candidate:
         target = round(target, 4)
         if target not in seen:
             s = replace(settings, sparsity=target, structured_fraction=1.0 if target else 0.0)
-            plan = make_plan(shape, source, measured, s)
+            if s not in plans:
+                plans[s] = make_plan(shape, source, measured, s)
+            plan = plans[s]
             cost = pricing.cost([lp.dims for lp in plan.layers])
             fits = all(c.met for c in cost_checks(tight, cost))
             seen[target] = Candidate(target, plan, cost, cost_checks(budgets, cost), fits)

@@ -168,7 +168,7 @@ def quality_of(out: dict) -> QualityModel:
     recovered = [(r["removed"], r["probe_perplexity"]) for r in pruned
                  if r["recovered"] and r["level"] in ends]
     structure = structure_points(q["reference"], [(r, p) for _, r, p in levels])
-    share = share_points(q["reference"], levels, recovered) if recovered else None
+    share = share_points(q["reference"], levels, recovered) if recovered else ()
     return QualityModel(q["reference"], q["type_deltas"], structure, share,
                         {**q["probe"], "recovered_at": list(ends) if recovered else None})
 

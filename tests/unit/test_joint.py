@@ -47,7 +47,8 @@ TYPES = ("fp32", "fp16", "int8")
 # --- the quality model ---------------------------------------------------------------------------
 
 def test_prediction_adds_log_changes_and_interpolates_structure():
-    q = QualityModel(10.0, {"fp32": 0.0, "int8": 0.05}, ((0.2, 0.3), (0.4, 0.9)), recovered_share=0.5)
+    q = QualityModel(10.0, {"fp32": 0.0, "int8": 0.05}, ((0.2, 0.3), (0.4, 0.9)),
+                     recovered_share=((0.3, 0.5),))  # one point: the share at every removal
     assert q.delta("fp32", 0.0) == 0.0
     assert q.delta("int8", 0.0) == pytest.approx(0.05)
     assert q.delta("int8", 0.1) == pytest.approx(0.05 + 0.15)  # half way from (0, 0) to (0.2, 0.3)
@@ -137,6 +138,15 @@ def _searches(measured, budget_of):
                          {t: 1 for t in TYPES}, 0.0), dense, budgets
 
 
+def test_types_at_one_alignment_share_their_plans(measured):
+    """A plan depends on the removal and the alignment, not on the type: the searches of types
+    at one alignment make each plan once."""
+    searches, _, _ = _searches(measured, lambda d: (d["fp16"] + d["fp32"]) / 2)
+    plans = {t: {c.target: c.plan for c in s.priced} for t, s in searches.items()}
+    shared = set(plans["fp32"]) & set(plans["fp16"])
+    assert 0.0 in shared and all(plans["fp32"][t] is plans["fp16"][t] for t in shared)
+
+
 def test_a_dense_type_that_fits_and_beats_pruning_is_chosen(measured):
     # Room for dense fp16, not for dense fp32: fp32 must prune about half to fit.
     searches, dense, _ = _searches(measured, lambda d: (d["fp16"] + d["fp32"]) / 2)
@@ -164,7 +174,7 @@ def test_a_dense_type_that_fits_and_beats_pruning_is_chosen(measured):
 def test_a_pruned_plan_wins_when_structure_costs_less_than_quantization(measured):
     searches, _, _ = _searches(measured, lambda d: (d["fp16"] + d["fp32"]) / 2)
     deltas = {"fp32": 0.0, "fp16": 0.3, "int8": 0.9}  # a type that costs a lot (injected)
-    q = QualityModel(10.0, deltas, ((0.45, 0.1), (0.6, 0.2)), recovered_share=0.5)
+    q = QualityModel(10.0, deltas, ((0.45, 0.1), (0.6, 0.2)), recovered_share=((0.3, 0.5),))
     chosen, why = choose(options(searches, q, recover=False))
     assert chosen.type == "fp32" and chosen.removed > 0 and not chosen.recovered
     assert "against the best dense type that meets the budgets, dense fp16" in why
@@ -198,7 +208,7 @@ def test_a_plan_priced_at_two_targets_is_one_candidate(measured):
     searches, _, _ = _searches(measured, lambda d: (d["fp16"] + d["fp32"]) / 2)
     s = searches["fp32"]
     twice = replace(s, priced=[s.chosen, replace(s.chosen, target=s.chosen.target + 0.01)])
-    q = QualityModel(10.0, {"fp32": 0.0}, ((0.45, 0.5), (0.6, 0.8)), recovered_share=0.5)
+    q = QualityModel(10.0, {"fp32": 0.0}, ((0.45, 0.5), (0.6, 0.8)), recovered_share=((0.3, 0.5),))
     opts = options({"fp32": twice}, q, recover=True)
     assert [(o.candidate.target, o.recovered) for o in opts] == [(s.chosen.target, False),
                                                                  (s.chosen.target, True)]
