@@ -76,8 +76,21 @@ def _fraction(text: str) -> float:
 def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pruning(p)
+    _add_budgets(p, plan_only)
+    _add_calibration(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    if plan_only:
+        p.add_argument("--write-plan", type=Path, default=None, help="write the plan to this file")
+        return p
+    _add_output(p)
+    _add_recovery(p)
+    return p
+
+
+def _add_pruning(p: argparse.ArgumentParser) -> None:
+    """The model, the amount and the kind of pruning, and how it is allocated."""
     d = PruneSettings()
-    c = CalibrationSettings()
     p.add_argument("--profile", default="laptop-cpu",
                    help="built-in profile name or a TOML file (default: %(default)s); "
                         "see `mosaic-export profiles`")
@@ -92,25 +105,6 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     p.add_argument("--structured-fraction", type=_fraction, default=d.structured_fraction,
                    help="share of --sparsity removed physically (heads, MLP channels); "
                         "0 = all unstructured, 1 = all structured (default: %(default)s)")
-    b = p.add_argument_group("budgets (override the profile's)")
-    b.add_argument("--max-memory", default=None,
-                   help="peak resident memory of the runtime with the context full, with a unit: "
-                        "80MiB, 1.5GB; or relative to the dense model's (predicted in the target "
-                        "format on the profile): 0.9x")
-    b.add_argument("--min-tokens-per-s", default=None,
-                   help="decode speed after a 512-token prompt, tokens/s: 60; or relative to the "
-                        "dense model's: 1.15x")
-    b.add_argument("--context", type=int, default=None, help="context length the memory must hold")
-    b.add_argument("--max-ttft", default=None,
-                   help="time to first token of a 512-token prompt: 200ms; or relative to the "
-                        "dense model's: 0.8x")
-    b.add_argument("--margin", type=_fraction, default=0.02,
-                   help="headroom the search keeps on every budget for the cost model's error, "
-                        "as a fraction (default: %(default)s)")
-    if not plan_only:
-        b.add_argument("--check-neighbour", action="store_true",
-                       help="also build the plan with 5%% less pruning and measure it here, to show "
-                            "the budget it misses")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation,
                    help="uniform (global), layer (OWL) or projection (Mosaic) "
                         "(default: %(default)s)")
@@ -131,6 +125,32 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="rank heads and channels by activation-aware scores, or by weight "
                         "magnitude alone (the coarse baseline) (default: %(default)s)")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
+
+
+def _add_budgets(p: argparse.ArgumentParser, plan_only: bool) -> None:
+    b = p.add_argument_group("budgets (override the profile's)")
+    b.add_argument("--max-memory", default=None,
+                   help="peak resident memory of the runtime with the context full, with a unit: "
+                        "80MiB, 1.5GB; or relative to the dense model's (predicted in the target "
+                        "format on the profile): 0.9x")
+    b.add_argument("--min-tokens-per-s", default=None,
+                   help="decode speed after a 512-token prompt, tokens/s: 60; or relative to the "
+                        "dense model's: 1.15x")
+    b.add_argument("--context", type=int, default=None, help="context length the memory must hold")
+    b.add_argument("--max-ttft", default=None,
+                   help="time to first token of a 512-token prompt: 200ms; or relative to the "
+                        "dense model's: 0.8x")
+    b.add_argument("--margin", type=_fraction, default=0.02,
+                   help="headroom the search keeps on every budget for the cost model's error, "
+                        "as a fraction (default: %(default)s)")
+    if not plan_only:
+        b.add_argument("--check-neighbour", action="store_true",
+                       help="also build the plan with 5%% less pruning and measure it here, to show "
+                            "the budget it misses")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    c = CalibrationSettings()
     p.add_argument("--calib-text", default=c.source,
                    help="calibration text: 'builtin' (Python's pydoc topics), a .txt or a "
                         ".jsonl file with a 'text' field, or 'self': text the dense model "
@@ -141,10 +161,10 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                    help="tokens per calibration sample (default: %(default)s)")
     p.add_argument("--seed", type=int, default=c.seed,
                    help="seed of the calibration sampling (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    if plan_only:
-        p.add_argument("--write-plan", type=Path, default=None, help="write the plan to this file")
-        return p
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    """Where the model goes, in which format, and how it is evaluated."""
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="output folder, must not exist unless --force (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -174,6 +194,9 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
                         "the whole text (default: %(default)s)")
     p.add_argument("--eval-seq-len", type=int, default=512,
                    help="tokens per perplexity window (default: %(default)s)")
+
+
+def _add_recovery(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("recovery (distil the pruned model from the dense one)")
     d = RecoverSettings()
     r.add_argument("--recover", action="store_true",
@@ -204,7 +227,6 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
     r.add_argument("--resume", action="store_true",
                    help="continue a recovery that was interrupted (its state is kept in .OUT.recover/ "
                         "beside OUT)")
-    return p
 
 
 def _config(args: argparse.Namespace):

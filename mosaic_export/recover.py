@@ -179,6 +179,47 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def _prepare(student: nn.Module, teacher: nn.Module) -> tuple[list[nn.Parameter], dict]:
+    """Freeze the teacher and the student's embedding; the student's trainable parameters and
+    the masks that keep unstructured pruning's zeros at zero."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = trainable(student)
+    params_set = {id(p) for p in params}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in params_set)
+    return params, zero_masks(student, params)
+
+
+def window_loss(student: nn.Module, teacher: nn.Module, window: torch.Tensor,
+                settings: RecoverSettings) -> torch.Tensor:
+    """The distillation loss on one window (1, seq_len): KL of the next-token distributions,
+    plus the hidden-state term when settings.hidden_weight > 0."""
+    hidden = settings.hidden_weight > 0
+    with torch.no_grad():
+        t_logits, t_hidden = _forward(teacher, window, hidden)
+    s_logits, s_hidden = _forward(student, window, hidden)
+    loss = kd_loss(s_logits[:, :-1], t_logits[:, :-1], settings.temperature)
+    if hidden:
+        layers = list(zip(s_hidden[1:], t_hidden[1:], strict=True))
+        loss = loss + settings.hidden_weight * sum(F.mse_loss(a, b) for a, b in layers) / len(layers)
+    return loss
+
+
+def _masked_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: dict) -> None:
+    """One optimizer step that leaves masked (pruned) weights at zero: their gradients are
+    zeroed before it, the weights re-masked after (AdamW's decay would move them)."""
+    for p in params:
+        if id(p) in masks and p.grad is not None:
+            p.grad.mul_(masks[id(p)])
+    optimizer.step()
+    with torch.no_grad():
+        for p in params:
+            if id(p) in masks:
+                p.mul_(masks[id(p)])
+
+
 def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings: RecoverSettings,
             state_dir: Path | None = None, resume: bool = False,
             stop: Callable[[int], bool] | None = None, device: str | None = "cpu") -> RecoverResult:
@@ -200,14 +241,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
     teacher.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = trainable(student)
-    params_set = {id(p) for p in params}
-    for p in student.parameters():
-        p.requires_grad_(id(p) in params_set)
-    masks = zero_masks(student, params)
+    params, masks = _prepare(student, teacher)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     digest = data_digest(ids)
     start, curve, seconds = 0, [], 0.0
@@ -218,7 +252,6 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, curve, seconds, resumed = state["step"], state["curve"], state["seconds"], state["step"]
-    hidden = settings.hidden_weight > 0
     student.train()
     t0 = time.perf_counter() - seconds
     bar = tqdm(total=settings.steps, initial=start, desc="recover", unit="step", leave=False)
@@ -232,24 +265,10 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
             total = 0.0
             for w in range(settings.batch):
                 window = ids[step * settings.batch + w][None].to(dev)  # (1, seq_len)
-                with torch.no_grad():
-                    t_logits, t_hidden = _forward(teacher, window, hidden)
-                s_logits, s_hidden = _forward(student, window, hidden)
-                loss = kd_loss(s_logits[:, :-1], t_logits[:, :-1], settings.temperature)
-                if hidden:
-                    layers = list(zip(s_hidden[1:], t_hidden[1:], strict=True))
-                    loss = loss + settings.hidden_weight * sum(
-                        F.mse_loss(a, b) for a, b in layers) / len(layers)
+                loss = window_loss(student, teacher, window, settings)
                 (loss / settings.batch).backward()
                 total += float(loss.detach()) / settings.batch
-            for p in params:
-                if id(p) in masks and p.grad is not None:
-                    p.grad.mul_(masks[id(p)])
-            optimizer.step()
-            with torch.no_grad():
-                for p in params:
-                    if id(p) in masks:
-                        p.mul_(masks[id(p)])
+            _masked_step(optimizer, params, masks)
             done = (step + 1) * settings.batch * settings.seq_len
             curve.append({"step": step + 1, "tokens": done, "loss": total, "lr": lr})
             trained = done - start * settings.batch * settings.seq_len  # this session's tokens
