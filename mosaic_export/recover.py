@@ -73,6 +73,8 @@ class RecoverSettings:
                   (self.temperature > 0, f"--recover-temperature must be positive, got "
                                          f"{self.temperature}"),
                   (bool(self.sources), "--recover-text names no text source"),
+                  (len(set(self.sources)) == len(self.sources),
+                   f"--recover-text names a source twice: {self.text}"),
                   (self.hidden_weight >= 0, f"the hidden-state weight must be >= 0, got "
                                             f"{self.hidden_weight}")]
         for ok, message in checks:
@@ -334,8 +336,8 @@ def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None 
                      log=print, device: str | None = "cpu") -> tuple[torch.Tensor, str]:
     """(settings.windows, seq_len) token ids to distil on, and a description of their source:
     random windows (seeded) of a text source, or of text the teacher generates (``self``). With
-    several sources (comma-separated), the windows are shared out evenly and taken in turn, so
-    every step sees each source."""
+    several sources (comma-separated), the windows are shared out evenly (the first sources
+    take the remainder) and taken in turn; a source left without a window is said."""
     from .calibration import sample_windows, tokenize
     from .self_text import self_text
     from .texts import corpus
@@ -345,6 +347,7 @@ def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None 
     for k, source in enumerate(sources):
         n = settings.windows // len(sources) + (k < settings.windows % len(sources))
         if n == 0:
+            log(f"recovery text: {source} gets none of the {settings.windows} windows")
             continue
         if source == SELF:
             stream = self_text(teacher, n * settings.seq_len, settings.seed, cache_dir, log, device)

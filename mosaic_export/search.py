@@ -117,8 +117,9 @@ def search(shape: ModelShape, source: str, measured: list[LayerMeasurement],
            margin: float = 0.0, plans: dict | None = None) -> SearchResult:
     """The least structured removal target (on the STEP grid) whose predicted cost meets every
     budget with ``margin`` to spare; when none does, a UserError naming each budget missed, the
-    closest figure and what else would help. ``plans``: plans already made, by (settings,
-    target), shared by searches at several types (the plan does not depend on the type)."""
+    closest figure and what else would help. ``plans``: plans already made, by their
+    settings (the target is the settings' sparsity), shared by searches at several types (a plan
+    does not depend on the type)."""
     seen: dict[float, Candidate] = {}
     plans = {} if plans is None else plans
     tight = with_margin(budgets, margin)

@@ -39,10 +39,12 @@ _MESSAGE = "\x00MESSAGE\x00"  # stands for the user's message when the template 
 @dataclass(frozen=True)
 class ChatFrame:
     """The chat template around one user's message: ``before`` (system prompt and user header),
-    ``after`` (end of turn and assistant header), as token ids."""
+    ``after`` (end of turn and assistant header), as token ids; ``end``: the token that ends a
+    turn, when ``after`` starts with a special one (else the end of text ends a turn)."""
 
     before: list[int]
     after: list[int]
+    end: int | None = None
 
     @classmethod
     def of(cls, tokenizer) -> ChatFrame | None:
@@ -53,7 +55,9 @@ class ChatFrame:
                                              add_generation_prompt=True, tokenize=False)
         before, _, after = text.partition(_MESSAGE)
         encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-        return cls(encode(before), encode(after))
+        before, after = encode(before), encode(after)
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        return cls(before, after, after[0] if after and after[0] in special else None)
 
 
 def _normal(text: str) -> str:
@@ -67,9 +71,10 @@ def _probe_questions() -> frozenset[str]:
 
 
 def _sample(model, prompts: list[list[int]], pad: int, stop: list[int], max_new: int,
-            dev: torch.device) -> list[list[int]]:
-    """Sampled continuations (temperature 1, no top-k) of left-padded prompts, each cut before
-    its first stop token."""
+            dev: torch.device, keep: int | None = None) -> list[list[int]]:
+    """Sampled continuations (temperature 1, no top-k; the model's generation config may add
+    more, such as top-p) of left-padded prompts, each cut before its first stop token, or just
+    after it when it is ``keep``."""
     width = max(map(len, prompts))
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -80,7 +85,8 @@ def _sample(model, prompts: list[list[int]], pad: int, stop: list[int], max_new:
     for row in out:
         new = row[width:].tolist()
         ends = [new.index(t) for t in stop if t in new]
-        cut.append(new[:min(ends)] if ends else new)
+        end = min(ends) if ends else len(new)
+        cut.append(new[:end + (end < len(new) and new[end] == keep)])
     return cut
 
 
@@ -95,6 +101,8 @@ class _Writer:
         self.eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
         self.builtin = tokenize(self.tok, corpus(BUILTIN))
         self.frame = ChatFrame.of(self.tok)
+        self.turn_end = self.frame.end if self.frame is not None else None
+        self.stops = [self.eos] + ([self.turn_end] if self.turn_end not in (None, self.eos) else [])
         self.probe = _probe_questions()
         self.messages = self.dropped = 0
 
@@ -108,8 +116,7 @@ class _Writer:
         if not n_chat:
             return prompts
         f = self.frame
-        end_of_turn = f.after[:1] or [self.eos]
-        messages = _sample(self.model, [f.before] * n_chat, self.eos, [*end_of_turn, self.eos],
+        messages = _sample(self.model, [f.before] * n_chat, self.eos, self.stops,
                            SELF_QUERY_TOKENS, self.dev)
         turns = [f.before + m + f.after for m in messages
                  if self.accept(self.tok.decode(m, skip_special_tokens=True))]
@@ -127,7 +134,9 @@ class _Writer:
 
     def round(self, g: torch.Generator) -> list[int]:
         prompts = self.prompts(g)
-        answers = _sample(self.model, prompts, self.eos, [self.eos], SELF_ANSWER_TOKENS, self.dev)
+        # an answer ends at the end of its turn (kept: the student learns to end it) or of text
+        answers = _sample(self.model, prompts, self.eos, self.stops, SELF_ANSWER_TOKENS, self.dev,
+                          keep=self.turn_end)
         return [t for p, a in zip(prompts, answers, strict=True) for t in (*p, *a, self.eos)]
 
 
@@ -135,8 +144,8 @@ class _Writer:
 def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, log=print,
               device: str | None = "cpu") -> torch.Tensor:
     """n_tokens of text the teacher writes itself (see the module's docstring). Cached in
-    cache_dir by model, seed, length and device type (a GPU samples other numbers than the CPU),
-    and read from any longer cached text of the same model and seed."""
+    cache_dir by what it is written from (_stem) and its length, and read from any longer cached
+    text written from the same."""
     from .recover import resolve_device
 
     dev = resolve_device(device)
@@ -171,10 +180,16 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
 
 
 def _stem(teacher, seed: int, dev: torch.device) -> str:
-    """The cache name of a self text, without its length: the way it is written, the model and
-    its chat template, the seed, the batch width and the device type."""
-    key_parts = ["magpie", teacher.source, getattr(teacher.tokenizer, "chat_template", None), seed,
-                 sum(p.numel() for p in teacher.model.parameters()), SELF_BATCH]
+    """The cache name of a self text, without its length: what it is written from (the model,
+    its chat frame as rendered, the built-in text, the probe questions dropped, the sizes), the
+    seed and the device type (a GPU samples other numbers than the CPU)."""
+    from .texts import BUILTIN, corpus
+
+    frame = ChatFrame.of(teacher.tokenizer)
+    key_parts = ["magpie-2", teacher.source, sum(p.numel() for p in teacher.model.parameters()),
+                 None if frame is None else [frame.before, frame.after, frame.end],
+                 hashlib.sha256(corpus(BUILTIN).encode()).hexdigest(), sorted(_probe_questions()),
+                 [SELF_BATCH, SELF_PROMPT_TOKENS, SELF_QUERY_TOKENS, SELF_ANSWER_TOKENS], seed]
     if dev.type != "cpu":
         key_parts.append(dev.type)
     return "self-text-" + hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@
 code, first 90%: for calibration. ``builtin-heldout``: the last 10%, never used for calibration:
 the default perplexity text. Anything else is a path: a plain text file, or a JSONL file with a
 string field ``text`` per line. ``self`` (calibration and recovery only) is text the dense model
-generates (``mosaic_export.recover.self_text``).
+generates (``mosaic_export.self_text``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .errors import UserError
 
 BUILTIN = "builtin"
 HELDOUT = "builtin-heldout"
-SELF = "self"  # text the dense model writes itself (mosaic_export.recover.self_text)
+SELF = "self"  # text the dense model writes itself (mosaic_export.self_text)
 BUILTIN_SPLIT = 0.9  # the built-in corpus: first 90% for calibration, the rest held out
 
 

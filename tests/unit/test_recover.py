@@ -216,6 +216,10 @@ def test_chat_frame_is_the_template_around_the_message(tiny_model_dir):
     tok.chat_template = CHATML
     frame = ChatFrame.of(tok)
     assert tok.decode(frame.before) == "<|user|>" and tok.decode(frame.after) == "<|end|><|assistant|>"
+    assert frame.end is None  # "<|end|>" is plain text here: the end of text ends a turn
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    frame = ChatFrame.of(tok)
+    assert frame.end == tok.convert_tokens_to_ids("<|end|>") == frame.after[0]
 
 
 def test_self_text_writes_user_turns_and_drops_probe_questions(tiny_model_dir):
@@ -245,3 +249,18 @@ def test_several_recovery_texts_share_the_windows_in_turn(tiny_model_dir):
     assert torch.equal(ids, torch.stack([own[0], builtin[0], own[1], builtin[1], own[2]]))
     with pytest.raises(UserError, match="no text source"):
         RecoverSettings(text=" , ").validate()
+    with pytest.raises(UserError, match="a source twice"):
+        RecoverSettings(text="self,self").validate()
+
+
+def test_sampled_text_is_cut_at_its_first_stop_and_keeps_a_turn_end():
+    from mosaic_export.self_text import _sample
+
+    class Model:  # generate: the prompt, then four tokens
+        def generate(self, ids, **kwargs):
+            return torch.cat([ids, torch.tensor([[5, 7, 9, 3]])], dim=1)
+
+    cpu = torch.device("cpu")
+    assert _sample(Model(), [[1, 2]], 0, [3, 7], 4, cpu) == [[5]]
+    assert _sample(Model(), [[1, 2]], 0, [3, 7], 4, cpu, keep=7) == [[5, 7]]  # a turn's end
+    assert _sample(Model(), [[1, 2]], 0, [8], 4, cpu, keep=8) == [[5, 7, 9, 3]]  # no stop: all
