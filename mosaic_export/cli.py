@@ -206,7 +206,7 @@ def _add_recovery(p: argparse.ArgumentParser) -> None:
                    help="training tokens (default: %(default)s, about ten minutes of training for "
                         "the default model on 2 CPU cores)")
     r.add_argument("--recover-text", default=d.text,
-                   help="'self': text the dense model generates (about 15 minutes for 65,536 "
+                   help="'self': text the dense model generates (16 to 25 minutes for 65,536 "
                         "tokens of the default model on 2 CPU cores, then cached beside OUT), or "
                         "'builtin', a .txt or .jsonl file like --calib-text; several, "
                         "comma-separated (self,FILE), share the windows evenly (default: %(default)s)")
