@@ -93,15 +93,14 @@ def _sample(model, prompts: list[list[int]], pad: int, stop: list[int], max_new:
 class _Writer:
     """One model's self text, round after round."""
 
-    def __init__(self, teacher, dev: torch.device):
+    def __init__(self, teacher, frame: ChatFrame | None, builtin: str, dev: torch.device):
         from .calibration import tokenize
-        from .texts import BUILTIN, corpus
 
         self.model, self.tok, self.dev = teacher.model, teacher.tokenizer, dev
         self.eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
-        self.builtin = tokenize(self.tok, corpus(BUILTIN))
-        self.frame = ChatFrame.of(self.tok)
-        self.turn_end = self.frame.end if self.frame is not None else None
+        self.builtin = tokenize(self.tok, builtin)
+        self.frame = frame
+        self.turn_end = frame.end if frame is not None else None
         self.stops = [self.eos] + ([self.turn_end] if self.turn_end not in (None, self.eos) else [])
         self.probe = _probe_questions()
         self.messages = self.dropped = 0
@@ -149,7 +148,11 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     from .recover import resolve_device
 
     dev = resolve_device(device)
-    cached = _cached(teacher, seed, dev, n_tokens, cache_dir)
+    from .texts import BUILTIN, corpus
+
+    frame, builtin = ChatFrame.of(teacher.tokenizer), corpus(BUILTIN)
+    stem = _stem(teacher, frame, builtin, seed, dev)
+    cached = _cached(stem, n_tokens, cache_dir)
     if cached is not None:
         path, ids = cached
         log(f"self text: {n_tokens} tokens from {path}")
@@ -157,7 +160,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     teacher.model.to(dev)
-    writer = _Writer(teacher, dev)
+    writer = _Writer(teacher, frame, builtin, dev)
     t0 = time.perf_counter()
     stream: list[int] = []
     with tqdm(total=n_tokens, desc="self text", unit="token", leave=False) as bar:
@@ -171,7 +174,7 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
             f"as chat-probe questions" if writer.frame is not None else "")
     log(f"self text: {n_tokens} tokens generated in {time.perf_counter() - t0:.0f} s{chat}")
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{_stem(teacher, seed, dev)}-{n_tokens}.json"
+        cache = Path(cache_dir) / f"{stem}-{n_tokens}.json"
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp")
         tmp.write_text(json.dumps(ids))
@@ -179,30 +182,25 @@ def self_text(teacher, n_tokens: int, seed: int, cache_dir: Path | None = None, 
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _stem(teacher, seed: int, dev: torch.device) -> str:
+def _stem(teacher, frame: ChatFrame | None, builtin: str, seed: int, dev: torch.device) -> str:
     """The cache name of a self text, without its length: what it is written from (the model,
     its chat frame as rendered, the built-in text, the probe questions dropped, the sizes), the
     seed and the device type (a GPU samples other numbers than the CPU)."""
-    from .texts import BUILTIN, corpus
-
-    frame = ChatFrame.of(teacher.tokenizer)
     key_parts = ["magpie-2", teacher.source, sum(p.numel() for p in teacher.model.parameters()),
                  None if frame is None else [frame.before, frame.after, frame.end],
-                 hashlib.sha256(corpus(BUILTIN).encode()).hexdigest(), sorted(_probe_questions()),
+                 hashlib.sha256(builtin.encode()).hexdigest(), sorted(_probe_questions()),
                  [SELF_BATCH, SELF_PROMPT_TOKENS, SELF_QUERY_TOKENS, SELF_ANSWER_TOKENS], seed]
     if dev.type != "cpu":
         key_parts.append(dev.type)
     return "self-text-" + hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
 
 
-def _cached(teacher, seed: int, dev: torch.device, n_tokens: int,
-            cache_dir: Path | None) -> tuple[Path, list[int]] | None:
+def _cached(stem: str, n_tokens: int, cache_dir: Path | None) -> tuple[Path, list[int]] | None:
     """The shortest cached self text of at least n_tokens for this model and seed. The text is
     written in whole rounds from the seed, so a shorter text is a prefix of a longer one: a
     calibration text (--calib-text self) is read from a longer recovery text, and the reverse."""
     if cache_dir is None:
         return None
-    stem = _stem(teacher, seed, dev)
     found = []
     for path in Path(cache_dir).glob(f"{stem}-*.json"):
         length = path.stem.rsplit("-", 1)[1]

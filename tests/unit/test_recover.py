@@ -225,11 +225,12 @@ def test_chat_frame_is_the_template_around_the_message(tiny_model_dir):
 def test_self_text_writes_user_turns_and_drops_probe_questions(tiny_model_dir):
     """With a chat template, half the prompts are user's turns the model writes itself, in the
     template; a message that is a chat-probe question (any case or punctuation) is dropped."""
-    from mosaic_export.self_text import _Writer
+    from mosaic_export.self_text import ChatFrame, _Writer
+    from mosaic_export.texts import BUILTIN, corpus
 
     teacher = load_model(str(tiny_model_dir))
     teacher.tokenizer.chat_template = CHATML
-    writer = _Writer(teacher, torch.device("cpu"))
+    writer = _Writer(teacher, ChatFrame.of(teacher.tokenizer), corpus(BUILTIN), torch.device("cpu"))
     assert not writer.accept("what is the CAPITAL of France") and writer.dropped == 1
     assert not writer.accept("  ") and writer.dropped == 1
     assert writer.accept("Tell me about rivers.") and writer.messages == 1
