@@ -4,7 +4,12 @@
 - ``layer``: OWL. One outlier ratio per layer (all its projections together); more outliers,
   less pruning; every projection of a layer gets the layer's ratio.
 - ``projection``: Mosaic. The OWL rule applied per projection type across layers: q of layer i
-  is compared with q of the other layers, down with down, and so on.
+  is compared with q of the other layers, down with down, and so on; each type keeps the target
+  as its own mean.
+- ``joint``: the OWL rule over every layer x type cell at once: pruning can move between types.
+- ``layer+type``: OWL's layer vector plus a per-type offset from each type's mean outlier ratio.
+
+Rules are registered by name (``register``); a plan names the rule it was made with.
 
 The OWL rule: c = (r - min r) / (max r - min r) * 2 * lambda; density d = 1 - S + c - mean(c).
 Ratios are then clipped to [0, max_ratio] and shifted so that their mean, weighted by parameter
@@ -13,9 +18,10 @@ count, equals the target exactly (the clip would otherwise move the mean).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-ALLOCATIONS = ("uniform", "layer", "projection")
 MAX_RATIO = 0.99
 
 
@@ -51,32 +57,85 @@ def fit_mean(ratios: torch.Tensor, weights: torch.Tensor, target: float,
     return torch.clamp(r + (a + b) / 2, lo, hi)
 
 
+Rule = Callable[[float, float, dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]],
+                dict[str, torch.Tensor]]
+_RULES: dict[str, Rule] = {}
+
+
+def register(name: str, rule: Rule) -> Rule:
+    """Add an allocation rule by name: rule(target, lam, projection_outliers, layer_outliers,
+    weights) -> name -> (n_layers,) ratios (see allocate). Checked here: a name is registered once."""
+    if name in _RULES:
+        raise ValueError(f"allocation '{name}' is already registered")
+    _RULES[name] = rule
+    return rule
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_RULES)
+
+
 def allocate(method: str, target: float, lam: float,
              projection_outliers: dict[str, torch.Tensor], layer_outliers: torch.Tensor,
              weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-projection pruning ratios.
+    """Per-projection pruning ratios by the rule registered as ``method``.
 
     projection_outliers: name -> (n_layers,) outlier ratio of that projection in each layer.
     layer_outliers: (n_layers,) outlier ratio of each whole layer (OWL).
     weights: name -> (n_layers,) parameter count of that projection in each layer.
     Returns name -> (n_layers,) ratios whose mean weighted by ``weights`` equals ``target``.
     """
-    names = list(projection_outliers)
-    n = len(layer_outliers)
-    if method == "uniform":
-        raw = {p: torch.full((n,), target, dtype=torch.float64) for p in names}
-    elif method == "layer":
-        shared = owl_ratios(layer_outliers, target, lam)
-        raw = {p: shared.clone() for p in names}
-    elif method == "projection":
-        raw = {p: owl_ratios(projection_outliers[p], target, lam) for p in names}
-    else:
-        raise ValueError(f"unknown allocation '{method}', expected one of {ALLOCATIONS}")
+    if method not in _RULES:
+        raise ValueError(f"unknown allocation '{method}', expected one of {names()}")
+    return _RULES[method](target, lam, projection_outliers, layer_outliers, weights)
 
-    if method == "projection":
-        # Each projection type keeps the target as its own mean: the rule redistributes
-        # across layers, not between types.
-        return {p: fit_mean(raw[p], weights[p], target) for p in names}
-    flat = torch.cat([raw[p] for p in names])
-    fitted = fit_mean(flat, torch.cat([weights[p].double() for p in names]), target)
-    return {p: fitted[i * n:(i + 1) * n] for i, p in enumerate(names)}
+
+def _fit_all(raw: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], target: float):
+    """One shift for every layer x type cell: the target is the mean over all of them, so a rule
+    can move pruning from one projection type to another."""
+    names_, n = list(raw), len(next(iter(raw.values())))
+    flat = torch.cat([raw[p] for p in names_])
+    fitted = fit_mean(flat, torch.cat([weights[p].double() for p in names_]), target)
+    return {p: fitted[i * n:(i + 1) * n] for i, p in enumerate(names_)}
+
+
+def uniform(target, lam, projection_outliers, layer_outliers, weights):
+    n = len(layer_outliers)
+    return _fit_all({p: torch.full((n,), target, dtype=torch.float64) for p in projection_outliers},
+                    weights, target)
+
+
+def layer(target, lam, projection_outliers, layer_outliers, weights):
+    """OWL: every projection of a layer gets the layer's ratio."""
+    shared = owl_ratios(layer_outliers, target, lam)
+    return _fit_all({p: shared.clone() for p in projection_outliers}, weights, target)
+
+
+def projection(target, lam, projection_outliers, layer_outliers, weights):
+    """OWL's rule per projection type across layers; each type keeps the target as its own mean:
+    the rule redistributes across layers, not between types."""
+    return {p: fit_mean(owl_ratios(projection_outliers[p], target, lam), weights[p], target)
+            for p in projection_outliers}
+
+
+def joint(target, lam, projection_outliers, layer_outliers, weights):
+    """OWL's rule over all layer x type cells at once (one normalisation, one mean): pruning moves
+    between types as well as between layers."""
+    names_, n = list(projection_outliers), len(layer_outliers)
+    raw = owl_ratios(torch.cat([projection_outliers[p].double() for p in names_]), target, lam)
+    return _fit_all({p: raw[i * n:(i + 1) * n] for i, p in enumerate(names_)}, weights, target)
+
+
+def layer_plus_type(target, lam, projection_outliers, layer_outliers, weights):
+    """OWL's layer vector plus a per-type offset from each type's mean outlier ratio (the offsets
+    by OWL's rule around 0), one mean over all cells."""
+    names_ = list(projection_outliers)
+    base = owl_ratios(layer_outliers, target, lam)
+    offset = owl_ratios(torch.stack([projection_outliers[p].double().mean() for p in names_]), 0.0, lam)
+    return _fit_all({p: base + offset[i] for i, p in enumerate(names_)}, weights, target)
+
+
+for _name, _rule in (("uniform", uniform), ("layer", layer), ("projection", projection),
+                     ("joint", joint), ("layer+type", layer_plus_type)):
+    register(_name, _rule)
+ALLOCATIONS = names()  # the built-in rules

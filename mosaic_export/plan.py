@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .allocation import ALLOCATIONS, MAX_RATIO, allocate, fit_mean
+from .allocation import MAX_RATIO, allocate, fit_mean
+from .allocation import names as allocation_names
 from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
 from .errors import UserError
 from .prune.structured import choose_channels, choose_heads, head_options
@@ -68,8 +69,8 @@ class PruneSettings:
              f"sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
         need(0.0 <= self.structured_fraction <= 1.0,
              f"structured fraction must be in [0, 1], got {self.structured_fraction}")
-        need(self.allocation in ALLOCATIONS,
-             f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
+        need(self.allocation in allocation_names(),
+             f"allocation must be one of {', '.join(allocation_names())}, got '{self.allocation}'")
         need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, "
              f"got '{self.method}'")
         need(self.structured_scores in STRUCTURED_SCORES,

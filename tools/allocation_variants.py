@@ -4,7 +4,7 @@
 
 The same calibration (16 x 512 tokens of --text, seed 0) and the same 16 evaluation windows of
 --text as the tuning stage of tools/bench_quality.py, so its perplexities compare with that
-stage's. Rules tried (more outliers, less pruning, always):
+stage's. Rules tried (more outliers, less pruning, always), registered in mosaic_export/allocation.py:
 - joint: OWL's rule over all layers x projection types together (one normalisation);
 - layer+type: OWL's layer vector plus a per-type offset from each type's mean outlier ratio.
 Prints the perplexity and the mean ratio per projection type of each.
@@ -16,34 +16,12 @@ import argparse
 import copy
 import sys
 
-import torch
-
-import mosaic_export.plan as plan_module
-from mosaic_export.allocation import allocate, fit_mean, owl_ratios
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
 from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
 from mosaic_export.prune.apply import apply_plan, measure
 from mosaic_export.texts import corpus
-
-
-def _split(flat: torch.Tensor, names: list[str], n: int) -> dict[str, torch.Tensor]:
-    return {p: flat[i * n:(i + 1) * n] for i, p in enumerate(names)}
-
-
-def joint(target, lam, proj, layer, weights):
-    names, n = list(proj), len(layer)
-    raw = owl_ratios(torch.cat([proj[p].double() for p in names]), target, lam)
-    return _split(fit_mean(raw, torch.cat([weights[p].double() for p in names]), target), names, n)
-
-
-def layer_plus_type(target, lam, proj, layer, weights):
-    names, n = list(proj), len(layer)
-    base = owl_ratios(layer, target, lam)
-    offset = owl_ratios(torch.stack([proj[p].double().mean() for p in names]), 0.0, lam)
-    raw = torch.cat([base + offset[i] for i in range(len(names))])
-    return _split(fit_mean(raw, torch.cat([weights[p].double() for p in names]), target), names, n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = sample_windows(tokens, 16, 512, 0, source=a.text)
     eval_ids = windows(tokens, 512, 16, a.text)
     measured = measure(LayerStream(loaded.model, loaded.spec, calib, 1), loaded.spec, loaded.shape, 5.0)
-    for name, rule, lam in (("joint", joint, 0.08), ("layer+type", layer_plus_type, 0.08),
-                            ("joint", joint, 0.15), ("layer+type", layer_plus_type, 0.04)):
-        plan_module.allocate = lambda method, *args, rule=rule: (
-            rule(*args) if method == "projection" else allocate(method, *args))
-        settings = PruneSettings(sparsity=a.sparsity, outlier_m=5.0, lam=lam, allocation="projection",
+    for name, lam in (("joint", 0.08), ("layer+type", 0.08), ("joint", 0.15), ("layer+type", 0.04)):
+        settings = PruneSettings(sparsity=a.sparsity, outlier_m=5.0, lam=lam, allocation=name,
                                  calibration=CalibrationSettings(a.text, 16, 512, 0))
         plan = make_plan(loaded.shape, loaded.source, measured, settings)
         model = copy.deepcopy(loaded.model)
@@ -70,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
                  for q in plan.layers[0].ratios}
         print(f"{name} lambda {lam}: perplexity {ppl.perplexity:.3f}; mean ratio per type {means}",
               flush=True)
-    plan_module.allocate = allocate
     return 0
 
 

@@ -40,7 +40,7 @@ def test_owl_rule_by_hand():
     assert owl_ratios(torch.tensor([0.2, 0.2]), 0.3, lam).tolist() == pytest.approx([0.3, 0.3])
 
 
-@pytest.mark.parametrize("method", ["uniform", "layer", "projection"])
+@pytest.mark.parametrize("method", ["uniform", "layer", "projection", "joint", "layer+type"])
 @pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.7, 0.9, 0.95])
 def test_allocation_mean_and_range(method, target):
     g = torch.Generator().manual_seed(1)
@@ -68,6 +68,34 @@ def test_more_outliers_less_pruning():
     r = allocate("projection", 0.5, 0.08, pod, torch.zeros(3), w)
     assert r["q"].argsort().tolist() == [1, 2, 0]  # most outliers (layer 1) pruned least
     assert r["down"].argsort().tolist() == [0, 1, 2]
+
+
+def test_joint_rules_move_pruning_between_types():
+    """The joint rule and layer+type prune the type with more outliers less, at the same overall
+    mean; the per-type rule cannot (each type at the target)."""
+    pod = {"q": torch.tensor([0.01, 0.02, 0.03]), "down": torch.tensor([0.05, 0.06, 0.07])}
+    w = {p: torch.ones(3) for p in pod}
+    for method in ("joint", "layer+type"):
+        r = allocate(method, 0.5, 0.08, pod, torch.tensor([0.03, 0.04, 0.05]), w)
+        assert float(r["down"].mean()) < 0.5 < float(r["q"].mean())
+        assert float((r["q"].sum() + r["down"].sum()) / 6) == pytest.approx(0.5, abs=1e-9)
+    # joint by hand: OWL over the six cells, c = (r - 0.01) / 0.06 * 0.16, mean 0.08
+    c = (torch.tensor([0.01, 0.02, 0.03, 0.05, 0.06, 0.07]).double() - 0.01) / 0.06 * 0.16
+    expected = 1 - (0.5 + c - c.mean())
+    r = allocate("joint", 0.5, 0.08, pod, torch.zeros(3), w)
+    assert torch.allclose(torch.cat([r["q"], r["down"]]), expected)
+    r = allocate("projection", 0.5, 0.08, pod, torch.zeros(3), w)
+    assert float(r["q"].mean()) == pytest.approx(0.5) and float(r["down"].mean()) == pytest.approx(0.5)
+
+
+def test_allocation_rules_are_registered_by_name():
+    from mosaic_export import allocation
+
+    assert allocation.names()[:5] == ("uniform", "layer", "projection", "joint", "layer+type")
+    with pytest.raises(ValueError, match="already registered"):
+        allocation.register("layer", allocation.layer)
+    with pytest.raises(ValueError, match="unknown allocation 'spectral'"):
+        allocate("spectral", 0.5, 0.08, {"q": torch.zeros(2)}, torch.zeros(2), {"q": torch.ones(2)})
 
 
 def test_fit_mean_clips_and_keeps_mean():
