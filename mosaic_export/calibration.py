@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +20,11 @@ from tqdm.auto import tqdm
 from .arch import INPUT_GROUPS, ArchSpec
 from .errors import UserError
 from .process import release_memory
+from .texts import SELF, corpus
+
+if TYPE_CHECKING:
+    from .model_io import LoadedModel
+    from .plan import PruneSettings
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -133,3 +140,17 @@ class LayerStream:
         if advance:
             self.hidden = outputs
         return stats
+
+
+def calibration_ids(loaded: LoadedModel, settings: PruneSettings, cache_dir: Path | None = None,
+                    device: str | None = "cpu") -> torch.Tensor:
+    """The calibration windows: sampled from the text source, or (``self``) the model's own text,
+    generated before any pruning (cached in ``cache_dir``)."""
+    c = settings.calibration
+    if c.source == SELF:
+        from .self_text import self_text
+
+        ids = self_text(loaded, c.n_samples * c.seq_len, c.seed, cache_dir, device=device)
+        return ids.view(c.n_samples, c.seq_len)
+    return sample_windows(tokenize(loaded.tokenizer, corpus(c.source)), c.n_samples, c.seq_len,
+                          c.seed, source=c.source)

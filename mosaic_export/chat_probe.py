@@ -59,8 +59,8 @@ def score(replies: list[str]) -> dict:
 def probe_gguf(path: Path, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     """Ask the questions to a GGUF file in llama.cpp (in a child process), greedily, with the
     file's chat template and the context `mosaic-export run` uses."""
-    from .deploy import GENERATE_CONTEXT
     from .targets.gguf_runner import run_llama
+    from .targets.gguf_target import GENERATE_CONTEXT
 
     with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as tmp:
         prompts = Path(tmp) / "prompts.json"

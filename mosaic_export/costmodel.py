@@ -5,8 +5,9 @@
     prefill = prompt / (overhead + prompt FLOPs / effective compute)           (compute bound)
     TTFT    = prefill of the prompt + one decode step
 
-Weight bytes are exact for the format: GGUF tensors take the type llama.cpp's quantizer will give
-them (targets.gguf.intended_types + row-length fallbacks), ONNX tensors their dtype's size.
+Weight bytes are exact for the format: each target (targets/) says what a tensor takes in its
+files (GGUF: the type llama.cpp's quantizer will give it, with row-length fallbacks; ONNX: its
+dtype's size), how wide its KV cache is and how many rows of logits a prompt computes.
 Unstructured zeros cost the same as any weight in these dense formats: only structure counts.
 
 The efficiency terms (base, k, overheads, effective bandwidth and compute) come from a
@@ -23,6 +24,8 @@ import numpy as np
 
 from .arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape
 from .errors import UserError
+from .targets import Target
+from .targets import get as get_target
 
 PROMPT_TOKENS = 512  # the benchmark protocol: decode speed after a prompt of this many tokens
 GEN_TOKENS = 128
@@ -32,22 +35,24 @@ CHUNK = 512  # tokens per prefill call (llama.cpp's n_ubatch; the ONNX runner's 
 # the datasheet's bandwidth in decode and of its peak compute in prefill.
 NOMINAL_BANDWIDTH_EFFICIENCY = 0.6
 NOMINAL_COMPUTE_EFFICIENCY = 0.3
-NOMINAL_BASE = {"gguf": 64 * 2**20, "onnx": 96 * 2**20}  # runtime's own resident memory
 
 
 @dataclass(frozen=True)
 class Format:
-    target: str  # "gguf" | "onnx"
-    name: str  # GGUF type (Q8_0, Q4_K_M, ...) or ONNX dtype (fp32, fp16, int8)
+    target: str  # a registered target's name (targets.names())
+    name: str  # its type: GGUF type (Q8_0, Q4_K_M, ...), ONNX dtype (fp32, fp16, int8)
 
     @property
     def key(self) -> str:
         return f"{self.target}:{self.name}"
 
     @property
+    def spec(self) -> Target:
+        return get_target(self.target)
+
+    @property
     def kv_bytes_per_value(self) -> int:
-        """llama.cpp keeps the KV cache in F16; the ONNX graph in its activation dtype."""
-        return 2 if self.target == "gguf" or self.name == "fp16" else 4
+        return self.spec.kv_bytes_per_value(self.name)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,8 @@ class Calibration:
     @classmethod
     def nominal(cls, target: str, bandwidth: float, compute_flops: float) -> Calibration:
         return cls(0.0, NOMINAL_BANDWIDTH_EFFICIENCY * bandwidth, 0.0,
-                   NOMINAL_COMPUTE_EFFICIENCY * compute_flops, NOMINAL_BASE[target], 1.0, "nominal")
+                   NOMINAL_COMPUTE_EFFICIENCY * compute_flops, get_target(target).nominal_base, 1.0,
+                   "nominal")
 
 
 @dataclass(frozen=True)
@@ -95,45 +101,25 @@ def matrices(shape: ModelShape, dims: list[LayerDims]) -> list[tuple[str, int, i
 
 
 def weights(shape: ModelShape, dims: list[LayerDims], fmt: Format,
-            gguf_types: dict[str, str] | None = None) -> Weights:
-    """Bytes of the weights in the format. GGUF needs the intended type of every tensor
-    (targets.gguf.intended_types); the stored type follows from each row length."""
+            tensor_types: dict[str, str] | None = None) -> Weights:
+    """Bytes of the weights in the format. ``tensor_types``: the target's per-tensor types for the
+    model (Target.tensor_types; GGUF needs them, the stored type follows from each row length)."""
     embed = f"{GGUF_MODEL_NAMES['embed']}.weight"
     tensors = matrices(shape, dims)
-    sizes = {}
-    for name, rows, cols in tensors:
-        if fmt.target == "gguf":
-            from .targets.gguf import resolved_type, tensor_bytes
-
-            if gguf_types is None or name not in gguf_types:
-                raise ValueError(f"no intended GGUF type for {name}")
-            sizes[name] = tensor_bytes(resolved_type(gguf_types[name], cols), rows, cols)
-        else:
-            sizes[name] = _onnx_bytes(fmt.name, rows, cols, matmul=rows > 1 and name != embed)
+    target = fmt.spec
+    sizes = {name: target.tensor_bytes(name, rows, cols, fmt.name, rows > 1 and name != embed,
+                                       tensor_types)
+             for name, rows, cols in tensors}
     read = [(name, rows * cols) for name, rows, cols in tensors if rows > 1 and name != embed]
     total, per_token = sum(sizes.values()), sum(sizes[n] for n, _ in read)
     output_params = shape.vocab * shape.hidden
     matmul = sum(n for _, n in read)
     if shape.tied_embeddings:  # the output layer multiplies by the embedding table
         matmul += output_params
-        if fmt.target == "gguf":  # llama.cpp reads the table itself
-            per_token += sizes[embed]
-        else:  # the ONNX graph stores its own transposed copy
-            copy = _onnx_bytes(fmt.name, shape.vocab, shape.hidden, matmul=True)
-            total += copy
-            per_token += copy
+        copy = target.tied_output_bytes(shape.vocab, shape.hidden, fmt.name)
+        total += copy  # a file that stores its own output matrix reads that, else the table
+        per_token += copy or sizes[embed]
     return Weights(total, per_token, matmul, output_params)
-
-
-def _onnx_bytes(dtype: str, rows: int, cols: int, matmul: bool) -> int:
-    n = rows * cols
-    if dtype == "fp16":  # norms too (computed in float32)
-        return 2 * n
-    if dtype == "int8" and matmul:  # MatMulNBits: one byte a weight + a float32 scale per block
-        from .targets.onnx import INT8_BLOCK
-
-        return n + 4 * rows * (-(-cols // INT8_BLOCK))
-    return 4 * n
 
 
 def kv_bytes(shape: ModelShape, dims: list[LayerDims], fmt: Format, tokens: int) -> int:
@@ -143,9 +129,9 @@ def kv_bytes(shape: ModelShape, dims: list[LayerDims], fmt: Format, tokens: int)
 
 def buffer_bytes(shape: ModelShape, dims: list[LayerDims], fmt: Format, context: int) -> int:
     """Largest transient buffers of a prefill chunk with the context full: attention scores of
-    the widest layer (float32), and the chunk's logits in ONNX (llama.cpp keeps the last row)."""
+    the widest layer (float32), and the chunk's logits (the rows the runtime computes)."""
     scores = max(d.n_head for d in dims) * min(CHUNK, context) * context * 4
-    logits = (min(CHUNK, context) if fmt.target == "onnx" else 1) * shape.vocab * 4
+    logits = fmt.spec.output_rows(min(CHUNK, context)) * shape.vocab * 4
     return scores + logits
 
 
@@ -153,7 +139,7 @@ def prefill_flops(shape: ModelShape, dims: list[LayerDims], w: Weights, fmt: For
                   tokens: int) -> float:
     """Multiply-adds x 2 of a prompt: the matrices for every token (the output layer for the last
     one only in llama.cpp, for all in ONNX) and causal attention (QK^T and PV)."""
-    out_rows = tokens if fmt.target == "onnx" else 1
+    out_rows = fmt.spec.output_rows(tokens)
     linear = 2 * ((w.matmul_params - w.output_params) * tokens + w.output_params * out_rows)
     attention = 2 * 2 * sum(d.n_head for d in dims) * shape.head_dim * tokens * (tokens + 1) / 2
     return linear + attention
@@ -175,8 +161,8 @@ class Cost:
 
 
 def predict(shape: ModelShape, dims: list[LayerDims], fmt: Format, calib: Calibration,
-            context: int, gguf_types: dict[str, str] | None = None) -> Cost:
-    w = weights(shape, dims, fmt, gguf_types)
+            context: int, tensor_types: dict[str, str] | None = None) -> Cost:
+    w = weights(shape, dims, fmt, tensor_types)
     kv = kv_bytes(shape, dims, fmt, context)
     memory = (calib.memory_base + calib.memory_per_weight_byte * w.total + kv
               + buffer_bytes(shape, dims, fmt, context))
@@ -203,7 +189,7 @@ class Observation:
 
 
 def fit(shape: ModelShape, fmt: Format, observations: list[Observation],
-        gguf_types: dict[str, str] | None = None) -> Calibration:
+        tensor_types: dict[str, str] | None = None) -> Calibration:
     """Least-squares fit of the efficiency terms to runs of a few model sizes:
     decode seconds/token against bytes read, prefill seconds against FLOPs, peak RSS (less the
     analytic KV cache and buffers) against weight bytes."""
@@ -212,7 +198,7 @@ def fit(shape: ModelShape, fmt: Format, observations: list[Observation],
     dec, pre, mem = [], [], []
     position = PROMPT_TOKENS + GEN_TOKENS // 2
     for o in observations:
-        w = weights(shape, o.dims, fmt, gguf_types)
+        w = weights(shape, o.dims, fmt, tensor_types)
         dec.append((w.per_token + kv_bytes(shape, o.dims, fmt, position), 1 / o.decode_tokens_per_s))
         pre.append((prefill_flops(shape, o.dims, w, fmt, PROMPT_TOKENS),
                     PROMPT_TOKENS / o.prefill_tokens_per_s))
@@ -243,14 +229,14 @@ class Pricing:
     fmt: Format
     calibration: Calibration
     context: int
-    gguf_types: dict[str, str] | None = None
+    tensor_types: dict[str, str] | None = None  # the target's per-tensor types (Target.tensor_types)
 
     def cost(self, dims: list[LayerDims]) -> Cost:
-        return predict(self.shape, dims, self.fmt, self.calibration, self.context, self.gguf_types)
+        return predict(self.shape, dims, self.fmt, self.calibration, self.context, self.tensor_types)
 
     def hint(self, budget: str) -> str:
         """What other than pruning would move a budget's figure."""
-        smaller = {"gguf": "a smaller GGUF type than", "onnx": "a smaller ONNX dtype than"}[self.fmt.target]
+        smaller = f"a smaller {self.fmt.spec.noun} than"
         if budget == "max_memory":
             return f"{smaller} {self.fmt.name}, or a shorter --context than {self.context}"
         if budget == "min_tokens_per_s":
@@ -267,7 +253,7 @@ def anchored(pricing: Pricing, dims: list[LayerDims], run: dict) -> Calibration:
     scales it to smaller plans by bytes and FLOPs."""
     c, fmt, shape = pricing.calibration, pricing.fmt, pricing.shape
     cost = pricing.cost(dims)
-    w = weights(shape, dims, fmt, pricing.gguf_types)
+    w = weights(shape, dims, fmt, pricing.tensor_types)
     read = w.per_token + kv_bytes(shape, dims, fmt, PROMPT_TOKENS + GEN_TOKENS // 2)
     step = 1 / run["decode"]["tokens_per_s"] - c.decode_overhead_s
     prefill = PROMPT_TOKENS / run["prefill"]["tokens_per_s"] - c.prefill_overhead_s

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from . import __version__, targets
 from .errors import UserError
 from .units import format_bytes
 
@@ -31,10 +31,8 @@ README = "README.md"
 PLAN = "plan.json"
 CHECKPOINT = "model"  # the resized PyTorch checkpoint inside OUT
 MANIFEST_VERSION = 1
-PACKAGES = ("torch", "transformers", "numpy", "gguf", "llama-cpp-python", "onnx", "onnxruntime",
-            "tokenizers")
+PACKAGES = ("torch", "transformers", "numpy", "tokenizers")  # and each target's (Target.packages)
 AGREEMENT_SLACK = 0.01  # verify may not agree less than the build did, beyond this
-GENERATE_CONTEXT = 2048  # llama.cpp context for `run`: prompt and answer
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -62,14 +60,13 @@ def file_table(folder: Path) -> dict[str, dict]:
 
 def runtime_format(report: dict) -> dict:
     """Which runtime file OUT holds (path relative to OUT), from the report of the build."""
-    if "gguf" in report:
-        g = report["gguf"]
-        return {"target": "gguf", "quant": g["type"], "arch": g["arch"], "model_path": g["file"]}
-    if "onnx" in report:
-        o = report["onnx"]
-        return {"target": "onnx", "dtype": o["dtype"], "opset": o.get("opset"),
-                "model_path": f"{o['folder']}/model.onnx"}
-    return {"target": None, "model_path": None}  # the PyTorch checkpoint OUT/model only
+    from .report import runtime_section
+
+    built = runtime_section(report)
+    if built is None:
+        return {"target": None, "model_path": None}  # the PyTorch checkpoint OUT/model only
+    target, section = built
+    return {"target": target.name, **target.manifest_format(section)}
 
 
 def layer_sizes(folder: Path) -> list[dict]:
@@ -89,7 +86,7 @@ def layer_sizes(folder: Path) -> list[dict]:
 
 def versions() -> dict:
     out = {"mosaic-export": __version__, "python": platform.python_version()}
-    for name in PACKAGES:
+    for name in dict.fromkeys((*PACKAGES, *(p for t in targets.registered() for p in t.packages))):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -197,47 +194,8 @@ def figures_table(budgets, cost) -> list[str]:
 
 
 def run_section(fmt: dict) -> list[str]:
-    path = fmt["model_path"]
-    if fmt["target"] == "gguf":
-        return ["## Run it", "", f"`{path}` is a GGUF file for stock llama.cpp (arch `{fmt['arch']}`, "
-                f"type {fmt['quant']}; tokenizer and chat template, if any, inside):", "",
-                f"    llama-cli -m {path} -cnv", "", "From Python (llama-cpp-python):", "",
-                "```python", "from llama_cpp import Llama", "",
-                f'llm = Llama(model_path="{path}", n_ctx=2048)',
-                'reply = llm.create_chat_completion([{"role": "user", "content": "Hello"}], '
-                "temperature=0)",
-                'print(reply["choices"][0]["message"]["content"])', "```", ""]
-    if fmt["target"] == "onnx":
-        folder = path.split("/")[0]
-        return ["## Run it", "",
-                f"`{folder}/` holds `model.onnx` (weights in `model.onnx.data`, {fmt['dtype']}), the "
-                "tokenizer files and `model_config.json` (per-layer sizes, head size, eos ids, chat "
-                "template). One graph serves prefill and decode:", "",
-                "    inputs   input_ids, attention_mask, position_ids   int64 (batch, tokens)",
-                "             past_key_values.{i}.key / .value          (batch, layer i's KV heads,",
-                "                                                        past tokens, head size)",
-                "    outputs  logits (batch, tokens, vocab), present.{i}.key / .value", "",
-                "Layer i's KV heads are `layers[i].n_kv` in `model_config.json`; an empty cache has "
-                "0 past tokens. Greedy decoding with onnxruntime alone:", "",
-                "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
-                "from tokenizers import Tokenizer", "",
-                f'cfg = json.load(open("{folder}/model_config.json"))',
-                f'session = ort.InferenceSession("{folder}/model.onnx")',
-                f'tok = Tokenizer.from_file("{folder}/tokenizer.json")',
-                'past = {f"past_key_values.{i}.{kv}": np.zeros((1, layer["n_kv"], 0, cfg["head_dim"]), '
-                'cfg["past_dtype"])',
-                '        for i, layer in enumerate(cfg["layers"]) for kv in ("key", "value")}',
-                'ids, out = tok.encode("Hello").ids, []',
-                "for _ in range(32):",
-                '    n = next(iter(past.values())).shape[2]',
-                "    x = np.array([ids], np.int64)",
-                '    feed = {"input_ids": x, "attention_mask": np.ones((1, n + len(ids)), np.int64),',
-                '            "position_ids": np.arange(n, n + len(ids), dtype=np.int64)[None], **past}',
-                "    logits, *present = session.run(None, feed)",
-                "    past = dict(zip(past, present))",
-                "    ids = [int(logits[0, -1].argmax())]",
-                '    if ids[0] in cfg["eos_token_ids"]:', "        break", "    out += ids",
-                "print(tok.decode(out))", "```", ""]
+    if fmt["target"] is not None:
+        return targets.get(fmt["target"]).readme_run(fmt)
     return ["## Run it", "", "Built with `--target none`: only the PyTorch checkpoint `model/`, no "
             "runtime file.", ""]
 
@@ -253,7 +211,7 @@ def app_readme(folder: Path, manifest: dict) -> str:
              "(load it with `mosaic_export.model_io.load_model`)"]
     if fmt["target"] is not None:
         runtime = Path(fmt["model_path"]).parts[0]  # the GGUF file, or the ONNX folder
-        engine = "llama.cpp" if fmt["target"] == "gguf" else "ONNX Runtime"
+        engine = targets.get(fmt["target"]).engine
         slash = "/" if (folder / runtime).is_dir() else ""
         files.insert(0, f"`{runtime}{slash}`: the model for {engine}, "
                         f"{format_bytes(tree_bytes(folder / runtime))}")
@@ -307,11 +265,11 @@ def load_manifest(folder: Path) -> dict:
     where = f"{folder}/{MANIFEST}"
     fmt = _entry(manifest, "format", dict, where)
     target = _entry(fmt, "target", (str, type(None)), f"{where}: format")
-    if target not in (None, "gguf", "onnx"):
+    if target is not None and target not in targets.names():
         raise UserError(f"{where}: unknown format target {target!r}")
     if target is not None:
         _entry(fmt, "model_path", str, f"{where}: format")
-        _entry(fmt, "quant" if target == "gguf" else "dtype", str, f"{where}: format")
+        _entry(fmt, targets.get(target).option, str, f"{where}: format")
     for name, entry in _entry(manifest, "files", dict, where).items():
         _entry(entry, "sha256", str, f"{where}: files: {name}")
         _entry(entry, "bytes", int, f"{where}: files: {name}")
@@ -364,27 +322,8 @@ def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -
         raise UserError("verify: the manifest records no parity token ids; cannot re-check parity")
     loaded = load_model(str(folder / CHECKPOINT))
     ids = torch.tensor(recorded["ids"], dtype=torch.long)
-    path = folder / fmt["model_path"]
-    if fmt["target"] == "gguf":
-        from .targets.gguf import MIN_AGREEMENT as GGUF_FLOORS
-        from .targets.gguf_runner import next_token_agreement
-
-        probe = recorded.get("tokenizer_probe") or {}
-        parity = next_token_agreement(loaded.model, path, ids, threads, text=probe.get("text"),
-                                      name=fmt["model_path"])
-        if probe.get("ids") is not None and parity.pop("text_ids") != probe["ids"]:
-            raise UserError(f"verify: {fmt['model_path']}: llama.cpp tokenizes the recorded probe text "
-                            f"differently from the build's reference ({probe.get('reference')})")
-        floor = GGUF_FLOORS.get(fmt["quant"], 0.0)
-    else:
-        from .targets.onnx import MAX_FP32_LOGIT_DIFF, MIN_AGREEMENT
-        from .targets.onnx import parity as onnx_parity
-
-        parity = onnx_parity(loaded, path.parent, ids, threads=threads)
-        floor = MIN_AGREEMENT[fmt["dtype"]]
-        if fmt["dtype"] == "fp32" and not parity["max_abs_logit_diff"] <= MAX_FP32_LOGIT_DIFF:
-            raise UserError(f"verify: {fmt['model_path']}: max |logit difference| to PyTorch "
-                            f"{parity['max_abs_logit_diff']:.2e} > {MAX_FP32_LOGIT_DIFF:g}")
+    parity, floor = targets.get(fmt["target"]).verify_parity(loaded, folder / fmt["model_path"], fmt,
+                                                             ids, recorded, threads)
     at_build = recorded.get("top1_agreement")
     if _number(at_build):
         floor = max(floor, at_build - AGREEMENT_SLACK)
@@ -431,32 +370,4 @@ def generate(folder: Path, prompt: str, max_tokens: int = 64, chat: bool = True,
     path = folder / fmt["model_path"]
     if not path.is_file():
         raise UserError(f"{folder}: the runtime file {fmt['model_path']} is missing")
-    if fmt["target"] == "gguf":
-        return _generate_gguf(path, prompt, max_tokens, chat, threads)
-    return _generate_onnx(path.parent, prompt, max_tokens, chat, threads)
-
-
-def _generate_gguf(path: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None) -> str:
-    from .targets.gguf_runner import run_llama
-
-    return run_llama("generate", path, prompt=prompt, max_tokens=max_tokens, no_chat=not chat,
-                     threads=threads, context=GENERATE_CONTEXT)["text"]
-
-
-def _generate_onnx(folder: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None) -> str:
-    from transformers import AutoTokenizer
-
-    from .targets.onnx_runner import OnnxDecoder
-
-    decoder = OnnxDecoder(folder, threads=threads)
-    tok = AutoTokenizer.from_pretrained(folder)
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise UserError("the prompt is empty")
-    out = decoder.generate(list(ids), max_tokens, stop_at_eos=True)
-    if out and out[-1] in decoder.config["eos_token_ids"]:
-        out = out[:-1]
-    return tok.decode(out)
+    return targets.get(fmt["target"]).generate(path, prompt, max_tokens, chat, threads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -39,27 +38,22 @@ from .model_io import LoadedModel, load_model
 from .process import proc_bytes
 from .profile import Budgets, load_profile
 from .prune.structured import resize_layer
+from .trust import (
+    WidthRuns,
+    machine_check,
+    rate_text,
+    read_cpu_times,
+    sanity_problems,
+    settled,
+    spread,
+    width_text,
+)
 from .units import format_bytes
 
 WIDTHS = (1.0, 0.7, 0.4)  # stand-in model sizes, as a fraction of each layer's heads and channels
 ROUNDS = 3  # runs per size at least; the calibration fits the fastest (the least disturbed)
 MAX_ROUNDS = 5  # runs per size at most, while the two fastest decode figures disagree
-AGREE = 0.05  # the two fastest decode figures agree within this fraction of the faster
 
-# Trust checks. A narrower model may measure at most MONOTONE_TOLERANCE slower than a wider one
-# (run-to-run noise: its weights are fewer, so it is faster); the two fastest runs of a width (the
-# figure fitted is the fastest) may differ by at most MAX_GAP. The spread of all runs is reported,
-# not judged: one run slowed by a burst of other work (seen here on an idle machine: 139, 139,
-# 117 tokens/s) does not make the fastest figure wrong.
-MONOTONE_TOLERANCE = 0.05
-MAX_GAP = 0.10
-# Busy machine: other processes' share of the machine's CPU time (/proc/stat less this process
-# and its runtimes) over QUIET_S before measuring and over the whole measurement, the
-# hypervisor's steal share; where /proc/stat is missing, the 1-minute load average less this
-# process, per CPU.
-MAX_OTHERS = 0.25
-MAX_STEAL = 0.05
-MAX_LOAD_PER_CORE = 0.5
 QUIET_S = 2.0
 
 
@@ -121,19 +115,11 @@ def run_format(loaded: LoadedModel, fmt: Format, work: Path, context: int,
 
 def export_format(loaded: LoadedModel, fmt: Format, work: Path) -> tuple[Path, Callable[..., dict]]:
     """Export the model in the format into work; the file (or folder) and its runtime's benchmark."""
-    if fmt.target == "gguf":
-        from .targets.gguf import export
-        from .targets.gguf_runner import benchmark
-
-        path = work / f"model-{fmt.name}.gguf"
-    else:
-        from .targets.onnx import export
-        from .targets.onnx_runner import benchmark
-
-        path = work / f"onnx-{fmt.name}"
+    target = fmt.spec
+    path = work / target.artifact_name(fmt.name)
     work.mkdir(parents=True, exist_ok=True)
-    export(loaded, path, fmt.name)
-    return path, benchmark
+    target.export(loaded, path, fmt.name)
+    return path, target.benchmark
 
 
 def interleaved_rounds(runs: dict[Hashable, Callable[[], dict]], least: int = ROUNDS,
@@ -165,140 +151,6 @@ def run_rounds(loaded: LoadedModel, fmt: Format, work: Path, context: int, threa
 
 # --- trust: repeated runs, plausible figures, an idle machine -----------------------------------
 
-def spread(values: Sequence[float]) -> float:
-    """Relative spread of repeated figures: (max - min) / median; 0 for fewer than two."""
-    if len(values) < 2:
-        return 0.0
-    return (max(values) - min(values)) / statistics.median(values)
-
-
-def top_gap(values: Sequence[float]) -> float:
-    """How far apart the two largest figures are, as a fraction of the larger; 0 for fewer than
-    two."""
-    if len(values) < 2:
-        return 0.0
-    first, second = sorted(values, reverse=True)[:2]
-    return (first - second) / first
-
-
-def settled(values: Sequence[float]) -> bool:
-    """Whether there are two figures and the two largest agree within AGREE of the larger."""
-    return len(values) >= 2 and top_gap(values) <= AGREE
-
-
-@dataclass(frozen=True)
-class WidthRuns:
-    """Repeated runs of one stand-in size: decode and prefill tokens/s of each run."""
-
-    width: float
-    decode: tuple[float, ...]
-    prefill: tuple[float, ...]
-
-
-def sanity_problems(runs: Sequence[WidthRuns], label: str = "") -> list[str]:
-    """What makes these figures implausible: a narrower model measured slower than a wider one
-    (fastest against fastest, beyond MONOTONE_TOLERANCE), or a width whose two fastest runs differ
-    by more than MAX_GAP; decode and prefill alike. Empty when they are plausible."""
-    prefix = f"{label} " if label else ""
-    problems = []
-    ordered = sorted(runs, key=lambda r: -r.width)
-    for metric in ("decode", "prefill"):
-        for i, narrow in enumerate(ordered):
-            for wide in ordered[:i]:
-                slow, fast = max(getattr(narrow, metric)), max(getattr(wide, metric))
-                if narrow.width < wide.width and slow < fast * (1 - MONOTONE_TOLERANCE):
-                    problems.append(
-                        f"{prefix}{metric} at width {_width(narrow.width)} ({_rate(slow)} tokens/s) is "
-                        f"slower than at width {_width(wide.width)} ({_rate(fast)} tokens/s): a narrower "
-                        "model cannot be slower")
-        for r in ordered:
-            values = getattr(r, metric)
-            if top_gap(values) > MAX_GAP:
-                problems.append(
-                    f"{prefix}{metric} at width {_width(r.width)}: the two fastest runs differ by "
-                    f"{top_gap(values):.0%} ({', '.join(map(_rate, values))} tokens/s; limit {MAX_GAP:.0%})")
-    return problems
-
-
-def _rate(x: float) -> str:
-    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
-
-
-def _width(w: float) -> str:
-    return f"{w:.1f}" if w == round(w, 1) else f"{w:g}"
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """Cumulative CPU time in clock ticks: the machine's (all CPUs) and this process's."""
-
-    total: float  # user + nice + system + idle + iowait + irq + softirq + steal
-    busy: float  # user + nice + system + irq + softirq
-    steal: float  # taken by the hypervisor for other virtual machines
-    own: float  # this process and its finished children (the runtimes' benchmark processes)
-
-
-def parse_cpu_line(line: str) -> tuple[float, float, float]:
-    """(total, busy, steal) ticks from /proc/stat's ``cpu`` line; steal is its 8th figure (0 on
-    kernels without it). Guest time is already counted in user and nice."""
-    f = ([float(x) for x in line.split()[1:9]] + [0.0] * 8)[:8]
-    user, nice, system, idle, iowait, irq, softirq, steal = f
-    return sum(f), user + nice + system + irq + softirq, steal
-
-
-def read_cpu_times(stat: str = "/proc/stat") -> CpuTimes | None:
-    """The machine's and this process's CPU times now; None where there is no /proc/stat."""
-    try:
-        with open(stat) as fh:
-            line = fh.readline()
-    except OSError:
-        return None
-    if not line.startswith("cpu "):
-        return None
-    total, busy, steal = parse_cpu_line(line)
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    own = sum(u.ru_utime + u.ru_stime for u in usage)
-    return CpuTimes(total, busy, steal, own * os.sysconf("SC_CLK_TCK"))
-
-
-def cpu_shares(before: CpuTimes, after: CpuTimes) -> tuple[float, float]:
-    """Other processes' share of the machine's CPU time between two readings (this process and
-    its runtimes left out), and the hypervisor's steal share."""
-    total = after.total - before.total
-    if total <= 0:
-        return 0.0, 0.0
-    others = (after.busy - before.busy) - (after.own - before.own)
-    return min(1.0, max(0.0, others / total)), max(0.0, (after.steal - before.steal) / total)
-
-
-def busy_reasons(when: str, others: float | None, steal: float | None, load1: float | None = None,
-                 cpus: int | None = None) -> list[str]:
-    """Why the machine was too busy ``when`` ("while measuring") to trust a measurement: other
-    processes' CPU share over MAX_OTHERS, steal over MAX_STEAL; where the CPU shares are unknown
-    (None), the 1-minute load average less this process over MAX_LOAD_PER_CORE per CPU."""
-    load = f"; 1-minute load average {load1:.2f} on {cpus} CPUs" if load1 is not None and cpus else ""
-    reasons = []
-    if others is not None and others > MAX_OTHERS:
-        reasons.append(f"other processes took {others:.0%} of the CPU time {when} "
-                       f"(limit {MAX_OTHERS:.0%}{load})")
-    if others is None and load1 is not None and cpus and (load1 - 1) / cpus > MAX_LOAD_PER_CORE:
-        reasons.append(f"the machine was busy {when}: 1-minute load average {load1:.2f} on {cpus} "
-                       f"CPUs (limit {MAX_LOAD_PER_CORE:g} per CPU besides this process)")
-    if steal is not None and steal > MAX_STEAL:
-        reasons.append(f"the hypervisor took {steal:.0%} of the CPU time {when} (steal; limit "
-                       f"{MAX_STEAL:.0%}): other virtual machines share these CPUs")
-    return reasons
-
-
-def machine_check(when: str, before: CpuTimes | None, after: CpuTimes | None) -> list[str]:
-    """busy_reasons between two readings, with the load average now."""
-    shares = cpu_shares(before, after) if before is not None and after is not None else (None, None)
-    try:
-        load1 = os.getloadavg()[0]
-    except OSError:
-        load1 = None
-    return busy_reasons(when, *shares, load1, os.cpu_count())
-
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
@@ -316,14 +168,12 @@ def calibrate(model: str | None, formats: list[Format], context: int, threads: i
               log=print) -> list[FormatCalibration]:
     """Run each format at each width of WIDTHS (ROUNDS to MAX_ROUNDS times) and fit its
     cost-model terms to the fastest decode and prefill at each width."""
-    from .targets import exporter
-
     loaded = load_model(model)
     shape = loaded.shape
     for fmt in formats:
-        exporter(fmt.target).check_exportable(loaded)
-    align = max(_alignment(f) for f in formats)
-    types = {f.key: _gguf_types(loaded, f) for f in formats}
+        fmt.spec.check_exportable(loaded)
+    align = max(f.spec.alignment(f.name) for f in formats)
+    types = {f.key: f.spec.tensor_types(loaded, f.name) for f in formats}
     runs: dict[str, list[Observation]] = {f.key: [] for f in formats}
     widths: dict[str, list[WidthRuns]] = {f.key: [] for f in formats}
     with tempfile.TemporaryDirectory(prefix="mosaic-detect-") as tmp:
@@ -348,7 +198,7 @@ def calibrate(model: str | None, formats: list[Format], context: int, threads: i
                                      r["peak_rss_bytes"], r["context"]))
         widths[key].append(w)
         log(f"  {key:<12} width {width:.1f} ({dims.n_head} heads, {dims.n_ff} channels):"
-            f" decode {_rate(max(w.decode))} tokens/s, prefill {_rate(max(w.prefill))} tokens/s"
+            f" decode {rate_text(max(w.decode))} tokens/s, prefill {rate_text(max(w.prefill))} tokens/s"
             f" (fastest of {len(rs)} runs; spread {spread(w.decode):.0%}, "
             f"{spread(w.prefill):.0%}), peak RSS {format_bytes(r['peak_rss_bytes'])} at "
             f"{r['context']} tokens")
@@ -357,27 +207,11 @@ def calibrate(model: str | None, formats: list[Format], context: int, threads: i
             for f in formats]
 
 
-def _alignment(fmt: Format) -> int:
-    if fmt.target != "gguf":
-        return 1
-    from .targets.gguf import alignment
-
-    return alignment(fmt.name)
-
-
-def _gguf_types(loaded: LoadedModel, fmt: Format) -> dict[str, str] | None:
-    if fmt.target != "gguf":
-        return None
-    from .targets.gguf import intended_types
-
-    return intended_types(loaded, fmt.name)
-
-
 def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float, flops: float,
                  calibrations: list[FormatCalibration], note: str, problems: Sequence[str] = ()) -> str:
     """The profile file: this machine's figures, its runtime, budgets, and the calibration;
     ``problems`` (why the figures are not trustworthy: written anyway) as ``# WARNING:`` lines."""
-    rt = (f'quant = "{runtime.name}"' if runtime.target == "gguf" else f'dtype = "{runtime.name}"')
+    rt = f'{runtime.spec.option} = "{runtime.name}"'
     warning = ["# WARNING: written with --force although the measurements are not trustworthy:",
                *(f"# WARNING: - {p}" for p in problems)] if problems else []
     lines = [
@@ -431,25 +265,40 @@ def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float,
 def spread_comments(widths: Sequence[WidthRuns]) -> list[str]:
     """Comment lines: each width's runs, fastest / median / spread of decode and prefill tokens/s."""
     def figures(values: Sequence[float]) -> str:
-        return f"{_rate(max(values))} / {_rate(statistics.median(values))} / {spread(values):.1%}"
+        return f"{rate_text(max(values))} / {rate_text(statistics.median(values))} / {spread(values):.1%}"
 
-    return [f"#   width {_width(w.width)}, {len(w.decode)} runs: decode {figures(w.decode)}, "
+    return [f"#   width {width_text(w.width)}, {len(w.decode)} runs: decode {figures(w.decode)}, "
             f"prefill {figures(w.prefill)} (fastest / median / spread)" for w in widths]
 
 
-def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
-           model: str | None = None, context: int | None = None, threads: int | None = None,
-           force: bool = False, log=print, warn=_warn) -> str:
-    """Measure this machine and write the profile to ``out``; returns its text. Untrustworthy
-    figures (busy_reasons, sanity_problems) are a UserError, or with ``force`` a warning, printed
-    and written into the file."""
+@dataclass(frozen=True)
+class DetectRequest:
+    """What `profile detect` is asked: the file, the formats to calibrate (the profile's runtime
+    among them), the profile whose budgets it starts with, the model, context and threads."""
+
+    out: Path
+    formats: list[Format]
+    runtime: Format
+    budgets_from: str = "laptop-cpu"
+    model: str | None = None
+    context: int | None = None
+    threads: int | None = None
+    force: bool = False  # replace the file; write figures that are not trustworthy, with warnings
+
+
+def detect(request: DetectRequest, log=print, warn=_warn) -> str:
+    """Measure this machine and write the profile to ``request.out``; returns its text.
+    Untrustworthy figures (busy_reasons, sanity_problems) are a UserError, or with ``force`` a
+    warning, printed and written into the file."""
+    out, force = request.out, request.force
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
     if not out.resolve().parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.resolve().parent} does not exist")
-    base = load_profile(budgets_from)
-    budgets = base.budgets if context is None else Budgets(
-        base.budgets.max_memory_bytes, context, base.budgets.min_tokens_per_s, base.budgets.max_ttft_s)
+    base = load_profile(request.budgets_from)
+    budgets = base.budgets if request.context is None else Budgets(
+        base.budgets.max_memory_bytes, request.context, base.budgets.min_tokens_per_s,
+        base.budgets.max_ttft_s)
     quiet = read_cpu_times()
     time.sleep(QUIET_S)
     start = read_cpu_times()
@@ -459,9 +308,9 @@ def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
     log("measuring memory bandwidth and matmul throughput")
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     log(f"  memory bandwidth {bandwidth / 1e9:.2f} GB/s, float32 matmul {flops / 1e9:.1f} GFLOPS")
-    log(f"calibrating {', '.join(f.key for f in formats)} at widths {', '.join(map(str, WIDTHS))}, "
-        f"context {budgets.context}")
-    calibrations = calibrate(model, formats, budgets.context, threads, log)
+    log(f"calibrating {', '.join(f.key for f in request.formats)} at widths "
+        f"{', '.join(map(str, WIDTHS))}, context {budgets.context}")
+    calibrations = calibrate(request.model, request.formats, budgets.context, request.threads, log)
     problems += machine_check("while measuring", start, read_cpu_times())
     for c in calibrations:
         problems += sanity_problems(c.widths, c.fmt.key)
@@ -470,7 +319,7 @@ def detect(out: Path, formats: list[Format], runtime: Format, budgets_from: str,
     if problems:
         warn("warning: the measurements are not trustworthy; writing them anyway (--force):\n"
              + "\n".join(f"  - {p}" for p in problems))
-    text = profile_toml(out.stem, runtime, budgets, bandwidth, flops, calibrations,
+    text = profile_toml(out.stem, request.runtime, budgets, bandwidth, flops, calibrations,
                         f"Budgets from profile '{base.name}'.", problems)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

@@ -1,7 +1,7 @@
 """The joint search: the best predicted model for the budgets over storage type, structured
 removal and recovery, with quantization alone (no pruning) as a candidate like any other.
 
-1. For every type the target offers (GGUF: F16 ... Q4_0; ONNX: fp32, fp16, int8), the budget
+1. For every type the target offers (its search_types; GGUF: F16 ... Q4_0; ONNX: fp32, fp16, int8), the budget
    search of search.py at that type's channel alignment: the least structured removal whose
    predicted cost meets every budget (0 when the dense model at that type already does).
 2. Quality (quality.py): the dense model's probe perplexity at every type, in its runtime. The
@@ -18,18 +18,27 @@ removal and recovery, with quantization alone (no pruning) as a candidate like a
 from __future__ import annotations
 
 import math
+import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .arch import ModelShape
 from .costmodel import Pricing
 from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, PruneSettings
 from .profile import Budgets
-from .quality import OVERSHOOT, QualityModel, share_points
+from .quality import OVERSHOOT, QualityModel, StructureProbe, share_points
 from .search import Candidate, SearchResult, search
 
-TYPES = {"gguf": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"), "onnx": ("fp32", "fp16", "int8")}
+if TYPE_CHECKING:
+    import torch
+
+    from .model_io import LoadedModel
+    from .pipeline import RunConfig
+    from .profile import Profile
+
 # Removal levels the structural probe may measure. A type that needs more than the last to fit
 # is not predicted (its candidates cannot be chosen): at 60% removed a model has lost most of
 # its quality, and probing further would cost more than it could tell.
@@ -255,3 +264,93 @@ def choose(opts: list[Option], quality: QualityModel | None = None) -> tuple[Opt
 
 def infeasible_message(searches: dict[str, SearchResult | str]) -> str:
     return "no type meets the budgets: " + "; ".join(f"{t}: {s}" for t, s in searches.items())
+
+
+def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: PruneSettings,
+                 profile: Profile, calib: torch.Tensor, log=print) -> JointResult:
+    """The joint search run on a model: every type's budget search, the quality probe (quality.py:
+    the dense model at each type in its runtime; pruned copies only where pruning could win),
+    the choice."""
+    from .costmodel import Format, anchored
+    from .pipeline import make_pricing
+    from .quality import PROBE_WINDOWS
+
+    t0 = time.perf_counter()
+    target = config.target
+    pricings = {t: replace(make_pricing(profile, Format(target, t), loaded),
+                           calibration=profile.calibration_near(Format(target, t)))
+                for t in config.types}
+    text, probe, reference, dense_runs = _dense_probe(config, loaded, next(iter(pricings.values())).context,
+                                                      log)
+    type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
+    dense_dims = [loaded.shape.dense_dims] * loaded.shape.n_layers
+    for t, pricing in pricings.items():  # a type detect did not measure: anchored at its dense
+        if profile.local and pricing.calibration.basis != "measured":  # run (this machine's only)
+            pricings[t] = replace(pricing, calibration=anchored(pricing, dense_dims, dense_runs[t]))
+    alignments = {t: config.alignment or Format(target, t).spec.alignment(t) for t in config.types}
+    searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
+                             pricings, alignments, config.margin)
+    if all(isinstance(s, str) for s in searches.values()):
+        raise UserError(infeasible_message(searches))
+    comp = competitive(searches, type_deltas)
+    levels = probe_levels(list(comp.values()))
+    align = min((alignments[t] for t in comp), default=None)
+    structure, share, recovered = _structural_probe(
+        config, loaded, StructureProbe(measured, replace(settings, alignment=align), tuple(levels), calib,
+                                       probe), searches, type_deltas, reference, log)
+    quality = QualityModel(reference, type_deltas, structure, share, probe={
+        "text": text, "windows": PROBE_WINDOWS, "from": "the end of the text", "dense_runs": {
+            t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
+                "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
+                "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},
+        "structure_alignment": align, "structure_levels_planned": levels,
+        "recovered": [list(r) for r in recovered] if recovered else None})
+    opts = options(searches, quality, config.recover is not None)
+    chosen, why = choose(opts, quality)
+    log(f"joint search: {chosen.label()}: {why}")
+    return JointResult(chosen, opts, searches, quality, why, pricings, time.perf_counter() - t0)
+
+
+def _dense_probe(config: RunConfig, loaded: LoadedModel, context: int, log=print):
+    """The probe windows (from the end of the evaluation text), the dense float32 model's
+    perplexity on them, and the dense model exported at every type and run in its runtime."""
+    from .evaluate import perplexity
+    from .quality import measure_types, probe_evaluation, write_probe
+    from .texts import HELDOUT
+
+    text = config.eval_text if config.eval_windows != 0 else HELDOUT
+    with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as work:
+        path, probe = write_probe(text, loaded.tokenizer, work)
+        log(f"joint search over {', '.join(config.types)}: quality probe on {probe.shape[0]} windows "
+            f"from the end of {text}")
+        reference = perplexity(loaded.model, probe, text, desc="probe (dense)").perplexity
+        dense_runs = measure_types(loaded, config.target, list(config.types), work,
+                                   probe_evaluation(str(path), context, config.threads), log=log)
+    return text, probe, reference, dense_runs
+
+
+def _structural_probe(config: RunConfig, loaded: LoadedModel, spec: StructureProbe, searches: dict,
+                      type_deltas: dict, reference: float, log=print) -> tuple[tuple, tuple, list | None]:
+    """Pruned (and, with config.recover, recovered) copies at the probe's levels, where pruning
+    could win: (the structure points, the recovered share points, the recovered measurements)."""
+    from .quality import ProbeRecovery, measure_structure, structure_points
+    from .recover import recovery_state_dir
+
+    if not spec.levels:
+        log("structural probe skipped: no type that needs pruning (up to "
+            f"{LADDER[-1]:.0%}) to meet the budgets can beat the best dense type that meets them")
+        return (), (), None
+    comp = competitive(searches, type_deltas)
+    levels = list(spec.levels)
+    recover_at = recovery_levels(levels, list(comp.values())) if config.recover else ()
+    log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment "
+        f"{spec.settings.alignment}; it stops once the levels measured rule out the types that need more)")
+    stop = probe_stop(comp, type_deltas, dense_bar(searches, type_deltas), reference, len(recover_at), log)
+    recovery = ProbeRecovery(config.recover, tuple(recover_at),
+                             recovery_state_dir(config.out) if config.out else None,
+                             config.device) if config.recover else None
+    probed = measure_structure(loaded, spec, recovery, log, stop=stop)
+    structure = structure_points(reference, [(r, p) for _, r, p in probed["levels"]])
+    recovered = probed["recovered"]
+    share = share_points(reference, probed["levels"], recovered) if recovered else ()
+    return structure, share, recovered

@@ -115,59 +115,74 @@ def _check_tokenizer(folder: Path) -> None:
 
 def load_model(path: str | None = None) -> LoadedModel:
     """Load a model from a folder, a GGUF file, or the built-in default; validate it first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = Path(path) if path else default_model_path()
     source = str(path) if path else str(target)
-    if not target.exists():
-        raise UserError(f"model not found: {target}")
-    gguf_file = None
-    if target.is_file():
-        if target.suffix != ".gguf":
-            raise UserError(f"{target}: expected a model folder or a .gguf file")
-        gguf_file = target
-    elif not (target / "config.json").is_file():
-        ggufs = sorted(target.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise UserError(f"{target}: not a model folder (no config.json"
-                            + ("; several .gguf files: pass one of them" if ggufs else "") + ")")
-        gguf_file = ggufs[0]
-
+    gguf_file = _gguf_source(target)
     if gguf_file is not None:
         spec = arch_for(_gguf_architecture(gguf_file))
-        try:
-            kw = dict(gguf_file=gguf_file.name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
-            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
-        layer_dims = None
+        model, tokenizer = _load_gguf(gguf_file)
     else:
         config = _read_config(target)
         spec = arch_for(str(config.get("model_type")))
         if CHECKPOINT_KEY in config:
             return load_resized(target, source)
-        _weight_files(target)
-        _check_tokenizer(target)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            model, info = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32,
-                                                               use_safetensors=True,
-                                                               output_loading_info=True)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{target}: cannot load the model: {e}") from None
-        except RuntimeError as e:  # torch's size mismatch in load_state_dict
-            if "size mismatch" not in str(e):
-                raise
-            raise UserError(f"{target}: weights do not match config.json: "
-                            f"{' '.join(str(e).split())[:300]}") from None
-        _check_loading_info(target, info)
-        layer_dims = None
+        model, tokenizer = _load_folder(target)
     model.eval()
     release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
-    return LoadedModel(model, tokenizer, spec, shape, layer_dims or [shape.dense_dims] * shape.n_layers,
-                       source, gguf_file)
+    return LoadedModel(model, tokenizer, spec, shape, [shape.dense_dims] * shape.n_layers, source,
+                       gguf_file)
+
+
+def _gguf_source(target: Path) -> Path | None:
+    """The GGUF file to read: target itself, or the one .gguf in a folder without config.json;
+    None for a Hugging Face folder."""
+    if not target.exists():
+        raise UserError(f"model not found: {target}")
+    if target.is_file():
+        if target.suffix != ".gguf":
+            raise UserError(f"{target}: expected a model folder or a .gguf file")
+        return target
+    if (target / "config.json").is_file():
+        return None
+    ggufs = sorted(target.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise UserError(f"{target}: not a model folder (no config.json"
+                        + ("; several .gguf files: pass one of them" if ggufs else "") + ")")
+    return ggufs[0]
+
+
+def _load_gguf(gguf_file: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        kw = dict(gguf_file=gguf_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
+    return model, tokenizer
+
+
+def _load_folder(target: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _weight_files(target)
+    _check_tokenizer(target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model, info = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32,
+                                                           use_safetensors=True,
+                                                           output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{target}: cannot load the model: {e}") from None
+    except RuntimeError as e:  # torch's size mismatch in load_state_dict
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"{target}: weights do not match config.json: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    _check_loading_info(target, info)
+    return model, tokenizer
 
 
 def _check_loading_info(folder: Path, info: dict) -> None:

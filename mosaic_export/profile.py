@@ -15,14 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import targets
 from .costmodel import Calibration, Format
 from .errors import UserError
 from .units import format_bytes, parse_bandwidth, parse_bytes, parse_flops, parse_seconds
-
-TARGETS = ("gguf", "onnx")
-GGUF_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
-ONNX_DTYPES = ("fp32", "fp16", "int8")
-ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -35,23 +31,18 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    target: str  # "gguf" | "onnx"
+    """The runtime a device runs: a registered target and its type, under the key the target
+    names (``quant`` for GGUF, ``dtype`` for ONNX), and the target's other keys."""
+
+    target: str  # a registered target (targets.names())
     quant: str | None = None  # GGUF type, e.g. "Q4_K_M"
     dtype: str | None = None  # ONNX dtype
     execution_provider: str | None = None  # ONNX Runtime provider
 
     @property
-    def channel_alignment(self) -> int:
-        """Row-length multiple the target's weight format needs to avoid a silent fallback.
-
-        k-quants pack 256 values a block, legacy quants (Q4_0, Q8_0) 32; float types need none.
-        """
-        if self.target == "gguf" and self.quant is not None:
-            if self.quant.endswith(("_K", "_K_M", "_K_S")):
-                return 256
-            if self.quant.startswith("Q"):
-                return 32
-        return 1
+    def format(self) -> Format:
+        """The target and its type, as the cost model prices it."""
+        return Format(self.target, getattr(self, targets.get(self.target).option))
 
 
 @dataclass(frozen=True)
@@ -94,8 +85,7 @@ class Profile:
         own = self.calibration.get(fmt.key)
         if own is not None:
             return own
-        runtime = self.runtime
-        first = f"{runtime.target}:{runtime.quant if runtime.target == 'gguf' else runtime.dtype}"
+        first = self.runtime.format.key
         for key in sorted(self.calibration, key=lambda k: k != first):
             if key.startswith(f"{fmt.target}:"):
                 return replace(self.calibration[key], basis=f"transferred from {key}")
@@ -240,25 +230,7 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
     rt = _Reader(source, "runtime", data["runtime"])
     bud = _Reader(source, "budgets", data["budgets"])
 
-    target = rt.get("target", str, choices=TARGETS)
-    runtime = RuntimeSpec(
-        target=target,
-        quant=rt.get("quant", str, choices=GGUF_QUANTS),
-        dtype=rt.get("dtype", str, choices=ONNX_DTYPES),
-        execution_provider=rt.get("execution_provider", str, choices=ONNX_PROVIDERS),
-    )
-    if target == "gguf" and (runtime.dtype or runtime.execution_provider):
-        raise UserError(f"{source}: runtime.dtype and runtime.execution_provider are for "
-                        "target 'onnx'; target 'gguf' takes runtime.quant")
-    if target == "onnx" and runtime.quant:
-        raise UserError(f"{source}: runtime.quant is for target 'gguf'; "
-                        "target 'onnx' takes runtime.dtype")
-    if target == "gguf" and runtime.quant is None:
-        raise UserError(f"{source}: missing key 'runtime.quant' (target 'gguf' needs a type: "
-                        f"{', '.join(GGUF_QUANTS)})")
-    if target == "onnx" and runtime.dtype is None:
-        raise UserError(f"{source}: missing key 'runtime.dtype' (target 'onnx' needs one of: "
-                        f"{', '.join(ONNX_DTYPES)})")
+    runtime = _runtime(rt, source)
 
     budgets = Budgets(
         max_memory_bytes=bud.get("max_memory", str, parse=parse_bytes),
@@ -286,6 +258,25 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
     )
 
 
+def _runtime(rt: _Reader, source: str) -> RuntimeSpec:
+    """[runtime]: a registered target, its type under the target's key (one of its types), and
+    only the other keys that target takes."""
+    target = targets.get(rt.get("target", str, choices=targets.names()))
+    values = {}
+    for key in _SCHEMA["runtime"]:
+        if key == "target" or key not in rt.table:
+            continue
+        if key != target.option and key not in target.profile_keys:
+            raise UserError(f"{source}: runtime.{key} is not a key of target '{target.name}' "
+                            f"(it takes runtime.{target.option})")
+        choices = target.types if key == target.option else target.profile_keys[key]
+        values[key] = rt.get(key, str, choices=choices)
+    if target.option not in values:
+        raise UserError(f"{source}: missing key 'runtime.{target.option}' (target '{target.name}' "
+                        f"needs a {target.noun}: {', '.join(target.types)})")
+    return RuntimeSpec(target=target.name, **values)
+
+
 # [calibration."gguf:Q8_0"] tables, written by `mosaic-export profile detect`.
 _CALIBRATION_KEYS = {"decode_overhead": parse_seconds, "bandwidth": parse_bandwidth,
                      "prefill_overhead": parse_seconds, "prefill_compute": parse_flops,
@@ -298,7 +289,7 @@ def _calibration(table: Any, source: str) -> dict[str, Calibration]:
     out = {}
     for key, entry in table.items():
         target, _, name = key.partition(":")
-        if target not in TARGETS or name not in (GGUF_QUANTS if target == "gguf" else ONNX_DTYPES):
+        if target not in targets.names() or name not in targets.get(target).types:
             raise UserError(f"{source}: [calibration.\"{key}\"]: expected a format such as "
                             "\"gguf:Q8_0\" or \"onnx:fp32\"")
         if not isinstance(entry, dict) or set(entry) != set(_CALIBRATION_KEYS):

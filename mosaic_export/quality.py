@@ -169,40 +169,75 @@ def write_probe(eval_text: str, tokenizer, folder) -> tuple:
     return path, ids
 
 
-def measure_types(loaded, target: str, types: list[str], text: str, work, context: int,
-                  threads: int | None = None, n_windows: int = PROBE_WINDOWS, log=print) -> dict:
+def probe_evaluation(text: str, context: int, threads: int | None = None,
+                     n_windows: int = PROBE_WINDOWS):
+    """How measure_types runs each type: the probe text's windows at PROBE_SEQ_LEN, the context full."""
+    from .targets.base import Evaluation
+
+    return Evaluation(text, n_windows, PROBE_SEQ_LEN, context, threads)
+
+
+def measure_types(loaded, target: str, types: list[str], work, evaluation, log=print) -> dict:
     """The dense model exported at each type and run in its runtime (a fresh process each):
     {type: benchmark result}, the probe perplexity under "perplexity"; speed and memory are
-    measured with the context full, as for any built model."""
+    measured with the context full, as for any built model. ``evaluation``: the probe's text
+    and windows (probe_evaluation), the context and threads (targets.base.Evaluation)."""
     from pathlib import Path
 
     from .costmodel import Format
     from .detect import export_format
+    from .errors import UserError
 
     out = {}
     for t in types:
         folder = Path(work) / f"dense-{t}"
         path, benchmark = export_format(loaded, Format(target, t), folder)
-        out[t] = benchmark(path, threads=threads, eval_text=text, eval_windows=n_windows,
-                           eval_seq_len=PROBE_SEQ_LEN, context=context)
+        out[t] = benchmark(path, **evaluation.benchmark_options())
+        if "perplexity" not in out[t]:
+            raise UserError(f"the {target} target's benchmark scored no perplexity on the probe "
+                            "text: the joint search over types needs it (fix the type with "
+                            "--quant / --dtype)")
         p = out[t]["perplexity"]["perplexity"]
         log(f"  dense {t}: probe perplexity {p:.3f}, {out[t]['file_bytes'] / 2**20:.1f} MiB, "
             f"decode {out[t]['decode']['tokens_per_s']:.1f} tokens/s")
     return out
 
 
-def measure_structure(loaded, measured, settings, levels: list[float], calib, probe,
-                      recover=None, recover_at=(), cache_dir=None, device: str | None = "cpu",
-                      log=print, visit=None, stop=None, train_ids=None) -> dict:
+@dataclass(frozen=True)
+class StructureProbe:
+    """What the structural probe prunes and scores: the pass-1 measurements, the settings (their
+    alignment), the removal levels, the calibration windows and the probe windows."""
+
+    measured: list
+    settings: object  # PruneSettings
+    levels: tuple[float, ...]
+    calib: object  # torch.Tensor (n_samples, seq_len)
+    probe: object  # torch.Tensor (n_windows, seq_len)
+
+
+@dataclass(frozen=True)
+class ProbeRecovery:
+    """Which of the probe's pruned copies are also distilled from the dense model, and how."""
+
+    settings: object  # RecoverSettings
+    levels: tuple[float, ...]
+    cache_dir: object = None  # Path: where the training text is cached
+    device: str | None = "cpu"
+    train_ids: object = None  # torch.Tensor: the training windows, when the caller has them
+
+    def covers(self, level: float) -> bool:
+        return any(abs(level - at) < 1e-9 for at in self.levels)
+
+
+def measure_structure(loaded, spec: StructureProbe, recovery: ProbeRecovery | None = None, log=print,
+                      visit=None, stop=None) -> dict:
     """Perplexity on the probe of copies of the dense model pruned by structure alone at each
-    level (a plan made from the pass-1 measurements, applied with compensation); with ``recover``
-    (RecoverSettings), the copies at the levels in ``recover_at`` are also distilled from the
-    dense model. ``visit(student, row)``, when given, sees each copy as measured (pruned, then
-    recovered), with row = {"level", "removed", "recovered", "perplexity", "seconds"};
-    ``stop(levels, recovered)``, when given, is asked after each level (and its recovery) whether
-    to stop there (True ends the probe). ``train_ids``: recovery's training windows, when the
-    caller has them (else read or written once, on the first recovery).
-    Returns {"levels": [(target, removed, perplexity)], "recovered": [(removed, perplexity)]}."""
+    level (a plan made from the pass-1 measurements, applied with compensation); with
+    ``recovery``, the copies at its levels are also distilled from the dense model.
+    ``visit(student, row)``, when given, sees each copy as measured (pruned, then recovered), with
+    row = {"level", "removed", "recovered", "perplexity", "seconds"}; ``stop(levels, recovered)``,
+    when given, is asked after each level (and its recovery) whether to stop there (True ends the
+    probe). Returns {"levels": [(target, removed, perplexity)], "recovered": [(removed, perplexity)]}."""
     import copy
     import time
     from dataclasses import replace
@@ -213,35 +248,49 @@ def measure_structure(loaded, measured, settings, levels: list[float], calib, pr
     from .prune.apply import apply_plan
 
     rows, recovered = [], []
-    for level in levels:
-        s = replace(settings, sparsity=level, structured_fraction=1.0)
-        plan = make_plan(loaded.shape, loaded.source, measured, s)
+    for level in spec.levels:
+        plan = make_plan(loaded.shape, loaded.source, spec.measured,
+                         replace(spec.settings, sparsity=level, structured_fraction=1.0))
         removed = plan.removed()
         student = copy.deepcopy(loaded)
         t0 = time.perf_counter()
-        apply_plan(LayerStream(student.model, student.spec, calib), student.spec, plan)
+        apply_plan(LayerStream(student.model, student.spec, spec.calib), student.spec, plan)
         student.layer_dims = [lp.dims for lp in plan.layers]
         seconds = time.perf_counter() - t0
-        ppl = perplexity(student.model, probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
+        ppl = perplexity(student.model, spec.probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
         log(f"  {removed:.1%} removed by structure: probe perplexity {ppl:.3f}")
         rows.append((level, removed, ppl))
         if visit is not None:
             visit(student, {"level": level, "removed": removed, "recovered": False,
                             "perplexity": ppl, "seconds": seconds})
-        if recover is not None and any(abs(level - at) < 1e-9 for at in recover_at):
-            from .recover import distill, training_windows
-
-            if train_ids is None:
-                train_ids, _ = training_windows(recover, loaded, cache_dir, log, device)
-            result = distill(student.model, loaded.model, train_ids, recover, device=device)
-            log(f"  recovered in {result.seconds:.0f} s")
-            rppl = perplexity(student.model, probe, "probe", desc="probe (recovered)").perplexity
+        if recovery is not None and recovery.covers(level):
+            recovery, rppl, seconds = _recover_copy(student, loaded, spec.probe, recovery, log)
             log(f"  {removed:.1%} removed, recovered: probe perplexity {rppl:.3f}")
             recovered.append((removed, rppl))
             if visit is not None:
                 visit(student, {"level": level, "removed": removed, "recovered": True,
-                                "perplexity": rppl, "seconds": result.seconds})
+                                "perplexity": rppl, "seconds": seconds})
         del student
         if stop is not None and stop(rows, recovered):
             break
     return {"levels": rows, "recovered": recovered}
+
+
+def _recover_copy(student, loaded, probe, recovery: ProbeRecovery,
+                  log) -> tuple[ProbeRecovery, float, float]:
+    """Distil the pruned copy from the dense model and score it on the probe: the recovery with
+    its training windows (read or written once, on the first recovery), the perplexity, the
+    seconds of training."""
+    from dataclasses import replace
+
+    from .evaluate import perplexity
+    from .recover import distill, training_windows
+
+    if recovery.train_ids is None:
+        ids, _ = training_windows(recovery.settings, loaded, recovery.cache_dir, log, recovery.device)
+        recovery = replace(recovery, train_ids=ids)
+    result = distill(student.model, loaded.model, recovery.train_ids, recovery.settings,
+                     device=recovery.device)
+    log(f"  recovered in {result.seconds:.0f} s")
+    rppl = perplexity(student.model, probe, "probe", desc="probe (recovered)").perplexity
+    return recovery, rppl, result.seconds

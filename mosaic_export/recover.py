@@ -26,15 +26,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distillation import kd_loss, lr_at, trainable, zero_masks
 from .errors import UserError
 from .process import peak_rss_bytes
 from .texts import SELF
+
+if TYPE_CHECKING:
+    from .model_io import LoadedModel
+    from .pipeline import RunConfig
 
 # Sized so that the default model (SmolLM2-135M, 30% removed) recovers in about ten minutes on
 # 2 CPU cores (BENCHMARKS.md, "Recovery").
@@ -91,47 +97,6 @@ class RecoverSettings:
     @property
     def steps(self) -> int:
         return self.windows // self.batch
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            temperature: float = 1.0) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of the softened next-token distributions, mean per token.
-    Logits: (..., vocab)."""
-    t = temperature
-    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
-    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over the first
-    ``warmup`` share of the steps, then cosine decay to zero at the end."""
-    n_warm = max(1, round(warmup * steps)) if warmup > 0 else 0
-    if step < n_warm:
-        return lr * (step + 1) / n_warm
-    progress = (step - n_warm) / max(1, steps - n_warm)
-    return lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def zero_masks(model: nn.Module, parameters: list[nn.Parameter]) -> dict[int, torch.Tensor]:
-    """For each 2-D trainable weight holding exact zeros (unstructured pruning), where it is
-    non-zero; keyed by id(parameter). Weights without zeros need no mask."""
-    masks = {}
-    for p in parameters:
-        if p.ndim == 2:
-            keep = p.detach() != 0
-            if not bool(keep.all()):
-                masks[id(p)] = keep
-    return masks
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter but the input embedding (and the output layer when it is tied to it)."""
-    frozen = {id(model.get_input_embeddings().weight)}
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is model.get_input_embeddings().weight:
-        frozen.add(id(out.weight))
-    return [p for p in model.parameters() if id(p) not in frozen]
 
 
 def data_digest(ids: torch.Tensor) -> str:
@@ -233,44 +198,28 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
     back to the CPU at the end, the teacher too.
     """
     settings.validate()
-    dev = resolve_device(device)
     if ids.shape[0] < settings.windows:
         raise UserError(f"recovery needs {settings.windows} windows of {settings.seq_len} tokens, "
                         f"got {ids.shape[0]}")
     ids = ids[:settings.windows]
     torch.manual_seed(settings.seed)
-    student.to(dev)
-    teacher.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = _to_device(resolve_device(device), student, teacher)
     params, masks = _prepare(student, teacher)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     digest = data_digest(ids)
     start, curve, seconds = 0, [], 0.0
     resumed = None
     if resume:
-        state = _load_state(state_dir, settings, digest)
-        student.load_state_dict(state["student"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start, curve, seconds, resumed = state["step"], state["curve"], state["seconds"], state["step"]
+        start, curve, seconds = _resume(state_dir, settings, digest, student, optimizer)
+        resumed = start
     student.train()
     t0 = time.perf_counter() - seconds
     bar = tqdm(total=settings.steps, initial=start, desc="recover", unit="step", leave=False)
-    step = start
     try:
         for step in range(start, settings.steps):
             lr = lr_at(step, settings.steps, settings.lr, settings.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for w in range(settings.batch):
-                window = ids[step * settings.batch + w][None].to(dev)  # (1, seq_len)
-                loss = window_loss(student, teacher, window, settings)
-                (loss / settings.batch).backward()
-                total += float(loss.detach()) / settings.batch
-            _masked_step(optimizer, params, masks)
+            batch = ids[step * settings.batch:(step + 1) * settings.batch].to(dev)  # (batch, seq_len)
+            total = _train_step(student, teacher, batch, settings, optimizer, lr, params, masks)
             done = (step + 1) * settings.batch * settings.seq_len
             curve.append({"step": step + 1, "tokens": done, "loss": total, "lr": lr})
             trained = done - start * settings.batch * settings.seq_len  # this session's tokens
@@ -287,11 +236,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
         raise
     finally:
         bar.close()
-        student.eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        student.to("cpu")
-        teacher.to("cpu")
+        _frozen_on_cpu(student, teacher)
     if state_dir is not None:
         (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
     return RecoverResult(asdict(settings), settings.steps, settings.windows,
@@ -300,6 +245,51 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, settings:
                          curve[-1]["loss"] if curve else float("nan"), curve, resumed,
                          sum(int((~m).sum()) for m in masks.values()), str(dev), peak_rss_bytes(),
                          torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+
+
+def _to_device(dev: torch.device, student: nn.Module, teacher: nn.Module) -> torch.device:
+    student.to(dev)
+    teacher.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    return dev
+
+
+def _frozen_on_cpu(student: nn.Module, teacher: nn.Module) -> None:
+    """After training (or its interruption): the student in eval mode without gradients, both on
+    the CPU."""
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.to("cpu")
+    teacher.to("cpu")
+
+
+def _train_step(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, settings: RecoverSettings,
+                optimizer: torch.optim.Optimizer, lr: float, params: list[nn.Parameter],
+                masks: dict) -> float:
+    """One optimizer step at learning rate lr, the batch's windows accumulated one at a time
+    (memory of one window); the mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for window in batch:
+        loss = window_loss(student, teacher, window[None], settings)  # (1, seq_len)
+        (loss / settings.batch).backward()
+        total += float(loss.detach()) / settings.batch
+    _masked_step(optimizer, params, masks)
+    return total
+
+
+def _resume(state_dir: Path | None, settings: RecoverSettings, digest: str, student: nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[int, list, float]:
+    """An interrupted run's state restored: (its step, its curve, its seconds)."""
+    state = _load_state(state_dir, settings, digest)
+    student.load_state_dict(state["student"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["curve"], state["seconds"]
 
 
 def _fingerprint(settings: RecoverSettings, digest: str) -> str:
@@ -359,3 +349,32 @@ def training_windows(settings: RecoverSettings, teacher, cache_dir: Path | None 
             names.append(source)
     rows = [part[i] for i in range(len(parts[0])) for part in parts if i < len(part)]
     return torch.stack(rows), " + ".join(names)
+
+
+def recovery_state_dir(out: Path) -> Path:
+    """Where an interrupted recovery keeps its state: beside OUT, not inside its temporary
+    folder (which an interruption removes)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.recover"
+
+
+def recover_model(config: RunConfig, loaded: LoadedModel, log=print) -> dict:
+    """Distil the pruned model in place from the dense one (loaded again as the teacher)."""
+    from .model_io import load_model
+    from .process import release_memory
+
+    settings = config.recover
+    log(f"recovering: distilling from the dense model on {settings.windows} windows of "
+        f"{settings.seq_len} tokens of {settings.text} ({settings.steps} steps)")
+    teacher = load_model(config.model)
+    t0 = time.perf_counter()
+    ids, source = training_windows(settings, teacher, recovery_state_dir(config.out), log,
+                                   config.device)
+    text_s = time.perf_counter() - t0  # self text: the generation (or the cache read)
+    result = distill(loaded.model, teacher.model, ids, settings, recovery_state_dir(config.out),
+                     config.resume, device=config.device)
+    del teacher
+    release_memory()
+    log(f"recovered in {result.seconds:.0f} s: distillation loss {result.first_loss:.3f} -> "
+        f"{result.final_loss:.3f}")
+    return {**result.to_dict(), "text": source, "text_seconds": text_s}

@@ -20,7 +20,7 @@ from .arch import ModelShape
 from .costmodel import Cost, Pricing
 from .errors import Infeasible, UserError
 from .plan import LayerMeasurement, Plan, PruneSettings, make_plan
-from .profile import Budgets
+from .profile import Budgets, Profile
 from .units import format_bytes
 
 STEP = 0.01
@@ -175,3 +175,66 @@ def _largest_target(at: Callable[[float], Candidate]) -> Candidate:
         except UserError:
             t = round(t - COARSE, 4)
     raise Infeasible("this model cannot be pruned by structure at all with this alignment")
+
+
+def measured_figures(bench: dict, budgets) -> tuple[dict, list]:
+    """A runtime benchmark's figures (TTFT: the prefill plus one decode step) and each budget
+    against them."""
+    decode = bench["decode"]["tokens_per_s"]
+    ttft = bench["prefill"]["seconds"] + 1 / decode
+    figures = {"memory_bytes": bench["peak_rss_bytes"], "decode_tokens_per_s": decode,
+               "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"], "ttft_s": ttft,
+               "context": bench["context"]}
+    return figures, check_budgets(budgets, bench["peak_rss_bytes"], decode, ttft)
+
+
+def search_summary(found: SearchResult) -> str:
+    c = found.chosen
+    if c.target == 0:
+        return (f"the dense model already meets every budget (predicted: "
+                f"{'; '.join(b.describe() for b in c.checks)}): no pruning")
+    n = found.neighbour
+    missed = [b.describe() for b in n.checks if not b.met] if n else []
+    return (f"budget search ({len(found.priced)} plans priced): {c.target:.0%} of the decoder removed "
+            f"by structure is the least that meets every budget (predicted: "
+            f"{'; '.join(b.describe() for b in c.checks)})"
+            + (f"; at {n.target:.0%} it would miss: {'; '.join(missed)}" if n else ""))
+
+
+def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchResult | None,
+                 bench: dict | None, margin: float = 0.0) -> dict:
+    """Predicted and (on this machine) measured figures, each budget against them."""
+    cost = pricing.cost([lp.dims for lp in plan.layers])
+    b = profile.budgets
+    section = {"format": pricing.fmt.key, "basis": cost.basis, "profile_local": profile.local,
+               "removed": plan.removed(),
+               "calibration": pricing.calibration.to_dict(), "predicted": cost.to_dict(),
+               "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
+               "search": found.to_dict() if found else None, "margin": margin}
+    if bench is not None:
+        section["measured"], checks = measured_figures(bench, b)
+        section["measured_budgets"] = [c.__dict__ for c in checks]
+    return section
+
+
+def resolve_budgets(profile: Profile, pricing: Pricing | None, log=None) -> Profile:
+    """Relative budgets ("0.9x") as absolute ones: the factor times the dense model's predicted
+    figure in the target's format on the profile."""
+    relative = profile.budgets.relative
+    if not relative:
+        return profile
+    if pricing is None:
+        from .targets import names
+
+        raise UserError("relative budgets (such as 0.9x) are relative to the dense model in a "
+                        f"runtime format: give a target (--target {' or '.join(names())})")
+    dense = pricing.cost([pricing.shape.dense_dims] * pricing.shape.n_layers)
+    resolved = profile.resolve_relative(dense.memory_bytes, dense.decode_tokens_per_s, dense.ttft_s)
+    if log is not None:
+        b = resolved.budgets
+        absolute = {"max_memory": format_bytes(b.max_memory_bytes or 0),
+                    "min_tokens_per_s": f"{b.min_tokens_per_s or 0:.1f} tokens/s",
+                    "max_ttft": f"{(b.max_ttft_s or 0) * 1e3:.0f} ms"}
+        log(f"budgets relative to the dense model ({pricing.fmt.key}, {dense.basis} prediction): "
+            + "; ".join(f"{name} {factor:g}x = {absolute[name]}" for name, factor in relative.items()))
+    return resolved

@@ -14,8 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
-from .pipeline import RunConfig, check_output, run, write_outputs
+from .outputs import check_output, write_outputs
+from .pipeline import RunConfig, run
 from .report import pareto
+from .targets import get as get_target
+from .targets import names as target_names
 
 FIELDS = ["type", "target", "removed", "perplexity", "memory_bytes", "decode_tokens_per_s",
           "prefill_tokens_per_s", "file_bytes", "predicted_memory_bytes",
@@ -25,7 +28,7 @@ FIELDS = ["type", "target", "removed", "perplexity", "memory_bytes", "decode_tok
 def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
     """Run config at each removal target (all structured) into OUT/r{target}/."""
     if config.target is None:
-        raise UserError("a sweep needs a target format (--target gguf or onnx)")
+        raise UserError(f"a sweep needs a target format (--target {' or '.join(target_names())})")
     if not targets or any(not 0 <= t <= 0.9 for t in targets):
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
@@ -35,7 +38,7 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
     rows: list[dict] = []
 
     types = config.types or [None]  # None: the one type of --quant / --dtype / the profile
-    option = "quant" if config.target == "gguf" else "dtype"
+    option = get_target(config.target).option
 
     def build(folder: Path) -> None:
         for type_ in types:

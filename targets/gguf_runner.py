@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -41,6 +40,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..process import RuntimeCrash, decode_rates, die_with_parent, option_args, peak_rss_bytes, run_child
+from .base import BenchProtocol
+from .scoring import window_perplexity
 
 MODULE = "mosaic_export.targets.gguf_runner"
 SAFE_ENV = "MOSAIC_LLAMA_SAFE"  # 1: always load with the safe setting; 0: never fall back to it
@@ -126,50 +127,34 @@ def _last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def llama_perplexity(llm, tokens: list[int], seq_len: int, max_windows: int | None) -> dict:
-    n = len(tokens) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise UserError(f"evaluation text has fewer than {seq_len} tokens")
-    total = 0.0
-    for w in range(n):
-        window = tokens[w * seq_len:(w + 1) * seq_len]
+    def logits_of(window: list[int]) -> np.ndarray:
         llm.reset()
         llm.eval(window)
-        logp = _log_softmax(np.asarray(llm.scores[: seq_len - 1]))
-        total -= float(logp[np.arange(seq_len - 1), window[1:]].sum())
-    count = n * (seq_len - 1)
-    return {"perplexity": math.exp(total / count), "nll": total / count, "n_windows": n,
-            "seq_len": seq_len, "n_predicted": count}
+        return np.asarray(llm.scores[: seq_len - 1])
+
+    return window_perplexity(logits_of, tokens, seq_len, max_windows)
 
 
-def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-            eval_text: str | None = None, eval_windows: int | None = 16, eval_seq_len: int = 512,
-            context: int | None = None, safe: bool = False) -> dict:
-    """Everything about one GGUF file, measured in this process. With ``context``, the KV cache
+def measure(path: Path, protocol: BenchProtocol, safe: bool = False) -> dict:
+    """Everything about one GGUF file, measured in this process. With ``protocol.context``, the KV cache
     is sized for that many tokens and filled after the decode (in chunks of CHUNK tokens), so
     peak RSS is that of an app whose context is full."""
     from ..costmodel import CHUNK
     from ..texts import corpus
 
-    n_ctx = max(context or 0, prompt_tokens + gen_tokens)
+    n_ctx = max(protocol.context or 0, protocol.prompt_tokens + protocol.gen_tokens)
     t0 = time.perf_counter()
-    llm = _llama(path, n_ctx, threads, logits_all=False, n_batch=max(CHUNK, prompt_tokens), safe=safe)
+    llm = _llama(path, n_ctx, protocol.threads, logits_all=False,
+                 n_batch=max(CHUNK, protocol.prompt_tokens), safe=safe)
     load_s = time.perf_counter() - t0
     text = llm.tokenize(corpus("builtin").encode(), add_bos=False, special=False)
-    prompt = text[:prompt_tokens]
+    prompt = text[:protocol.prompt_tokens]
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(gen_tokens):
+    for _ in range(protocol.gen_tokens):
         t0 = time.perf_counter()
         llm.eval([int(np.argmax(_last_logits(llm)))])
         steps.append(time.perf_counter() - t0)
@@ -177,7 +162,7 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
     for start in range(0, len(fill), CHUNK):
         llm.eval(fill[start:start + CHUNK])
     result = {
-        "file": str(path), "file_bytes": path.stat().st_size, "threads": threads or os.cpu_count(),
+        "file": str(path), "file_bytes": path.stat().st_size, "threads": protocol.threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
@@ -188,11 +173,11 @@ def measure(path: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads
         "peak_rss_bytes": peak_rss_bytes(),
     }
     del llm
-    if eval_text is not None and eval_windows != 0:
-        llm = _llama(path, eval_seq_len, threads, logits_all=True, safe=safe)
-        tokens = llm.tokenize(corpus(eval_text).encode(), add_bos=False, special=False)
-        result["perplexity"] = {**llama_perplexity(llm, tokens, eval_seq_len, eval_windows),
-                                "text": eval_text}
+    if protocol.eval_text is not None and protocol.eval_windows != 0:
+        llm = _llama(path, protocol.eval_seq_len, protocol.threads, logits_all=True, safe=safe)
+        tokens = llm.tokenize(corpus(protocol.eval_text).encode(), add_bos=False, special=False)
+        result["perplexity"] = {**llama_perplexity(llm, tokens, protocol.eval_seq_len, protocol.eval_windows),
+                                "text": protocol.eval_text}
         del llm
     return result
 
@@ -303,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.job == "bench":
-            result = measure(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.eval_text,
-                             None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len,
-                             a.context, a.safe)
+            result = measure(a.model, BenchProtocol.from_args(a), a.safe)
         elif a.job == "parity":
             text = a.text_file.read_text(encoding="utf-8") if a.text_file else None
             result = parity_in_process(a.model, json.loads(a.ids.read_text()), np.load(a.reference),

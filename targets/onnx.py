@@ -30,12 +30,11 @@ import torch
 from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
 
-DTYPES = ("fp32", "fp16", "int8")
+from .base import Evaluation
+from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, DTYPES, INT8_BLOCK, MODEL_FILE
+
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 OPSET = 17
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "model_config.json"
-CONFIG_FORMAT = "mosaic-export onnx"
 MASKED = -1e30  # added to the scores of positions a query may not see (finite: no NaN rows)
 
 
@@ -112,86 +111,88 @@ class _Graph:
         return outputs[0]
 
 
-def build_model(loaded: LoadedModel, dtype: str = "fp32"):
-    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16."""
-    from onnx import TensorProto, helper
+class _Decoder:
+    """The decoder's graph, piece by piece, in one dtype (norms, softmax and logits in float32)."""
 
-    check_exportable(loaded)
-    model, spec, shape = loaded.model, loaded.spec, loaded.shape
-    cfg = model.config
-    np_float = np.float16 if dtype == "fp16" else np.float32
-    onnx_float = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
-    D, eps = shape.head_dim, float(cfg.rms_norm_eps)
-    g = _Graph()
+    def __init__(self, g: _Graph, loaded: LoadedModel, dtype: str):
+        from onnx import TensorProto
 
-    def param(name: str, t: torch.Tensor, transpose: bool = False) -> str:
+        self.g, self.loaded, self.fp16 = g, loaded, dtype == "fp16"
+        self.np_float = np.float16 if self.fp16 else np.float32
+        self.onnx_float = TensorProto.FLOAT16 if self.fp16 else TensorProto.FLOAT
+        self.D, self.eps = loaded.shape.head_dim, float(loaded.model.config.rms_norm_eps)
+
+    def param(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
         a = t.detach().float().numpy()
-        return g.weight(name, (a.T if transpose else a).astype(np_float))
+        return self.g.weight(name, (a.T if transpose else a).astype(self.np_float))
 
-    def linear(x: str, lin, name: str) -> str:
-        y = g.op("MatMul", x, param(f"{name}.weight_t", lin.weight, transpose=True))
-        return g.op("Add", y, param(f"{name}.bias", lin.bias)) if lin.bias is not None else y
+    def linear(self, x: str, lin, name: str) -> str:
+        y = self.g.op("MatMul", x, self.param(f"{name}.weight_t", lin.weight, transpose=True))
+        return self.g.op("Add", y, self.param(f"{name}.bias", lin.bias)) if lin.bias is not None else y
 
-    def to_float32(x: str) -> str:
-        return g.op("Cast", x, to=TensorProto.FLOAT) if dtype == "fp16" else x
+    def to_float32(self, x: str) -> str:
+        from onnx import TensorProto
 
-    def from_float32(x: str) -> str:
-        return g.op("Cast", x, to=onnx_float) if dtype == "fp16" else x
+        return self.g.op("Cast", x, to=TensorProto.FLOAT) if self.fp16 else x
 
-    def rms_norm(x: str, norm, name: str) -> str:
-        xf = to_float32(x)
+    def from_float32(self, x: str) -> str:
+        return self.g.op("Cast", x, to=self.onnx_float) if self.fp16 else x
+
+    def rms_norm(self, x: str, norm, name: str) -> str:
+        g, xf = self.g, self.to_float32(x)
         var = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
-        std = g.op("Sqrt", g.op("Add", var, g.scalar(eps, np.float32)))
+        std = g.op("Sqrt", g.op("Add", var, g.scalar(self.eps, np.float32)))
         rstd = g.op("Div", g.scalar(1.0, np.float32), std)
-        return g.op("Mul", from_float32(g.op("Mul", xf, rstd)), param(f"{name}.weight", norm.weight))
+        normed = self.from_float32(g.op("Mul", xf, rstd))
+        return g.op("Mul", normed, self.param(f"{name}.weight", norm.weight))
 
-    # Shared: embeddings, rotary tables, the mask.
-    embed = param("embed_tokens.weight", model.get_input_embeddings().weight)
-    hidden = g.op("Gather", embed, "input_ids", axis=0)
-    inv_freq = 1.0 / (float(cfg.rope_theta) ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / D))
-    pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.ints(2))
-    freqs = g.op("Mul", pos, g.weight("rotary.inv_freq", inv_freq.astype(np.float32)))  # (B, S, D/2)
-    angles = g.op("Concat", freqs, freqs, axis=-1)
-    cos = from_float32(g.op("Unsqueeze", g.op("Cos", angles), g.ints(1)))  # (B, 1, S, D)
-    sin = from_float32(g.op("Unsqueeze", g.op("Sin", angles), g.ints(1)))
+    def rotary(self) -> None:
+        """cos and sin tables (B, 1, S, D) of the positions."""
+        from onnx import TensorProto
 
-    total = g.op("Gather", g.op("Shape", "attention_mask"), g.ints(1), axis=0)  # (1,) = P + S
-    seq = g.op("Gather", g.op("Shape", "input_ids"), g.ints(1), axis=0)
-    zero, one = g.scalar(0, np.int64), g.scalar(1, np.int64)
-    t_scalar = g.op("Squeeze", total, g.ints(0))
-    k_pos = g.op("Range", zero, t_scalar, one)  # (T,)
-    q_pos = g.op("Range", g.op("Squeeze", g.op("Sub", total, seq), g.ints(0)), t_scalar, one)  # (S,)
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.ints(0)), g.op("Unsqueeze", q_pos, g.ints(1)))
-    padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.ints(1, 2))
-    mask = g.op("Where", g.op("And", causal, padding), g.scalar(0.0, np.float32),
-                g.scalar(MASKED, np.float32))  # (B, 1, S, T) float32
+        g, D = self.g, self.D
+        theta = float(self.loaded.model.config.rope_theta)
+        inv_freq = 1.0 / (theta ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / D))
+        pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.ints(2))
+        freqs = g.op("Mul", pos, g.weight("rotary.inv_freq", inv_freq.astype(np.float32)))  # (B, S, D/2)
+        angles = g.op("Concat", freqs, freqs, axis=-1)
+        self.cos = self.from_float32(g.op("Unsqueeze", g.op("Cos", angles), g.ints(1)))  # (B, 1, S, D)
+        self.sin = self.from_float32(g.op("Unsqueeze", g.op("Sin", angles), g.ints(1)))
 
-    def rotate(x: str) -> str:  # x * cos + rotate_half(x) * sin, rotate_half = [-x2, x1]
+    def attention_mask(self) -> None:
+        """The causal mask combined with the attention mask: (B, 1, S, T) float32, 0 or MASKED."""
+        from onnx import TensorProto
+
+        g = self.g
+        total = g.op("Gather", g.op("Shape", "attention_mask"), g.ints(1), axis=0)  # (1,) = P + S
+        seq = g.op("Gather", g.op("Shape", "input_ids"), g.ints(1), axis=0)
+        zero, one = g.scalar(0, np.int64), g.scalar(1, np.int64)
+        t_scalar = g.op("Squeeze", total, g.ints(0))
+        k_pos = g.op("Range", zero, t_scalar, one)  # (T,)
+        q_pos = g.op("Range", g.op("Squeeze", g.op("Sub", total, seq), g.ints(0)), t_scalar, one)  # (S,)
+        causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.ints(0)), g.op("Unsqueeze", q_pos, g.ints(1)))
+        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.ints(1, 2))
+        self.mask = g.op("Where", g.op("And", causal, padding), g.scalar(0.0, np.float32),
+                         g.scalar(MASKED, np.float32))
+
+    def rotate(self, x: str) -> str:  # x * cos + rotate_half(x) * sin, rotate_half = [-x2, x1]
+        g, D = self.g, self.D
         x1 = g.op("Slice", x, g.ints(0), g.ints(D // 2), g.ints(3))
         x2 = g.op("Slice", x, g.ints(D // 2), g.ints(D), g.ints(3))
         rot = g.op("Concat", g.op("Neg", x2), x1, axis=3)
-        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
+        return g.op("Add", g.op("Mul", x, self.cos), g.op("Mul", rot, self.sin))
 
-    def heads(x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
-        return g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, n, D)), perm=[0, 2, 1, 3])
+    def heads(self, x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
+        g = self.g
+        return g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, n, self.D)), perm=[0, 2, 1, 3])
 
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", shape.vocab])]
-    scale = g.scalar(D ** -0.5, np_float)
-    for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
+    def attention(self, i: int, layer, dims, h: str, scale: str) -> str:
+        """Layer i's attention output (before o), its KV cache in and out."""
+        g, D, spec, name = self.g, self.D, self.loaded.spec, f"layers.{i}"
         nh, nkv = dims.n_head, dims.n_kv
-        name = f"layers.{i}"
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx_float,
-                                                        ["batch", nkv, "past", D]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", onnx_float,
-                                                         ["batch", nkv, "total", D]))
-        h = rms_norm(hidden, layer.get_submodule(spec.norms["attn_norm"]), f"{name}.attn_norm")
-        q = rotate(heads(linear(h, spec.projection(layer, "q"), f"{name}.q"), nh))
-        k = rotate(heads(linear(h, spec.projection(layer, "k"), f"{name}.k"), nkv))
-        v = heads(linear(h, spec.projection(layer, "v"), f"{name}.v"), nkv)
+        q = self.rotate(self.heads(self.linear(h, spec.projection(layer, "q"), f"{name}.q"), nh))
+        k = self.rotate(self.heads(self.linear(h, spec.projection(layer, "k"), f"{name}.k"), nkv))
+        v = self.heads(self.linear(h, spec.projection(layer, "v"), f"{name}.v"), nkv)
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
         if nh != nkv:  # grouped-query: query head j reads KV head j // (nh / nkv)
@@ -199,20 +200,59 @@ def build_model(loaded: LoadedModel, dtype: str = "fp32"):
             k = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", k, g.ints(2)), rep), g.ints(0, nh, -1, D))
             v = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", v, g.ints(2)), rep), g.ints(0, nh, -1, D))
         scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
-        probs = from_float32(g.op("Softmax", g.op("Add", to_float32(scores), mask), axis=-1))
-        attn = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]),
+        probs = self.from_float32(g.op("Softmax", g.op("Add", self.to_float32(scores), self.mask), axis=-1))
+        return g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]),
                     g.ints(0, 0, nh * D))
-        hidden = g.op("Add", hidden, linear(attn, spec.projection(layer, "o"), f"{name}.o"))
-        h = rms_norm(hidden, layer.get_submodule(spec.norms["ffn_norm"]), f"{name}.ffn_norm")
-        gate = linear(h, spec.projection(layer, "gate"), f"{name}.gate")
-        up = linear(h, spec.projection(layer, "up"), f"{name}.up")
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        hidden = g.op("Add", hidden, linear(act, spec.projection(layer, "down"), f"{name}.down"))
 
-    h = rms_norm(hidden, model.get_submodule(spec.final_norm), "norm")
-    lm_head = param("lm_head.weight_t", model.get_output_embeddings().weight, transpose=True)
-    logits = g.op("MatMul", h, lm_head)
-    g.op("Identity", to_float32(logits), outputs=["logits"])
+    def layer(self, i: int, layer, dims, hidden: str, scale: str) -> str:
+        g, spec, name = self.g, self.loaded.spec, f"layers.{i}"
+        h = self.rms_norm(hidden, layer.get_submodule(spec.norms["attn_norm"]), f"{name}.attn_norm")
+        attn = self.attention(i, layer, dims, h, scale)
+        hidden = g.op("Add", hidden, self.linear(attn, spec.projection(layer, "o"), f"{name}.o"))
+        h = self.rms_norm(hidden, layer.get_submodule(spec.norms["ffn_norm"]), f"{name}.ffn_norm")
+        gate = self.linear(h, spec.projection(layer, "gate"), f"{name}.gate")
+        up = self.linear(h, spec.projection(layer, "up"), f"{name}.up")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        return g.op("Add", hidden, self.linear(act, spec.projection(layer, "down"), f"{name}.down"))
+
+    def io(self) -> tuple[list, list]:
+        """The graph's inputs and outputs, with each layer's own KV heads."""
+        from onnx import TensorProto, helper
+
+        D = self.D
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", "sequence", self.loaded.shape.vocab])]
+        for i, dims in enumerate(self.loaded.layer_dims):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", self.onnx_float,
+                                                            ["batch", dims.n_kv, "past", D]))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", self.onnx_float,
+                                                             ["batch", dims.n_kv, "total", D]))
+        return inputs, outputs
+
+
+def build_model(loaded: LoadedModel, dtype: str = "fp32"):
+    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16."""
+    from onnx import helper
+
+    check_exportable(loaded)
+    model, spec = loaded.model, loaded.spec
+    g = _Graph()
+    d = _Decoder(g, loaded, dtype)
+    embed = d.param("embed_tokens.weight", model.get_input_embeddings().weight)
+    hidden = g.op("Gather", embed, "input_ids", axis=0)
+    d.rotary()
+    d.attention_mask()
+    scale = g.scalar(d.D ** -0.5, d.np_float)
+    for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
+        hidden = d.layer(i, layer, dims, hidden, scale)
+    h = d.rms_norm(hidden, model.get_submodule(spec.final_norm), "norm")
+    lm_head = d.param("lm_head.weight_t", model.get_output_embeddings().weight, transpose=True)
+    g.op("Identity", d.to_float32(g.op("MatMul", h, lm_head)), outputs=["logits"])
+    inputs, outputs = d.io()
     graph = helper.make_graph(g.nodes, "mosaic_export_decoder", inputs, outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="mosaic-export")
@@ -246,7 +286,6 @@ def _save(proto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-INT8_BLOCK = 32  # weights per int8 scale, along the input dimension
 
 
 def quantize_int8(proto):
@@ -323,13 +362,12 @@ def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int
 
 
 def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tensor,
-           eval_text: str | None, eval_windows: int | None, eval_seq_len: int,
-           threads: int | None = None, context: int | None = None, provider: str | None = None) -> dict:
+           evaluation: Evaluation, provider: str | None = None) -> dict:
     """Export, compare with PyTorch in ONNX Runtime, benchmark in a fresh process."""
     from .onnx_runner import available_provider, benchmark
 
     export(loaded, folder, dtype)
-    check = parity(loaded, folder, parity_ids, threads=threads)
+    check = parity(loaded, folder, parity_ids, threads=evaluation.threads)
     if dtype == "fp32" and not check["max_abs_logit_diff"] <= MAX_FP32_LOGIT_DIFF:
         raise UserError(f"the fp32 ONNX model disagrees with PyTorch: max |logit difference| "
                         f"{check['max_abs_logit_diff']:.2e} > {MAX_FP32_LOGIT_DIFF:g}")
@@ -339,8 +377,6 @@ def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tens
                         f"(floor for {dtype}: {MIN_AGREEMENT[dtype]:.0%})")
     check["min_agreement"] = MIN_AGREEMENT[dtype]
     used = available_provider(provider)
-    bench = benchmark(folder, threads=threads, provider=used, context=context,
-                      eval_text=eval_text if eval_windows != 0 else None,
-                      eval_windows=-1 if eval_windows is None else eval_windows, eval_seq_len=eval_seq_len)
+    bench = benchmark(folder, provider=used, **evaluation.benchmark_options())
     return {"folder": folder.name, "dtype": dtype, "opset": OPSET, "provider": used,
             "provider_wanted": provider, "parity": check, "benchmark": bench}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -24,9 +23,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
-from .gguf_runner import _log_softmax
+from .base import BenchProtocol
+from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, PROVIDERS
+from .scoring import window_perplexity
 
-PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
 
@@ -42,8 +42,6 @@ class OnnxDecoder:
 
     def __init__(self, folder: Path, provider: str = DEFAULT_PROVIDER, threads: int | None = None):
         import onnxruntime as ort
-
-        from .onnx import CONFIG_FILE, CONFIG_FORMAT
 
         folder = Path(folder)
         try:
@@ -105,55 +103,42 @@ class OnnxDecoder:
 
 
 def onnx_perplexity(decoder: OnnxDecoder, tokens: list[int], seq_len: int, max_windows: int | None) -> dict:
-    n = len(tokens) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise UserError(f"evaluation text has fewer than {seq_len} tokens")
-    total, correct = 0.0, 0
-    for w in range(n):
-        window = np.asarray(tokens[w * seq_len:(w + 1) * seq_len])
-        logits, _ = decoder.forward(window[None], decoder.empty_past())
-        logp = _log_softmax(logits[0, :-1])
-        total -= float(logp[np.arange(seq_len - 1), window[1:]].sum())
-        correct += int((logits[0, :-1].argmax(-1) == window[1:]).sum())
-    count = n * (seq_len - 1)
-    return {"perplexity": math.exp(total / count), "nll": total / count, "top1": correct / count,
-            "n_windows": n, "seq_len": seq_len, "n_predicted": count}
+    def logits_of(window: list[int]) -> np.ndarray:
+        return decoder.forward(np.asarray(window)[None], decoder.empty_past())[0][0, :-1]
+
+    return window_perplexity(logits_of, tokens, seq_len, max_windows)
 
 
-def measure(folder: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-            provider: str = DEFAULT_PROVIDER, eval_text: str | None = None, eval_windows: int | None = 16,
-            eval_seq_len: int = 512, context: int | None = None) -> dict:
-    """Everything about one ONNX folder, measured in this process. With ``context``, the KV cache
+def measure(folder: Path, protocol: BenchProtocol, provider: str = DEFAULT_PROVIDER) -> dict:
+    """Everything about one ONNX folder, measured in this process. With ``protocol.context``, the KV cache
     is filled to that many tokens after the decode (in chunks of CHUNK tokens), so peak RSS is
     that of an app whose context is full."""
     from ..costmodel import CHUNK
     from ..texts import corpus
 
     t0 = time.perf_counter()
-    decoder = OnnxDecoder(folder, provider, threads)
+    decoder = OnnxDecoder(folder, provider, protocol.threads)
     load_s = time.perf_counter() - t0
     tok = decoder.tokenizer()
     text = tok.encode(corpus("builtin"), add_special_tokens=False).ids
-    prompt = text[:prompt_tokens]
+    prompt = text[:protocol.prompt_tokens]
     t0 = time.perf_counter()
     logits, past = decoder.forward(np.asarray([prompt]), decoder.empty_past())
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(gen_tokens):
+    for _ in range(protocol.gen_tokens):
         t0 = time.perf_counter()
         logits, past = decoder.forward(np.asarray([[int(np.argmax(logits[0, -1]))]]), past)
         steps.append(time.perf_counter() - t0)
-    n_tokens = len(prompt) + gen_tokens
-    fill = text[len(prompt):len(prompt) + max(0, (context or 0) - n_tokens)]
+    n_tokens = len(prompt) + protocol.gen_tokens
+    fill = text[len(prompt):len(prompt) + max(0, (protocol.context or 0) - n_tokens)]
     for start in range(0, len(fill), CHUNK):
         logits, past = decoder.forward(np.asarray([fill[start:start + CHUNK]]), past)
         n_tokens += len(fill[start:start + CHUNK])
     files = [p for p in Path(folder).iterdir() if p.name.startswith(decoder.config["file"])]
     result = {
         "folder": str(folder), "dtype": decoder.config["dtype"], "provider": provider,
-        "file_bytes": sum(p.stat().st_size for p in files), "threads": threads or os.cpu_count(),
+        "file_bytes": sum(p.stat().st_size for p in files), "threads": protocol.threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
@@ -161,10 +146,10 @@ def measure(folder: Path, prompt_tokens: int = 512, gen_tokens: int = 128, threa
         "peak_rss_bytes": peak_rss_bytes(),  # before the perplexity pass and its full-window logits
     }
     del past, logits
-    if eval_text is not None and eval_windows != 0:
-        tokens = tok.encode(corpus(eval_text), add_special_tokens=False).ids
-        result["perplexity"] = {**onnx_perplexity(decoder, tokens, eval_seq_len, eval_windows),
-                                "text": eval_text}
+    if protocol.eval_text is not None and protocol.eval_windows != 0:
+        tokens = tok.encode(corpus(protocol.eval_text), add_special_tokens=False).ids
+        ppl = onnx_perplexity(decoder, tokens, protocol.eval_seq_len, protocol.eval_windows)
+        result["perplexity"] = {**ppl, "text": protocol.eval_text}
     return result
 
 
@@ -191,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=None)
     a = p.parse_args(argv)
     try:
-        result = measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads, a.provider, a.eval_text,
-                         None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len, a.context)
+        result = measure(a.folder, BenchProtocol.from_args(a), a.provider)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

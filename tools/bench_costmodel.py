@@ -56,11 +56,7 @@ def main() -> int:
         target, _, name = spec.partition(":")
         fmt = Format(target, name)
         pricing = make_pricing(profile, fmt, dense)
-        align = 1
-        if target == "gguf":
-            from mosaic_export.targets.gguf import alignment
-
-            align = alignment(name)
+        align = fmt.spec.alignment(name)
         for t in a.targets:
             s = replace(base, sparsity=t, structured_fraction=1.0 if t else 0.0, alignment=align)
             plan = make_plan(dense.shape, dense.source, measured, s)

@@ -34,25 +34,27 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from mosaic_export.targets import channel_alignment
+from mosaic_export.targets import get as get_target
 from mosaic_export.targets.gguf import export
 from mosaic_export.targets.gguf_runner import benchmark
 
 from mosaic_export.calibration import LayerStream, tokenize
 from mosaic_export.costmodel import Format
 from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.joint import TYPES
 from mosaic_export.model_io import load_model
 from mosaic_export.pipeline import calibration_ids, make_pricing
 from mosaic_export.plan import CalibrationSettings, PruneSettings
 from mosaic_export.profile import load_profile
 from mosaic_export.prune.apply import measure
 from mosaic_export.quality import (
+    ProbeRecovery,
     QualityModel,
+    StructureProbe,
     log_error,
     measure_structure,
     measure_types,
     median,
+    probe_evaluation,
     share_points,
     structure_points,
     write_probe,
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--profile", default="laptop-cpu", help="for the predicted costs beside the measured")
-    p.add_argument("--types", nargs="+", default=list(TYPES["gguf"]))
+    p.add_argument("--types", nargs="+", default=list(get_target("gguf").search_types))
     p.add_argument("--pruned-types", nargs="+", default=["Q8_0", "Q4_K_M"])
     p.add_argument("--levels", type=float, nargs="+", default=[0.15, 0.30, 0.45])
     p.add_argument("--calib-text", default="builtin")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         text, probe = write_probe(a.eval_text, dense.tokenizer, work)
         reference = perplexity(dense.model, probe, str(text), desc="probe (dense)").perplexity
         print(f"dense PyTorch: {a.eval_text} {dense_eval:.3f}, probe {reference:.3f}", flush=True)
-        probes = measure_types(dense, "gguf", a.types, str(text), work / "probe", a.context)
+        probes = measure_types(dense, "gguf", a.types, work / "probe", probe_evaluation(str(text), a.context))
         type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in probes.items()}
 
         def row(loaded, type_: str, removed: float, recovered: bool, probe_ppl: float | None,
@@ -132,18 +134,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for t in a.types:
             row(dense, t, 0.0, False, probes[t]["perplexity"]["perplexity"])
-        finest = min(channel_alignment("gguf", t) for t in a.pruned_types)
+        finest = min(get_target("gguf").alignment(t) for t in a.pruned_types)
         for t in a.pruned_types:
-            align = channel_alignment("gguf", t)
+            align = get_target("gguf").alignment(t)
 
             def visit(student, r, t=t, align=align):
                 timing = "recover_s" if r["recovered"] else "prune_s"
                 row(student, t, r["removed"], r["recovered"], r["perplexity"],
                     {"level": r["level"], "alignment": align, timing: r["seconds"]})
 
-            measure_structure(dense, measured, replace(settings, alignment=align), sorted(a.levels),
-                              calib, probe, recover, sorted(a.levels), visit=visit,
-                              train_ids=train_ids)
+            spec = StructureProbe(measured, replace(settings, alignment=align), tuple(sorted(a.levels)),
+                                  calib, probe)
+            recovery = (ProbeRecovery(recover, tuple(sorted(a.levels)), train_ids=train_ids)
+                        if recover else None)
+            measure_structure(dense, spec, recovery, visit=visit)
 
     quality = QualityModel(reference, type_deltas, probe={
         "text": a.eval_text, "from": "the end of the text", "structure_alignment": finest})

@@ -20,51 +20,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets import gguf, gguf_runner, onnx, onnx_runner
+from mosaic_export.targets import get, names
 
 from mosaic_export.model_io import load_model
 
 
-def gguf_bytes_per_token(path: Path) -> int:
-    """Bytes of the weights llama.cpp reads to generate one token."""
-    import gguf as gguf_py
-
-    tensors = {t.name: int(t.n_bytes) for t in gguf_py.GGUFReader(path).tensors}
-    output = tensors.get("output.weight", tensors["token_embd.weight"])
-    return sum(n for name, n in tensors.items() if name.startswith("blk.")) + output + \
-        tensors["output_norm.weight"]
-
-
-def onnx_bytes_per_token(folder: Path) -> int:
-    """Bytes of the weights ONNX Runtime reads to generate one token: every initializer (layer
-    weights, their int8 scales, norms, the output layer) but the embedding table."""
-    import onnx as onnx_py
-
-    model = onnx_py.load(str(folder / onnx.MODEL_FILE))
-    return sum(onnx_py.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
-               if t.name != "embed_tokens.weight")
-
-
-def write(loaded, tmp: Path, name: str, a: argparse.Namespace) -> tuple[Path, str]:
-    """Export one model for the target; returns its path and a one-line description."""
-    if a.target == "gguf":
-        path = tmp / f"{name}-{a.quant}.gguf"
-        check = gguf.export(loaded, path, a.quant)
-        return path, f"types {check.summary()}, {len(check.fallbacks)} fallbacks"
-    path = onnx.export(loaded, tmp / f"{name}-{a.dtype}", a.dtype).parent
-    return path, f"ONNX {a.dtype}"
-
-
-def size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(
-        p.stat().st_size for p in path.iterdir() if p.name.startswith(onnx.MODEL_FILE))
+def write(loaded, tmp: Path, name: str, target, type_: str) -> Path:
+    """Export one model for the target; returns its path (a file or a folder)."""
+    path = tmp / f"{name}-{target.artifact_name(type_)}"
+    target.export(loaded, path, type_)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pruned", help="a resized checkpoint folder (OUT/model)")
     p.add_argument("--dense", default=None, help="the dense model (default: the built-in SmolLM2)")
-    p.add_argument("--target", choices=("gguf", "onnx"), default="gguf")
+    p.add_argument("--target", choices=names(), default=names()[0])
     p.add_argument("--quant", default="Q8_0", help="GGUF type (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="ONNX dtype (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
@@ -72,25 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
 
-    benchmark = gguf_runner.benchmark if a.target == "gguf" else onnx_runner.benchmark
-    bytes_per_token = gguf_bytes_per_token if a.target == "gguf" else onnx_bytes_per_token
+    target = get(a.target)
+    type_ = target.check_type(getattr(a, target.option))
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for name, source in (("dense", a.dense), ("pruned", a.pruned)):
             loaded = load_model(source)
-            files[name], what = write(loaded, Path(tmp), name, a)
-            print(f"{name}: {size(files[name]) / 2**20:.1f} MiB, {what}", flush=True)
+            files[name] = write(loaded, Path(tmp), name, target, type_)
+            print(f"{name}: exported, {target.noun} {type_}", flush=True)
             del loaded
         runs: dict[str, list[dict]] = {"dense": [], "pruned": []}
         for r in range(a.rounds):
             for name in ("dense", "pruned"):
-                runs[name].append(benchmark(files[name], threads=a.threads))
+                runs[name].append(target.benchmark(files[name], threads=a.threads))
                 d = runs[name][-1]
                 print(f"round {r + 1} {name}: prefill {d['prefill']['tokens_per_s']:.1f} tok/s, "
                       f"decode {d['decode']['tokens_per_s']:.1f} tok/s, "
                       f"peak RSS {d['peak_rss_bytes'] / 2**20:.1f} MiB", flush=True)
-        weights = {name: bytes_per_token(files[name]) for name in files}
-        sizes = {name: size(files[name]) for name in files}
+        weights = {name: target.bytes_per_token(files[name]) for name in files}
+        sizes = {name: runs[name][0]["file_bytes"] for name in files}  # the runtime's model files
 
     def med(name: str, *keys: str) -> float:
         values = []
@@ -107,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rss = {n: med(n, "peak_rss_bytes") for n in runs}
     rss_drop, bytes_drop = rss["dense"] - rss["pruned"], sizes["dense"] - sizes["pruned"]
     result = {
-        "target": a.target, "format": a.quant if a.target == "gguf" else a.dtype, "rounds": a.rounds,
+        "target": a.target, "format": type_, "rounds": a.rounds,
         "weight_bytes_per_token": weights, "file_bytes": sizes,
         "decode_tokens_per_s": {n: med(n, "decode", "tokens_per_s") for n in runs},
         "prefill_tokens_per_s": {n: med(n, "prefill", "tokens_per_s") for n in runs},

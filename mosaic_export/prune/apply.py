@@ -57,48 +57,57 @@ def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
 
 @torch.no_grad()
 def apply_plan(stream: LayerStream, spec: ArchSpec, plan: Plan) -> None:
-    """Pass 2: prune the model in place to the plan."""
+    """Pass 2: prune the model in place to the plan, layer by layer: structure first (new shapes,
+    o / down compensated for the inputs they lose), then zeros inside the kept weights."""
     shape, settings = plan.shape, plan.settings
     for i, layer in stream.layers("prune"):
         lp = plan.layers[i]
         remove_heads = lp.dims.n_head != shape.n_head
         remove_channels = lp.dims.n_ff != shape.n_ff
-        wants_hessian = set()
-        if settings.method == "sparsegpt" and any(v > 0 for v in lp.ratios.values()):
-            wants_hessian |= {"qkv", "o", "gate_up", "down"}
-        if settings.compensate and remove_heads:
-            wants_hessian.add("o")
-        if settings.compensate and remove_channels:
-            wants_hessian.add("down")
-        stats = stream.statistics(layer, wants_hessian)
-
-        # Structured: new shapes; o / down compensated for the inputs they lose.
-        o_cols = expand_heads(lp.q_heads, shape.head_dim)
-        down_cols = torch.tensor(lp.channels, dtype=torch.long)
-        o_weight = down_weight = None
-        if settings.compensate and remove_heads:
-            o_weight = compensate(spec.projection(layer, "o").weight, stats["o"].hessian, o_cols)
-        if settings.compensate and remove_channels:
-            down_weight = compensate(spec.projection(layer, "down").weight,
-                                     stats["down"].hessian, down_cols)
+        stats = stream.statistics(layer, _hessians_needed(settings, lp, remove_heads, remove_channels))
         if remove_heads or remove_channels:
-            resize_layer(layer, spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels,
-                         o_weight=o_weight, down_weight=down_weight)
-            stats["o"] = _restrict(stats["o"], o_cols)
-            stats["down"] = _restrict(stats["down"], down_cols)
-
-        # Unstructured: zeros inside the kept weights.
+            _resize(layer, spec, shape, settings, lp, stats, remove_heads, remove_channels)
         for p in PROJECTIONS:
-            ratio = lp.ratios[p]
-            if ratio <= 0:
-                continue
-            linear: nn.Linear = spec.projection(layer, p)
-            s = stats[INPUT_GROUP_OF[p]]
-            if settings.method == "wanda":
-                linear.weight.data = wanda_prune(linear.weight.data, s.norm, ratio)
-            else:
-                linear.weight.data = sparsegpt_prune(linear.weight.data, s.hessian, ratio)
+            if lp.ratios[p] > 0:
+                _sparsify(spec.projection(layer, p), settings.method, stats[INPUT_GROUP_OF[p]],
+                          lp.ratios[p])
         stream.advance(layer)
+
+
+def _hessians_needed(settings, lp, remove_heads: bool, remove_channels: bool) -> set[str]:
+    """Input groups whose Hessian the layer's pruning needs: SparseGPT's, and compensation's."""
+    wanted = set()
+    if settings.method == "sparsegpt" and any(v > 0 for v in lp.ratios.values()):
+        wanted |= {"qkv", "o", "gate_up", "down"}
+    if settings.compensate and remove_heads:
+        wanted.add("o")
+    if settings.compensate and remove_channels:
+        wanted.add("down")
+    return wanted
+
+
+def _resize(layer, spec: ArchSpec, shape, settings, lp, stats: dict, remove_heads: bool,
+            remove_channels: bool) -> None:
+    """The layer at the plan's sizes; stats restricted to the inputs kept."""
+    o_cols = expand_heads(lp.q_heads, shape.head_dim)
+    down_cols = torch.tensor(lp.channels, dtype=torch.long)
+    o_weight = down_weight = None
+    if settings.compensate and remove_heads:
+        o_weight = compensate(spec.projection(layer, "o").weight, stats["o"].hessian, o_cols)
+    if settings.compensate and remove_channels:
+        down_weight = compensate(spec.projection(layer, "down").weight, stats["down"].hessian,
+                                 down_cols)
+    resize_layer(layer, spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels,
+                 o_weight=o_weight, down_weight=down_weight)
+    stats["o"] = _restrict(stats["o"], o_cols)
+    stats["down"] = _restrict(stats["down"], down_cols)
+
+
+def _sparsify(linear: nn.Linear, method: str, stats: InputStats, ratio: float) -> None:
+    if method == "wanda":
+        linear.weight.data = wanda_prune(linear.weight.data, stats.norm, ratio)
+    else:
+        linear.weight.data = sparsegpt_prune(linear.weight.data, stats.hessian, ratio)
 
 
 def _restrict(stats: InputStats, keep: torch.Tensor) -> InputStats:

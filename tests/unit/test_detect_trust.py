@@ -10,7 +10,8 @@ import pytest
 
 from mosaic_export import detect
 from mosaic_export.cli import main
-from mosaic_export.detect import (
+from mosaic_export.profile import load_profile
+from mosaic_export.trust import (
     CpuTimes,
     WidthRuns,
     busy_reasons,
@@ -21,7 +22,6 @@ from mosaic_export.detect import (
     settled,
     spread,
 )
-from mosaic_export.profile import load_profile
 
 # The issue: llama.cpp Q8_0 decode on a busy 2-core VM, smaller measured slower.
 ISSUE = [WidthRuns(1.0, (24.9,), (300.0,)), WidthRuns(0.7, (9.8,), (400.0,)),

@@ -118,8 +118,8 @@ def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "onnx", "--dtype", "int4"], "ONNX dtype 'int4' is not supported"),
-    (["--target", "onnx", "--quant", "Q8_0"], "--quant is for the GGUF target"),
-    (["--target", "gguf", "--dtype", "fp16"], "--dtype is for the ONNX target"),
+    (["--target", "onnx", "--quant", "Q8_0"], "--quant is for the gguf target"),
+    (["--target", "gguf", "--dtype", "fp16"], "--dtype is for the onnx target"),
 ])
 def test_bad_onnx_options(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"

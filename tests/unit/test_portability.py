@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mosaic_export.targets import gguf, gguf_runner
+from mosaic_export.targets import gguf, gguf_runner, gguf_tokenizer
 
-from mosaic_export import pipeline
+from mosaic_export import outputs
 from mosaic_export.cli import main
 from mosaic_export.errors import UserError
 from mosaic_export.process import RuntimeCrash, run_child
@@ -224,7 +224,7 @@ def test_a_small_disk_is_refused_before_the_work(tiny_model_dir, small_disk, cap
 
 
 def test_a_disk_that_fills_up_mid_write_ends_in_one_line(tiny_model_dir, small_disk, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "output_bytes_needed", lambda *a: 0)  # the estimate is wrong
+    monkeypatch.setattr(outputs, "output_bytes_needed", lambda *a: 0)  # the estimate is wrong
     assert main(_cli(tiny_model_dir, small_disk / "out", "--sparsity", "0.2", "--target", "none")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no space left" in err.lower(), err
@@ -305,16 +305,16 @@ def test_tokenizer_ids_must_match():
 
 def test_pre_tokenizer_names():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    assert gguf.pre_tokenizer_name(byte_level) == "gpt-2"
+    assert gguf_tokenizer.pre_tokenizer_name(byte_level) == "gpt-2"
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     byte_level]}
-    assert gguf.pre_tokenizer_name(smollm) == "smollm"
+    assert gguf_tokenizer.pre_tokenizer_name(smollm) == "smollm"
     llama3 = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": gguf.LLAMA3_SPLIT}, "behavior": "Isolated"},
+        {"type": "Split", "pattern": {"Regex": gguf_tokenizer.LLAMA3_SPLIT}, "behavior": "Isolated"},
         {**byte_level, "use_regex": False}]}
-    assert gguf.pre_tokenizer_name(llama3) == "llama-bpe"
+    assert gguf_tokenizer.pre_tokenizer_name(llama3) == "llama-bpe"
     with pytest.raises(UserError, match="pre-tokenizer .* is not one of those mapped"):
-        gguf.pre_tokenizer_name({"type": "Whitespace"})
+        gguf_tokenizer.pre_tokenizer_name({"type": "Whitespace"})
 
 
 def test_llama_cpp_tokenizes_like_the_source_and_a_wrong_pre_type_is_caught(tiny_model_dir, tmp_path,
@@ -322,13 +322,13 @@ def test_llama_cpp_tokenizes_like_the_source_and_a_wrong_pre_type_is_caught(tiny
     from mosaic_export.model_io import load_model
 
     loaded = load_model(str(tiny_model_dir))
-    probe = gguf.tokenizer_probe()
-    source = gguf.source_token_ids(loaded, probe)
+    probe = gguf_tokenizer.tokenizer_probe()
+    source = gguf_tokenizer.source_token_ids(loaded, probe)
     gguf.export(loaded, tmp_path / "right.gguf", "F32")
     right = gguf_runner.next_token_agreement(loaded.model, tmp_path / "right.gguf", source[:32], text=probe)
     assert right["text_ids"] == source
     # the name this exporter used to write for every BPE tokenizer
-    monkeypatch.setitem(gguf.PRE_TOKENIZERS, (("ByteLevel", True),), "default")
+    monkeypatch.setitem(gguf_tokenizer.PRE_TOKENIZERS, (("ByteLevel", True),), "default")
     gguf.export(loaded, tmp_path / "wrong.gguf", "F32")
     wrong = gguf_runner.next_token_agreement(loaded.model, tmp_path / "wrong.gguf", source[:32], text=probe)
     with pytest.raises(UserError, match="tokenizes text differently"):

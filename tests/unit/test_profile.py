@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from mosaic_export.costmodel import Format
 from mosaic_export.errors import UserError
 from mosaic_export.profile import builtin_names, load_profile
 from mosaic_export.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
@@ -41,9 +42,12 @@ def test_builtin_profiles_load():
     assert builtin_names() == ["gpu-server", "jetson-orin", "laptop-cpu"]
     orin = load_profile("jetson-orin")
     assert orin.device.memory_bandwidth == 68e9
-    assert orin.runtime.quant == "Q4_K_M" and orin.runtime.channel_alignment == 256
-    assert load_profile("laptop-cpu").runtime.channel_alignment == 32
-    assert load_profile("gpu-server").runtime.channel_alignment == 1
+    assert orin.runtime.quant == "Q4_K_M" and orin.runtime.format == Format("gguf", "Q4_K_M")
+    aligned = {}
+    for name in builtin_names():
+        fmt = load_profile(name).runtime.format
+        aligned[name] = fmt.spec.alignment(fmt.name)
+    assert aligned == {"jetson-orin": 256, "laptop-cpu": 32, "gpu-server": 1}
 
 
 def test_user_profile(tmp_path):
@@ -63,6 +67,10 @@ def test_user_profile(tmp_path):
     (('memory = "8GiB"', "memory = 8"), r"key 'device.memory': expected str"),
     (("context = 2048", 'context = "2k"'), r"key 'budgets.context': expected int"),
     (('quant = "Q4_K_M"', 'quant = "Q3"'), r"key 'runtime.quant': expected one of"),
+    (('quant = "Q4_K_M"', 'dtype = "fp16"'), r"runtime.dtype is not a key of target 'gguf' "
+                                            r"\(it takes runtime.quant\)"),
+    (('quant = "Q4_K_M"', ''), r"missing key 'runtime.quant' \(target 'gguf' needs a GGUF type: F32"),
+    (('target = "gguf"', 'target = "tflite"'), r"key 'runtime.target': expected one of gguf, onnx"),
     (('max_memory = "512MiB"', 'max_memory = "16GiB"'), r"exceeds device.memory"),
     (("threads = 6", "threads = -1"), r"expected a positive value"),
     (("[budgets]", "[budget]"), r"unknown key 'budget'|missing table \[budgets\]"),

@@ -1,0 +1,149 @@
+"""The subcommands that do not prune: profiles, profile detect, bench, verify and run (cli.py
+dispatches to them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def cmd_profiles() -> int:
+    from .profile import builtin_names, load_profile
+    from .units import format_bytes
+
+    for name in builtin_names():
+        pr = load_profile(name)
+        fmt = f"{pr.runtime.target} {pr.runtime.format.name}"
+        b = pr.budgets
+        budget = ", ".join(x for x in (
+            b.max_memory_bytes and f"memory <= {format_bytes(b.max_memory_bytes)} "
+                                   f"at {b.context} tokens",
+            b.min_tokens_per_s and f">= {b.min_tokens_per_s:g} tokens/s",
+            b.max_ttft_s and f"first token <= {b.max_ttft_s:g} s") if x)
+        print(f"{name:<12} {fmt:<12} {pr.description}\n{'':<12} budgets: {budget}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mosaic-export bench",
+                                description="Benchmark a GGUF file in llama.cpp or an ONNX folder in "
+                                            "ONNX Runtime, in a fresh process: load time, prefill and "
+                                            "decode tokens/s, peak RSS, file size, perplexity.")
+    p.add_argument("model", type=Path, help="a .gguf file, or a folder written by --target onnx (or "
+                                            "its model.onnx); dense ones too, for comparison")
+    p.add_argument("--eval-text", default="builtin-heldout",
+                   help="perplexity text: 'builtin-heldout' or a file (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=16,
+                   help="512-token windows to score; 0 skips, -1 all (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default=None,
+                   help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    a = p.parse_args(argv)
+    kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+              eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
+    from .targets import registered
+
+    found = [(t, path) for t in registered() if (path := t.reads(a.model)) is not None]
+    if not found:
+        raise UserError(f"{a.model}: expected a .gguf file or an ONNX folder written by mosaic-export")
+    target, path = found[0]
+    r = target.benchmark(path, provider=a.provider, **kw)
+    rows = [("file", f"{a.model} ({r['file_bytes'] / 2**20:.1f} MiB)"),
+            ("load", f"{r['load_s']:.2f} s"),
+            ("prefill", f"{r['prefill']['tokens_per_s']:.1f} tokens/s ({r['prefill']['tokens']} tokens)"),
+            ("decode", f"{r['decode']['tokens_per_s']:.1f} tokens/s ({r['decode']['tokens']} tokens)"),
+            ("peak RSS", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")]
+    if "perplexity" in r:
+        pp = r["perplexity"]
+        rows.append(("perplexity", f"{pp['perplexity']:.3f} ({pp['text']}, {pp['n_predicted']} tokens)"))
+    for k, v in rows:
+        print(f"{k:<10} {v}")
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1) + "\n")
+    return 0
+
+
+def cmd_profile(argv: list[str]) -> int:
+    from .costmodel import Format
+    from .detect import DetectRequest, detect
+    from .targets import get, names
+
+    p = argparse.ArgumentParser(
+        prog="mosaic-export profile detect",
+        description="Measure this machine (memory bandwidth, matmul throughput, and the runtime's "
+                    "decode, prefill and memory on the model at a few widths) and write a profile "
+                    "for it. The main command, given that profile, checks its measured figures "
+                    "against the budgets. Each width runs 3 to 5 times; figures that are not "
+                    "trustworthy (a narrower model slower, runs that disagree, other work on the "
+                    "machine) are not written without --force: run it on an idle machine.")
+    p.add_argument("action", choices=("detect",))
+    p.add_argument("--out", type=Path, required=True, help="the profile file to write (.toml)")
+    p.add_argument("--model", default=None, help="model to calibrate on (default: SmolLM2-135M)")
+    p.add_argument("--target", choices=names(), default=names()[0],
+                   help="the profile's runtime (default: %(default)s)")
+    p.add_argument("--quant", default="Q8_0", help="its GGUF type (default: %(default)s)")
+    p.add_argument("--dtype", default="fp32", help="its ONNX dtype (default: %(default)s)")
+    p.add_argument("--also", nargs="*", default=[], metavar="FORMAT",
+                   help="more formats to calibrate, as target:type (gguf:Q4_K_M onnx:fp32)")
+    p.add_argument("--budgets-from", default="laptop-cpu",
+                   help="profile whose budgets the new one starts with (default: %(default)s)")
+    p.add_argument("--context", type=int, default=None, help="the budget's context length")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file; also write measurements that are not trustworthy "
+                        "(a narrower model measured slower, runs that disagree, a busy machine), with "
+                        "the warning printed and written into the file as # WARNING: lines")
+    a = p.parse_args(argv)
+    runtime = Format(a.target, getattr(a, get(a.target).option))
+    formats = [runtime]
+    for spec in a.also:
+        target, _, name = spec.partition(":")
+        if target not in names() or not name:
+            raise UserError(f"--also: expected target:type such as gguf:Q4_K_M, got {spec!r}")
+        if Format(target, name) not in formats:
+            formats.append(Format(target, name))
+    for f in formats:
+        f.spec.check_type(f.name)
+    if a.context is not None and a.context < 1:
+        raise UserError(f"--context: expected a positive number of tokens, got {a.context}")
+    detect(DetectRequest(a.out, formats, runtime, a.budgets_from, a.model, a.context, a.threads, a.force))
+    print(f"wrote {a.out}; use it with: mosaic-export --profile {a.out}")
+    return 0
+
+
+def cmd_verify(argv: list[str]) -> int:
+    from .deploy import verify
+
+    p = argparse.ArgumentParser(prog="mosaic-export verify",
+                                description="Re-check an output folder: the sha256 of every file "
+                                            "against manifest.json, then parity of the runtime "
+                                            "file with the PyTorch checkpoint.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    verify(a.out, a.threads)
+    print(f"{a.out}: OK")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from .deploy import generate
+
+    p = argparse.ArgumentParser(prog="mosaic-export run",
+                                description="Generate from an output folder with its target runtime "
+                                            "(llama.cpp or ONNX Runtime), greedy, with the model's "
+                                            "chat template when it has one.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="plain completion, no chat template")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    print(generate(a.out, a.prompt, a.max_tokens, chat=not a.no_chat, threads=a.threads))
+    return 0

@@ -1,0 +1,155 @@
+"""The output folder: checked at the door, built under a temporary name beside it, moved into place
+only when complete; what a killed earlier run left is cleaned up. Never a half-written OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .costmodel import Pricing
+    from .plan import Plan
+
+
+def is_tool_output(folder: Path) -> bool:
+    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv and runs that
+    have manifests)."""
+    from .deploy import MANIFEST
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if isinstance(manifest, dict) and "manifest_version" in manifest:
+            return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return (folder / "sweep.csv").is_file() and any(folder.glob(f"r*/{MANIFEST}"))
+
+
+def check_replaceable(out: Path) -> None:
+    """--force replaces only an output of this tool or an empty folder, and never the current
+    folder or one above it."""
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"--force will not replace {out}: it holds the current folder")
+    if any(out.iterdir()) and not is_tool_output(out):
+        raise UserError(f"--force will not replace {out}: it is not an output folder of "
+                        "mosaic-export (no manifest.json) and not empty")
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"output folder {out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    if out.exists():
+        check_replaceable(out)
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: folder {parent} is not writable")
+
+
+
+def output_bytes_needed(plan: Plan, pricing: Pricing | None, dense_total_params: int) -> int:
+    """Disk the outputs take at their largest: the float32 checkpoint, the float32 file an export
+    starts from and the runtime file (its exact weight bytes when priced), with 10% to spare."""
+    params = plan.params()
+    total = dense_total_params - (params["decoder_dense"] - params["decoder_resized"])
+    runtime = 0
+    if pricing is not None:
+        runtime = 4 * total + pricing.cost([lp.dims for lp in plan.layers]).weight_bytes
+    return int(1.1 * (4 * total + runtime)) + 16 * 2**20
+
+
+def check_free_space(out: Path, plan: Plan, pricing: Pricing | None, dense_total_params: int) -> None:
+    """Refuse before the long work when the disk cannot hold the outputs."""
+    need = output_bytes_needed(plan, pricing, dense_total_params)
+    parent = out.resolve().parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise UserError(f"not enough free space for {out}: the outputs need about "
+                        f"{format_bytes(need)}, {parent} has {format_bytes(free)} free")
+
+
+
+TMP_INFIX = ".tmp-"  # OUT is built in .OUT.tmp-PID-XXXX beside it
+
+
+def stale_temporaries(out: Path) -> tuple[list[Path], list[Path]]:
+    """Temporary folders an earlier run left beside OUT: (those whose process is gone, those
+    whose process may still run). The folder name carries the process id."""
+    gone, unknown = [], []
+    for path in sorted(out.parent.glob(f".{out.name}{TMP_INFIX}*")):
+        pid_text = path.name[len(f".{out.name}{TMP_INFIX}"):].split("-")[0]
+        if not pid_text.isdigit():  # written before names carried the process id
+            unknown.append(path)
+        elif not _alive(int(pid_text)):
+            gone.append(path)
+    return gone, unknown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path, log=print) -> None:
+    """Remove what a killed earlier run left beside OUT; name what may belong to a live run."""
+    gone, unknown = stale_temporaries(out)
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path.name}, left by an earlier run that was killed")
+    for path in unknown:
+        log(f"mosaic-export: warning: {path} was left by an earlier run (it may still be running); "
+            "delete it if not")
+
+
+def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=print) -> None:
+    """Let build() write everything into a temporary folder beside OUT, then move it into place.
+
+    On any failure (a signal included: the CLI turns SIGTERM and SIGHUP into an exception) the
+    temporary folder is removed: OUT is either complete or untouched. Temporary folders of
+    earlier runs that were killed outright (SIGKILL, power) are removed first."""
+    out = out.resolve()
+    clean_stale(out, log)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}{os.getpid()}-", dir=out.parent))
+    try:
+        build(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers use 0600
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if out.exists():
+            if not force:
+                raise UserError(f"output folder {out} appeared while working; not replacing it")
+            check_replaceable(out)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, UserError | KeyboardInterrupt) and disk_full(out.parent, e):
+            raise UserError(f"cannot write {out}: no space left on the device "
+                            f"({format_bytes(shutil.disk_usage(out.parent).free)} free)") from None
+        raise
+
+
+def disk_full(folder: Path, error: BaseException) -> bool:
+    """Did error come from a full disk? (Libraries wrap ENOSPC in their own exception types.)"""
+    return "No space left" in str(error) or shutil.disk_usage(folder).free < 2**20

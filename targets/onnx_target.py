@@ -1,0 +1,161 @@
+"""The ONNX target: folders for ONNX Runtime (the writer is onnx.py, the runner onnx_runner.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Target
+
+DTYPES = ("fp32", "fp16", "int8")
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+INT8_BLOCK = 32  # weights per int8 scale, along the input dimension (MatMulNBits)
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "model_config.json"  # per-layer sizes, names, eos ids, chat template: for an app
+CONFIG_FORMAT = "mosaic-export onnx"
+
+
+class ONNX(Target):
+    name = "onnx"
+    engine = "ONNX Runtime"
+    option = "dtype"
+    noun = "ONNX dtype"
+    types = DTYPES
+    search_types = DTYPES
+    default_type = "fp32"
+    profile_keys = {"execution_provider": PROVIDERS}
+    packages = ("onnx", "onnxruntime")
+    nominal_base = 96 * 2**20
+
+    def kv_bytes_per_value(self, type_: str) -> int:
+        return 2 if type_ == "fp16" else 4  # the graph's activation dtype
+
+    def tensor_bytes(self, name: str, rows: int, cols: int, type_: str, matmul: bool,
+                     tensor_types: dict[str, str] | None) -> int:
+        n = rows * cols
+        if type_ == "fp16":  # norms too (computed in float32)
+            return 2 * n
+        if type_ == "int8" and matmul:  # MatMulNBits: one byte a weight + a float32 scale per block
+            return n + 4 * rows * (-(-cols // INT8_BLOCK))
+        return 4 * n
+
+    def tied_output_bytes(self, rows: int, cols: int, type_: str) -> int:
+        return self.tensor_bytes("lm_head", rows, cols, type_, True, None)  # its own transposed copy
+
+    def check_exportable(self, loaded) -> None:
+        from .onnx import check_exportable
+
+        check_exportable(loaded)
+
+    def artifact_name(self, type_: str) -> str:
+        return f"onnx-{type_}"
+
+    def export(self, loaded, path: Path, type_: str) -> None:
+        from .onnx import export
+
+        export(loaded, path, type_)
+
+    def benchmark(self, path: Path, **options) -> dict:
+        from .onnx_runner import benchmark
+
+        return benchmark(path, **options)
+
+    def deploy(self, loaded, path: Path, type_: str, parity_ids, runtime, evaluation, log) -> dict:
+        from .onnx import deploy
+        from .onnx_runner import available_provider
+
+        wanted = runtime.execution_provider if runtime.target == self.name else None
+        if wanted and available_provider(wanted) != wanted:
+            log(f"ONNX Runtime here has no {wanted}; benchmarking on {available_provider(wanted)}")
+        log(f"exporting ONNX {type_} and running it in ONNX Runtime")
+        return deploy(loaded, path, type_, parity_ids, evaluation, provider=wanted)
+
+    def manifest_format(self, section: dict) -> dict:
+        return {"dtype": section["dtype"], "opset": section.get("opset"),
+                "model_path": f"{section['folder']}/{MODEL_FILE}"}
+
+    def verify_parity(self, loaded, path: Path, fmt: dict, ids, recorded: dict,
+                      threads: int | None) -> tuple[dict, float]:
+        from .onnx import MAX_FP32_LOGIT_DIFF, MIN_AGREEMENT, parity
+
+        result = parity(loaded, path.parent, ids, threads=threads)
+        if fmt["dtype"] == "fp32" and not result["max_abs_logit_diff"] <= MAX_FP32_LOGIT_DIFF:
+            raise UserError(f"verify: {fmt['model_path']}: max |logit difference| to PyTorch "
+                            f"{result['max_abs_logit_diff']:.2e} > {MAX_FP32_LOGIT_DIFF:g}")
+        return result, MIN_AGREEMENT[fmt["dtype"]]
+
+    def generate(self, path: Path, prompt: str, max_tokens: int, chat: bool, threads: int | None) -> str:
+        from transformers import AutoTokenizer
+
+        from .onnx_runner import OnnxDecoder
+
+        decoder = OnnxDecoder(path.parent, threads=threads)
+        tok = AutoTokenizer.from_pretrained(path.parent)
+        if chat and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        else:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError("the prompt is empty")
+        out = decoder.generate(list(ids), max_tokens, stop_at_eos=True)
+        if out and out[-1] in decoder.config["eos_token_ids"]:
+            out = out[:-1]
+        return tok.decode(out)
+
+    def readme_run(self, fmt: dict) -> list[str]:
+        folder = fmt["model_path"].split("/")[0]
+        return ["## Run it", "",
+                f"`{folder}/` holds `model.onnx` (weights in `model.onnx.data`, {fmt['dtype']}), the "
+                "tokenizer files and `model_config.json` (per-layer sizes, head size, eos ids, chat "
+                "template). One graph serves prefill and decode:", "",
+                "    inputs   input_ids, attention_mask, position_ids   int64 (batch, tokens)",
+                "             past_key_values.{i}.key / .value          (batch, layer i's KV heads,",
+                "                                                        past tokens, head size)",
+                "    outputs  logits (batch, tokens, vocab), present.{i}.key / .value", "",
+                "Layer i's KV heads are `layers[i].n_kv` in `model_config.json`; an empty cache has "
+                "0 past tokens. Greedy decoding with onnxruntime alone:", "",
+                "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
+                "from tokenizers import Tokenizer", "",
+                f'cfg = json.load(open("{folder}/model_config.json"))',
+                f'session = ort.InferenceSession("{folder}/model.onnx")',
+                f'tok = Tokenizer.from_file("{folder}/tokenizer.json")',
+                'past = {f"past_key_values.{i}.{kv}": np.zeros((1, layer["n_kv"], 0, cfg["head_dim"]), '
+                'cfg["past_dtype"])',
+                '        for i, layer in enumerate(cfg["layers"]) for kv in ("key", "value")}',
+                'ids, out = tok.encode("Hello").ids, []',
+                "for _ in range(32):",
+                '    n = next(iter(past.values())).shape[2]',
+                "    x = np.array([ids], np.int64)",
+                '    feed = {"input_ids": x, "attention_mask": np.ones((1, n + len(ids)), np.int64),',
+                '            "position_ids": np.arange(n, n + len(ids), dtype=np.int64)[None], **past}',
+                "    logits, *present = session.run(None, feed)",
+                "    past = dict(zip(past, present))",
+                "    ids = [int(logits[0, -1].argmax())]",
+                '    if ids[0] in cfg["eos_token_ids"]:', "        break", "    out += ids",
+                "print(tok.decode(out))", "```", ""]
+
+    def summary_rows(self, section: dict) -> list[tuple[str, str, str]]:
+        from ..units import format_bytes
+
+        b, par = section["benchmark"], section["parity"]
+        generation = ("identical" if par["greedy_identical"] else
+                      f"differs at token {par['greedy_first_difference']}")
+        return [(f"ONNX {section['dtype']} files ({section['folder']}/)", "", format_bytes(b["file_bytes"])),
+                ("ONNX vs PyTorch: max |logit diff|", "", f"{par['max_abs_logit_diff']:.2e}"),
+                ("ONNX greedy agreement / generation", "",
+                 f"{par['top1_agreement']:.1%} / {generation} ({par['greedy_tokens']} tokens)"),
+                *[(f"{figure} ({section['provider']})" if "tokens/s" in figure else figure, d, v)
+                  for figure, d, v in super().summary_rows(section)]]
+
+    def bytes_per_token(self, path: Path) -> int:
+        """Every initializer (layer weights, their int8 scales, norms, the output layer) but the
+        embedding table."""
+        import onnx as onnx_py
+
+        model = onnx_py.load(str(path / MODEL_FILE))
+        return sum(onnx_py.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+                   if t.name != "embed_tokens.weight")
+
+    def reads(self, path: Path) -> Path | None:
+        folder = path.parent if path.suffix == ".onnx" else path
+        return folder if folder.is_dir() else None
