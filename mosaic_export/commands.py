@@ -118,7 +118,7 @@ def cmd_profile(argv: list[str]) -> int:
 
 
 def cmd_verify(argv: list[str]) -> int:
-    from .deploy import verify
+    from .verify import verify
 
     p = argparse.ArgumentParser(prog="mosaic-export verify",
                                 description="Re-check an output folder: the sha256 of every file "
@@ -133,7 +133,7 @@ def cmd_verify(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from .deploy import generate
+    from .generate import generate
 
     p = argparse.ArgumentParser(prog="mosaic-export run",
                                 description="Generate from an output folder with its target runtime "

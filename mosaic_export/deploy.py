@@ -1,4 +1,4 @@
-"""Deployable output for on-device apps: OUT/README.md, OUT/manifest.json, verify and run.
+"""Deployable output for on-device apps: OUT/manifest.json (and, through readme.py, OUT/README.md).
 
 The manifest lists every file of OUT with its sha256 and size, the format (target, GGUF type or
 ONNX dtype, the runtime file), each layer's sizes, the profile and budgets, predicted and
@@ -7,10 +7,7 @@ its runtimes. No timestamps: the same inputs give the same bytes. The README tel
 developer what the files are and how to run them; it is written first, so that the manifest
 covers it too (``finalize`` does both, in that order).
 
-``verify(OUT)`` re-hashes every file (and refuses files the manifest does not list) and re-runs
-the parity check of the build: the runtime file against the PyTorch checkpoint in OUT/model on
-the recorded token ids, with the build's thresholds. ``generate(OUT, prompt)`` runs the target
-runtime, greedy.
+``load_manifest`` reads it back, checked; verify.py re-checks OUT against it, generate.py runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from pathlib import Path
 
 from . import __version__, targets
 from .errors import UserError
-from .units import format_bytes
 
 MANIFEST = "manifest.json"
 README = "README.md"
@@ -32,7 +28,6 @@ PLAN = "plan.json"
 CHECKPOINT = "model"  # the resized PyTorch checkpoint inside OUT
 MANIFEST_VERSION = 1
 PACKAGES = ("torch", "transformers", "numpy", "tokenizers")  # and each target's (Target.packages)
-AGREEMENT_SLACK = 0.01  # verify may not agree less than the build did, beyond this
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -129,117 +124,13 @@ def write_manifest(folder: Path, report: dict, parity_ids: Iterable[int] | None 
     return manifest
 
 
-def write_app_readme(folder: Path, manifest: dict) -> None:
-    """Write OUT/README.md from the manifest (its file table is not needed: sizes are read
-    from the folder)."""
-    (folder / README).write_text(app_readme(folder, manifest), encoding="utf-8")
-
-
 def finalize(folder: Path, report: dict, parity_ids: Iterable[int] | None) -> dict:
     """README.md first, then manifest.json over every file (README included); returns the
     manifest."""
+    from .readme import write_app_readme
+
     write_app_readme(folder, describe(folder, report, parity_ids))
     return write_manifest(folder, report, parity_ids)
-
-
-# --- the README ------------------------------------------------------------------------------------
-
-# (cost key, label, budget key, budget direction, formatter)
-FIGURES = (("memory_bytes", "peak memory", "max_memory_bytes", "<=", format_bytes),
-           ("decode_tokens_per_s", "decode tokens/s", "min_tokens_per_s", ">=", "{:.1f}".format),
-           ("prefill_tokens_per_s", "prefill tokens/s", None, None, "{:.1f}".format),
-           ("ttft_s", "time to first token", "max_ttft_s", "<=", "{:.2f} s".format))
-
-
-def _number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def tree_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def layer_table(layers: list[dict]) -> list[str]:
-    """Runs of consecutive layers of the same sizes, one table row each."""
-    rows, start = [], 0
-    for i in range(1, len(layers) + 1):
-        if i == len(layers) or layers[i] != layers[start]:
-            d, span = layers[start], str(start) if i - 1 == start else f"{start}-{i - 1}"
-            rows.append(f"| {span} | {d['n_head']} | {d['n_kv']} | {d['n_ff']} |")
-            start = i
-    return ["| layers | query heads | KV heads | MLP channels |", "|---|---|---|---|", *rows]
-
-
-def figures_table(budgets, cost) -> list[str]:
-    """Budget, predicted and measured figures; only rows with a number in them."""
-    budgets = budgets if isinstance(budgets, dict) else {}
-    cost = cost if isinstance(cost, dict) else {}
-    predicted, measured = ({} if not isinstance(cost.get(k), dict) else cost[k]
-                           for k in ("predicted", "measured"))
-    rows = []
-    for key, label, budget_key, op, fmt in FIGURES:
-        budget = budgets.get(budget_key) if budget_key else None
-        cells = [f"{op} {fmt(budget)}" if _number(budget) else "-",
-                 *(fmt(d[key]) if _number(d.get(key)) else "-" for d in (predicted, measured))]
-        if any(c != "-" for c in cells):
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    if not rows:
-        return []
-    context = predicted.get("context") or budgets.get("context")
-    note = [f"Peak memory with {context} tokens of context.", ""] if _number(context) else []
-    return ["## Budgets and figures", "", *note,
-            "| figure | budget | predicted | measured on the build machine |", "|---|---|---|---|",
-            *rows, ""]
-
-
-def run_section(fmt: dict) -> list[str]:
-    if fmt["target"] is not None:
-        return targets.get(fmt["target"]).readme_run(fmt)
-    return ["## Run it", "", "Built with `--target none`: only the PyTorch checkpoint `model/`, no "
-            "runtime file.", ""]
-
-
-def app_readme(folder: Path, manifest: dict) -> str:
-    """A short README for the app developer."""
-    fmt, layers = manifest["format"], manifest.get("layers") or []
-    model = manifest.get("model") or {}
-    profile = manifest.get("profile") or {}
-    name = Path(model["source"]).stem if model.get("source") else "model"
-    files = [f"`{CHECKPOINT}/`: the resized PyTorch checkpoint, "
-             f"{format_bytes(tree_bytes(folder / CHECKPOINT))} "
-             "(load it with `mosaic_export.model_io.load_model`)"]
-    if fmt["target"] is not None:
-        runtime = Path(fmt["model_path"]).parts[0]  # the GGUF file, or the ONNX folder
-        engine = targets.get(fmt["target"]).engine
-        slash = "/" if (folder / runtime).is_dir() else ""
-        files.insert(0, f"`{runtime}{slash}`: the model for {engine}, "
-                        f"{format_bytes(tree_bytes(folder / runtime))}")
-    records = [f"`{n}`" for n in (PLAN, "report.json", "report.md") if (folder / n).is_file()]
-    if records:
-        files.append(", ".join(records) + ": how it was pruned and measured")
-    files += ["`manifest.json`: every file's sha256 and size, the format, layer sizes, budgets, "
-              "figures, parity check and versions"]
-    lines = [f"# {name}, pruned by mosaic-export", ""]
-    if profile.get("name"):
-        lines += [f"Built for profile `{profile['name']}`"
-                  + (f" ({profile['description']})" if profile.get("description") else "") + ".", ""]
-    rec = manifest.get("recovery")
-    if rec:
-        lines += [f"After pruning it was distilled from the dense model on {rec['tokens']:,} tokens "
-                  f"of {rec['text']} ({rec['steps']} steps, {rec['seconds']:.0f} s; distillation "
-                  f"loss {rec['first_loss']:.3f} -> {rec['final_loss']:.3f}).", ""]
-    lines += ["## Files", "", *(f"- {f}" for f in files), ""]
-    if layers:
-        lines += ["## Layers", "", f"{len(layers)} decoder layers, each at its own size:", "",
-                  *layer_table(layers), ""]
-    lines += figures_table(manifest.get("budgets"), manifest.get("cost"))
-    lines += run_section(fmt)
-    checks = [("mosaic-export verify .", "every file's sha256, and parity with PyTorch")]
-    if fmt["target"]:
-        checks.insert(0, ('mosaic-export run . --prompt "Hello"', "generate with the runtime"))
-    lines += ["## Check it", "", *(f"    {c:<38}# {what}" for c, what in checks), ""]
-    return "\n".join(lines)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -291,83 +182,3 @@ def _entry(data, key: str, kind, where: str):
     if not isinstance(data[key], kind) or isinstance(data[key], bool):
         raise UserError(f"{where}: '{key}' has the wrong type ({type(data[key]).__name__})")
     return data[key]
-
-
-def check_files(folder: Path, listed: dict) -> None:
-    """Every listed file present with its size and sha256; nothing else but the manifest."""
-    for name, entry in sorted(listed.items()):
-        path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise UserError(f"verify: the manifest names a file outside the folder: {name}")
-        if not path.is_file():
-            raise UserError(f"verify: {name} is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(f"verify: {name} has changed: {path.stat().st_size} bytes, the manifest "
-                            f"says {entry['bytes']}")
-        if sha256(path) != entry["sha256"]:
-            raise UserError(f"verify: {name} has changed: its sha256 differs from the manifest")
-    extra = [name for name in files(folder) if name not in listed]
-    if extra:
-        raise UserError(f"verify: {extra[0]} is not in the manifest")
-
-
-def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -> dict:
-    """The build's parity check again, on the recorded ids, with the build's thresholds; the
-    agreement also may not fall more than AGREEMENT_SLACK below the recorded one."""
-    import torch
-
-    from .model_io import load_model
-
-    if not recorded.get("ids"):
-        raise UserError("verify: the manifest records no parity token ids; cannot re-check parity")
-    loaded = load_model(str(folder / CHECKPOINT))
-    ids = torch.tensor(recorded["ids"], dtype=torch.long)
-    parity, floor = targets.get(fmt["target"]).verify_parity(loaded, folder / fmt["model_path"], fmt,
-                                                             ids, recorded, threads)
-    at_build = recorded.get("top1_agreement")
-    if _number(at_build):
-        floor = max(floor, at_build - AGREEMENT_SLACK)
-    if not parity["top1_agreement"] >= floor:
-        raise UserError(f"verify: {fmt['model_path']}: greedy next-token agreement with PyTorch "
-                        f"{parity['top1_agreement']:.1%} < {floor:.1%}"
-                        + (f" (at build: {at_build:.1%})" if _number(at_build) else ""))
-    return {**parity, "min_agreement": floor}
-
-
-def verify(folder: Path, threads: int | None = None, log=print) -> dict:
-    """Checksums of every file, then the build's parity check again; UserError on the first
-    failure. Returns what was checked."""
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    fmt, listed = manifest["format"], manifest["files"]
-    check_files(folder, listed)
-    log(f"files: {len(listed)} files match the sha256 and size in {MANIFEST}, no others")
-    result = {"files": len(listed), "target": fmt["target"], "parity": None}
-    if fmt["target"] is None:
-        log("parity: none to check (checkpoint only)")
-        return result
-    parity = check_parity(folder, fmt, manifest.get("parity") or {}, threads)
-    log(f"parity: {fmt['model_path']} agrees with PyTorch on the greedy next token at "
-        f"{parity['top1_agreement']:.1%} of {parity['positions']} positions (needed "
-        f"{parity['min_agreement']:.1%}), max |logit difference| {parity['max_abs_logit_diff']:.2e}")
-    return {**result, "parity": parity}
-
-
-# --- running ---------------------------------------------------------------------------------------
-
-
-def generate(folder: Path, prompt: str, max_tokens: int = 64, chat: bool = True,
-             threads: int | None = None) -> str:
-    """Greedy generation with the target runtime (the chat template when the model has one and
-    ``chat``); returns the generated text."""
-    folder = Path(folder)
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be positive, got {max_tokens}")
-    fmt = load_manifest(folder)["format"]
-    if fmt["target"] is None:
-        raise UserError(f"{folder} holds only the PyTorch checkpoint (built with --target none): "
-                        "no runtime file to run")
-    path = folder / fmt["model_path"]
-    if not path.is_file():
-        raise UserError(f"{folder}: the runtime file {fmt['model_path']} is missing")
-    return targets.get(fmt["target"]).generate(path, prompt, max_tokens, chat, threads)

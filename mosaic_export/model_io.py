@@ -199,18 +199,18 @@ def _check_loading_info(folder: Path, info: dict) -> None:
 
 
 def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
-    """save_pretrained + the per-layer sizes in config.json (see load_resized)."""
-    model = loaded.model
-    model.config.__dict__[CHECKPOINT_KEY] = {
+    """save_pretrained, then the per-layer sizes added to its config.json (see load_resized),
+    written the way transformers writes the file (sorted keys, indent 2)."""
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[CHECKPOINT_KEY] = {
         "version": CHECKPOINT_VERSION,
         "dense_shape": loaded.shape.to_dict(),
         "layers": [dims.__dict__ for dims in loaded.layer_dims],
         "source_gguf": str(loaded.gguf_file) if loaded.gguf_file else None,
     }
-    try:
-        model.save_pretrained(folder, safe_serialization=True)
-    finally:
-        del model.config.__dict__[CHECKPOINT_KEY]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     loaded.tokenizer.save_pretrained(folder)
 
 

@@ -137,7 +137,7 @@ class Target(ABC):
         """Export, check parity with PyTorch (UserError under the type's floor), benchmark: the
         report's section for this target (holding "parity" and "benchmark")."""
 
-    # --- the deployable folder (deploy.py) -------------------------------------------------------
+    # --- the deployable folder (readme.py, verify.py, generate.py) -----------------------------
 
     @abstractmethod
     def manifest_format(self, section: dict) -> dict:
