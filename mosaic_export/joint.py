@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from .arch import ModelShape
 from .costmodel import Pricing
 from .errors import Infeasible, UserError
-from .plan import LayerMeasurement, PruneSettings
+from .plan import PruneSettings
+from .pod import LayerMeasurement
 from .profile import Budgets
 from .quality import OVERSHOOT, QualityModel, StructureProbe, share_points
 from .search import Candidate, SearchResult, search

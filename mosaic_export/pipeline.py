@@ -30,11 +30,13 @@ from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_search
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .outputs import check_free_space, write_outputs
-from .plan import Plan, PruneSettings, make_plan
+from .plan import Plan, PruneSettings
+from .planner import make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
+from .pod import measure
 from .process import peak_rss_bytes
 from .profile import Profile
-from .prune.apply import apply_plan, measure
+from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
 from .report import budget_table, summary_table, write_markdown
 from .run_config import Inputs, RunConfig, check_lengths, prepare

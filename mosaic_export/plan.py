@@ -6,7 +6,8 @@ of the kept weights set to zero). It also records the settings and calibration t
 and the projection outlier distribution it was allocated from, so it is saved beside every
 artifact and reproduces it.
 
-How a plan is made (make_plan), for a global target S (fraction of decoder-layer parameters
+How a plan is made (planner.make_plan, from the pass-1 measurements of pod.measure), for a global
+target S (fraction of decoder-layer parameters
 removed) and a structured fraction F:
 1. Structured: F*S of the decoder parameters go by removing heads and channels. The allocation
    rule spreads that over layers and over the attention / MLP groups (POD of each group); the
@@ -24,13 +25,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from .allocation import MAX_RATIO, allocate, fit_mean
 from .allocation import names as allocation_names
-from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
+from .arch import PROJECTIONS, LayerDims, ModelShape
 from .errors import UserError
-from .prune.structured import choose_channels, choose_heads, head_options
 
 PLAN_FORMAT = "mosaic-export plan"
 PLAN_VERSION = 1
@@ -83,17 +80,6 @@ class PruneSettings:
         need(c.n_samples >= 1, f"--calib-samples must be at least 1, got {c.n_samples}")
         need(c.seq_len >= 2, f"--calib-seq-len must be at least 2 tokens, got {c.seq_len}")
         return self
-
-
-@dataclass
-class LayerMeasurement:
-    """What pass 1 (dense model, calibration data) learns about one layer."""
-
-    projection_outliers: dict[str, float]  # POD: outlier ratio per projection
-    layer_outliers: float  # all projections of the layer together (OWL)
-    group_outliers: dict[str, float]  # "attn" (q, k, v, o) and "mlp" (gate, up, down)
-    head_scores: dict[str, torch.Tensor]  # per STRUCTURED_SCORES kind: (n_head,) per query head
-    channel_scores: dict[str, torch.Tensor]  # per kind: (n_ff,) per MLP channel
 
 
 @dataclass
@@ -211,117 +197,8 @@ def expected_zeros(shape: ModelShape, dims: LayerDims, name: str, ratio: float) 
 # --- making a plan -------------------------------------------------------------------------------
 
 
-def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
-              settings: PruneSettings) -> Plan:
-    settings.validate()
-    n = shape.n_layers
-    pod = {
-        "projection": {p: [m.projection_outliers[p] for m in measured] for p in PROJECTIONS},
-        "layer": [m.layer_outliers for m in measured],
-        "group": {g: [m.group_outliers[g] for m in measured] for g in ("attn", "mlp")},
-    }
-    dense = shape.dense_dims
-    decoder_dense = n * shape.layer_params(dense)
-    removed_target = settings.sparsity * decoder_dense
-
-    # 1. Structured part: per-layer head layouts and channel counts.
-    if settings.structured_fraction > 0 and settings.sparsity > 0:
-        dims = _structured_dims(shape, pod, settings, settings.structured_fraction * removed_target)
-    else:
-        dims = [dense] * n
-    layers = []
-    for m, d in zip(measured, dims, strict=True):
-        if d.n_head == shape.n_head:
-            heads_q, heads_kv = list(range(shape.n_head)), list(range(shape.n_kv))
-        else:
-            heads = choose_heads(m.head_scores[settings.structured_scores], shape.n_kv, d.n_kv,
-                                 d.n_head // d.n_kv)
-            heads_q, heads_kv = heads.q_heads, heads.kv_heads
-        channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
-                    else choose_channels(m.channel_scores[settings.structured_scores], d.n_ff))
-        layers.append(LayerPlan(heads_q, heads_kv, channels, {p: 0.0 for p in PROJECTIONS}))
-
-    # 2. Unstructured part: what is left of the target, as zeros in the kept weights.
-    removed_structured = decoder_dense - sum(shape.layer_params(lp.dims) for lp in layers)
-    removed_left = removed_target - removed_structured
-    weights = {p: torch.tensor([float(_weight_count(shape, lp.dims, p)) for lp in layers],
-                               dtype=torch.float64) for p in PROJECTIONS}
-    kept_weights = float(sum(w.sum() for w in weights.values()))
-    ratio_u = removed_left / kept_weights
-    if ratio_u > 1e-9:
-        if ratio_u > MAX_RATIO:
-            raise UserError(f"sparsity {settings.sparsity} cannot be reached: the unstructured part "
-                            f"would need {ratio_u:.1%} of the kept weights")
-        ratios = allocate(settings.allocation, ratio_u, settings.lam,
-                          {p: torch.tensor(pod["projection"][p]) for p in PROJECTIONS},
-                          torch.tensor(pod["layer"]), weights)
-        for i, lp in enumerate(layers):
-            lp.ratios = {p: float(ratios[p][i]) for p in PROJECTIONS}
-    plan = Plan(model={"source": source, "shape": shape.to_dict()}, settings=settings, pod=pod,
-                layers=layers)
-    plan.check()
-    return plan
-
-
-def _weight_count(shape: ModelShape, dims: LayerDims, name: str) -> int:
+def weight_count(shape: ModelShape, dims: LayerDims, name: str) -> int:
     out, inp = shape.projection_shape(name, dims)
     return out * inp
 
 
-def _group_params(shape: ModelShape, dims: LayerDims, group: tuple[str, ...]) -> int:
-    return sum(shape.projection_params(p, dims) for p in group)
-
-
-def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
-                     removed_target: float) -> list[LayerDims]:
-    n, dense, align = shape.n_layers, shape.dense_dims, settings.alignment
-    attn_dense, mlp_dense = _group_params(shape, dense, ATTENTION), _group_params(shape, dense, MLP)
-    ratio = removed_target / (n * (attn_dense + mlp_dense))
-    if ratio > MAX_RATIO:
-        raise UserError(f"cannot remove {removed_target:.0f} parameters by structure: that is "
-                        f"{ratio:.0%} of all projections")
-    group_ratios = allocate(
-        settings.allocation, ratio, settings.lam,
-        {g: torch.tensor(pod["group"][g]) for g in ("attn", "mlp")}, torch.tensor(pod["layer"]),
-        {"attn": torch.full((n,), float(attn_dense)), "mlp": torch.full((n,), float(mlp_dense))})
-
-    # Attention: the valid GQA layout nearest to each layer's ratio (ties: keep more).
-    aligned_dense = (shape.n_head * shape.head_dim) % align == 0
-    options = [(g, q) for g, q in head_options(shape.n_head, shape.n_kv)
-               if not aligned_dense or (g * q * shape.head_dim) % align == 0]
-    attn_dims = []
-    for i in range(n):
-        want = (1 - float(group_ratios["attn"][i])) * attn_dense
-        g, q = min(options, key=lambda o: (
-            abs(_group_params(shape, LayerDims(o[0] * o[1], o[0], dense.n_ff), ATTENTION) - want),
-            -o[0] * o[1], -o[0]))
-        attn_dims.append((g * q, g))
-    attn_removed = sum(attn_dense - _group_params(shape, LayerDims(h, kv, dense.n_ff), ATTENTION)
-                       for h, kv in attn_dims)
-
-    # MLP: shift the allocated channel ratios together so the total lands on the target.
-    mlp_removed_target = max(0.0, removed_target - attn_removed)
-    mlp_ratio = mlp_removed_target / (n * mlp_dense)
-    max_mlp_ratio = 1 - align / shape.n_ff
-    if mlp_ratio > max_mlp_ratio:
-        raise UserError(f"cannot remove {removed_target:.0f} parameters by structure with channel "
-                        f"alignment {align}")
-    mlp_ratios = fit_mean(group_ratios["mlp"], torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
-    units = [(1 - float(r)) * shape.n_ff / align for r in mlp_ratios]  # kept, in aligned blocks
-    kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)
-    return [LayerDims(h, kv, u * align) for (h, kv), u in zip(attn_dims, kept_units, strict=True)]
-
-
-def _round_preserving_sum(values: list[float], lo: int, hi: int) -> list[int]:
-    """Integers within [lo, hi], each the floor or ceiling of its value, summing to round(sum)
-    where the bounds allow (largest remainders round up)."""
-    floors = [min(hi, max(lo, int(v))) for v in values]
-    short = int(round(sum(values))) - sum(floors)
-    order = sorted(range(len(values)), key=lambda i: (-(values[i] - int(values[i])), i))
-    for i in order:
-        if short <= 0:
-            break
-        if floors[i] < hi:
-            floors[i] += 1
-            short -= 1
-    return floors

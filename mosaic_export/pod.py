@@ -4,11 +4,21 @@ Per projection p of layer i, every weight gets the Wanda score A_jk = |W_jk| * |
 ||X_k||_2 is the norm of input feature k over all calibration tokens. The outlier ratio is the
 fraction of scores above M times their mean. Many outliers mark a projection that is sensitive
 to pruning; the allocation prunes it less.
+
+``measure`` is pass 1 over the calibration data: the dense model, layer by layer, its outlier
+ratios (per projection, per layer, per attention / MLP group) and the activation-aware scores of
+its heads and channels, one LayerMeasurement a layer. A plan is made from these (planner.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .arch import ATTENTION, INPUT_GROUP_OF, MLP, PROJECTIONS, ArchSpec, ModelShape
+from .calibration import LayerStream
+from .prune.structured import column_scores, head_scores, magnitude_channel_scores, magnitude_head_scores
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -28,3 +38,39 @@ def outlier_ratio(scores: list[torch.Tensor] | torch.Tensor, m: float) -> float:
     threshold = m * total / count
     outliers = sum(int((s > threshold).sum()) for s in scores)
     return outliers / count
+
+
+@dataclass
+class LayerMeasurement:
+    """What pass 1 (dense model, calibration data) learns about one layer."""
+
+    projection_outliers: dict[str, float]  # POD: outlier ratio per projection
+    layer_outliers: float  # all projections of the layer together (OWL)
+    group_outliers: dict[str, float]  # "attn" (q, k, v, o) and "mlp" (gate, up, down)
+    head_scores: dict[str, torch.Tensor]  # per STRUCTURED_SCORES kind: (n_head,) per query head
+    channel_scores: dict[str, torch.Tensor]  # per kind: (n_ff,) per MLP channel
+
+
+@torch.no_grad()
+def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
+            outlier_m: float) -> list[LayerMeasurement]:
+    """Pass 1 over the dense model."""
+    measured = []
+    for _, layer in stream.layers("measure (dense)"):
+        stats = stream.statistics(layer, set(), advance=True)
+        scores = {p: wanda_scores(spec.projection(layer, p).weight,
+                                  stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
+        w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
+        measured.append(LayerMeasurement(
+            projection_outliers={p: outlier_ratio(scores[p], outlier_m) for p in PROJECTIONS},
+            layer_outliers=outlier_ratio([scores[p] for p in PROJECTIONS], outlier_m),
+            group_outliers={"attn": outlier_ratio([scores[p] for p in ATTENTION], outlier_m),
+                            "mlp": outlier_ratio([scores[p] for p in MLP], outlier_m)},
+            head_scores={
+                "activation": head_scores(w["o"], stats["o"].sq_norm, shape.head_dim),
+                "magnitude": magnitude_head_scores(w["q"], w["o"], shape.head_dim)},
+            channel_scores={
+                "activation": column_scores(w["down"], stats["down"].sq_norm),
+                "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
+        ))
+    return measured

@@ -244,7 +244,7 @@ def measure_structure(loaded, spec: StructureProbe, recovery: ProbeRecovery | No
 
     from .calibration import LayerStream
     from .evaluate import perplexity
-    from .plan import make_plan
+    from .planner import make_plan
     from .prune.apply import apply_plan
 
     rows, recovered = [], []

@@ -4,7 +4,7 @@ On the dense runtimes we export to (llama.cpp, ONNX Runtime), zeros inside a wei
 stored and read like any other weight: only removed structure (heads, MLP channels) lowers memory
 and latency. So the split is: the structured part is what the budgets need, found here; the
 unstructured part is left at zero (it would only cost accuracy). The structured part is placed
-by the POD allocation (plan.make_plan), at the target's channel alignment.
+by the POD allocation (planner.make_plan), at the target's channel alignment.
 
 The removal target r (share of decoder parameters) is searched on a grid of STEP: a coarse scan,
 then the first feasible step inside the bracket. The plan at r - NEIGHBOUR is reported with it,
@@ -19,7 +19,9 @@ from dataclasses import dataclass, replace
 from .arch import ModelShape
 from .costmodel import Cost, Pricing
 from .errors import Infeasible, UserError
-from .plan import LayerMeasurement, Plan, PruneSettings, make_plan
+from .plan import Plan, PruneSettings
+from .planner import make_plan
+from .pod import LayerMeasurement
 from .profile import Budgets, Profile
 from .units import format_bytes
 

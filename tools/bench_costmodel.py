@@ -30,9 +30,11 @@ from mosaic_export.costmodel import Format
 from mosaic_export.detect import run_format
 from mosaic_export.model_io import load_model
 from mosaic_export.pipeline import calibration_ids, make_pricing
-from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
+from mosaic_export.plan import CalibrationSettings, PruneSettings
+from mosaic_export.planner import make_plan
+from mosaic_export.pod import measure
 from mosaic_export.profile import load_profile
-from mosaic_export.prune.apply import measure, resize_to_plan
+from mosaic_export.prune.apply import resize_to_plan
 
 
 def main() -> int:

@@ -44,8 +44,8 @@ from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
 from mosaic_export.pipeline import calibration_ids, make_pricing
 from mosaic_export.plan import CalibrationSettings, PruneSettings
+from mosaic_export.pod import measure
 from mosaic_export.profile import load_profile
-from mosaic_export.prune.apply import measure
 from mosaic_export.quality import (
     ProbeRecovery,
     QualityModel,

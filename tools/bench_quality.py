@@ -39,8 +39,10 @@ import torch
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
-from mosaic_export.plan import CalibrationSettings, PruneSettings, make_plan
-from mosaic_export.prune.apply import apply_plan, measure
+from mosaic_export.plan import CalibrationSettings, PruneSettings
+from mosaic_export.planner import make_plan
+from mosaic_export.pod import measure
+from mosaic_export.prune.apply import apply_plan
 from mosaic_export.texts import corpus
 
 UNSTRUCTURED = [0.5, 0.6, 0.7, 0.8]

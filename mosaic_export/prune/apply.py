@@ -1,7 +1,4 @@
-"""The two passes over the calibration data.
-
-measure: the dense model, layer by layer: projection outlier distribution (POD) and the
-activation-aware scores of heads and channels. A plan is made from these.
+"""Pass 2 over the calibration data (pass 1 is pod.measure; a plan is made from it by planner.py).
 
 apply_plan: the model pruned in place, layer by layer: each layer's statistics are taken on the
 outputs of the already-pruned layers before it; then its heads and channels are removed (with
@@ -13,46 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import ATTENTION, INPUT_GROUP_OF, MLP, PROJECTIONS, ArchSpec, ModelShape
+from ..arch import INPUT_GROUP_OF, PROJECTIONS, ArchSpec
 from ..calibration import InputStats, LayerStream
-from ..plan import LayerMeasurement, Plan
-from ..pod import outlier_ratio, wanda_scores
+from ..plan import Plan
 from .sparsegpt import sparsegpt_prune
 from .structured import (
-    column_scores,
     compensate,
     expand_heads,
-    head_scores,
-    magnitude_channel_scores,
-    magnitude_head_scores,
     resize_layer,
 )
 from .wanda import wanda_prune
-
-
-@torch.no_grad()
-def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
-            outlier_m: float) -> list[LayerMeasurement]:
-    """Pass 1 over the dense model."""
-    measured = []
-    for _, layer in stream.layers("measure (dense)"):
-        stats = stream.statistics(layer, set(), advance=True)
-        scores = {p: wanda_scores(spec.projection(layer, p).weight,
-                                  stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
-        w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
-        measured.append(LayerMeasurement(
-            projection_outliers={p: outlier_ratio(scores[p], outlier_m) for p in PROJECTIONS},
-            layer_outliers=outlier_ratio([scores[p] for p in PROJECTIONS], outlier_m),
-            group_outliers={"attn": outlier_ratio([scores[p] for p in ATTENTION], outlier_m),
-                            "mlp": outlier_ratio([scores[p] for p in MLP], outlier_m)},
-            head_scores={
-                "activation": head_scores(w["o"], stats["o"].sq_norm, shape.head_dim),
-                "magnitude": magnitude_head_scores(w["q"], w["o"], shape.head_dim)},
-            channel_scores={
-                "activation": column_scores(w["down"], stats["down"].sq_norm),
-                "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
-        ))
-    return measured
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from mosaic_export.costmodel import (
 )
 from mosaic_export.errors import UserError
 from mosaic_export.model_io import load_model
-from mosaic_export.plan import LayerMeasurement, PruneSettings
+from mosaic_export.plan import PruneSettings
+from mosaic_export.pod import LayerMeasurement
 from mosaic_export.profile import load_profile
 from mosaic_export.prune.structured import resize_layer
 from mosaic_export.search import NEIGHBOUR, STEP, search
@@ -134,7 +135,7 @@ def test_search_finds_the_least_pruning_that_meets_the_budget(wide_dir):
 
 
 def _all_targets(shape, measured, budget, pricing):
-    from mosaic_export.plan import make_plan
+    from mosaic_export.planner import make_plan
     from mosaic_export.search import Candidate, cost_checks
 
     out = []

@@ -26,8 +26,8 @@ from mosaic_export.joint import (
 )
 from mosaic_export.model_io import load_model
 from mosaic_export.plan import PruneSettings
+from mosaic_export.pod import measure
 from mosaic_export.profile import Budgets
-from mosaic_export.prune.apply import measure
 from mosaic_export.quality import (
     OVERSHOOT,
     QualityModel,
