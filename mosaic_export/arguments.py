@@ -9,6 +9,7 @@ from pathlib import Path
 from .allocation import names as allocation_names
 from .plan import METHODS, STRUCTURED_SCORES, CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
+from .texts import HELDOUT
 
 DESCRIPTION = """\
 Fit a decoder-only LLM to a device: composite projection pruning (Mosaic, arXiv 2504.06323).
@@ -187,7 +188,7 @@ def _add_output(p: argparse.ArgumentParser) -> None:
                         "--quant / --dtype (default: every type the target offers, "
                         + _search_types_help() + ", unless --quant / --dtype fixes one; in a sweep: "
                         "each, at every --targets)")
-    p.add_argument("--eval-text", default="builtin-heldout",
+    p.add_argument("--eval-text", default=HELDOUT,
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
                         "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
                         "test (default: %(default)s)")

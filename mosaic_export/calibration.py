@@ -142,15 +142,20 @@ class LayerStream:
         return stats
 
 
+def source_windows(loaded: LoadedModel, source: str, n: int, seq_len: int, seed: int,
+                   cache_dir: Path | None = None, log=print, device: str | None = "cpu") -> torch.Tensor:
+    """(n, seq_len) token ids from one text source: random windows (seeded) of a text, or
+    (``self``) text the model generates itself (cached in ``cache_dir``)."""
+    if source == SELF:
+        from .self_text import self_text
+
+        return self_text(loaded, n * seq_len, seed, cache_dir, log, device).view(n, seq_len)
+    return sample_windows(tokenize(loaded.tokenizer, corpus(source)), n, seq_len, seed, source=source)
+
+
 def calibration_ids(loaded: LoadedModel, settings: PruneSettings, cache_dir: Path | None = None,
                     device: str | None = "cpu") -> torch.Tensor:
     """The calibration windows: sampled from the text source, or (``self``) the model's own text,
     generated before any pruning (cached in ``cache_dir``)."""
     c = settings.calibration
-    if c.source == SELF:
-        from .self_text import self_text
-
-        ids = self_text(loaded, c.n_samples * c.seq_len, c.seed, cache_dir, device=device)
-        return ids.view(c.n_samples, c.seq_len)
-    return sample_windows(tokenize(loaded.tokenizer, corpus(c.source)), c.n_samples, c.seq_len,
-                          c.seed, source=c.source)
+    return source_windows(loaded, c.source, c.n_samples, c.seq_len, c.seed, cache_dir, device=device)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .texts import HELDOUT
 
 
 def cmd_profiles() -> int:
@@ -34,7 +35,7 @@ def cmd_bench(argv: list[str]) -> int:
                                             "decode tokens/s, peak RSS, file size, perplexity.")
     p.add_argument("model", type=Path, help="a .gguf file, or a folder written by --target onnx (or "
                                             "its model.onnx); dense ones too, for comparison")
-    p.add_argument("--eval-text", default="builtin-heldout",
+    p.add_argument("--eval-text", default=HELDOUT,
                    help="perplexity text: 'builtin-heldout' or a file (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="512-token windows to score; 0 skips, -1 all (default: %(default)s)")
@@ -53,7 +54,9 @@ def cmd_bench(argv: list[str]) -> int:
     if not found:
         raise UserError(f"{a.model}: expected a .gguf file or an ONNX folder written by mosaic-export")
     target, path = found[0]
-    r = target.benchmark(path, provider=a.provider, **kw)
+    if "execution_provider" in target.profile_keys:  # only a runtime with execution providers
+        kw["provider"] = a.provider
+    r = target.benchmark(path, **kw)
     rows = [("file", f"{a.model} ({r['file_bytes'] / 2**20:.1f} MiB)"),
             ("load", f"{r['load_s']:.2f} s"),
             ("prefill", f"{r['prefill']['tokens_per_s']:.1f} tokens/s ({r['prefill']['tokens']} tokens)"),

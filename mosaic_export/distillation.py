@@ -30,7 +30,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def zero_masks(model: nn.Module, parameters: list[nn.Parameter]) -> dict[int, torch.Tensor]:
+def zero_masks(parameters: list[nn.Parameter]) -> dict[int, torch.Tensor]:
     """For each 2-D trainable weight holding exact zeros (unstructured pruning), where it is
     non-zero; keyed by id(parameter). Weights without zeros need no mask."""
     masks = {}

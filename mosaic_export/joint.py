@@ -298,7 +298,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     align = min((alignments[t] for t in comp), default=None)
     structure, share, recovered = _structural_probe(
         config, loaded, StructureProbe(measured, replace(settings, alignment=align), tuple(levels), calib,
-                                       probe), searches, type_deltas, reference, log)
+                                       probe), searches, comp, type_deltas, reference, log)
     quality = QualityModel(reference, type_deltas, structure, share, probe={
         "text": text, "windows": PROBE_WINDOWS, "from": "the end of the text", "dense_runs": {
             t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
@@ -331,9 +331,11 @@ def _dense_probe(config: RunConfig, loaded: LoadedModel, context: int, log=print
 
 
 def _structural_probe(config: RunConfig, loaded: LoadedModel, spec: StructureProbe, searches: dict,
-                      type_deltas: dict, reference: float, log=print) -> tuple[tuple, tuple, list | None]:
-    """Pruned (and, with config.recover, recovered) copies at the probe's levels, where pruning
-    could win: (the structure points, the recovered share points, the recovered measurements)."""
+                      comp: dict, type_deltas: dict, reference: float,
+                      log=print) -> tuple[tuple, tuple, list | None]:
+    """Pruned (and, with config.recover, recovered) copies at the probe's levels, for the types
+    where pruning could win (``comp``, from competitive): (the structure points, the recovered
+    share points, the recovered measurements)."""
     from .quality import ProbeRecovery, measure_structure, structure_points
     from .recover import recovery_state_dir
 
@@ -341,7 +343,6 @@ def _structural_probe(config: RunConfig, loaded: LoadedModel, spec: StructurePro
         log("structural probe skipped: no type that needs pruning (up to "
             f"{LADDER[-1]:.0%}) to meet the budgets can beat the best dense type that meets them")
         return (), (), None
-    comp = competitive(searches, type_deltas)
     levels = list(spec.levels)
     recover_at = recovery_levels(levels, list(comp.values())) if config.recover else ()
     log(f"structural probe at {', '.join(f'{lv:.0%}' for lv in levels)} (alignment "

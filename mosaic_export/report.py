@@ -67,11 +67,9 @@ def summary_table(report: dict) -> str:
 
 
 def runtime_section(report: dict) -> tuple[Target, dict] | None:
-    """The target the run exported to and its section of the report (None for --target none):
-    the one its format names, else the first registered target with a section."""
+    """The target the run exported to (the report's format) and its section of the report;
+    None for --target none."""
     name = (report.get("format") or {}).get("target")
-    if name is None:
-        name = next((t.name for t in targets.registered() if t.name in report), None)
     if name not in report:
         return None
     return targets.get(name), report[name]

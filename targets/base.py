@@ -25,41 +25,30 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """How a built file is measured in its runtime: the perplexity text and windows (0: none,
-    None: all), the context the benchmark fills, the threads."""
+    """How a built file is measured in its runtime, in one process: prefill of a prompt, greedy
+    decode, the KV cache filled to ``context``, then perplexity over ``eval_windows`` windows of
+    ``eval_text`` (0: none, None: all)."""
 
     eval_text: str | None
     eval_windows: int | None
-    eval_seq_len: int
+    eval_seq_len: int = 512
     context: int | None = None
     threads: int | None = None
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
 
     def benchmark_options(self) -> dict:
-        """The runners' benchmark keywords."""
+        """The runners' benchmark keywords (their command line: --eval-windows -1 is all)."""
         return dict(threads=self.threads, context=self.context,
                     eval_text=self.eval_text if self.eval_windows != 0 else None,
                     eval_windows=-1 if self.eval_windows is None else self.eval_windows,
                     eval_seq_len=self.eval_seq_len)
 
-
-@dataclass(frozen=True)
-class BenchProtocol:
-    """What a runner measures in one process: prefill of a prompt, greedy decode, the KV cache
-    filled to ``context``, then perplexity over ``eval_windows`` windows of ``eval_text``."""
-
-    prompt_tokens: int = 512
-    gen_tokens: int = 128
-    threads: int | None = None
-    context: int | None = None
-    eval_text: str | None = None
-    eval_windows: int | None = 16  # None: all
-    eval_seq_len: int = 512
-
     @classmethod
-    def from_args(cls, a) -> BenchProtocol:
-        """From a runner's parsed arguments (--eval-windows -1: all)."""
-        return cls(a.prompt_tokens, a.gen_tokens, a.threads, a.context, a.eval_text,
-                   None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len)
+    def from_args(cls, a) -> Evaluation:
+        """From a runner's parsed command line."""
+        return cls(a.eval_text, None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len,
+                   a.context, a.threads, a.prompt_tokens, a.gen_tokens)
 
 
 class Target(ABC):

@@ -31,7 +31,7 @@ from ..arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS
 from ..errors import UserError
 from ..model_io import LoadedModel
 from .base import Evaluation
-from .gguf_target import FLOAT_TYPES, QUANT_TYPES
+from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
 from .gguf_tokenizer import tokenizer_check, tokenizer_fields, tokenizer_probe
 
 TYPES = FLOAT_TYPES + QUANT_TYPES
@@ -49,9 +49,7 @@ def alignment(quant: str) -> int:
 
 
 def check_type(quant: str) -> str:
-    if quant not in TYPES:
-        raise UserError(f"GGUF type '{quant}' is not supported; supported: {', '.join(TYPES)}")
-    return quant
+    return GGUF().check_type(quant)
 
 
 def gguf_arch(loaded: LoadedModel) -> str:

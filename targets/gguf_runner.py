@@ -19,7 +19,7 @@ process's runs use it; the result records which setting ran (``llama_setup``).
 
 Speed: load time; prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode of
 ``gen_tokens`` tokens, one at a time (tokens/s); peak RSS of the process up to there (the
-runner imports no torch). Perplexity: the protocol of
+runner imports no torch). Perplexity: the evaluation of
 mosaic_export.evaluate (non-overlapping windows from the start, each scored alone), on tokens from
 the GGUF's own tokenizer.
 """
@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..process import RuntimeCrash, decode_rates, die_with_parent, option_args, peak_rss_bytes, run_child
-from .base import BenchProtocol
+from .base import Evaluation
 from .scoring import window_perplexity
 
 MODULE = "mosaic_export.targets.gguf_runner"
@@ -136,25 +136,25 @@ def llama_perplexity(llm, tokens: list[int], seq_len: int, max_windows: int | No
     return window_perplexity(logits_of, tokens, seq_len, max_windows)
 
 
-def measure(path: Path, protocol: BenchProtocol, safe: bool = False) -> dict:
-    """Everything about one GGUF file, measured in this process. With ``protocol.context``, the KV cache
+def measure(path: Path, evaluation: Evaluation, safe: bool = False) -> dict:
+    """Everything about one GGUF file, measured in this process. With ``evaluation.context``, the KV cache
     is sized for that many tokens and filled after the decode (in chunks of CHUNK tokens), so
     peak RSS is that of an app whose context is full."""
     from ..costmodel import CHUNK
     from ..texts import corpus
 
-    n_ctx = max(protocol.context or 0, protocol.prompt_tokens + protocol.gen_tokens)
+    n_ctx = max(evaluation.context or 0, evaluation.prompt_tokens + evaluation.gen_tokens)
     t0 = time.perf_counter()
-    llm = _llama(path, n_ctx, protocol.threads, logits_all=False,
-                 n_batch=max(CHUNK, protocol.prompt_tokens), safe=safe)
+    llm = _llama(path, n_ctx, evaluation.threads, logits_all=False,
+                 n_batch=max(CHUNK, evaluation.prompt_tokens), safe=safe)
     load_s = time.perf_counter() - t0
     text = llm.tokenize(corpus("builtin").encode(), add_bos=False, special=False)
-    prompt = text[:protocol.prompt_tokens]
+    prompt = text[:evaluation.prompt_tokens]
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(protocol.gen_tokens):
+    for _ in range(evaluation.gen_tokens):
         t0 = time.perf_counter()
         llm.eval([int(np.argmax(_last_logits(llm)))])
         steps.append(time.perf_counter() - t0)
@@ -162,7 +162,7 @@ def measure(path: Path, protocol: BenchProtocol, safe: bool = False) -> dict:
     for start in range(0, len(fill), CHUNK):
         llm.eval(fill[start:start + CHUNK])
     result = {
-        "file": str(path), "file_bytes": path.stat().st_size, "threads": protocol.threads or os.cpu_count(),
+        "file": str(path), "file_bytes": path.stat().st_size, "threads": evaluation.threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
@@ -173,11 +173,11 @@ def measure(path: Path, protocol: BenchProtocol, safe: bool = False) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
     }
     del llm
-    if protocol.eval_text is not None and protocol.eval_windows != 0:
-        llm = _llama(path, protocol.eval_seq_len, protocol.threads, logits_all=True, safe=safe)
-        tokens = llm.tokenize(corpus(protocol.eval_text).encode(), add_bos=False, special=False)
-        result["perplexity"] = {**llama_perplexity(llm, tokens, protocol.eval_seq_len, protocol.eval_windows),
-                                "text": protocol.eval_text}
+    if evaluation.eval_text is not None and evaluation.eval_windows != 0:
+        llm = _llama(path, evaluation.eval_seq_len, evaluation.threads, logits_all=True, safe=safe)
+        tokens = llm.tokenize(corpus(evaluation.eval_text).encode(), add_bos=False, special=False)
+        ppl = llama_perplexity(llm, tokens, evaluation.eval_seq_len, evaluation.eval_windows)
+        result["perplexity"] = {**ppl, "text": evaluation.eval_text}
         del llm
     return result
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.job == "bench":
-            result = measure(a.model, BenchProtocol.from_args(a), a.safe)
+            result = measure(a.model, Evaluation.from_args(a), a.safe)
         elif a.job == "parity":
             text = a.text_file.read_text(encoding="utf-8") if a.text_file else None
             result = parity_in_process(a.model, json.loads(a.ids.read_text()), np.load(a.reference),

@@ -63,7 +63,6 @@ class GGUF(Target):
     def benchmark(self, path: Path, **options) -> dict:
         from .gguf_runner import benchmark
 
-        options.pop("provider", None)
         return benchmark(path, **options)
 
     def deploy(self, loaded, path: Path, type_: str, parity_ids, runtime, evaluation, log) -> dict:

@@ -31,7 +31,7 @@ from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
 
 from .base import Evaluation
-from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, DTYPES, INT8_BLOCK, MODEL_FILE
+from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, INT8_BLOCK, MODEL_FILE, ONNX
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 OPSET = 17
@@ -39,9 +39,7 @@ MASKED = -1e30  # added to the scores of positions a query may not see (finite: 
 
 
 def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise UserError(f"ONNX dtype '{dtype}' is not supported; supported: {', '.join(DTYPES)}")
-    return dtype
+    return ONNX().check_type(dtype)
 
 
 def check_exportable(loaded: LoadedModel) -> None:

@@ -6,7 +6,7 @@ numbers are the runtime's own; ``benchmark`` runs ``measure`` in a fresh process
 
 Speed: load time (session creation); prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode
 of ``gen_tokens`` tokens, one at a time with the KV cache (tokens/s); peak RSS (VmHWM) up to there.
-Perplexity: the protocol of mosaic_export.evaluate (non-overlapping windows from the start, each
+Perplexity: the evaluation of mosaic_export.evaluate (non-overlapping windows from the start, each
 scored alone, tokens 2..seq_len predicted).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
-from .base import BenchProtocol
+from .base import Evaluation
 from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, PROVIDERS
 from .scoring import window_perplexity
 
@@ -109,36 +109,36 @@ def onnx_perplexity(decoder: OnnxDecoder, tokens: list[int], seq_len: int, max_w
     return window_perplexity(logits_of, tokens, seq_len, max_windows)
 
 
-def measure(folder: Path, protocol: BenchProtocol, provider: str = DEFAULT_PROVIDER) -> dict:
-    """Everything about one ONNX folder, measured in this process. With ``protocol.context``, the KV cache
+def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVIDER) -> dict:
+    """Everything about one ONNX folder, measured in this process. With ``evaluation.context``, the KV cache
     is filled to that many tokens after the decode (in chunks of CHUNK tokens), so peak RSS is
     that of an app whose context is full."""
     from ..costmodel import CHUNK
     from ..texts import corpus
 
     t0 = time.perf_counter()
-    decoder = OnnxDecoder(folder, provider, protocol.threads)
+    decoder = OnnxDecoder(folder, provider, evaluation.threads)
     load_s = time.perf_counter() - t0
     tok = decoder.tokenizer()
     text = tok.encode(corpus("builtin"), add_special_tokens=False).ids
-    prompt = text[:protocol.prompt_tokens]
+    prompt = text[:evaluation.prompt_tokens]
     t0 = time.perf_counter()
     logits, past = decoder.forward(np.asarray([prompt]), decoder.empty_past())
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(protocol.gen_tokens):
+    for _ in range(evaluation.gen_tokens):
         t0 = time.perf_counter()
         logits, past = decoder.forward(np.asarray([[int(np.argmax(logits[0, -1]))]]), past)
         steps.append(time.perf_counter() - t0)
-    n_tokens = len(prompt) + protocol.gen_tokens
-    fill = text[len(prompt):len(prompt) + max(0, (protocol.context or 0) - n_tokens)]
+    n_tokens = len(prompt) + evaluation.gen_tokens
+    fill = text[len(prompt):len(prompt) + max(0, (evaluation.context or 0) - n_tokens)]
     for start in range(0, len(fill), CHUNK):
         logits, past = decoder.forward(np.asarray([fill[start:start + CHUNK]]), past)
         n_tokens += len(fill[start:start + CHUNK])
     files = [p for p in Path(folder).iterdir() if p.name.startswith(decoder.config["file"])]
     result = {
         "folder": str(folder), "dtype": decoder.config["dtype"], "provider": provider,
-        "file_bytes": sum(p.stat().st_size for p in files), "threads": protocol.threads or os.cpu_count(),
+        "file_bytes": sum(p.stat().st_size for p in files), "threads": evaluation.threads or os.cpu_count(),
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
@@ -146,10 +146,10 @@ def measure(folder: Path, protocol: BenchProtocol, provider: str = DEFAULT_PROVI
         "peak_rss_bytes": peak_rss_bytes(),  # before the perplexity pass and its full-window logits
     }
     del past, logits
-    if protocol.eval_text is not None and protocol.eval_windows != 0:
-        tokens = tok.encode(corpus(protocol.eval_text), add_special_tokens=False).ids
-        ppl = onnx_perplexity(decoder, tokens, protocol.eval_seq_len, protocol.eval_windows)
-        result["perplexity"] = {**ppl, "text": protocol.eval_text}
+    if evaluation.eval_text is not None and evaluation.eval_windows != 0:
+        tokens = tok.encode(corpus(evaluation.eval_text), add_special_tokens=False).ids
+        ppl = onnx_perplexity(decoder, tokens, evaluation.eval_seq_len, evaluation.eval_windows)
+        result["perplexity"] = {**ppl, "text": evaluation.eval_text}
     return result
 
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=None)
     a = p.parse_args(argv)
     try:
-        result = measure(a.folder, BenchProtocol.from_args(a), a.provider)
+        result = measure(a.folder, Evaluation.from_args(a), a.provider)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

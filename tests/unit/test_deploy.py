@@ -59,12 +59,14 @@ def _out(loaded, folder, target: str | None):
     if target == "gguf":
         export_gguf(loaded, folder / "model-F32.gguf", "F32")
         parity = next_token_agreement(loaded.model, folder / "model-F32.gguf", IDS, threads=1)
+        report["format"] = {"target": "gguf", "type": "F32"}
         report["gguf"] = {"file": "model-F32.gguf", "arch": gguf_arch(loaded), "type": "F32",
                           "parity": parity}
         _plan(loaded).save(folder / "plan.json")  # the ONNX OUT takes its sizes from the checkpoint
     elif target == "onnx":
         export_onnx(loaded, folder / "onnx-fp32", "fp32")
         parity = onnx_parity(loaded, folder / "onnx-fp32", IDS, gen_tokens=8, threads=1)
+        report["format"] = {"target": "onnx", "type": "fp32"}
         report["onnx"] = {"folder": "onnx-fp32", "dtype": "fp32", "opset": 17,
                           "provider": "CPUExecutionProvider", "parity": parity}
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
