@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -21,26 +22,49 @@ MLP = ("gate", "up", "down")
 INPUT_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 INPUT_GROUP_OF = {p: g for g, members in INPUT_GROUPS.items() for p in members}
 
-# GGUF tensor names (llama.cpp gguf-py constants): projections and the two norms of a block.
-GGUF_NAMES = {
-    "q": "blk.{bid}.attn_q", "k": "blk.{bid}.attn_k", "v": "blk.{bid}.attn_v",
-    "o": "blk.{bid}.attn_output", "gate": "blk.{bid}.ffn_gate", "up": "blk.{bid}.ffn_up",
-    "down": "blk.{bid}.ffn_down", "attn_norm": "blk.{bid}.attn_norm", "ffn_norm": "blk.{bid}.ffn_norm",
+# Our names of a layer's norms, by where they sit: before attention, on the attention output
+# (Gemma), before the MLP, on the MLP output (Gemma); and the per-head q / k norms (Qwen3, Gemma 3).
+NORM_ROLES = ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm", "q_norm", "k_norm")
+
+# Our names -> gguf-py's tensor kinds (llama.cpp's names come from gguf.TENSOR_NAMES).
+GGUF_TENSORS = {
+    "q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT", "gate": "FFN_GATE", "up": "FFN_UP",
+    "down": "FFN_DOWN", "attn_norm": "ATTN_NORM", "attn_post_norm": "ATTN_POST_NORM",
+    "ffn_norm": "FFN_NORM", "ffn_post_norm": "FFN_POST_NORM", "q_norm": "ATTN_Q_NORM",
+    "k_norm": "ATTN_K_NORM", "embed": "TOKEN_EMBD", "final_norm": "OUTPUT_NORM", "lm_head": "OUTPUT",
 }
-GGUF_MODEL_NAMES = {"embed": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
+
+
+def _gguf_name(role: str) -> str:
+    import gguf
+
+    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[GGUF_TENSORS[role]]]
+
+
+GGUF_NAMES = {role: _gguf_name(role) for role in (*PROJECTIONS, *NORM_ROLES)}
+GGUF_MODEL_NAMES = {role: _gguf_name(role) for role in ("embed", "final_norm", "lm_head")}
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where one Hugging Face architecture keeps the parts the method touches."""
+    """Where one Hugging Face architecture keeps the parts the method touches, and what its
+    exporters must compute beyond a Llama block. Sizes and numbers (rope bases, windows, scales)
+    are read from the model's config (see the functions below); this holds what the config does
+    not say."""
 
     model_types: tuple[str, ...]  # config.model_type values
     layers: str  # path of the ModuleList of decoder layers from the CausalLM
     attention: str  # path of the attention module within a layer
     mlp: str  # path of the MLP module within a layer
     projections: dict[str, str]  # our name -> path within a layer
-    norms: dict[str, str]  # "attn_norm" / "ffn_norm" -> path within a layer
+    norms: dict[str, str]  # role (NORM_ROLES) -> path within a layer
     final_norm: str  # path of the last norm from the CausalLM
+    gguf_arch: str  # gguf-py's architecture (gguf.MODEL_ARCH) for layers of one size
+    gguf_per_layer: str | None = None  # the one llama.cpp builds layers of different sizes in
+    activation: str = "silu"  # the gated MLP's: "silu" or "gelu_tanh"
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (offset + weight)
+    embed_scale: bool = False  # Gemma multiplies the embeddings by sqrt(hidden)
+    gguf_names: tuple[str, ...] = ()  # general.architecture values a GGUF input may carry
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -51,6 +75,16 @@ class ArchSpec:
     def set_projection(self, layer: nn.Module, name: str, linear: nn.Linear) -> None:
         parent, _, attr = self.projections[name].rpartition(".")
         setattr(layer.get_submodule(parent), attr, linear)
+
+    def layer_dims(self, layer: nn.Module, head_dim: int) -> LayerDims:
+        """A layer's current sizes, read from its projections."""
+        return LayerDims(self.projection(layer, "q").out_features // head_dim,
+                         self.projection(layer, "k").out_features // head_dim,
+                         self.projection(layer, "gate").out_features)
+
+    def norm_weight(self, module: nn.Module) -> torch.Tensor:
+        """The scale a norm applies, offset included."""
+        return module.weight + self.norm_offset if self.norm_offset else module.weight
 
 
 _LLAMA_LIKE = dict(
@@ -65,14 +99,28 @@ _LLAMA_LIKE = dict(
     norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     final_norm="model.norm",
 )
+_QK_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
-# Llama-family decoders: q/k/v/o attention with grouped-query heads and a gated (SwiGLU) MLP.
-# Qwen2 adds q/k/v biases and Qwen3 per-head q/k norms: both survive head removal unchanged.
+# Decoders with q/k/v/o attention (grouped-query heads) and a gated MLP. Qwen2 adds q/k/v biases,
+# Qwen3 per-head q/k norms, Gemma 3 four norms a layer, q/k norms, GELU, scaled embeddings and
+# sliding-window layers: all of them survive head and channel removal unchanged.
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(model_types=("llama",), **_LLAMA_LIKE),
-    "mistral": ArchSpec(model_types=("mistral",), **_LLAMA_LIKE),
-    "qwen2": ArchSpec(model_types=("qwen2",), **_LLAMA_LIKE),
-    "qwen3": ArchSpec(model_types=("qwen3",), **_LLAMA_LIKE),
+    "llama": ArchSpec(model_types=("llama",), gguf_arch="LLAMA", gguf_per_layer="DECI",
+                      **_LLAMA_LIKE),
+    "mistral": ArchSpec(model_types=("mistral",), gguf_arch="LLAMA", gguf_per_layer="DECI",
+                        **_LLAMA_LIKE),
+    # llama.cpp's qwen2 assumes n_head * head_dim == hidden: pruned heads go to deci (biases too)
+    "qwen2": ArchSpec(model_types=("qwen2",), gguf_arch="DECI", gguf_per_layer="DECI",
+                      **_LLAMA_LIKE),
+    "qwen3": ArchSpec(model_types=("qwen3",), gguf_arch="QWEN3",
+                      **{**_LLAMA_LIKE, "norms": {**_LLAMA_LIKE["norms"], **_QK_NORMS}}),
+    "gemma3": ArchSpec(
+        model_types=("gemma3_text",), gguf_names=("gemma3",), gguf_arch="GEMMA3",
+        activation="gelu_tanh", norm_offset=1.0, embed_scale=True,
+        **{**_LLAMA_LIKE, "norms": {"attn_norm": "input_layernorm",
+                                    "attn_post_norm": "post_attention_layernorm",
+                                    "ffn_norm": "pre_feedforward_layernorm",
+                                    "ffn_post_norm": "post_feedforward_layernorm", **_QK_NORMS}}),
 }
 
 
@@ -81,8 +129,9 @@ def supported_model_types() -> list[str]:
 
 
 def arch_for(model_type: str) -> ArchSpec:
+    """The spec of a config's model_type, or of a GGUF file's general.architecture."""
     for spec in ARCHITECTURES.values():
-        if model_type in spec.model_types:
+        if model_type in spec.model_types or model_type in spec.gguf_names:
             return spec
     raise UserError(f"architecture '{model_type}' is not supported; supported: "
                     f"{', '.join(supported_model_types())}")
@@ -150,3 +199,36 @@ def model_shape(model: nn.Module, spec: ArchSpec) -> ModelShape:
         tied_embeddings=out is not None and out.weight is emb.weight,
         bias=bias, other_layer_params=sum(p.numel() for p in layer.parameters()) - proj,
     )
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's sliding attention window (None: the layer sees every earlier position), as
+    transformers applies it: ``layer_types`` where the config has them (Gemma 3, Qwen), else the
+    one ``sliding_window`` for every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * config.num_hidden_layers
+
+
+def rope_base(config, window: int | None) -> float:
+    """The rotary base of a layer: Gemma 3's sliding layers use their own local base."""
+    local = getattr(config, "rope_local_base_freq", None)
+    return float(local if window is not None and local is not None else config.rope_theta)
+
+
+def attention_scale(config, head_dim: int) -> float:
+    """What scores are multiplied by: 1/sqrt(head_dim), or Gemma's 1/sqrt(query_pre_attn_scalar)."""
+    return float(getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+
+
+def unsupported_features(config) -> list[str]:
+    """What neither exporter computes, named for an error message."""
+    found = []
+    if getattr(config, "rope_scaling", None):
+        found.append(f"rope scaling {config.rope_scaling}")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None):
+            found.append(f"{key} {getattr(config, key)}")
+    return found

@@ -62,6 +62,10 @@ class _StopForward(Exception):
     pass
 
 
+def _kind(layer: nn.Module) -> str | None:
+    return getattr(layer, "attention_type", None)
+
+
 class LayerStream:
     """Calibration activations flowing through the decoder, one layer at a time."""
 
@@ -69,15 +73,24 @@ class LayerStream:
                  batch_size: int = 4):
         self.model, self.spec = model, spec
         self.hidden: list[torch.Tensor] = []  # per batch (B, T, hidden)
-        self.kwargs: list[dict] = []  # per batch: attention mask, position embeddings, ...
+        # per kind of layer (transformers' attention_type: Gemma's sliding and full layers get
+        # different masks), per batch: the layer's keyword inputs (mask, position embeddings, ...)
+        self.kwargs: dict[str | None, list[dict]] = {}
         layers = spec.layer_list(model)
+        first: dict[str | None, int] = {}
+        for i, layer in enumerate(layers):
+            first.setdefault(_kind(layer), i)
+        last = max(first.values())
 
-        def catch(_module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _StopForward
+        def catch(module, args, kwargs):
+            if module is layers[0]:
+                self.hidden.append(args[0] if args else kwargs["hidden_states"])
+            self.kwargs.setdefault(_kind(module), []).append(
+                {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if module is layers[last]:
+                raise _StopForward
 
-        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in first.values()]
         try:
             with torch.no_grad():
                 for batch in input_ids.split(batch_size):
@@ -86,7 +99,8 @@ class LayerStream:
                     except _StopForward:
                         pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def layers(self, desc: str) -> Iterator[tuple[int, nn.Module]]:
         layers = self.spec.layer_list(self.model)
@@ -98,7 +112,7 @@ class LayerStream:
     def run(self, layer: nn.Module) -> list[torch.Tensor]:
         """The layer's outputs on the current inputs."""
         outs = []
-        for h, kw in zip(self.hidden, self.kwargs, strict=True):
+        for h, kw in zip(self.hidden, self.kwargs[_kind(layer)], strict=True):
             out = layer(h, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape
+from .arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape, arch_for
 from .errors import UserError
 from .targets import Target
 from .targets import get as get_target
@@ -87,13 +87,17 @@ class Weights:
 
 def matrices(shape: ModelShape, dims: list[LayerDims]) -> list[tuple[str, int, int]]:
     """(GGUF name, rows, row length) of every weight tensor; 1-D tensors have one row."""
+    norms = arch_for(shape.model_type).norms
     out = [(f"{GGUF_MODEL_NAMES['embed']}.weight", shape.vocab, shape.hidden)]
     for bid, d in enumerate(dims):
         for p in PROJECTIONS:
             rows, cols = shape.projection_shape(p, d)
             out.append((GGUF_NAMES[p].format(bid=bid) + ".weight", rows, cols))
-        for norm in ("attn_norm", "ffn_norm"):
-            out.append((GGUF_NAMES[norm].format(bid=bid) + ".weight", 1, shape.hidden))
+            if shape.bias[p]:
+                out.append((GGUF_NAMES[p].format(bid=bid) + ".bias", 1, rows))
+        for norm in norms:  # q / k norms scale one head, the others the hidden state
+            width = shape.head_dim if norm in ("q_norm", "k_norm") else shape.hidden
+            out.append((GGUF_NAMES[norm].format(bid=bid) + ".weight", 1, width))
     out.append((f"{GGUF_MODEL_NAMES['final_norm']}.weight", 1, shape.hidden))
     if not shape.tied_embeddings:
         out.append((f"{GGUF_MODEL_NAMES['lm_head']}.weight", shape.vocab, shape.hidden))

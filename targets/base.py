@@ -107,6 +107,12 @@ class Target(ABC):
     def check_exportable(self, loaded: LoadedModel) -> None:
         """UserError when the model cannot be written in this format (before any work)."""
 
+    def check_layer_sizes(self, loaded: LoadedModel, may_differ: bool) -> None:
+        """UserError when layers of different sizes (``may_differ``: the plan may make them) cannot
+        be written for this model's architecture; the message says what works instead. By
+        default a format holds any sizes."""
+        return None
+
     @abstractmethod
     def artifact_name(self, type_: str) -> str:
         """The file or folder name the model at ``type_`` is written to, inside OUT."""

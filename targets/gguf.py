@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS
+from ..arch import (
+    GGUF_MODEL_NAMES,
+    GGUF_NAMES,
+    PROJECTIONS,
+    attention_scale,
+    layer_windows,
+    rope_base,
+    unsupported_features,
+)
 from ..errors import UserError
 from ..model_io import LoadedModel
 from .base import Evaluation
@@ -38,7 +46,12 @@ TYPES = FLOAT_TYPES + QUANT_TYPES
 K_QUANT_BLOCK, LEGACY_BLOCK = 256, 32
 # llama.cpp's file_type values (enum llama_ftype).
 FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
-SUPPORTED_ARCHS = ("llama", "mistral")
+# llama.cpp's Gemma 3 (llama-model.cpp) fixes what the config may vary: every 6th layer sees the
+# whole context, the others a sliding window with rotary base 10000; scores scaled by 1/sqrt(head).
+GEMMA3_FULL_EVERY, GEMMA3_LOCAL_BASE = 6, 10000.0
+# Architectures whose rope rotates pairs (2i, 2i+1): Q and K rows are permuted from Hugging Face's
+# halves (rotary_permute); the others (qwen2, qwen3, gemma3: NEOX rope) take the halves as they are.
+PAIRED_ROPE = ("llama", "deci")
 
 
 def alignment(quant: str) -> int:
@@ -53,20 +66,58 @@ def check_type(quant: str) -> str:
 
 
 def gguf_arch(loaded: LoadedModel) -> str:
-    return "llama" if len(set(loaded.layer_dims)) == 1 else "deci"
+    """llama.cpp's architecture name for the model: the spec's, or its per-layer one (deci) when
+    the layers differ in size."""
+    import gguf
+
+    spec, uniform = loaded.spec, len(set(loaded.layer_dims)) == 1
+    arch = spec.gguf_arch if uniform else spec.gguf_per_layer
+    if arch is None:
+        GGUF().check_layer_sizes(loaded, may_differ=True)
+    return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]
+
+
+def arch_problems(loaded: LoadedModel, arch: str) -> list[str]:
+    """What llama.cpp's architecture would compute differently from the model."""
+    import gguf
+
+    shape, cfg, spec = loaded.shape, loaded.model.config, loaded.spec
+    problems = unsupported_features(cfg)
+    names = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    missing = [role for role in (*spec.norms, *PROJECTIONS) if GGUF_NAMES[role] not in names]
+    if missing:
+        problems.append(f"tensors {', '.join(missing)} in arch {arch}")
+    if any(shape.bias.values()) and arch in ("llama",):
+        problems.append("projections with biases")
+    if arch == "gemma3":
+        windows = layer_windows(cfg)
+        if [w is None for w in windows] != [(i + 1) % GEMMA3_FULL_EVERY == 0 for i in range(len(windows))]:
+            problems.append(f"a sliding-window pattern other than llama.cpp's (every "
+                            f"{GEMMA3_FULL_EVERY}th layer full)")
+        if rope_base(cfg, windows[0]) != GEMMA3_LOCAL_BASE:
+            problems.append(f"a local rotary base other than {GEMMA3_LOCAL_BASE:g}")
+        if attention_scale(cfg, shape.head_dim) != shape.head_dim ** -0.5:
+            problems.append("query_pre_attn_scalar other than head_dim")
+    elif len(set(layer_windows(cfg)) - {None}) > 1:
+        problems.append("several sliding windows")
+    return problems
 
 
 def check_exportable(loaded: LoadedModel) -> None:
-    shape, cfg = loaded.shape, loaded.model.config
-    if shape.model_type not in SUPPORTED_ARCHS:
-        raise UserError(f"GGUF export supports {', '.join(SUPPORTED_ARCHS)}; "
-                        f"this model is '{shape.model_type}'")
-    if any(shape.bias.values()):
-        raise UserError("GGUF export of projections with biases is not supported")
-    if getattr(cfg, "rope_scaling", None):
-        raise UserError(f"GGUF export of rope scaling {cfg.rope_scaling} is not supported")
+    arch = gguf_arch(loaded)
+    problems = arch_problems(loaded, arch)
+    if problems:
+        raise UserError(f"GGUF export ({arch}) of {'; '.join(problems)} is not supported")
     if any(d.n_ff == 0 or d.n_head == 0 for d in loaded.layer_dims):
         raise UserError("GGUF export needs at least one head and one channel per layer")
+
+
+def context_length(cfg, arch: str) -> int:
+    """The trained context, or a sliding window's width where llama.cpp's architecture has no
+    window (all but gemma3): up to there both compute the same attention."""
+    windows = [w for w in layer_windows(cfg) if w is not None]
+    full = cfg.max_position_embeddings
+    return min([full, *windows]) if windows and arch != "gemma3" else full
 
 
 def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -79,18 +130,22 @@ def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def tensors(loaded: LoadedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor) pairs in llama.cpp's layout."""
     model, spec = loaded.model, loaded.spec
+    permute = gguf_arch(loaded) in PAIRED_ROPE
     yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
     for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        for norm, path in spec.norms.items():
-            yield GGUF_NAMES[norm].format(bid=bid) + ".weight", layer.get_submodule(path).weight
+        for norm, path in spec.norms.items():  # llama.cpp's Gemma reads the offset scale
+            yield GGUF_NAMES[norm].format(bid=bid) + ".weight", spec.norm_weight(layer.get_submodule(path))
+        heads = {"q": dims.n_head, "k": dims.n_kv}
         for p in PROJECTIONS:
-            w = spec.projection(layer, p).weight
-            if p == "q":
-                w = rotary_permute(w, dims.n_head)
-            elif p == "k":
-                w = rotary_permute(w, dims.n_kv)
-            yield GGUF_NAMES[p].format(bid=bid) + ".weight", w
-    yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", model.get_submodule(spec.final_norm).weight
+            linear = spec.projection(layer, p)
+            for kind in ("weight", "bias"):
+                t = getattr(linear, kind)
+                if t is not None and p in heads and permute:
+                    t = rotary_permute(t, heads[p])
+                if t is not None:
+                    yield GGUF_NAMES[p].format(bid=bid) + f".{kind}", t
+    final = model.get_submodule(spec.final_norm)
+    yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", spec.norm_weight(final)
     if not loaded.shape.tied_embeddings:
         yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
 
@@ -110,7 +165,7 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: boo
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(Path(loaded.source).stem)
     w.add_file_type(FILE_TYPE[dtype])
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length(context_length(cfg, arch))
     w.add_embedding_length(shape.hidden)
     w.add_block_count(shape.n_layers)
     per_layer = arch == "deci"
@@ -120,7 +175,9 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: boo
     w.add_key_length(shape.head_dim)
     w.add_value_length(shape.head_dim)
     w.add_rope_dimension_count(shape.head_dim)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    w.add_rope_freq_base(rope_base(cfg, None))
+    if arch == "gemma3":
+        w.add_sliding_window(min(x for x in layer_windows(cfg) if x is not None))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(shape.vocab)
     tokenizer_fields(loaded, w)

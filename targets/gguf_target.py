@@ -47,6 +47,12 @@ class GGUF(Target):
             raise ValueError(f"no intended GGUF type for {name}")
         return tensor_bytes(resolved_type(tensor_types[name], cols), rows, cols)
 
+    def check_layer_sizes(self, loaded, may_differ: bool) -> None:
+        if may_differ and loaded.spec.gguf_per_layer is None:
+            raise UserError(f"llama.cpp cannot load {loaded.shape.model_type} layers of different "
+                            "sizes; prune with --allocation uniform (every layer the same sizes) "
+                            "or export with --target onnx")
+
     def check_exportable(self, loaded) -> None:
         from .gguf import check_exportable
 

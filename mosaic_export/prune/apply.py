@@ -13,12 +13,9 @@ from torch import nn
 from ..arch import INPUT_GROUP_OF, PROJECTIONS, ArchSpec
 from ..calibration import InputStats, LayerStream
 from ..plan import Plan
+from ..resize import expand_heads, resize_layer, resize_model
 from .sparsegpt import sparsegpt_prune
-from .structured import (
-    compensate,
-    expand_heads,
-    resize_layer,
-)
+from .structured import compensate
 from .wanda import wanda_prune
 
 
@@ -89,8 +86,4 @@ def resize_to_plan(loaded, plan: Plan) -> None:
     compensation or unstructured pruning. A runtime's speed and memory depend on the sizes alone,
     so this is how other plans are measured cheaply (tools/bench_costmodel.py, the neighbour
     check of the main command)."""
-    shape = loaded.shape
-    for layer, lp in zip(loaded.spec.layer_list(loaded.model), plan.layers, strict=True):
-        if lp.dims != shape.dense_dims:
-            resize_layer(layer, loaded.spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels)
-    loaded.layer_dims = [lp.dims for lp in plan.layers]
+    resize_model(loaded, plan.layers)

@@ -18,11 +18,9 @@ the weights alone: the squared norm of every weight the head or channel owns.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 def column_scores(consumer_weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -84,12 +82,6 @@ def choose_channels(scores: torch.Tensor, n_keep: int) -> list[int]:
     return sorted(torch.sort(scores, descending=True, stable=True).indices[:n_keep].tolist())
 
 
-def expand_heads(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Row/column indices of the given heads: [h*head_dim, ..., h*head_dim + head_dim - 1]."""
-    return torch.tensor(list(itertools.chain.from_iterable(
-        range(h * head_dim, (h + 1) * head_dim) for h in heads)), dtype=torch.long)
-
-
 def compensate(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
                damp: float = 0.01) -> torch.Tensor:
     """Least-squares consumer weights over the kept inputs.
@@ -105,48 +97,3 @@ def compensate(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
     return solution.T.to(weight.dtype).contiguous()
 
 
-def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
-                  cols: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear keeping the given output rows and input columns (or taking ``weight``)."""
-    w = linear.weight.data
-    if weight is None:
-        weight = w if rows is None else w[rows]
-        weight = weight if cols is None else weight[:, cols]
-    bias = None
-    if linear.bias is not None:
-        bias = linear.bias.data if rows is None else linear.bias.data[rows]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
-
-
-def resize_layer(layer: nn.Module, spec, head_dim: int, q_heads: list[int], kv_heads: list[int],
-                 channels: list[int], o_weight: torch.Tensor | None = None,
-                 down_weight: torch.Tensor | None = None) -> None:
-    """Rebuild a decoder layer's projections keeping the given heads and channels, in place.
-
-    q_heads must be grouped by KV head, the same number per kept KV head. o_weight / down_weight
-    (already restricted to the kept columns) replace the sliced consumer weights when given,
-    e.g. after least-squares compensation.
-    """
-    if len(q_heads) % len(kv_heads):
-        raise ValueError(f"expected the query heads to split evenly over {len(kv_heads)} KV heads, "
-                         f"got {len(q_heads)}")
-    q_idx, kv_idx = expand_heads(q_heads, head_dim), expand_heads(kv_heads, head_dim)
-    ch = torch.tensor(channels, dtype=torch.long)
-    new = {
-        "q": sliced_linear(spec.projection(layer, "q"), rows=q_idx),
-        "k": sliced_linear(spec.projection(layer, "k"), rows=kv_idx),
-        "v": sliced_linear(spec.projection(layer, "v"), rows=kv_idx),
-        "o": sliced_linear(spec.projection(layer, "o"), cols=q_idx, weight=o_weight),
-        "gate": sliced_linear(spec.projection(layer, "gate"), rows=ch),
-        "up": sliced_linear(spec.projection(layer, "up"), rows=ch),
-        "down": sliced_linear(spec.projection(layer, "down"), cols=ch, weight=down_weight),
-    }
-    for name, linear in new.items():
-        spec.set_projection(layer, name, linear)
-    # Attention reshapes with (-1, head_dim); only the GQA repeat factor must be told.
-    layer.get_submodule(spec.attention).num_key_value_groups = len(q_heads) // len(kv_heads)

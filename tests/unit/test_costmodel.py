@@ -29,7 +29,7 @@ from mosaic_export.model_io import load_model
 from mosaic_export.plan import PruneSettings
 from mosaic_export.pod import LayerMeasurement
 from mosaic_export.profile import load_profile
-from mosaic_export.prune.structured import resize_layer
+from mosaic_export.resize import resize_layer
 from mosaic_export.search import NEIGHBOUR, STEP, search
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -51,7 +51,7 @@ def _resized(folder):
     layers = loaded.spec.layer_list(loaded.model)
     resize_layer(layers[0], loaded.spec, 64, [2, 3], [1], list(range(256)))
     resize_layer(layers[2], loaded.spec, 64, [0, 1, 2, 3], [0, 1], list(range(0, 512, 2)))
-    loaded.layer_dims = [LayerDims(2, 1, 256), LayerDims(4, 2, 512), LayerDims(4, 2, 256)]
+    assert loaded.layer_dims == [LayerDims(2, 1, 256), LayerDims(4, 2, 512), LayerDims(4, 2, 256)]
     return loaded
 
 

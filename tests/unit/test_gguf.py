@@ -80,3 +80,19 @@ def test_bad_quant_type(tiny_model_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "GGUF type 'Q3_K' is not supported" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sentencepiece_merges_rank_by_the_joined_piece_score():
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    from mosaic_export.gguf_vocab import merges
+
+    tokens = ["<s>", "a", "b", "c", "ab", "bc", "abc", "ca"]
+    scores = [0.0, -1, -2, -3, -4, -5, -6, -7]
+    types = [3, 1, 1, 1, 1, 1, 1, 1]  # <s> is a control token: never a merge
+    found = merges(tokens, scores, types)
+    assert found == [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c"), ("c", "a")]
+    bpe = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, found))
+    # llama.cpp merges the best-scoring adjacent pair first: ab, then abc; then c a -> ca
+    assert bpe.encode("abcca").tokens == ["abc", "ca"]

@@ -8,12 +8,11 @@ from mosaic_export.prune.structured import (
     choose_channels,
     choose_heads,
     compensate,
-    expand_heads,
     head_scores,
     magnitude_channel_scores,
     magnitude_head_scores,
-    resize_layer,
 )
+from mosaic_export.resize import expand_heads, resize_layer
 from tests.conftest import tiny_model
 
 SPEC = arch_for("llama")

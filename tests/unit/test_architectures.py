@@ -1,0 +1,118 @@
+"""Every registered architecture end to end on a tiny random model: prune heads and channels
+(layers of different sizes), save, reload, ONNX against PyTorch; GGUF in llama.cpp against
+PyTorch, or the refusal at the door where llama.cpp cannot hold layers of different sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mosaic_export.targets.gguf import export as export_gguf
+from mosaic_export.targets.gguf import gguf_arch
+from mosaic_export.targets.gguf_runner import _llama
+
+from mosaic_export.cli import main
+from mosaic_export.model_io import load_model
+from mosaic_export.resize import leading, resize_model
+from tests.conftest import TINY, tiny_tokenizer
+
+# Each architecture's tiny config: what sets it apart from Llama is switched on.
+GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]  # llama.cpp's pattern
+ARCHS = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),  # q/k norms
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # 4 norms, GELU, windows
+        head_dim=16, num_hidden_layers=6, layer_types=GEMMA3_LAYERS, sliding_window=24,
+        query_pre_attn_scalar=16, rope_local_base_freq=10000.0, rope_theta=1e6,
+        final_logit_softcapping=None, attn_logit_softcapping=None)),
+}
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64",
+        "--align", "1", "--sparsity", "0.4", "--structured-fraction", "0.5"]
+IDS = torch.randint(0, TINY["vocab_size"], (48,), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_arch_model(arch: str):
+    import transformers
+
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # columns of different scales; norms and biases away from their init
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(torch.rand(p.shape[1]).mul(2).add(0.1))
+            elif p.ndim == 1:
+                p.add_(torch.randn(p.shape) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    tiny_arch_model(request.param).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
+    return request.param, folder
+
+
+def _torch_logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(input_ids=ids[None]).logits[0].numpy()
+
+
+def test_prune_reload_and_onnx(arch_dir, tmp_path):
+    arch, folder = arch_dir
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), *FAST, "--target", "onnx", "--dtype", "fp32",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload"]["max_abs_logit_diff"] < 1e-4
+    onnx = report["onnx"]["parity"]
+    assert onnx["max_abs_logit_diff"] < 1e-3 and onnx["greedy_identical"]
+    loaded = load_model(str(out / "model"))
+    assert loaded.shape.model_type == json.loads((folder / "config.json").read_text())["model_type"]
+    assert len(set(loaded.layer_dims)) > 1  # layers of different sizes
+    assert loaded.layer_dims != [loaded.shape.dense_dims] * loaded.shape.n_layers
+
+
+def test_gguf_matches_pytorch_or_refuses_at_the_door(arch_dir, tmp_path, capsys):
+    arch, folder = arch_dir
+    dense = load_model(str(folder))
+    out = tmp_path / "out"
+    code = main(["--model", str(folder), *FAST, "--target", "gguf", "--quant", "F32",
+                 "--out", str(out)])
+    if dense.spec.gguf_per_layer is None:  # refused before pruning, nothing written
+        assert code == 2 and not out.exists()
+        assert "--allocation uniform" in capsys.readouterr().err
+        # one size for every layer is what llama.cpp can load: the first groups and channels kept
+        small = type(dense.shape.dense_dims)(2, 1, 64)
+        resize_model(dense, [leading(d, small) for d in dense.layer_dims])
+    else:
+        assert code == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["gguf"]["arch"] == "deci" and report["gguf"]["parity"]["top1_agreement"] >= 0.99
+        dense = load_model(str(out / "model"))
+    path = tmp_path / "m.gguf"
+    export_gguf(dense, path, "F32")
+    llm = _llama(path, len(IDS), threads=1, logits_all=True)
+    llm.eval([int(t) for t in IDS])
+    got = np.asarray(llm.scores[: len(IDS)])
+    ref = _torch_logits(dense, IDS)
+    assert gguf_arch(dense) == ("deci" if dense.spec.gguf_per_layer else arch)  # qwen2: always deci
+    assert np.abs(got - ref).max() < 2e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.98
+
+
+def test_uniform_allocation_gives_one_size_per_layer(tmp_path):
+    folder = tmp_path / "gemma"
+    tiny_arch_model("gemma3").save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), *FAST, "--allocation", "uniform", "--target", "gguf",
+                 "--quant", "F32", "--out", str(out)]) == 0
+    loaded = load_model(str(out / "model"))
+    assert len(set(loaded.layer_dims)) == 1 and loaded.layer_dims[0] != loaded.shape.dense_dims
+    assert json.loads((out / "report.json").read_text())["gguf"]["arch"] == "gemma3"
