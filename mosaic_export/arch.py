@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .fused import UNFUSED_AS
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION = ("q", "k", "v", "o")
@@ -125,11 +126,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for spec in ARCHITECTURES.values() for t in spec.model_types)
+    return sorted([*(t for spec in ARCHITECTURES.values() for t in spec.model_types), *UNFUSED_AS])
 
 
 def arch_for(model_type: str) -> ArchSpec:
-    """The spec of a config's model_type, or of a GGUF file's general.architecture."""
+    """The spec of a config's model_type, or of a GGUF file's general.architecture (a fused
+    architecture: the spec of what it is rewritten as on load, fused.py)."""
+    model_type = UNFUSED_AS.get(model_type, model_type)
     for spec in ARCHITECTURES.values():
         if model_type in spec.model_types or model_type in spec.gguf_names:
             return spec

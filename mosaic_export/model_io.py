@@ -23,6 +23,7 @@ from torch import nn
 from . import gguf_vocab
 from .arch import ArchSpec, LayerDims, ModelShape, arch_for, model_shape
 from .errors import UserError
+from .fused import unfuse
 from .process import release_memory
 from .resize import leading, resize_model
 
@@ -133,7 +134,7 @@ def load_model(path: str | None = None) -> LoadedModel:
         if CHECKPOINT_KEY in config:
             return load_resized(target, source)
         model, tokenizer = _load_folder(target)
-    model.eval()
+    model = unfuse(model).eval()
     release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
     return LoadedModel(model, tokenizer, spec, shape, source, gguf_file)
