@@ -226,9 +226,20 @@ def attention_scale(config, head_dim: int) -> float:
     return float(getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
 
 
-def unsupported_features(config) -> list[str]:
+# config.hidden_act / hidden_activation -> ArchSpec.activation
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def unsupported_features(config, spec: ArchSpec) -> list[str]:
     """What neither exporter computes, named for an error message."""
     found = []
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if ACTIVATIONS.get(act) != spec.activation:
+        found.append(f"activation {act}")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        found.append(f"partial rotary embeddings ({config.partial_rotary_factor})")
+    if getattr(config, "use_bidirectional_attention", False):
+        found.append("bidirectional attention")
     if getattr(config, "rope_scaling", None):
         found.append(f"rope scaling {config.rope_scaling}")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):

@@ -107,7 +107,7 @@ def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
                         f"alignment {align}")
     mlp_ratios = fit_mean(group_ratios["mlp"], torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
     units = [(1 - float(r)) * shape.n_ff / align for r in mlp_ratios]  # kept, in aligned blocks
-    if len(set(units)) == 1:  # one width for all (the uniform rule): layers stay the same size
+    if settings.allocation == "uniform":  # one width for all: the layers keep one size
         kept_units = [min(max(1, round(units[0])), shape.n_ff // align)] * n
     else:
         kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)

@@ -1,10 +1,13 @@
 """GGUF target: the resized model written with gguf-py, quantized by llama.cpp's own quantizer.
 
 llama.cpp reads head_count, head_count_kv and feed_forward_length as per-layer arrays, but only
-arch ``deci`` builds each layer's tensors at its own sizes; plain ``llama`` uses layer 0's sizes
-for all. So a model whose layers differ is written as ``deci`` with exact arrays, a uniform one as
-``llama``. Head size stays global (key_length / value_length). Q and K rows get llama.cpp's
-rotary permutation, per layer with that layer's head counts.
+arch ``deci`` builds each layer's tensors at its own sizes; the others (``llama``, ``qwen3``,
+``gemma3``) use layer 0's sizes for all. So the architecture's own GGUF arch (ArchSpec.gguf_arch)
+is written when every layer has one size, and ``deci`` with exact arrays when they differ, where
+the architecture is a Llama block (llama, mistral, phi3 split on load; qwen2 always, for its
+biases); Qwen3 and Gemma 3 layers of different sizes are refused. Head size stays global
+(key_length / value_length). For ``llama`` and ``deci`` (PAIRED_ROPE) the Q and K rows (and
+biases) get llama.cpp's rotary permutation, per layer with that layer's head counts.
 
 Float types (F32, F16, BF16) are written directly. Quantized types are made from an F32 file by
 ``llama_model_quantize``; k-quants need rows (a tensor's input size) of a multiple of 256 and
@@ -71,7 +74,11 @@ def gguf_arch(loaded: LoadedModel) -> str:
     import gguf
 
     spec, uniform = loaded.spec, len(set(loaded.layer_dims)) == 1
-    arch = spec.gguf_arch if uniform else spec.gguf_per_layer
+    biases = any(loaded.shape.bias.values())  # read by llama.cpp's deci, tested here
+    arch = spec.gguf_arch if uniform and not biases else spec.gguf_per_layer
+    if arch is None and uniform:
+        raise UserError(f"GGUF export of {loaded.shape.model_type} with projection biases is not "
+                        "supported; export with --target onnx")
     if arch is None:
         GGUF().check_layer_sizes(loaded, may_differ=True)
     return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]
@@ -82,12 +89,12 @@ def arch_problems(loaded: LoadedModel, arch: str) -> list[str]:
     import gguf
 
     shape, cfg, spec = loaded.shape, loaded.model.config, loaded.spec
-    problems = unsupported_features(cfg)
+    problems = unsupported_features(cfg, spec)
     names = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
     missing = [role for role in (*spec.norms, *PROJECTIONS) if GGUF_NAMES[role] not in names]
     if missing:
         problems.append(f"tensors {', '.join(missing)} in arch {arch}")
-    if any(shape.bias.values()) and arch in ("llama",):
+    if any(shape.bias.values()) and arch != "deci":
         problems.append("projections with biases")
     if arch == "gemma3":
         windows = layer_windows(cfg)
@@ -98,8 +105,6 @@ def arch_problems(loaded: LoadedModel, arch: str) -> list[str]:
             problems.append(f"a local rotary base other than {GEMMA3_LOCAL_BASE:g}")
         if attention_scale(cfg, shape.head_dim) != shape.head_dim ** -0.5:
             problems.append("query_pre_attn_scalar other than head_dim")
-    elif len(set(layer_windows(cfg)) - {None}) > 1:
-        problems.append("several sliding windows")
     return problems
 
 

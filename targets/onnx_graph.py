@@ -196,7 +196,7 @@ class _Decoder:
         return g.op("Add", hidden, self.layer_norm(down, layer, "ffn_post_norm", name))
 
     def embed(self) -> str:
-        """The token embeddings (Gemma: times sqrt(hidden), rounded to the weights' dtype)."""
+        """The token embeddings (Gemma: times sqrt(hidden), in the graph's dtype)."""
         g, model = self.g, self.loaded.model
         hidden = g.op("Gather", self.param("embed_tokens.weight", model.get_input_embeddings().weight),
                       "input_ids", axis=0)
@@ -247,7 +247,7 @@ def build_model(loaded: LoadedModel, dtype: str = "fp32"):
 
 def check_exportable(loaded: LoadedModel) -> None:
     """What the graph cannot express, refused before any work (UserError)."""
-    unsupported = unsupported_features(loaded.model.config)
+    unsupported = unsupported_features(loaded.model.config, loaded.spec)
     if unsupported:
         raise UserError(f"ONNX export of {', '.join(unsupported)} is not supported")
     if any(d.n_ff == 0 or d.n_head == 0 for d in loaded.layer_dims):

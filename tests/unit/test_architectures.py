@@ -13,6 +13,7 @@ from mosaic_export.targets.gguf import export as export_gguf
 from mosaic_export.targets.gguf import gguf_arch
 from mosaic_export.targets.gguf_runner import _llama
 
+from mosaic_export.arch import LayerDims
 from mosaic_export.cli import main
 from mosaic_export.fused import UNFUSED_AS
 from mosaic_export.model_io import load_model
@@ -94,13 +95,14 @@ def test_gguf_matches_pytorch_or_refuses_at_the_door(arch_dir, tmp_path, capsys)
         assert code == 2 and not out.exists()
         assert "--allocation uniform" in capsys.readouterr().err
         # one size for every layer is what llama.cpp can load: the first groups and channels kept
-        small = type(dense.shape.dense_dims)(2, 1, 64)
-        resize_model(dense, [leading(d, small) for d in dense.layer_dims])
+        resize_model(dense, [leading(d, LayerDims(2, 1, 64)) for d in dense.layer_dims])
     else:
         assert code == 0
         report = json.loads((out / "report.json").read_text())
         assert report["gguf"]["arch"] == "deci" and report["gguf"]["parity"]["top1_agreement"] >= 0.99
-        dense = load_model(str(out / "model"))
+        # every kind of removal: a KV group with its heads, query heads in each group, channels
+        sizes = [LayerDims(2, 1, 64), LayerDims(4, 2, 96), LayerDims(2, 2, 32)]
+        resize_model(dense, [leading(d, s) for d, s in zip(dense.layer_dims, sizes, strict=True)])
     path = tmp_path / "m.gguf"
     export_gguf(dense, path, "F32")
     llm = _llama(path, len(IDS), threads=1, logits_all=True)
@@ -134,3 +136,70 @@ def test_fused_projections_split_on_load_compute_the_same(tmp_path):
     with torch.no_grad():
         ref = phi3(input_ids=IDS[None]).logits[0].numpy()
     assert np.abs(_torch_logits(loaded, IDS) - ref).max() < 1e-5
+
+
+def test_layer_stream_gives_each_kind_of_layer_its_own_mask():
+    """Calibration runs layer by layer on inputs captured once: Gemma's full-attention layers must
+    get their own mask, not the sliding layers' (64 tokens, window 24)."""
+    from mosaic_export.arch import arch_for
+    from mosaic_export.calibration import LayerStream
+
+    model = tiny_arch_model("gemma3")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+    stream = LayerStream(model, arch_for("gemma3_text"), ids, batch_size=1)
+    assert sorted(stream.kwargs, key=str) == ["full_attention", "sliding_attention"]
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for i, layer in enumerate(model.model.layers[:-1]):  # the last output is after the final norm
+        stream.advance(layer)
+        assert torch.allclose(torch.cat(stream.hidden), want[i + 1], atol=1e-4), i
+
+
+# What the main configs leave at their defaults: a score scale other than 1/sqrt(head_dim), one
+# window for all of Mistral's layers, Qwen2's window from layer 1 on; ONNX computes each (64
+# tokens, window 24); llama.cpp's Gemma 3 fixes the scale, so GGUF refuses that one.
+VARIANTS = [("gemma3", dict(query_pre_attn_scalar=24)), ("mistral", dict(sliding_window=24)),
+            ("qwen2", dict(use_sliding_window=True, sliding_window=24, max_window_layers=1))]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_onnx_computes_config_variants(tmp_path, arch, overrides):
+    from mosaic_export.targets.onnx import export as export_onnx
+    from mosaic_export.targets.onnx_runner import OnnxDecoder
+
+    config_cls, model_cls, extra = ARCHS[arch]
+    ARCHS[arch] = (config_cls, model_cls, {**extra, **overrides})
+    try:
+        model = tiny_arch_model(arch)
+    finally:
+        ARCHS[arch] = (config_cls, model_cls, extra)
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    resize_model(loaded, [leading(d, LayerDims(2, 1, 64)) for d in loaded.layer_dims])
+    ids = torch.randint(0, TINY["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(2))
+    decoder = OnnxDecoder(export_onnx(loaded, tmp_path / "onnx", "fp32").parent, threads=1)
+    logits, _ = decoder.forward(ids.numpy(), decoder.empty_past())
+    assert np.abs(logits[0] - _torch_logits(loaded, ids[0])).max() < 1e-4
+    if arch == "gemma3":
+        from mosaic_export.targets.gguf import check_exportable
+
+        from mosaic_export.errors import UserError
+
+        with pytest.raises(UserError, match="query_pre_attn_scalar"):
+            check_exportable(loaded)
+
+
+def test_an_activation_the_exporters_do_not_compute_is_refused(tmp_path):
+    from mosaic_export.targets.gguf import check_exportable as gguf_check
+    from mosaic_export.targets.onnx_graph import check_exportable as onnx_check
+
+    from mosaic_export.errors import UserError
+    from tests.conftest import tiny_model
+
+    tiny_model(hidden_act="gelu").save_pretrained(tmp_path, safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    for check in (gguf_check, onnx_check):
+        with pytest.raises(UserError, match="activation gelu"):
+            check(loaded)
