@@ -99,6 +99,9 @@ def _check_positive(config: RunConfig) -> None:
 def _plan(config: RunConfig, target) -> Plan | None:
     """The plan file to apply (checked), which excludes a search and --types."""
     if config.types:
+        if not target.scores_perplexity:
+            raise UserError(f"the {target.name} target's benchmark scores no perplexity, which a "
+                            f"search over types needs: fix the type with --{target.option}")
         bad = [t for t in config.types if t not in target.search_types]
         if bad:
             raise UserError(f"types {', '.join(bad)} are not offered by the {target.name} target "

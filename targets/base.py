@@ -64,6 +64,7 @@ class Target(ABC):
     profile_keys: ClassVar[dict[str, tuple[str, ...]]] = {}  # more [runtime] keys, with their choices
     nominal_base: ClassVar[int]  # bytes the runtime holds before any weight (nominal calibration)
     packages: ClassVar[tuple[str, ...]] = ()  # Python packages whose versions the manifest records
+    scores_perplexity: ClassVar[bool] = True  # benchmark() scores an eval_text (the joint search needs it)
 
     def check_type(self, type_: str) -> str:
         if type_ not in self.types:

@@ -29,6 +29,7 @@ class Checkpoint(Target):
     search_types = ("fp32",)
     default_type = "fp32"
     nominal_base = 2**18  # small: the tiny model's weights must matter in the memory budget
+    scores_perplexity = False  # its benchmark times the model only
 
     def kv_bytes_per_value(self, type_):
         return 4
@@ -147,6 +148,10 @@ def test_registered_target_runs_the_main_command(checkpoint_target, tiny_model_d
     assert "agrees with PyTorch on the greedy next token at 100.0%" in capsys.readouterr().out
     assert main(["run", str(out), "--prompt", "The function", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    # a search over types measures each type's perplexity in the runtime: refused at the door
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), "--types", "fp32",
+                 "--out", str(tmp_path / "searched")]) == 2
+    assert "scores no perplexity" in capsys.readouterr().err and not (tmp_path / "searched").exists()
 
 
 def test_registry_checks_at_registration(checkpoint_target):
