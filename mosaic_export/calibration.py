@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one (n_tokens,) id tensor, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    """The whole text as one (n_tokens,) id tensor, without special tokens: added nowhere, and a
+    special token's text inside it ("<unk>" in WikiText, for Gemma a special token) read as text,
+    as llama.cpp and ONNX Runtime's scorers read it."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    split_special_tokens=True)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -103,7 +103,8 @@ def tokenizer_probe() -> str:
 
 def source_token_ids(loaded: LoadedModel, text: str) -> list[int]:
     """The source tokenizer's ids of text (transformers' tokenizer of the model folder)."""
-    return [int(t) for t in loaded.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return [int(t) for t in loaded.tokenizer(text, add_special_tokens=False,
+                                             split_special_tokens=True)["input_ids"]]
 
 
 def tokenizer_check(loaded: LoadedModel, parity: dict, probe: str) -> dict:

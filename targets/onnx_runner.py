@@ -120,6 +120,7 @@ def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVID
     decoder = OnnxDecoder(folder, provider, evaluation.threads)
     load_s = time.perf_counter() - t0
     tok = decoder.tokenizer()
+    tok.encode_special_tokens = True  # plain text: a special token's text in it is text
     text = tok.encode(corpus("builtin"), add_special_tokens=False).ids
     prompt = text[:evaluation.prompt_tokens]
     t0 = time.perf_counter()

@@ -42,3 +42,16 @@ def test_windows_are_seeded():
     assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 16)) for row in a)
     with pytest.raises(UserError, match="fewer than one sample"):
         sample_windows(torch.arange(10), 1, 16, seed=0, source="tiny.txt")
+
+
+def test_special_token_text_in_plain_text_is_text():
+    """WikiText writes "<unk>", a special token of Gemma's vocabulary; llama.cpp and ONNX Runtime
+    read plain text as text, so the PyTorch side must too, or perplexities are not comparable."""
+    from mosaic_export.calibration import tokenize
+    from tests.conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer(320)
+    eos = tok.convert_tokens_to_ids("<eos>")
+    assert eos in tok("a <eos> b", add_special_tokens=False).input_ids  # transformers' default
+    ids = tokenize(tok, "a <eos> b").tolist()
+    assert eos not in ids and tok.decode(ids) == "a <eos> b"
