@@ -83,6 +83,7 @@ def _target(args: argparse.Namespace, search: bool) -> str | None:
 def _types(args: argparse.Namespace, search: bool, target: str | None) -> tuple[str, ...] | None:
     """The types to search (or sweep): --types, checked against the target; by default every
     type the target offers when a search runs and neither --quant nor --dtype fixes one."""
+    from .run_config import check_types
     from .targets import get, names
 
     fixed = args.quant or args.dtype
@@ -95,11 +96,7 @@ def _types(args: argparse.Namespace, search: bool, target: str | None) -> tuple[
                         "give one")
     if not search and not getattr(args, "targets", None):
         raise UserError("--types is for a budget search (no --sparsity) or a sweep")
-    offered = get(target).search_types
-    bad = [t for t in args.types if t not in offered]
-    if bad:
-        raise UserError(f"--types: {', '.join(bad)} not offered by the {target} target "
-                        f"({', '.join(offered)})")
+    check_types(get(target), args.types)
     return tuple(dict.fromkeys(args.types))
 
 

@@ -96,16 +96,21 @@ def _check_positive(config: RunConfig) -> None:
         raise UserError(f"--eval-seq-len must be at least 2 tokens, got {config.eval_seq_len}")
 
 
+def check_types(target, types) -> None:
+    """--types: each one a type the target's search offers (the main command and the sweep)."""
+    bad = [t for t in types if t not in target.search_types]
+    if bad:
+        raise UserError(f"--types: {', '.join(bad)} not offered by the {target.name} target "
+                        f"({', '.join(target.search_types)})")
+
+
 def _plan(config: RunConfig, target) -> Plan | None:
     """The plan file to apply (checked), which excludes a search and --types."""
     if config.types:
         if not target.scores_perplexity:
             raise UserError(f"the {target.name} target's benchmark scores no perplexity, which a "
                             f"search over types needs: fix the type with --{target.option}")
-        bad = [t for t in config.types if t not in target.search_types]
-        if bad:
-            raise UserError(f"types {', '.join(bad)} are not offered by the {target.name} target "
-                            f"({', '.join(target.search_types)})")
+        check_types(target, config.types)
         if config.plan:
             raise UserError("--plan applies a plan as it is; it cannot be combined with --types")
     plan = Plan.load(config.plan) if config.plan else None
