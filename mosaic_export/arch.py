@@ -110,7 +110,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                       **_LLAMA_LIKE),
     "mistral": ArchSpec(model_types=("mistral",), gguf_arch="LLAMA", gguf_per_layer="DECI",
                         **_LLAMA_LIKE),
-    # llama.cpp's qwen2 assumes n_head * head_dim == hidden: pruned heads go to deci (biases too)
+    # always deci: llama.cpp's qwen2 assumes n_head * head_dim == hidden (no removed heads); deci
+    # reads any sizes and the q/k/v biases
     "qwen2": ArchSpec(model_types=("qwen2",), gguf_arch="DECI", gguf_per_layer="DECI",
                       **_LLAMA_LIKE),
     "qwen3": ArchSpec(model_types=("qwen3",), gguf_arch="QWEN3",

@@ -97,7 +97,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="how the target is spread over layers and projections: uniform (global), "
                         "layer (OWL), projection (OWL's rule per projection type, each type at the "
                         "target), joint (OWL's rule over all layer x type cells), layer+type (OWL's "
-                        "layer vector plus a per-type offset) (default: %(default)s)")
+                        "layer vector plus a per-type offset); uniform keeps every layer at one "
+                        "size, which a GGUF of qwen3 or gemma3 needs (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="unstructured pruner (default: %(default)s)")
     p.add_argument("--outlier-m", type=float, default=d.outlier_m,

@@ -2,7 +2,7 @@
 
 transformers turns a GGUF ``llama``-model vocabulary of Gemma into a Unigram model scored by the
 file's scores; but those scores are merge ranks (-rank) of a BPE model, so Unigram splits words
-into characters (" capital" became " c", "ap", "it", "al"), and every count, perplexity and
+into fragments of one or two characters (" capital" became " c", "ap", "it", "al"), and every count, perplexity and
 calibration window would be wrong. llama.cpp's tokenizer merges, at each step, the adjacent pair
 whose joined piece scores highest. That is a BPE model whose merges are every split of a piece
 into two pieces of the vocabulary, ranked by the joined piece's score: built here, with spaces as

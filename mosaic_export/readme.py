@@ -104,7 +104,7 @@ def app_readme(folder: Path, manifest: dict) -> str:
                   f"loss {rec['first_loss']:.3f} -> {rec['final_loss']:.3f}).", ""]
     lines += ["## Files", "", *(f"- {f}" for f in files), ""]
     if layers:
-        lines += ["## Layers", "", f"{len(layers)} decoder layers, each at its own size:", "",
+        lines += ["## Layers", "", f"{len(layers)} decoder layers and their sizes:", "",
                   *layer_table(layers), ""]
     lines += figures_table(manifest.get("budgets"), manifest.get("cost"))
     lines += run_section(fmt)

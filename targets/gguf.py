@@ -4,8 +4,9 @@ llama.cpp reads head_count, head_count_kv and feed_forward_length as per-layer a
 arch ``deci`` builds each layer's tensors at its own sizes; the others (``llama``, ``qwen3``,
 ``gemma3``) use layer 0's sizes for all. So the architecture's own GGUF arch (ArchSpec.gguf_arch)
 is written when every layer has one size, and ``deci`` with exact arrays when they differ, where
-the architecture is a Llama block (llama, mistral, phi3 split on load; qwen2 always, for its
-biases); Qwen3 and Gemma 3 layers of different sizes are refused. Head size stays global
+the architecture is a Llama block (llama, mistral, phi3 split on load; qwen2 always: llama.cpp's
+qwen2 assumes heads x head size = hidden, deci reads any sizes and the biases); Qwen3 and Gemma 3
+layers of different sizes are refused. Head size stays global
 (key_length / value_length). For ``llama`` and ``deci`` (PAIRED_ROPE) the Q and K rows (and
 biases) get llama.cpp's rotary permutation, per layer with that layer's head counts.
 
@@ -53,7 +54,8 @@ FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
 # whole context, the others a sliding window with rotary base 10000; scores scaled by 1/sqrt(head).
 GEMMA3_FULL_EVERY, GEMMA3_LOCAL_BASE = 6, 10000.0
 # Architectures whose rope rotates pairs (2i, 2i+1): Q and K rows are permuted from Hugging Face's
-# halves (rotary_permute); the others (qwen2, qwen3, gemma3: NEOX rope) take the halves as they are.
+# halves (rotary_permute), biases too (qwen2 is written as deci); qwen3 and gemma3 (NEOX rope) take
+# the halves as they are.
 PAIRED_ROPE = ("llama", "deci")
 
 
