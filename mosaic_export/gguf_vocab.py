@@ -3,11 +3,11 @@
 transformers turns a GGUF ``llama``-model vocabulary of Gemma into a Unigram model scored by the
 file's scores; but those scores are merge ranks (-rank) of a BPE model, so Unigram splits words
 into fragments of one or two characters (" capital" became " c", "ap", "it", "al"), and every
-count, perplexity and calibration window would be wrong. llama.cpp's tokenizer merges, at each step, the adjacent pair
-whose joined piece scores highest. That is a BPE model whose merges are every split of a piece
-into two pieces of the vocabulary, ranked by the joined piece's score: built here, with spaces as
-"▁", no prefix space and byte fallback, and the user-defined pieces (runs of newlines and spaces)
-matched in the raw text first, as llama.cpp does.
+count, perplexity and calibration window would be wrong. llama.cpp's tokenizer merges, at each
+step, the adjacent pair whose joined piece scores highest. That is a BPE model whose merges are
+every split of a piece into two pieces of the vocabulary, ranked by the joined piece's score:
+built here, with spaces as "▁", no prefix space and byte fallback, and the user-defined pieces
+(runs of newlines and spaces) matched in the raw text first, as llama.cpp does.
 """
 
 from __future__ import annotations
