@@ -169,7 +169,8 @@ def test_unsupported_architecture(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     _bad(tmp_path, capsys, "--model", folder,
-         match="architecture 'gpt2' is not supported; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3")
+         match="architecture 'gpt2' is not supported; supported: gemma3_text, llama, mistral, "
+               "phi3, qwen2, qwen3")
 
 
 def test_profile_typo(tmp_path, capsys, tiny_model_dir):
