@@ -126,8 +126,8 @@ def load_model(path: str | None = None) -> LoadedModel:
     source = str(path) if path else str(target)
     gguf_file = _gguf_source(target)
     if gguf_file is not None:
-        spec = arch_for(_gguf_architecture(gguf_file))
-        model, tokenizer = _load_gguf(gguf_file)
+        model, tokenizer, architecture = _load_gguf(gguf_file)
+        spec = arch_for(architecture)
     else:
         config = _read_config(target)
         spec = arch_for(str(config.get("model_type")))
@@ -159,6 +159,24 @@ def _gguf_source(target: Path) -> Path | None:
 
 
 def _load_gguf(gguf_file: Path):
+    """(model, tokenizer, GGUF architecture): converted by transformers, or from the cache of
+    earlier conversions (gguf_cache.py)."""
+    from . import gguf_cache
+
+    cached = gguf_cache.entry(gguf_file)
+    found = gguf_cache.load(cached, gguf_file) if cached is not None else None
+    if found is not None:
+        return found
+    architecture = _gguf_architecture(gguf_file)  # also refuses a file that is not GGUF
+    model, tokenizer = _convert_gguf(gguf_file)
+    # As it would come from the cache, so that a first run and a later one write the same files
+    tokenizer = gguf_cache.saved_and_loaded(tokenizer, gguf_file)
+    if cached is not None:
+        gguf_cache.store(cached, gguf_file, model, tokenizer, architecture)
+    return model, tokenizer, architecture
+
+
+def _convert_gguf(gguf_file: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -43,6 +43,18 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache_folder(tmp_path_factory):
+    """GGUF conversions (mosaic_export/gguf_cache.py) cached for this session only, not in the
+    home folder; the CLI's child processes inherit the setting."""
+    from mosaic_export.gguf_cache import ENV
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(ENV, str(tmp_path_factory.mktemp("gguf-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama + tokenizer folder (config.json, model.safetensors, tokenizer)."""
