@@ -134,11 +134,25 @@ def cmd_sweep(argv: list[str]) -> int:
                      "vs peak memory and vs decode tokens/s, Pareto fronts) and OUT/report.md.")
     p.add_argument("--targets", nargs="+", type=fraction, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                    help="shares of the decoder to remove (default: %(default)s)")
+    p.epilog = ("The runs are built in .OUT.sweep/ beside OUT; if the sweep stops, the same command "
+                "resumes it from the runs that finished.")
+    cluster = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
+    cluster.add_argument("--ray", metavar="auto|ADDRESS",
+                         help="run each (type, target) as a Ray task: auto joins the cluster this "
+                              "machine belongs to (ray start), else starts one here; ADDRESS joins "
+                              "that one (host:6379 or ray://host:10001). Paths (model, profile, "
+                              "texts) must be readable on every worker")
+    cluster.add_argument("--ray-cpus", type=int, metavar="N",
+                         help="CPUs each run asks for and uses (default: --threads, else 1)")
+    cluster.add_argument("--retries", type=int, default=2, metavar="N",
+                         help="times a failed or killed run is tried again (default: %(default)s)")
     args = p.parse_args(argv)
     if args.sparsity is not None:
         raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
+    if args.ray is None and args.ray_cpus is not None:
+        raise UserError("--ray-cpus is for a sweep on a Ray cluster (--ray)")
     args.sparsity = 0.0
-    sweep(_config(args), args.targets)
+    sweep(_config(args), args.targets, ray=args.ray, retries=args.retries, cpus=args.ray_cpus)
     return 0
 
 

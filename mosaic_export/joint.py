@@ -30,12 +30,13 @@ from .errors import Infeasible, UserError
 from .plan import PruneSettings
 from .pod import LayerMeasurement
 from .profile import Budgets
-from .quality import OVERSHOOT, QualityModel, StructureProbe, share_points
+from .quality import OVERSHOOT, QualityModel, StructureProbe, log_error, share_points
 from .search import Candidate, SearchResult, search
 
 if TYPE_CHECKING:
     import torch
 
+    from .evaluate import Perplexity
     from .model_io import LoadedModel
     from .pipeline import RunConfig
     from .profile import Profile
@@ -356,3 +357,15 @@ def _structural_probe(config: RunConfig, loaded: LoadedModel, spec: StructurePro
     recovered = probed["recovered"]
     share = share_points(reference, probed["levels"], recovered) if recovered else ()
     return structure, share, recovered
+
+
+def joint_check(joint: JointResult, runtime: dict | None, dense: Perplexity | None) -> dict | None:
+    """The chosen candidate's predicted perplexity on the evaluation text (the dense float32
+    figure there, moved by the predicted change) against the runtime's measured one."""
+    measured = ((runtime or {}).get("benchmark") or {}).get("perplexity")
+    if not measured or dense is None or joint.chosen.delta is None:
+        return None
+    predicted = dense.perplexity * math.exp(joint.chosen.delta)
+    return {"text": measured["text"], "predicted_perplexity": predicted,
+            "measured_perplexity": measured["perplexity"],
+            "log_error": log_error(predicted, measured["perplexity"])}

@@ -30,7 +30,7 @@ def is_tool_output(folder: Path) -> bool:
             return True
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         pass
-    return (folder / "sweep.csv").is_file() and any(folder.glob(f"r*/{MANIFEST}"))
+    return (folder / "sweep.csv").is_file() and any(folder.glob(f"*/{MANIFEST}"))
 
 
 def check_replaceable(out: Path) -> None:
@@ -118,15 +118,19 @@ def clean_stale(out: Path, log=print) -> None:
             "delete it if not")
 
 
-def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=print) -> None:
+def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=print,
+                  work: Path | None = None) -> None:
     """Let build() write everything into a temporary folder beside OUT, then move it into place.
 
     On any failure (a signal included: the CLI turns SIGTERM and SIGHUP into an exception) the
     temporary folder is removed: OUT is either complete or untouched. Temporary folders of
-    earlier runs that were killed outright (SIGKILL, power) are removed first."""
+    earlier runs that were killed outright (SIGKILL, power) are removed first. ``work``: a
+    hidden folder beside OUT that already holds part of the output (a sweep's finished runs),
+    used instead of a new one and kept on failure, so that the work can be resumed."""
     out = out.resolve()
     clean_stale(out, log)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}{os.getpid()}-", dir=out.parent))
+    tmp = work or Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}{os.getpid()}-", dir=out.parent))
+    discard = work is None
     try:
         build(tmp)
         mask = os.umask(0)
@@ -140,10 +144,12 @@ def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=pri
             shutil.rmtree(out)
         tmp.rename(out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if discard:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if discard:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, UserError | KeyboardInterrupt) and disk_full(out.parent, e):
             raise UserError(f"cannot write {out}: no space left on the device "
                             f"({format_bytes(shutil.disk_usage(out.parent).free)} free)") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -27,14 +26,14 @@ from .costmodel import Format, Pricing
 from .deploy import finalize
 from .errors import UserError
 from .evaluate import Perplexity, perplexity, windows
-from .joint import JointResult, joint_search
+from .joint import JointResult, joint_check, joint_search
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .outputs import check_free_space, write_outputs
 from .plan import Plan, PruneSettings
 from .planner import layers_may_differ, make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
 from .pod import measure
-from .process import peak_rss_bytes
+from .process import peak_rss_bytes, torch_threads
 from .profile import Profile
 from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
@@ -57,20 +56,22 @@ def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
                       plan: Plan | None, calib: torch.Tensor, profile: Profile | None = None,
-                      pricing: Pricing | None = None, log=print
+                      pricing: Pricing | None = None, log=print, measured: list | None = None
                       ) -> tuple[Plan, LayerStream, SearchResult | JointResult | None]:
-    """The plan given, or one made from pass 1: at settings.sparsity, or, with config.search,
-    at the least removal whose predicted cost meets the profile's budgets (with config.types, the
-    joint search over types, structure and recovery: a JointResult)."""
+    """The plan given, or one made from pass 1 (``measured``: its result, made once for a
+    sweep): at settings.sparsity, or, with config.search, at the least removal whose predicted
+    cost meets the profile's budgets (with config.types, the joint search over types, structure
+    and recovery: a JointResult)."""
     stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
             raise UserError("the plan was made for a model of another shape: "
                             f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
         return plan, stream, None
-    start = stream.hidden
-    measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m)
-    stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
+    if measured is None:
+        start = stream.hidden
+        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m)
+        stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
     if config.types:
@@ -129,6 +130,16 @@ class Dense:
 
 
 @dataclass(frozen=True)
+class DensePass:
+    """What the runs of a sweep share, made once (sweep.dense_pass): pass 1 over the dense model
+    (the outlier ratios and scores every plan is made from) and the dense perplexity."""
+
+    measured: list  # a pod.LayerMeasurement per layer
+    perplexity: Perplexity | None
+    params: int  # the dense model's, all of them (what a run's memory is sized from)
+
+
+@dataclass(frozen=True)
 class Pruned:
     """Plan (or search) and apply: the plan, how it was found, the resized model's figures."""
 
@@ -160,29 +171,29 @@ class Exported:
     peak_rss_bytes: int  # the whole run's, up to here
 
 
-def run(config: RunConfig, log=print) -> dict:
-    """Prune, save, reload-check and evaluate; returns the report (also written to OUT)."""
+def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
+    """Prune, save, reload-check and evaluate; returns the report (also written to OUT).
+    ``shared``: the dense pass of a sweep, instead of making it again."""
     if config.out is None:
         raise UserError("an output folder is needed (--out)")
     inputs = prepare(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    dense = load_stage(config, inputs, log)
-    pruned = prune_stage(config, inputs, dense, log)
-    recovered = recover_stage(config, dense, pruned, log)
-    reports = []
+    with torch_threads(config.threads):
+        dense = load_stage(config, inputs, log, shared)
+        pruned = prune_stage(config, inputs, dense, log, shared)
+        recovered = recover_stage(config, dense, pruned, log)
+        reports = []
 
-    def build(folder: Path) -> None:
-        exported = export_stage(config, dense, pruned, folder, log)
-        reports.append(make_report(config, inputs, dense, pruned, recovered, exported))
-        bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
+        def build(folder: Path) -> None:
+            exported = export_stage(config, dense, pruned, folder, log)
+            reports.append(make_report(config, inputs, dense, pruned, recovered, exported))
+            bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
 
-    write_outputs(config.out, config.force, build, log)
+        write_outputs(config.out, config.force, build, log)
     log_summary(reports[0], config.out, log)
     return reports[0]
 
 
-def load_stage(config: RunConfig, inputs: Inputs, log=print) -> Dense:
+def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass | None = None) -> Dense:
     log(f"profile {inputs.profile.name}: {inputs.profile.description}")
     t0 = time.perf_counter()
     loaded = load_model(config.model)
@@ -201,15 +212,16 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print) -> Dense:
         eval_ids = windows(tokenize(loaded.tokenizer, corpus(config.eval_text)),
                            config.eval_seq_len, config.eval_windows, config.eval_text)
     calib = calibration_ids(loaded, inputs.settings, recovery_state_dir(config.out), config.device)
-    ppl = _perplexity(config, loaded, eval_ids, "dense")
+    ppl = shared.perplexity if shared else _perplexity(config, loaded, eval_ids, "dense")
     return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s)
 
 
-def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print) -> Pruned:
+def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
+                shared: DensePass | None = None) -> Pruned:
     loaded, fmt, pricing = dense.loaded, inputs.fmt, dense.pricing
     t0 = time.perf_counter()
     plan, stream, found = make_or_load_plan(config, loaded, inputs.settings, inputs.plan, dense.calib,
-                                            dense.profile, pricing, log)
+                                            dense.profile, pricing, log, shared and shared.measured)
     joint = None
     if isinstance(found, JointResult):  # the type is the search's choice
         joint, found = found, found.search
@@ -338,20 +350,6 @@ def _perplexity(config: RunConfig, loaded: LoadedModel, eval_ids: torch.Tensor |
     if eval_ids is None:
         return None
     return perplexity(loaded.model, eval_ids, config.eval_text, desc=f"perplexity ({which})")
-
-
-def joint_check(joint: JointResult, runtime: dict | None, dense: Perplexity | None) -> dict | None:
-    """The chosen candidate's predicted perplexity on the evaluation text (the dense float32
-    figure there, moved by the predicted change) against the runtime's measured one."""
-    measured = ((runtime or {}).get("benchmark") or {}).get("perplexity")
-    if not measured or dense is None or joint.chosen.delta is None:
-        return None
-    from .quality import log_error
-
-    predicted = dense.perplexity * math.exp(joint.chosen.delta)
-    return {"text": measured["text"], "predicted_perplexity": predicted,
-            "measured_perplexity": measured["perplexity"],
-            "log_error": log_error(predicted, measured["perplexity"])}
 
 
 def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan,

@@ -1,4 +1,4 @@
-"""Processes: this one's peak memory, and a runtime measurement run in a fresh one."""
+"""Processes: this one's peak memory, its machine, and a runtime measurement run in a fresh one."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -35,6 +36,36 @@ def peak_rss_bytes() -> int:
     if hwm is not None:
         return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB on Linux-likes
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's threads set to n for the block (None: left as they are), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def machine_label() -> str:
+    """This machine, for labelling what was measured on it: host name, CPU model, CPU count."""
+    import platform
+    import socket
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):  # x86; ARM boards
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{socket.gethostname()} ({cpu}, {os.cpu_count()} CPUs)"
 
 
 def release_memory() -> None:

@@ -2,119 +2,263 @@
 storage types); the Pareto front of quality against memory and against speed.
 
 Each (type, target) is a full run (structured pruning at that share of the decoder, export,
-benchmark on this machine, perplexity) written to OUT/r{target}/ (OUT/{type}-r{target}/ with
---types); OUT/sweep.csv holds one row per run, OUT/pareto.png the two fronts and OUT/report.md
-both.
+benchmark, perplexity) written to OUT/r{target}/ (OUT/{type}-r{target}/ with --types);
+OUT/sweep.csv holds one row per run, OUT/pareto.png the two fronts, OUT/report.md both and
+OUT/sweep.json where each run was measured and after how many attempts.
+
+The dense pass (pass 1 over the dense model, the dense perplexity) is made once and shared by
+every run. The runs go one after another here, or as tasks on a Ray cluster (--ray, cluster.py).
+They are built in .OUT.sweep/ beside OUT, each moved there when complete; a sweep that stops
+(an error, Ctrl-C, a lost machine) resumes from the runs that finished when the same command is
+given again, and OUT appears only when every run is there.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from .cluster import Job, Record
 from .errors import UserError
 from .outputs import check_output, write_outputs
-from .pipeline import RunConfig, run
+from .pipeline import DensePass, RunConfig, run
+from .process import machine_label, torch_threads
 from .report import pareto
 from .targets import get as get_target
 from .targets import names as target_names
 
 FIELDS = ["type", "target", "removed", "perplexity", "memory_bytes", "decode_tokens_per_s",
           "prefill_tokens_per_s", "file_bytes", "predicted_memory_bytes",
-          "predicted_decode_tokens_per_s"]
+          "predicted_decode_tokens_per_s", "machine", "attempts"]
+RECORD = "sweep.json"  # in the work folder, then in OUT: the settings and each run's record
 
 
-def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
-    """Run config at each removal target (all structured) into OUT/r{target}/."""
+def sweep(config: RunConfig, targets: list[float], log=print, ray: str | None = None,
+          retries: int = 2, cpus: int | None = None) -> list[dict]:
+    """Run config at each removal target (all structured) into OUT/r{target}/; on the Ray
+    cluster at ``ray`` ("auto" or an address) when given, each run asking for ``cpus`` CPUs
+    (default: --threads, else 1) and retried up to ``retries`` times."""
+    _check(config, targets, retries, cpus)
+    out = config.out
+    check_output(out, config.force)
+    jobs = make_jobs(config, targets)
+    work, record = _work_folder(config, jobs, log)
+    todo = [job for job in jobs if job.name not in record["runs"]]
+    if len(todo) < len(jobs):
+        log(f"resuming the sweep in {work}: {len(jobs) - len(todo)} of {len(jobs)} runs finished")
+    try:
+        if todo:
+            shared = dense_pass(config, log)
+            for job, done in _runs(todo, shared, work, ray, retries, cpus or config.threads or 1, log):
+                record["runs"][job.name] = asdict(done)
+                _save(work / RECORD, record)
+    except BaseException:
+        print(f"mosaic-export: the sweep stopped with {len(record['runs'])} of {len(jobs)} runs "
+              f"finished, kept in {work}: the same command resumes it", file=sys.stderr)
+        raise
+    rows = [_row(job, json.loads((work / job.name / "report.json").read_text(encoding="utf-8")),
+                 record["runs"][job.name]) for job in jobs]
+    write_outputs(out, config.force, lambda folder: _write(folder, rows, config.target), log, work)
+    log(f"wrote {out}/sweep.csv, {out}/pareto.png, {out}/report.md")
+    return rows
+
+
+def _check(config: RunConfig, targets: list[float], retries: int, cpus: int | None) -> None:
     if config.target is None:
         raise UserError(f"a sweep needs a target format (--target {' or '.join(target_names())})")
     if not targets or any(not 0 <= t <= 0.9 for t in targets):
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
         raise UserError("a sweep compares perplexity: --eval-windows cannot be 0")
-    out = config.out
-    check_output(out, config.force)
-    rows: list[dict] = []
+    if retries < 0:
+        raise UserError(f"--retries must be >= 0, got {retries}")
+    if cpus is not None and cpus < 1:
+        raise UserError(f"--ray-cpus must be a positive integer, got {cpus}")
 
-    types = config.types or [None]  # None: the one type of --quant / --dtype / the profile
+
+def make_jobs(config: RunConfig, targets: list[float]) -> list[Job]:
+    """Every (type, target) of the sweep, as the run it is: type by type, targets in order."""
+    work = _work_path(config.out)
     option = get_target(config.target).option
-
-    def build(folder: Path) -> None:
-        for type_ in types:
-            for t in sorted(set(targets)):
-                log(f"--- sweep: {t:.0%} of the decoder removed by structure"
-                    + (f", {type_}" if type_ else ""))
-                settings = replace(config.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
-                name = f"{type_}-r{t:.2f}" if type_ else f"r{t:.2f}"
-                typed = {option: type_, "alignment": None} if type_ else {}
-                r = run(replace(config, settings=settings, search=False, types=None,
-                                out=folder / name, force=False, **typed), log=log)
-                rows.append(_row(t, r, config.target))
-        _write(folder, rows, config.target)
-
-    write_outputs(out, config.force, build)
-    log(f"wrote {out}/sweep.csv, {out}/pareto.png, {out}/report.md")
-    return rows
+    jobs = []
+    for type_ in config.types or [None]:  # None: the one type of --quant / --dtype / the profile
+        for t in sorted(set(targets)):
+            name = f"{type_}-r{t:.2f}" if type_ else f"r{t:.2f}"
+            settings = replace(config.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
+            typed = {option: type_, "alignment": None} if type_ else {}
+            jobs.append(Job(name, replace(config, settings=settings, search=False, types=None,
+                                          out=work / name, force=False, **typed), t, type_))
+    return jobs
 
 
-def _row(target: float, report: dict, fmt_target: str) -> dict:
-    bench = report[fmt_target]["benchmark"]
+def dense_pass(config: RunConfig, log=print) -> DensePass:
+    """Load the model and make pass 1 once for all the runs (they differ only after it); the
+    model's checks (can it be exported? do the texts fit?) run here, before any run."""
+    from .calibration import LayerStream
+    from .pipeline import load_stage
+    from .pod import measure
+    from .run_config import prepare
+
+    log("--- sweep: the dense pass, shared by every run")
+    inputs = prepare(replace(config, out=None))
+    with torch_threads(config.threads):
+        dense = load_stage(config, inputs, log)
+        loaded = dense.loaded
+        stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size)
+        measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m)
+    return DensePass(measured, dense.perplexity, dense.counts["total"])
+
+
+def _runs(jobs: list[Job], shared: DensePass, work: Path, ray: str | None, retries: int, cpus: int,
+          log):
+    """Each job run, here or on the cluster, its folder in work; yields (job, record)."""
+    if ray is None:
+        for job in jobs:
+            log(f"--- sweep: {job.name}: {job.target:.0%} of the decoder removed by structure"
+                + (f", {job.type}" if job.type else ""))
+            t0 = time.perf_counter()
+            run(job.config, log=log, shared=shared)
+            yield job, Record(machine_label(), time.perf_counter() - t0)
+        return
+    from . import cluster
+
+    started = cluster.connect(ray)
+    try:
+        jobs = [replace(job, config=replace(job.config, threads=job.config.threads or cpus)) for job in jobs]
+        memory = cluster.task_memory(4 * shared.params)
+        for job, finished, record in cluster.runs(jobs, shared, memory, cpus, retries, log):
+            cluster.unpack(finished.files, work / job.name)
+            log(f"--- sweep: {job.name} finished on {record.machine} in {record.seconds:.0f} s"
+                + (f" (attempt {record.attempts})" if record.attempts > 1 else ""))
+            yield job, record
+    finally:
+        if started:
+            cluster.disconnect()
+
+
+def _work_path(out: Path) -> Path:
+    out = out.resolve()
+    return out.parent / f".{out.name}.sweep"
+
+
+def _work_folder(config: RunConfig, jobs: list[Job], log) -> tuple[Path, dict]:
+    """The sweep's work folder and record: an interrupted sweep's with the same settings (to
+    resume), else a new one (an interrupted sweep with other settings is removed)."""
+    work = _work_path(config.out)
+    settings = json.loads(json.dumps({"config": asdict(replace(config, force=False)),
+                                      "runs": [job.name for job in jobs]}, default=str))
+    try:
+        record = json.loads((work / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if work.exists() and (record or {}).get("settings") != settings:
+        shutil.rmtree(work)
+        log(f"removed {work}: an interrupted sweep with other settings")
+        record = None
+    if record is None:
+        work.mkdir()
+        record = {"settings": settings, "runs": {}}
+        _save(work / RECORD, record)
+    for job in jobs:  # a run counts as finished when its folder and its record are both there
+        if job.name not in record["runs"] or not (work / job.name / "report.json").is_file():
+            record["runs"].pop(job.name, None)
+            shutil.rmtree(work / job.name, ignore_errors=True)
+    return work, record
+
+
+def _save(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _row(job: Job, report: dict, record: dict) -> dict:
+    bench = report[job.config.target]["benchmark"]
     p, cost = report["params"], report.get("cost", {})
     return {"type": report["format"]["type"],
-            "target": target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
+            "target": job.target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
             "perplexity": report["perplexity"]["pruned"]["perplexity"],
             "memory_bytes": bench["peak_rss_bytes"],
             "decode_tokens_per_s": bench["decode"]["tokens_per_s"],
             "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"],
             "file_bytes": bench["file_bytes"],
             "predicted_memory_bytes": cost.get("predicted", {}).get("memory_bytes"),
-            "predicted_decode_tokens_per_s": cost.get("predicted", {}).get("decode_tokens_per_s")}
+            "predicted_decode_tokens_per_s": cost.get("predicted", {}).get("decode_tokens_per_s"),
+            "machine": record["machine"], "attempts": record["attempts"]}
 
 
 def _write(folder: Path, rows: list[dict], fmt_target: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(folder / "sweep.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    fronts = {}
-    for ax, key, scale, label, larger in (
-            (axes[0], "memory_bytes", 2**20, "peak memory, context full (MiB)", False),
-            (axes[1], "decode_tokens_per_s", 1, "decode tokens/s", True)):
-        pts = [(r[key] / scale, r["perplexity"]) for r in rows]
-        front = sorted(pareto(pts, larger), key=lambda i: pts[i][0])
-        fronts[key] = front
-        ax.scatter([x for x, _ in pts], [y for _, y in pts], color="tab:gray", zorder=2)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o-", color="tab:red",
-                label="Pareto front", zorder=3)
-        typed = len({r["type"] for r in rows}) > 1
-        for r, (x, y) in zip(rows, pts, strict=True):
-            ax.annotate(f"{r['type']} " * typed + f"{r['removed']:.0%}", (x, y),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs cost across removal targets and types ({fmt_target}, measured here)")
-    fig.tight_layout()
-    fig.savefig(folder / "pareto.png", dpi=110)
-    plt.close(fig)
+    fronts = _plot(folder / "pareto.png", rows, fmt_target)
+    machines = sorted({r["machine"] for r in rows})
+    several = len(machines) > 1
     lines = ["# mosaic-export sweep", "",
+             "Measured on " + ("each run's machine (the last column); fronts are per machine"
+                               if several else machines[0]) + ".", "",
              "| type | removed | perplexity | peak memory (MiB) | decode tokens/s | prefill tokens/s | "
-             "file (MiB) | on memory front | on speed front |", "|---|---|---|---|---|---|---|---|---|"]
+             "file (MiB) | on memory front | on speed front |" + " machine |" * several,
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * several]
     for i, r in enumerate(rows):
         lines.append(f"| {r['type']} | {r['removed']:.1%} | {r['perplexity']:.3f} | "
                      f"{r['memory_bytes'] / 2**20:.1f} | "
                      f"{r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['file_bytes'] / 2**20:.1f} | {'yes' if i in fronts['memory_bytes'] else ''} | "
-                     f"{'yes' if i in fronts['decode_tokens_per_s'] else ''} |")
+                     f"{'yes' if i in fronts['decode_tokens_per_s'] else ''} |"
+                     + f" {r['machine']} |" * several)
+    retried = [r for r in rows if r["attempts"] > 1]
     lines += ["", "![Pareto fronts](pareto.png)", "",
               "Each row is a full run in `r<target>/` (`<type>-r<target>/` with --types) with its "
               "own report."]
+    if retried:
+        lines += ["", "Runs that needed more than one attempt (the failures are in sweep.json): "
+                  + ", ".join(f"{r['type']} {r['target']:.0%} ({r['attempts']} attempts)" for r in retried)
+                  + "."]
     (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot(path: Path, rows: list[dict], fmt_target: str) -> dict[str, set[int]]:
+    """The two fronts, each machine's runs on their own (speeds measured on different machines
+    are not comparable); returns, per axis, the rows on their machine's front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    machines = sorted({r["machine"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fronts: dict[str, set[int]] = {"memory_bytes": set(), "decode_tokens_per_s": set()}
+    typed = len({r["type"] for r in rows}) > 1
+    for ax, key, scale, label, larger in (
+            (axes[0], "memory_bytes", 2**20, "peak memory, context full (MiB)", False),
+            (axes[1], "decode_tokens_per_s", 1, "decode tokens/s", True)):
+        for m, machine in enumerate(machines):
+            index = [i for i, r in enumerate(rows) if r["machine"] == machine]
+            pts = [(rows[i][key] / scale, rows[i]["perplexity"]) for i in index]
+            front = sorted(pareto(pts, larger), key=lambda j: pts[j][0])
+            fronts[key].update(index[j] for j in front)
+            color = plt.cm.tab10(m)
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], color=color, alpha=0.4, zorder=2)
+            ax.plot([pts[j][0] for j in front], [pts[j][1] for j in front], "o-", color=color,
+                    label="Pareto front" + (f": {machine}" if len(machines) > 1 else ""), zorder=3)
+            for i, (x, y) in zip(index, pts, strict=True):
+                ax.annotate(f"{rows[i]['type']} " * typed + f"{rows[i]['removed']:.0%}", (x, y),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    where = machines[0] if len(machines) == 1 else f"{len(machines)} machines"
+    fig.suptitle(f"quality vs cost across removal targets and types ({fmt_target}, measured on {where})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fronts

@@ -1,0 +1,191 @@
+"""The runs of a sweep on a Ray cluster (`mosaic-export sweep --ray auto|ADDRESS`).
+
+The dense pass (pass 1 over the dense model and its perplexity) runs once, on this machine, and
+goes to every run through Ray's object store. Each run (prune, export, runtime benchmark,
+perplexity) is one Ray task in a fresh worker process, asking for the CPUs given and the memory
+its model needs (task_memory); it writes its folder on the worker and sends the files back, so
+workers need no shared disk: only the model, profile and text paths must be readable on each.
+
+A task that fails or is killed (its worker or its node lost) is submitted again, up to
+`retries` more times; every failure is recorded and reported. An error in what the user asked
+for (a UserError) is not retried. Runs arrive as they finish (`runs` yields them) and are
+written into the sweep's work folder at once, so an interrupted sweep resumes from them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+from .outputs import TMP_INFIX
+from .process import machine_label
+from .units import format_bytes
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .pipeline import DensePass, RunConfig
+
+# A run's resident-memory high-water mark over its model's float32 size, measured for the whole
+# main job on SmolLM2-135M (30% structured, from outside the process): 3.27x. The runtime's
+# benchmark runs in a child process holding at most the float32 model again.
+PEAK_OVER_FP32 = 3.3 + 1.0
+HEADROOM = 512 * 2**20  # Python, torch and the runtime's libraries
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: its folder's name and its configuration (out: that folder)."""
+
+    name: str
+    config: RunConfig
+    target: float  # the share of the decoder removed by structure
+    type: str | None  # the type swept (--types), None: the run's one type
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a run sends back: its folder's files, where it ran, how long it took."""
+
+    files: dict[str, bytes]  # path in the run's folder -> contents
+    machine: str
+    seconds: float
+
+
+@dataclass
+class Record:
+    """A finished run, for the sweep's record: where it ran, after how many attempts."""
+
+    machine: str
+    seconds: float
+    attempts: int = 1
+    failures: list[str] | None = None
+
+
+def task_memory(fp32_bytes: int) -> int:
+    """The memory one run asks Ray for: its model's float32 size times the measured peak."""
+    return int(PEAK_OVER_FP32 * fp32_bytes) + HEADROOM
+
+
+def run_job(config: RunConfig, shared: DensePass) -> Finished:
+    """A run on a worker: into a temporary folder there, whose files go back to the driver."""
+    from .pipeline import run
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mosaic-export-run-") as tmp:
+        out = Path(tmp) / config.out.name
+        run(replace(config, out=out, force=False), shared=shared)
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return Finished(files, machine_label(), time.perf_counter() - t0)
+
+
+def unpack(files: dict[str, bytes], folder: Path) -> None:
+    """A run's files written as its folder, moved into place only when complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_INFIX}{os.getpid()}-", dir=folder.parent))
+    try:
+        for name, data in files.items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        tmp.chmod(0o777 & ~_umask())
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when moved into place
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
+    return ray
+
+
+def connect(address: str) -> bool:
+    """Join the cluster at address ("auto": the one this machine belongs to, else a new local
+    one for this sweep). Returns whether this call started Ray (and so shuts it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    kw = dict(log_to_driver=True, configure_logging=False)
+    if address != "auto":
+        try:
+            ray.init(address=address, **kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
+        return True
+    try:
+        ray.init(address="auto", **kw)
+    except ConnectionError:
+        ray.init(**kw)  # no running cluster: one on this machine, for this sweep
+    return True
+
+
+def disconnect() -> None:
+    _ray().shutdown()
+
+
+def check_fits(cpus: int, memory: int) -> None:
+    """Refuse a run that no node of the cluster could ever take (Ray would wait for ever)."""
+    ray = _ray()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= cpus and r.get("memory", 0) >= memory for r in nodes):
+        largest = max(nodes, key=lambda r: r.get("CPU", 0), default={})
+        raise UserError(f"each run asks for {cpus} CPU(s) and {format_bytes(memory)}; no node of the "
+                        f"Ray cluster offers that (the largest: {largest.get('CPU', 0):g} CPUs, "
+                        f"{format_bytes(int(largest.get('memory', 0)))})")
+
+
+def runs(jobs: list[Job], shared: DensePass, memory: int, cpus: int, retries: int,
+         log=print) -> Iterator[tuple[Job, Finished, Record]]:
+    """Each job as a Ray task; yields each as it finishes. A failed attempt is submitted again
+    up to `retries` times; past that the sweep stops (the finished runs stay in its folder)."""
+    ray = _ray()
+    check_fits(cpus, memory)
+    task = ray.remote(num_cpus=cpus, memory=memory, max_retries=0, max_calls=1,
+                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})(run_job)
+    shared_ref = ray.put(shared)
+    log(f"Ray: {len(jobs)} runs, each asking for {cpus} CPU(s) and {format_bytes(memory)}; "
+        f"cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    pending = {task.remote(job.config, shared_ref): (job, 1) for job in jobs}
+    failures: dict[str, list[str]] = {job.name: [] for job in jobs}
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            job, attempt = pending.pop(ref)
+            try:
+                finished = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                _failed(job, attempt, e, retries, failures, log)
+                pending[task.remote(job.config, shared_ref)] = (job, attempt + 1)
+                continue
+            yield job, finished, Record(finished.machine, finished.seconds, attempt,
+                                        failures[job.name] or None)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _failed(job: Job, attempt: int, error, retries: int, failures: dict, log) -> None:
+    """Record a failed attempt; raise when it was a user error or the last attempt."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, UserError):
+        raise cause
+    what = f"{type(error).__name__}: {' '.join(str(cause or error).split())[:300]}"
+    failures[job.name].append(f"attempt {attempt}: {what}")
+    if attempt > retries:
+        raise UserError(f"run {job.name} failed {attempt} times ({'; '.join(failures[job.name])}); "
+                        "the runs that finished are kept: the same command resumes the sweep")
+    log(f"run {job.name}: attempt {attempt} failed ({what}); trying again")

@@ -1,0 +1,119 @@
+"""A sweep on a local Ray cluster (cluster.py): a head without CPUs and two workers with one CPU
+each, on this machine. The runs, made as Ray tasks in fresh worker processes and sent back
+through the object store, must give the same plans and the same files as the sequential sweep;
+a run whose worker is killed mid-run is tried again, and the retry is recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mosaic_export.cli import main
+from tests.unit.test_budgets import FAST, PROFILE
+
+pytestmark = pytest.mark.integration
+
+TARGETS = ["--targets", "0", "0.2", "0.4"]
+RUNS = ["r0.00", "r0.20", "r0.40"]
+TASK = "ray::run_job"  # a Ray worker's process title while it runs a sweep's run
+
+
+@pytest.fixture(scope="module")
+def sweep_args(tiny_model_dir, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("profile") / "tiny.toml"
+    profile.write_text(PROFILE)
+    # One thread: the same arithmetic here and in a one-CPU Ray task, so the same bytes
+    return ["sweep", "--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--threads", "1",
+            *TARGETS]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sequential(sweep_args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential") / "sweep"
+    assert main([*sweep_args, "--out", str(out)]) == 0
+    return out
+
+
+def _artifacts(out: Path) -> dict[str, str]:
+    """sha256 of every file of every run but those that carry timings or measurements (the
+    report, its plots and the README and manifest made from it)."""
+    varying = {"report.json", "report.md", "README.md", "manifest.json", "cost.png"}
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.glob("r*/**/*")) if p.is_file() and p.name not in varying}
+
+
+def _sweep_on(cluster, sweep_args, out: Path) -> None:
+    assert main([*sweep_args, "--ray", cluster.address, "--out", str(out)]) == 0
+
+
+def test_ray_sweep_matches_the_sequential_sweep(ray_cluster, sweep_args, sequential, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    _sweep_on(ray_cluster, sweep_args, out)
+    assert "Ray: 3 runs, each asking for 1 CPU(s)" in capsys.readouterr().out
+    got, want = _artifacts(out), _artifacts(sequential)
+    assert {Path(k).parts[0] for k in want} == set(RUNS)
+    assert any(k.endswith("plan.json") for k in want) and any(k.endswith(".onnx") for k in want)
+    assert got == want
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(r.endswith(",1") for r in rows[1:])  # one attempt each
+    for run in RUNS:
+        assert json.loads((out / run / "plan.json").read_text()) == \
+            json.loads((sequential / run / "plan.json").read_text())
+    assert main(["verify", str(out / "r0.40")]) == 0
+    assert not (tmp_path / ".sweep.sweep").exists()
+
+
+def _kill_first_run(killed: list[int], stop: threading.Event) -> None:
+    """Kill (SIGKILL) the first Ray worker process seen running a sweep's run."""
+    while not stop.is_set() and not killed:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except OSError:
+                continue
+            if title.startswith(TASK):
+                time.sleep(1)  # mid-run: it has loaded the model and started pruning
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_run_is_retried_and_recorded(ray_cluster, sweep_args, sequential, tmp_path):
+    out, killed, stop = tmp_path / "sweep", [], threading.Event()
+    killer = threading.Thread(target=_kill_first_run, args=(killed, stop))
+    killer.start()
+    try:
+        _sweep_on(ray_cluster, sweep_args, out)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no run was seen running"
+    record = json.loads((out / "sweep.json").read_text())["runs"]
+    retried = {name: r for name, r in record.items() if r["attempts"] > 1}
+    assert len(retried) == 1, record
+    [(name, r)] = retried.items()
+    assert r["attempts"] == 2 and "attempt 1:" in r["failures"][0]
+    assert "2 attempts" in (out / "report.md").read_text()
+    assert _artifacts(out) == _artifacts(sequential)
