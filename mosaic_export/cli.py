@@ -144,13 +144,11 @@ def cmd_sweep(argv: list[str]) -> int:
                               "texts) must be readable on every worker")
     cluster.add_argument("--ray-cpus", type=int, metavar="N",
                          help="CPUs each run asks for and uses (default: --threads, else 1)")
-    cluster.add_argument("--retries", type=int, default=2, metavar="N",
-                         help="times a failed or killed run is tried again (default: %(default)s)")
+    cluster.add_argument("--retries", type=int, metavar="N",
+                         help="times a failed or killed run is tried again (default: 2)")
     args = p.parse_args(argv)
     if args.sparsity is not None:
         raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
-    if args.ray is None and args.ray_cpus is not None:
-        raise UserError("--ray-cpus is for a sweep on a Ray cluster (--ray)")
     args.sparsity = 0.0
     sweep(_config(args), args.targets, ray=args.ray, retries=args.retries, cpus=args.ray_cpus)
     return 0

@@ -7,15 +7,18 @@ its model needs (task_memory); it writes its folder on the worker and sends the 
 workers need no shared disk: only the model, profile and text paths must be readable on each.
 
 A task that fails or is killed (its worker or its node lost) is submitted again, up to
-`retries` more times; every failure is recorded and reported. An error in what the user asked
-for (a UserError) is not retried. Runs arrive as they finish (`runs` yields them) and are
-written into the sweep's work folder at once, so an interrupted sweep resumes from them.
+`retries` more times; every failure is recorded and reported. What the user asked for is
+checked at the door, before any task, so an error on a worker (a path it lacks, a full disk) is
+one of its machine and is retried like a crash. Runs arrive as they finish (`runs` yields them)
+and are written into the sweep's work folder at once, so an interrupted sweep resumes from them;
+past the last attempt, the runs that finished meanwhile are handed back before the error.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -119,17 +122,21 @@ def connect(address: str) -> bool:
     ray = _ray()
     if ray.is_initialized():
         return False
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     kw = dict(log_to_driver=True, configure_logging=False)
-    if address != "auto":
-        try:
-            ray.init(address=address, **kw)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
-        return True
     try:
-        ray.init(address="auto", **kw)
-    except ConnectionError:
-        ray.init(**kw)  # no running cluster: one on this machine, for this sweep
+        if address != "auto":
+            ray.init(address=address, **kw)
+        else:
+            try:
+                ray.init(address="auto", **kw)
+            except ConnectionError:
+                ray.init(**kw)  # no running cluster: one on this machine, for this sweep
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"--ray {address}: cannot join the Ray cluster ({e})") from None
+    finally:
+        for sig, handler in handlers.items():  # Ray's own would exit without cleaning up
+            signal.signal(sig, handler)
     return True
 
 
@@ -168,9 +175,13 @@ def runs(jobs: list[Job], shared: DensePass, memory: int, cpus: int, retries: in
             try:
                 finished = ray.get(ref)
             except ray.exceptions.RayError as e:
-                _failed(job, attempt, e, retries, failures, log)
-                pending[task.remote(job.config, shared_ref)] = (job, attempt + 1)
-                continue
+                if _failed(job, attempt, e, retries, failures, log):
+                    pending[task.remote(job.config, shared_ref)] = (job, attempt + 1)
+                    continue
+                yield from _done(ray, pending, failures)  # hand back what finished meanwhile
+                raise UserError(f"run {job.name} failed {attempt} times ({'; '.join(failures[job.name])}); "
+                                "the runs that finished are kept: the same command resumes the "
+                                "sweep") from None
             yield job, finished, Record(finished.machine, finished.seconds, attempt,
                                         failures[job.name] or None)
     finally:
@@ -178,14 +189,25 @@ def runs(jobs: list[Job], shared: DensePass, memory: int, cpus: int, retries: in
             ray.cancel(ref, force=True)
 
 
-def _failed(job: Job, attempt: int, error, retries: int, failures: dict, log) -> None:
-    """Record a failed attempt; raise when it was a user error or the last attempt."""
+def _failed(job: Job, attempt: int, error, retries: int, failures: dict, log) -> bool:
+    """Record a failed attempt (an error of the worker's machine, such as a path it lacks or a
+    full disk, as much as a crash); whether to try again."""
     cause = getattr(error, "cause", None)
-    if isinstance(cause, UserError):
-        raise cause
-    what = f"{type(error).__name__}: {' '.join(str(cause or error).split())[:300]}"
+    what = f"{type(cause or error).__name__}: {' '.join(str(cause or error).split())[:300]}"
     failures[job.name].append(f"attempt {attempt}: {what}")
-    if attempt > retries:
-        raise UserError(f"run {job.name} failed {attempt} times ({'; '.join(failures[job.name])}); "
-                        "the runs that finished are kept: the same command resumes the sweep")
-    log(f"run {job.name}: attempt {attempt} failed ({what}); trying again")
+    log(f"run {job.name}: attempt {attempt} failed ({what})"
+        + ("; trying again" if attempt <= retries else ""))
+    return attempt <= retries
+
+
+def _done(ray, pending: dict, failures: dict):
+    """The runs among pending that have already finished, without waiting for the others."""
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+    for ref in done:
+        job, attempt = pending.pop(ref)
+        try:
+            finished = ray.get(ref)
+        except ray.exceptions.RayError:
+            continue
+        yield job, finished, Record(finished.machine, finished.seconds, attempt,
+                                    failures[job.name] or None)

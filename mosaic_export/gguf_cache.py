@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 ENV = "MOSAIC_EXPORT_CACHE"
+FORMAT = 1  # of an entry; raised when what is kept, or how this tool rebuilds a tokenizer, changes
 SPARE = 2 * 2**30  # bytes an entry must leave free on the cache's disk
 SOURCE = "source.json"  # in an entry: the GGUF file it came from and its architecture
 
@@ -49,10 +52,13 @@ def entry(gguf_file: Path) -> Path | None:
     import transformers
 
     digest = hashlib.sha256()
-    with open(gguf_file, "rb") as f:
-        for block in iter(lambda: f.read(2**24), b""):
-            digest.update(block)
-    versions = f"transformers{transformers.__version__}-gguf{_version(gguf)}"
+    try:
+        with open(gguf_file, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+    except OSError as e:
+        raise UserError(f"{gguf_file}: cannot be read ({e.strerror or e})") from None
+    versions = f"v{FORMAT}-transformers{transformers.__version__}-gguf{_version(gguf)}"
     return folder / "gguf" / f"{digest.hexdigest()[:32]}-{versions}"
 
 
@@ -66,16 +72,21 @@ def _version(module) -> str:
 
 
 def load(folder: Path, gguf_file: Path):
-    """(model, tokenizer, architecture) from an entry; None when there is no complete entry."""
+    """(model, tokenizer, architecture) from an entry; None when there is no entry, or only a
+    damaged one (removed, to be written again)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not folder.is_dir():
+        return None
     try:
         architecture = json.loads((folder / SOURCE).read_text(encoding="utf-8"))["architecture"]
-    except (OSError, ValueError, KeyError):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # a damaged entry: transformers and safetensors raise many kinds
+        shutil.rmtree(folder, ignore_errors=True)
         return None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     model.config._name_or_path = str(gguf_file.parent)  # as a direct load names it
-    return model, _named(AutoTokenizer.from_pretrained(folder), gguf_file), architecture
+    return model, _named(tokenizer, gguf_file), architecture
 
 
 def saved_and_loaded(tokenizer, gguf_file: Path):
@@ -108,8 +119,11 @@ def store(folder: Path, gguf_file: Path, model, tokenizer, architecture: str) ->
             tokenizer.save_pretrained(tmp)
             (tmp / SOURCE).write_text(json.dumps({"gguf": str(gguf_file), "architecture": architecture})
                                       + "\n", encoding="utf-8")
-            if not folder.exists():  # another process may have stored it first: keep theirs
-                tmp.rename(folder)
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # another process stored it first: keep theirs
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:

@@ -20,6 +20,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .outputs import check_output, write_outputs
 from .pipeline import DensePass, RunConfig, run
 from .process import machine_label, torch_threads
 from .report import pareto
+from .run_config import prepare
 from .targets import get as get_target
 from .targets import names as target_names
 
@@ -39,61 +41,83 @@ RECORD = "sweep.json"  # in the work folder, then in OUT: the settings and each 
 
 
 def sweep(config: RunConfig, targets: list[float], log=print, ray: str | None = None,
-          retries: int = 2, cpus: int | None = None) -> list[dict]:
+          retries: int | None = None, cpus: int | None = None) -> list[dict]:
     """Run config at each removal target (all structured) into OUT/r{target}/; on the Ray
-    cluster at ``ray`` ("auto" or an address) when given, each run asking for ``cpus`` CPUs
-    (default: --threads, else 1) and retried up to ``retries`` times."""
-    _check(config, targets, retries, cpus)
+    cluster at ``ray`` ("auto" or an address) when given, each run asking for and using ``cpus``
+    CPUs (default: --threads, else 1) and tried again up to ``retries`` times (default 2)."""
+    _check(config, targets, ray, retries, cpus)
+    prepare(replace(config, out=None))  # every input, before anything is written
     out = config.out
     check_output(out, config.force)
-    jobs = make_jobs(config, targets)
-    work, record = _work_folder(config, jobs, log)
-    todo = [job for job in jobs if job.name not in record["runs"]]
-    if len(todo) < len(jobs):
-        log(f"resuming the sweep in {work}: {len(jobs) - len(todo)} of {len(jobs)} runs finished")
-    try:
-        if todo:
-            shared = dense_pass(config, log)
-            for job, done in _runs(todo, shared, work, ray, retries, cpus or config.threads or 1, log):
-                record["runs"][job.name] = asdict(done)
-                _save(work / RECORD, record)
-    except BaseException:
-        print(f"mosaic-export: the sweep stopped with {len(record['runs'])} of {len(jobs)} runs "
-              f"finished, kept in {work}: the same command resumes it", file=sys.stderr)
-        raise
-    rows = [_row(job, json.loads((work / job.name / "report.json").read_text(encoding="utf-8")),
-                 record["runs"][job.name]) for job in jobs]
-    write_outputs(out, config.force, lambda folder: _write(folder, rows, config.target), log, work)
+    cpus = cpus or config.threads or 1
+    jobs = make_jobs(config, targets, cpus if ray else None)
+    work = _work_path(out)
+    with _locked(work, out):
+        record = _work_folder(config, jobs, work, log)
+        todo = [job for job in jobs if job.name not in record["runs"]]
+        if len(todo) < len(jobs):
+            log(f"resuming the sweep in {work}: {len(jobs) - len(todo)} of {len(jobs)} runs finished")
+        try:
+            if todo:
+                _execute(todo, config, work, record, ray, 2 if retries is None else retries, cpus, log)
+        except BaseException:
+            if record["runs"]:
+                print(f"mosaic-export: the sweep stopped with {len(record['runs'])} of {len(jobs)} "
+                      f"runs finished, kept in {work}: the same command resumes it", file=sys.stderr)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        rows = [_row(job, json.loads((work / job.name / "report.json").read_text(encoding="utf-8")),
+                     record["runs"][job.name]) for job in jobs]
+        write_outputs(out, config.force, lambda folder: _write(folder, rows, config.target), log, work)
     log(f"wrote {out}/sweep.csv, {out}/pareto.png, {out}/report.md")
     return rows
 
 
-def _check(config: RunConfig, targets: list[float], retries: int, cpus: int | None) -> None:
+def _check(config: RunConfig, targets: list[float], ray: str | None, retries: int | None,
+           cpus: int | None) -> None:
     if config.target is None:
         raise UserError(f"a sweep needs a target format (--target {' or '.join(target_names())})")
     if not targets or any(not 0 <= t <= 0.9 for t in targets):
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
         raise UserError("a sweep compares perplexity: --eval-windows cannot be 0")
-    if retries < 0:
+    if ray is None and (retries is not None or cpus is not None):
+        raise UserError(f"{'--retries' if retries is not None else '--ray-cpus'} is for a sweep on a "
+                        "Ray cluster (--ray)")
+    if retries is not None and retries < 0:
         raise UserError(f"--retries must be >= 0, got {retries}")
     if cpus is not None and cpus < 1:
         raise UserError(f"--ray-cpus must be a positive integer, got {cpus}")
 
 
-def make_jobs(config: RunConfig, targets: list[float]) -> list[Job]:
-    """Every (type, target) of the sweep, as the run it is: type by type, targets in order."""
+def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) -> list[Job]:
+    """Every (type, target) of the sweep, as the run it is: type by type, targets in order.
+    ``cpus``: runs on a cluster, with that many threads each and the paths made absolute."""
     work = _work_path(config.out)
     option = get_target(config.target).option
+    base = config if cpus is None else replace(_absolute(config), threads=cpus)
     jobs = []
     for type_ in config.types or [None]:  # None: the one type of --quant / --dtype / the profile
         for t in sorted(set(targets)):
             name = f"{type_}-r{t:.2f}" if type_ else f"r{t:.2f}"
-            settings = replace(config.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
+            settings = replace(base.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
             typed = {option: type_, "alignment": None} if type_ else {}
-            jobs.append(Job(name, replace(config, settings=settings, search=False, types=None,
+            jobs.append(Job(name, replace(base, settings=settings, search=False, types=None,
                                           out=work / name, force=False, **typed), t, type_))
     return jobs
+
+
+def _absolute(config: RunConfig) -> RunConfig:
+    """The files a run reads named by absolute paths: a worker does not start in this folder."""
+    def path(p):
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    calibration = config.settings.calibration
+    return replace(config, model=path(config.model), profile=path(config.profile),
+                   eval_text=path(config.eval_text), plan=path(config.plan),
+                   settings=replace(config.settings,
+                                    calibration=replace(calibration, source=path(calibration.source))))
 
 
 def dense_pass(config: RunConfig, log=print) -> DensePass:
@@ -102,7 +126,6 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
     from .calibration import LayerStream
     from .pipeline import load_stage
     from .pod import measure
-    from .run_config import prepare
 
     log("--- sweep: the dense pass, shared by every run")
     inputs = prepare(replace(config, out=None))
@@ -114,31 +137,63 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
     return DensePass(measured, dense.perplexity, dense.counts["total"])
 
 
-def _runs(jobs: list[Job], shared: DensePass, work: Path, ray: str | None, retries: int, cpus: int,
-          log):
-    """Each job run, here or on the cluster, its folder in work; yields (job, record)."""
-    if ray is None:
-        for job in jobs:
-            log(f"--- sweep: {job.name}: {job.target:.0%} of the decoder removed by structure"
-                + (f", {job.type}" if job.type else ""))
-            t0 = time.perf_counter()
-            run(job.config, log=log, shared=shared)
-            yield job, Record(machine_label(), time.perf_counter() - t0)
-        return
+def _execute(jobs: list[Job], config: RunConfig, work: Path, record: dict, ray: str | None,
+             retries: int, cpus: int, log) -> None:
+    """The dense pass, then each run, here or on the cluster (joined first, so that a wrong
+    address fails before the dense pass); each run recorded as it lands in work."""
     from . import cluster
 
-    started = cluster.connect(ray)
+    started = cluster.connect(ray) if ray else False
     try:
-        jobs = [replace(job, config=replace(job.config, threads=job.config.threads or cpus)) for job in jobs]
-        memory = cluster.task_memory(4 * shared.params)
-        for job, finished, record in cluster.runs(jobs, shared, memory, cpus, retries, log):
+        if ray:
+            cluster.check_fits(cpus, 0)
+        shared = dense_pass(config, log)
+        runs = _local(jobs, shared, log) if ray is None else _remote(jobs, shared, work, retries, cpus, log)
+        with closing(runs):
+            for job, done in runs:
+                record["runs"][job.name] = asdict(done)
+                _save(work / RECORD, record)
+    finally:
+        if started:
+            cluster.disconnect()
+
+
+def _local(jobs: list[Job], shared: DensePass, log):
+    for job in jobs:
+        log(f"--- sweep: {job.name}: {job.target:.0%} of the decoder removed by structure"
+            + (f", {job.type}" if job.type else ""))
+        t0 = time.perf_counter()
+        run(job.config, log=log, shared=shared)
+        yield job, Record(machine_label(), time.perf_counter() - t0)
+
+
+def _remote(jobs: list[Job], shared: DensePass, work: Path, retries: int, cpus: int, log):
+    from . import cluster
+
+    memory = cluster.task_memory(4 * shared.params)
+    with closing(cluster.runs(jobs, shared, memory, cpus, retries, log)) as runs:
+        for job, finished, record in runs:
             cluster.unpack(finished.files, work / job.name)
             log(f"--- sweep: {job.name} finished on {record.machine} in {record.seconds:.0f} s"
                 + (f" (attempt {record.attempts})" if record.attempts > 1 else ""))
             yield job, record
-    finally:
-        if started:
-            cluster.disconnect()
+
+
+@contextmanager
+def _locked(work: Path, out: Path):
+    """One sweep at a time into OUT (a lock file beside it, released when the process ends)."""
+    import fcntl
+
+    lock = work.with_name(work.name + ".lock")
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another sweep is writing {out} (it holds {lock})") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def _work_path(out: Path) -> Path:
@@ -146,10 +201,10 @@ def _work_path(out: Path) -> Path:
     return out.parent / f".{out.name}.sweep"
 
 
-def _work_folder(config: RunConfig, jobs: list[Job], log) -> tuple[Path, dict]:
-    """The sweep's work folder and record: an interrupted sweep's with the same settings (to
-    resume), else a new one (an interrupted sweep with other settings is removed)."""
-    work = _work_path(config.out)
+def _work_folder(config: RunConfig, jobs: list[Job], work: Path, log) -> dict:
+    """The sweep's record, in its work folder: an interrupted sweep's with the same settings (to
+    resume), else a new one; an interrupted sweep with other settings is kept unless --force.
+    Anything in the folder but the record and the finished runs (a run cut short) is removed."""
     settings = json.loads(json.dumps({"config": asdict(replace(config, force=False)),
                                       "runs": [job.name for job in jobs]}, default=str))
     try:
@@ -157,6 +212,9 @@ def _work_folder(config: RunConfig, jobs: list[Job], log) -> tuple[Path, dict]:
     except (OSError, ValueError):
         record = None
     if work.exists() and (record or {}).get("settings") != settings:
+        if record is not None and record.get("runs") and not config.force:
+            raise UserError(f"{work} holds an interrupted sweep with other settings: give the same "
+                            "settings to resume it, or --force to start over")
         shutil.rmtree(work)
         log(f"removed {work}: an interrupted sweep with other settings")
         record = None
@@ -164,11 +222,12 @@ def _work_folder(config: RunConfig, jobs: list[Job], log) -> tuple[Path, dict]:
         work.mkdir()
         record = {"settings": settings, "runs": {}}
         _save(work / RECORD, record)
-    for job in jobs:  # a run counts as finished when its folder and its record are both there
-        if job.name not in record["runs"] or not (work / job.name / "report.json").is_file():
-            record["runs"].pop(job.name, None)
-            shutil.rmtree(work / job.name, ignore_errors=True)
-    return work, record
+    finished = {name for name in record["runs"] if (work / name / "report.json").is_file()}
+    record["runs"] = {name: r for name, r in record["runs"].items() if name in finished}
+    for path in work.iterdir():
+        if path.name != RECORD and path.name not in finished:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return record
 
 
 def _save(path: Path, record: dict) -> None:

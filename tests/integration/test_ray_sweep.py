@@ -1,7 +1,8 @@
 """A sweep on a local Ray cluster (cluster.py): a head without CPUs and two workers with one CPU
 each, on this machine. The runs, made as Ray tasks in fresh worker processes and sent back
 through the object store, must give the same plans and the same files as the sequential sweep;
-a run whose worker is killed mid-run is tried again, and the retry is recorded."""
+a run whose worker is killed mid-run is tried again, and the retry is recorded (one sweep checks
+both: each costs half a minute)."""
 
 from __future__ import annotations
 
@@ -63,27 +64,6 @@ def _artifacts(out: Path) -> dict[str, str]:
             for p in sorted(out.glob("r*/**/*")) if p.is_file() and p.name not in varying}
 
 
-def _sweep_on(cluster, sweep_args, out: Path) -> None:
-    assert main([*sweep_args, "--ray", cluster.address, "--out", str(out)]) == 0
-
-
-def test_ray_sweep_matches_the_sequential_sweep(ray_cluster, sweep_args, sequential, tmp_path, capsys):
-    out = tmp_path / "sweep"
-    _sweep_on(ray_cluster, sweep_args, out)
-    assert "Ray: 3 runs, each asking for 1 CPU(s)" in capsys.readouterr().out
-    got, want = _artifacts(out), _artifacts(sequential)
-    assert {Path(k).parts[0] for k in want} == set(RUNS)
-    assert any(k.endswith("plan.json") for k in want) and any(k.endswith(".onnx") for k in want)
-    assert got == want
-    rows = (out / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 4 and all(r.endswith(",1") for r in rows[1:])  # one attempt each
-    for run in RUNS:
-        assert json.loads((out / run / "plan.json").read_text()) == \
-            json.loads((sequential / run / "plan.json").read_text())
-    assert main(["verify", str(out / "r0.40")]) == 0
-    assert not (tmp_path / ".sweep.sweep").exists()
-
-
 def _kill_first_run(killed: list[int], stop: threading.Event) -> None:
     """Kill (SIGKILL) the first Ray worker process seen running a sweep's run."""
     while not stop.is_set() and not killed:
@@ -100,20 +80,42 @@ def _kill_first_run(killed: list[int], stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_run_is_retried_and_recorded(ray_cluster, sweep_args, sequential, tmp_path):
+def test_ray_sweep_matches_the_sequential_one_and_retries_a_killed_run(ray_cluster, sweep_args,
+                                                                      sequential, tmp_path, capsys):
+    """One sweep on the cluster, one of whose runs has its worker killed mid-run: the run is tried
+    again and recorded, and every run has the sequential sweep's plan and files."""
     out, killed, stop = tmp_path / "sweep", [], threading.Event()
     killer = threading.Thread(target=_kill_first_run, args=(killed, stop))
     killer.start()
     try:
-        _sweep_on(ray_cluster, sweep_args, out)
+        assert main([*sweep_args, "--ray", ray_cluster.address, "--out", str(out)]) == 0
     finally:
         stop.set()
         killer.join()
-    assert killed, "no run was seen running"
+    printed = capsys.readouterr().out
+    assert "Ray: 3 runs, each asking for 1 CPU(s)" in printed and killed, "no run was seen running"
+    got, want = _artifacts(out), _artifacts(sequential)
+    assert {Path(k).parts[0] for k in want} == set(RUNS)
+    assert any(k.endswith("plan.json") for k in want) and any(k.endswith(".onnx") for k in want)
+    assert got == want
+    for run in RUNS:
+        assert json.loads((out / run / "plan.json").read_text()) == \
+            json.loads((sequential / run / "plan.json").read_text())
     record = json.loads((out / "sweep.json").read_text())["runs"]
-    retried = {name: r for name, r in record.items() if r["attempts"] > 1}
-    assert len(retried) == 1, record
-    [(name, r)] = retried.items()
-    assert r["attempts"] == 2 and "attempt 1:" in r["failures"][0]
+    assert sorted(r["attempts"] for r in record.values()) == [1, 1, 2], record
+    [retried] = [r for r in record.values() if r["attempts"] == 2]
+    assert retried["failures"][0].startswith("attempt 1: WorkerCrashedError")
     assert "2 attempts" in (out / "report.md").read_text()
-    assert _artifacts(out) == _artifacts(sequential)
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 4 and sorted(r[-1] for r in rows[1:]) == ["1", "1", "2"]
+    assert main(["verify", str(out / "r0.40")]) == 0
+    assert not (tmp_path / ".sweep.sweep").exists()
+
+
+def test_a_run_no_node_can_take_is_refused_before_the_dense_pass(ray_cluster, sweep_args, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "sweep"
+    assert main([*sweep_args, "--ray", ray_cluster.address, "--ray-cpus", "4", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "asks for 4 CPU(s)" in captured.err and "no node of the Ray cluster" in captured.err
+    assert "dense pass" not in captured.out and not list(tmp_path.iterdir())

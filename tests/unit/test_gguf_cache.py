@@ -51,6 +51,24 @@ def test_a_second_load_comes_from_the_cache_and_is_the_same(tiny_gguf, tmp_path,
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
+def test_with_the_cache_off_a_load_writes_the_same_files(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_cache.ENV, "off")
+    save_checkpoint(load_model(str(tiny_gguf)), tmp_path / "off")
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    load_model(str(tiny_gguf))
+    save_checkpoint(load_model(str(tiny_gguf)), tmp_path / "cached")  # the second: from the cache
+    assert _files(tmp_path / "off") == _files(tmp_path / "cached")
+
+
+def test_a_damaged_entry_is_converted_again(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    load_model(str(tiny_gguf))
+    entry = gguf_cache.entry(tiny_gguf)
+    (entry / "model.safetensors").write_bytes(b"truncated")
+    assert load_model(str(tiny_gguf)).shape.n_layers == TINY["num_hidden_layers"]
+    assert (entry / "model.safetensors").stat().st_size > 1000  # written again
+
+
 def test_another_file_is_another_entry_and_off_writes_nothing(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
     changed = tmp_path / "changed.gguf"

@@ -46,19 +46,30 @@ def test_an_interrupted_sweep_resumes_from_the_finished_runs(args, tmp_path, mon
     assert set(record["runs"]) == {"r0.00", "r0.30"}
 
 
-def test_an_interrupted_sweep_with_other_settings_is_started_over(args, tmp_path, capsys):
+def test_an_interrupted_sweep_with_other_settings_is_kept_unless_forced(args, tmp_path, capsys):
     out = tmp_path / "sweep"
     work = tmp_path / ".sweep.sweep"
     (work / "r0.00").mkdir(parents=True)
     (work / "sweep.json").write_text(json.dumps({"settings": {"other": 1}, "runs": {"r0.00": {}}}))
-    assert main([*args, "--targets", "0", "--out", str(out)]) == 0
+    assert main([*args, "--targets", "0", "--out", str(out)]) == 2
+    assert "holds an interrupted sweep with other settings" in capsys.readouterr().err
+    assert (work / "r0.00").is_dir() and not out.exists()
+    assert main([*args, "--targets", "0", "--out", str(out), "--force"]) == 0
     assert "an interrupted sweep with other settings" in capsys.readouterr().out
     assert [r["target"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["0.0"]
 
 
+def test_a_sweep_that_fails_before_any_run_leaves_nothing(args, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main([*args, "--calib-text", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
+    assert "text file not found" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--ray-cpus", "2"], "--ray-cpus is for a sweep on a Ray cluster"),
-    (["--retries", "-1"], "--retries must be >= 0"),
+    (["--retries", "1"], "--retries is for a sweep on a Ray cluster"),
+    (["--ray", "auto", "--retries", "-1"], "--retries must be >= 0"),
     (["--ray", "auto", "--ray-cpus", "0"], "--ray-cpus must be a positive integer"),
 ])
 def test_bad_cluster_options_fail_at_the_door(args, tmp_path, capsys, extra, message):
