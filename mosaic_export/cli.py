@@ -131,7 +131,8 @@ def cmd_sweep(argv: list[str]) -> int:
     p = build_parser("mosaic-export sweep")
     p.description = ("The main job at several removal targets (all structured) for one target "
                      "format: OUT/r<target>/ per run, OUT/sweep.csv, OUT/pareto.png (perplexity "
-                     "vs peak memory and vs decode tokens/s, Pareto fronts) and OUT/report.md.")
+                     "vs peak memory and vs decode tokens/s, Pareto fronts), OUT/report.md and "
+                     "OUT/sweep.json (where each run was measured, after how many attempts).")
     p.add_argument("--targets", nargs="+", type=fraction, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                    help="shares of the decoder to remove (default: %(default)s)")
     p.epilog = ("The runs are built in .OUT.sweep/ beside OUT; if the sweep stops, the same command "

@@ -29,7 +29,7 @@ from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_check, joint_search
 from .model_io import LoadedModel, load_model, save_checkpoint
 from .outputs import check_free_space, write_outputs
-from .plan import Plan, PruneSettings
+from .plan import Plan
 from .planner import layers_may_differ, make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
 from .pod import measure
@@ -54,14 +54,15 @@ def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
     }
 
 
-def make_or_load_plan(config: RunConfig, loaded: LoadedModel, settings: PruneSettings,
-                      plan: Plan | None, calib: torch.Tensor, profile: Profile | None = None,
+def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
+                      calib: torch.Tensor, profile: Profile | None = None,
                       pricing: Pricing | None = None, log=print, measured: list | None = None
                       ) -> tuple[Plan, LayerStream, SearchResult | JointResult | None]:
     """The plan given, or one made from pass 1 (``measured``: its result, made once for a
     sweep): at settings.sparsity, or, with config.search, at the least removal whose predicted
     cost meets the profile's budgets (with config.types, the joint search over types, structure
     and recovery: a JointResult)."""
+    settings, plan = inputs.settings, inputs.plan
     stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
@@ -106,8 +107,8 @@ def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
     if config.search or profile.budgets.relative:
         pricing = make_pricing(profile, inputs.fmt, loaded)
     profile = resolve_budgets(profile, pricing)
-    plan, _, found = make_or_load_plan(config, loaded, inputs.settings, inputs.plan,
-                                       calibration_ids(loaded, inputs.settings), profile, pricing)
+    plan, _, found = make_or_load_plan(config, loaded, inputs, calibration_ids(loaded, inputs.settings),
+                                       profile, pricing)
     return plan, found
 
 
@@ -220,8 +221,8 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
                 shared: DensePass | None = None) -> Pruned:
     loaded, fmt, pricing = dense.loaded, inputs.fmt, dense.pricing
     t0 = time.perf_counter()
-    plan, stream, found = make_or_load_plan(config, loaded, inputs.settings, inputs.plan, dense.calib,
-                                            dense.profile, pricing, log, shared and shared.measured)
+    plan, stream, found = make_or_load_plan(config, loaded, inputs, dense.calib, dense.profile, pricing,
+                                            log, shared and shared.measured)
     joint = None
     if isinstance(found, JointResult):  # the type is the search's choice
         joint, found = found, found.search
