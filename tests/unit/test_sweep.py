@@ -93,3 +93,16 @@ def test_runs_from_several_machines_get_fronts_of_their_own(tmp_path):
     table = [line for line in report.splitlines() if line.startswith("| Q8_0")]
     assert table[1].endswith("| yes | yes | slow |")
     assert "Q8_0 30% (2 attempts)" in report and (tmp_path / "pareto.png").is_file()
+
+
+def test_a_sweep_run_is_the_main_command_at_its_target(args, tmp_path):
+    """The shared dense pass changes nothing: a sweep's run has the plan and the files of the main
+    command at the same removal."""
+    from tests.integration.test_ray_sweep import _artifacts
+
+    assert main([*args, "--targets", "0.3", "--out", str(tmp_path / "sweep")]) == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert main([*args[1:-3], "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--out", str(alone / "r0.30")]) == 0
+    assert _artifacts(tmp_path / "sweep") == _artifacts(alone) != {}
