@@ -73,7 +73,22 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
         return p
     _add_output(p)
     _add_recovery(p)
+    _add_cluster(p)
     return p
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    """Work fanned out on a Ray cluster (cluster.py): a sweep's runs, a joint search's dense runs."""
+    g = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
+    g.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="run a sweep's runs, or the joint search's dense runs of each type, as Ray "
+                        "tasks: auto joins the cluster this machine belongs to (ray start), else "
+                        "starts one here; ADDRESS joins that one (host:6379 or ray://host:10001). "
+                        "The model, profile and text files must be readable on every worker")
+    g.add_argument("--ray-cpus", type=int, metavar="N",
+                   help="CPUs each task asks for and uses (default: --threads, else 1)")
+    g.add_argument("--retries", type=int, metavar="N",
+                   help="times a failed or killed task is tried again (default: 2)")
 
 
 def _add_pruning(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,8 @@ def _config(args: argparse.Namespace):
                       eval_windows=None if args.eval_windows == -1 else args.eval_windows,
                       target=target, quant=args.quant, dtype=args.dtype,
                       check_neighbour=args.check_neighbour, recover=_recover(args),
-                      resume=args.resume, device=args.device, types=_types(args, search, target))
+                      resume=args.resume, device=args.device, types=_types(args, search, target),
+                      ray=args.ray, ray_cpus=args.ray_cpus, retries=args.retries)
     return RunConfig(**fields)
 
 
@@ -136,22 +137,12 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--targets", nargs="+", type=fraction, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                    help="shares of the decoder to remove (default: %(default)s)")
     p.epilog = ("The runs are built in .OUT.sweep/ beside OUT; if the sweep stops, the same command "
-                "resumes it from the runs that finished.")
-    cluster = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
-    cluster.add_argument("--ray", metavar="auto|ADDRESS",
-                         help="run each (type, target) as a Ray task: auto joins the cluster this "
-                              "machine belongs to (ray start), else starts one here; ADDRESS joins "
-                              "that one (host:6379 or ray://host:10001). Paths (model, profile, "
-                              "texts) must be readable on every worker")
-    cluster.add_argument("--ray-cpus", type=int, metavar="N",
-                         help="CPUs each run asks for and uses (default: --threads, else 1)")
-    cluster.add_argument("--retries", type=int, metavar="N",
-                         help="times a failed or killed run is tried again (default: 2)")
+                "resumes it from the runs that finished. With --ray each run is a Ray task.")
     args = p.parse_args(argv)
     if args.sparsity is not None:
         raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
     args.sparsity = 0.0
-    sweep(_config(args), args.targets, ray=args.ray, retries=args.retries, cpus=args.ray_cpus)
+    sweep(_config(args), args.targets)
     return 0
 
 
@@ -159,7 +150,11 @@ def cmd_run(argv: list[str]) -> int:
     from .pipeline import run
 
     args = build_parser().parse_args(argv)
-    run(_config(args))
+    config = _config(args)
+    if config.ray and not config.types:
+        raise UserError("--ray is for a sweep (mosaic-export sweep) or a joint search over types "
+                        "(the main command without --sparsity, --quant or --dtype)")
+    run(config)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The runs of a sweep on a Ray cluster (`mosaic-export sweep --ray auto|ADDRESS`).
+"""Work on a Ray cluster (`--ray auto|ADDRESS`): the runs of a sweep, and the joint search's dense
+runs of each type (measure_types; the rest of the joint search stays on this machine).
 
 The dense pass (pass 1 over the dense model and its perplexity) runs once, on this machine, and
 goes to every run through Ray's object store. Each run (prune, export, runtime benchmark,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .pipeline import DensePass, RunConfig
+    from .targets.base import Evaluation
 
 # A run's resident-memory high-water mark over its model's float32 size, measured for the whole
 # main job on SmolLM2-135M (30% structured, from outside the process): 3.27x. The runtime's
@@ -54,9 +56,9 @@ class Job:
 
 @dataclass(frozen=True)
 class Finished:
-    """What a run sends back: its folder's files, where it ran, how long it took."""
+    """What a task sends back: its result, where it ran, how long it took."""
 
-    files: dict[str, bytes]  # path in the run's folder -> contents
+    value: object  # a sweep's run: {path in its folder: contents}; a dense run: its benchmark
     machine: str
     seconds: float
 
@@ -155,59 +157,111 @@ def check_fits(cpus: int, memory: int) -> None:
                         f"{format_bytes(int(largest.get('memory', 0)))})")
 
 
-def runs(jobs: list[Job], shared: DensePass, memory: int, cpus: int, retries: int,
-         log=print) -> Iterator[tuple[Job, Finished, Record]]:
-    """Each job as a Ray task; yields each as it finishes. A failed attempt is submitted again
-    up to `retries` times; past that the sweep stops (the finished runs stay in its folder)."""
+def tasks(function, calls: dict[str, tuple], memory: int, cpus: int, retries: int, what: str,
+          log=print) -> Iterator[tuple[str, Finished, Record]]:
+    """function(*args) as a Ray task for each name -> args of calls; yields (name, what it
+    returned, its record) as each finishes. A failed attempt is submitted again up to `retries`
+    times; past that, what finished meanwhile is yielded, then a UserError is raised."""
     ray = _ray()
     check_fits(cpus, memory)
     task = ray.remote(num_cpus=cpus, memory=memory, max_retries=0, max_calls=1,
-                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})(run_job)
-    shared_ref = ray.put(shared)
-    log(f"Ray: {len(jobs)} runs, each asking for {cpus} CPU(s) and {format_bytes(memory)}; "
+                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})(function)
+    log(f"Ray: {len(calls)} {what}, each asking for {cpus} CPU(s) and {format_bytes(memory)}; "
         f"cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs")
-    pending = {task.remote(job.config, shared_ref): (job, 1) for job in jobs}
-    failures: dict[str, list[str]] = {job.name: [] for job in jobs}
+    pending = {task.remote(*args): (name, 1) for name, args in calls.items()}
+    failures: dict[str, list[str]] = {name: [] for name in calls}
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            job, attempt = pending.pop(ref)
+            name, attempt = pending.pop(ref)
             try:
                 finished = ray.get(ref)
             except ray.exceptions.RayError as e:
-                if _failed(job, attempt, e, retries, failures, log):
-                    pending[task.remote(job.config, shared_ref)] = (job, attempt + 1)
+                if _failed(name, attempt, e, retries, failures[name], log):
+                    pending[task.remote(*calls[name])] = (name, attempt + 1)
                     continue
                 yield from _done(ray, pending, failures)  # hand back what finished meanwhile
-                raise UserError(f"run {job.name} failed {attempt} times ({'; '.join(failures[job.name])}); "
-                                "the runs that finished are kept: the same command resumes the "
-                                "sweep") from None
-            yield job, finished, Record(finished.machine, finished.seconds, attempt,
-                                        failures[job.name] or None)
+                raise UserError(f"{name} failed {attempt} times ({'; '.join(failures[name])}); "
+                                "what finished is kept") from None
+            yield name, finished, Record(finished.machine, finished.seconds, attempt,
+                                         failures[name] or None)
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
 
 
-def _failed(job: Job, attempt: int, error, retries: int, failures: dict, log) -> bool:
+def share(value):
+    """value in Ray's object store, for every task to read (a reference to pass as an argument)."""
+    return _ray().put(value)
+
+
+def _failed(name: str, attempt: int, error, retries: int, failures: list[str], log) -> bool:
     """Record a failed attempt (an error of the worker's machine, such as a path it lacks or a
     full disk, as much as a crash); whether to try again."""
     cause = getattr(error, "cause", None)
     what = f"{type(cause or error).__name__}: {' '.join(str(cause or error).split())[:300]}"
-    failures[job.name].append(f"attempt {attempt}: {what}")
-    log(f"run {job.name}: attempt {attempt} failed ({what})"
-        + ("; trying again" if attempt <= retries else ""))
+    failures.append(f"attempt {attempt}: {what}")
+    log(f"{name}: attempt {attempt} failed ({what})" + ("; trying again" if attempt <= retries else ""))
     return attempt <= retries
 
 
 def _done(ray, pending: dict, failures: dict):
-    """The runs among pending that have already finished, without waiting for the others."""
+    """The tasks among pending that have already finished, without waiting for the others."""
     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
     for ref in done:
-        job, attempt = pending.pop(ref)
+        name, attempt = pending.pop(ref)
         try:
             finished = ray.get(ref)
         except ray.exceptions.RayError:
             continue
-        yield job, finished, Record(finished.machine, finished.seconds, attempt,
-                                    failures[job.name] or None)
+        yield name, finished, Record(finished.machine, finished.seconds, attempt,
+                                     failures[name] or None)
+
+
+# --- the joint search's dense runs: the dense model at each type, in its runtime, on a worker
+
+
+def measure_type(model: str | None, target: str, type_: str, probe_text: str,
+                 evaluation: Evaluation) -> Finished:
+    """On a worker: the dense model exported at type_ and run in its runtime on the probe text
+    (quality.measure_types, for one type); its benchmark result."""
+    from .costmodel import Format
+    from .detect import export_format
+    from .model_io import load_model
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mosaic-export-type-") as tmp:
+        probe = Path(tmp) / "probe.txt"
+        probe.write_text(probe_text, encoding="utf-8")
+        loaded = load_model(model)
+        path, benchmark = export_format(loaded, Format(target, type_), Path(tmp) / f"dense-{type_}")
+        result = benchmark(path, **replace(evaluation, eval_text=str(probe)).benchmark_options())
+    return Finished(result, machine_label(), time.perf_counter() - t0)
+
+
+def measure_types(config: RunConfig, params: int, probe: Path, evaluation: Evaluation,
+                  log=print) -> dict[str, dict]:
+    """quality.measure_types on the cluster config.ray: {type: benchmark result}, each with the
+    machine it was measured on under "machine" (and "attempts")."""
+    cpus = config.ray_cpus or config.threads or 1
+    retries = 2 if config.retries is None else config.retries
+    started = connect(config.ray)
+    try:
+        evaluation = replace(evaluation, threads=cpus)
+        calls = {t: (_absolute_path(config.model), config.target, t, probe.read_text(encoding="utf-8"),
+                     evaluation) for t in config.types}
+        out = {}
+        for t, finished, record in tasks(measure_type, calls, task_memory(4 * params), cpus, retries,
+                                         "dense runs (one per type)", log):
+            out[t] = {**finished.value, "machine": record.machine, "attempts": record.attempts}
+            p = out[t]["perplexity"]["perplexity"]
+            log(f"  dense {t}: probe perplexity {p:.3f}, {out[t]['file_bytes'] / 2**20:.1f} MiB, decode "
+                f"{out[t]['decode']['tokens_per_s']:.1f} tokens/s (on {record.machine})")
+        return {t: out[t] for t in config.types}
+    finally:
+        if started:
+            disconnect()
+
+
+def _absolute_path(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path and Path(path).exists() else path

@@ -275,6 +275,7 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     the choice."""
     from .costmodel import Format, anchored
     from .pipeline import make_pricing
+    from .process import machine_label
     from .quality import PROBE_WINDOWS
 
     t0 = time.perf_counter()
@@ -286,8 +287,10 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
                                                       log)
     type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
     dense_dims = [loaded.shape.dense_dims] * loaded.shape.n_layers
+    here = machine_label()
     for t, pricing in pricings.items():  # a type detect did not measure: anchored at its dense
-        if profile.local and pricing.calibration.basis != "measured":  # run (this machine's only)
+        if (profile.local and pricing.calibration.basis != "measured"  # run, when made here
+                and dense_runs[t].get("machine", here) == here):  # (a local profile is this machine's)
             pricings[t] = replace(pricing, calibration=anchored(pricing, dense_dims, dense_runs[t]))
     alignments = {t: config.alignment or Format(target, t).spec.alignment(t) for t in config.types}
     searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
@@ -304,7 +307,8 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
         "text": text, "windows": PROBE_WINDOWS, "from": "the end of the text", "dense_runs": {
             t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
                 "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
-                "prefill_tokens_per_s": r["prefill"]["tokens_per_s"]} for t, r in dense_runs.items()},
+                "prefill_tokens_per_s": r["prefill"]["tokens_per_s"],
+                "machine": r.get("machine", here)} for t, r in dense_runs.items()},
         "structure_alignment": align, "structure_levels_planned": levels,
         "recovered": [list(r) for r in recovered] if recovered else None})
     opts = options(searches, quality, config.recover is not None)
@@ -326,8 +330,14 @@ def _dense_probe(config: RunConfig, loaded: LoadedModel, context: int, log=print
         log(f"joint search over {', '.join(config.types)}: quality probe on {probe.shape[0]} windows "
             f"from the end of {text}")
         reference = perplexity(loaded.model, probe, text, desc="probe (dense)").perplexity
-        dense_runs = measure_types(loaded, config.target, list(config.types), work,
-                                   probe_evaluation(str(path), context, config.threads), log=log)
+        evaluation = probe_evaluation(str(path), context, config.threads)
+        if config.ray:  # one task per type on the cluster, each result labelled with its machine
+            from . import cluster
+
+            params = sum(p.numel() for p in loaded.model.parameters())
+            dense_runs = cluster.measure_types(config, params, path, evaluation, log)
+        else:
+            dense_runs = measure_types(loaded, config.target, list(config.types), work, evaluation, log=log)
     return text, probe, reference, dense_runs
 
 

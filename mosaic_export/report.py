@@ -163,6 +163,11 @@ def joint_section(joint: dict) -> list[str]:
         r = probe["dense_runs"][t]
         lines.append(f"| {t} | {r['perplexity']:.3f} | {d:+.4f} | {r['file_bytes'] / 2**20:.1f} | "
                      f"{r['decode_tokens_per_s']:.1f} |")
+    machines = sorted({r["machine"] for r in probe["dense_runs"].values() if "machine" in r})
+    if machines:
+        lines += ["", "Where the dense runs were measured: " + "; ".join(
+            f"{', '.join(t for t, r in probe['dense_runs'].items() if r.get('machine') == m)} on {m}"
+            for m in machines) + "."]
     lines.append("")
     if q["structure"]:
         lines += ["Structural change measured at " + ", ".join(

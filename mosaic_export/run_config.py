@@ -46,6 +46,11 @@ class RunConfig:
     recover: RecoverSettings | None = None  # distil the pruned model from the dense one (recover.py)
     resume: bool = False  # continue an interrupted recovery from its saved state
     device: str = "auto"  # where recovery trains: auto (CUDA when torch sees a GPU), cpu, cuda[:N]
+    # A Ray cluster ("auto" or an address) for a sweep's runs and the joint search's dense runs of
+    # each type (cluster.py); each task's CPUs (None: threads, else 1) and its retries (None: 2)
+    ray: str | None = None
+    ray_cpus: int | None = None
+    retries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,13 @@ def _check_positive(config: RunConfig) -> None:
         raise UserError(f"--threads must be a positive integer, got {config.threads}")
     if config.eval_seq_len < 2:
         raise UserError(f"--eval-seq-len must be at least 2 tokens, got {config.eval_seq_len}")
+    if config.ray is None and (config.retries is not None or config.ray_cpus is not None):
+        raise UserError(f"{'--retries' if config.retries is not None else '--ray-cpus'} is for work "
+                        "on a Ray cluster (--ray)")
+    if config.retries is not None and config.retries < 0:
+        raise UserError(f"--retries must be >= 0, got {config.retries}")
+    if config.ray_cpus is not None and config.ray_cpus < 1:
+        raise UserError(f"--ray-cpus must be a positive integer, got {config.ray_cpus}")
 
 
 def check_types(target, types) -> None:

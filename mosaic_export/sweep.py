@@ -40,16 +40,16 @@ FIELDS = ["type", "target", "removed", "perplexity", "memory_bytes", "decode_tok
 RECORD = "sweep.json"  # in the work folder, then in OUT: the settings and each run's record
 
 
-def sweep(config: RunConfig, targets: list[float], log=print, ray: str | None = None,
-          retries: int | None = None, cpus: int | None = None) -> list[dict]:
+def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
     """Run config at each removal target (all structured) into OUT/r{target}/; on the Ray
-    cluster at ``ray`` ("auto" or an address) when given, each run asking for and using ``cpus``
-    CPUs (default: --threads, else 1) and tried again up to ``retries`` times (default 2)."""
-    _check(config, targets, ray, retries, cpus)
+    cluster config.ray when given, each run asking for and using config.ray_cpus CPUs (default:
+    --threads, else 1) and tried again up to config.retries times (default 2)."""
+    _check(config, targets)
     prepare(replace(config, out=None))  # every input, before anything is written
-    out = config.out
+    out, ray = config.out, config.ray
     check_output(out, config.force)
-    cpus = cpus or config.threads or 1
+    cpus = config.ray_cpus or config.threads or 1
+    retries = 2 if config.retries is None else config.retries
     jobs = make_jobs(config, targets, cpus if ray else None)
     work = _work_path(out)
     with _locked(work, out):
@@ -59,7 +59,7 @@ def sweep(config: RunConfig, targets: list[float], log=print, ray: str | None = 
             log(f"resuming the sweep in {work}: {len(jobs) - len(todo)} of {len(jobs)} runs finished")
         try:
             if todo:
-                _execute(todo, config, work, record, ray, 2 if retries is None else retries, cpus, log)
+                _execute(todo, config, work, record, ray, retries, cpus, log)
         except BaseException:
             if record["runs"]:
                 print(f"mosaic-export: the sweep stopped with {len(record['runs'])} of {len(jobs)} "
@@ -74,21 +74,13 @@ def sweep(config: RunConfig, targets: list[float], log=print, ray: str | None = 
     return rows
 
 
-def _check(config: RunConfig, targets: list[float], ray: str | None, retries: int | None,
-           cpus: int | None) -> None:
+def _check(config: RunConfig, targets: list[float]) -> None:
     if config.target is None:
         raise UserError(f"a sweep needs a target format (--target {' or '.join(target_names())})")
     if not targets or any(not 0 <= t <= 0.9 for t in targets):
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
         raise UserError("a sweep compares perplexity: --eval-windows cannot be 0")
-    if ray is None and (retries is not None or cpus is not None):
-        raise UserError(f"{'--retries' if retries is not None else '--ray-cpus'} is for a sweep on a "
-                        "Ray cluster (--ray)")
-    if retries is not None and retries < 0:
-        raise UserError(f"--retries must be >= 0, got {retries}")
-    if cpus is not None and cpus < 1:
-        raise UserError(f"--ray-cpus must be a positive integer, got {cpus}")
 
 
 def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) -> list[Job]:
@@ -104,7 +96,8 @@ def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) 
             settings = replace(base.settings, sparsity=t, structured_fraction=1.0 if t else 0.0)
             typed = {option: type_, "alignment": None} if type_ else {}
             jobs.append(Job(name, replace(base, settings=settings, search=False, types=None,
-                                          out=work / name, force=False, **typed), t, type_))
+                                          out=work / name, force=False, ray=None, ray_cpus=None,
+                                          retries=None, **typed), t, type_))
     return jobs
 
 
@@ -171,9 +164,13 @@ def _remote(jobs: list[Job], shared: DensePass, work: Path, retries: int, cpus: 
     from . import cluster
 
     memory = cluster.task_memory(4 * shared.params)
-    with closing(cluster.runs(jobs, shared, memory, cpus, retries, log)) as runs:
-        for job, finished, record in runs:
-            cluster.unpack(finished.files, work / job.name)
+    shared_ref = cluster.share(shared)
+    calls = {job.name: (job.config, shared_ref) for job in jobs}
+    by_name = {job.name: job for job in jobs}
+    with closing(cluster.tasks(cluster.run_job, calls, memory, cpus, retries, "runs", log)) as runs:
+        for name, finished, record in runs:
+            job = by_name[name]
+            cluster.unpack(finished.value, work / job.name)
             log(f"--- sweep: {job.name} finished on {record.machine} in {record.seconds:.0f} s"
                 + (f" (attempt {record.attempts})" if record.attempts > 1 else ""))
             yield job, record
@@ -205,7 +202,8 @@ def _work_folder(config: RunConfig, jobs: list[Job], work: Path, log) -> dict:
     """The sweep's record, in its work folder: an interrupted sweep's with the same settings (to
     resume), else a new one; an interrupted sweep with other settings is kept unless --force.
     Anything in the folder but the record and the finished runs (a run cut short) is removed."""
-    settings = json.loads(json.dumps({"config": asdict(replace(config, force=False)),
+    same = replace(config, force=False, ray=None, ray_cpus=None, retries=None)  # where is no matter
+    settings = json.loads(json.dumps({"config": asdict(same),
                                       "runs": [job.name for job in jobs]}, default=str))
     try:
         record = json.loads((work / RECORD).read_text(encoding="utf-8"))

@@ -119,3 +119,29 @@ def test_a_run_no_node_can_take_is_refused_before_the_dense_pass(ray_cluster, sw
     captured = capsys.readouterr()
     assert "asks for 4 CPU(s)" in captured.err and "no node of the Ray cluster" in captured.err
     assert "dense pass" not in captured.out and not list(tmp_path.iterdir())
+
+
+def test_joint_search_measures_each_type_on_the_cluster(ray_cluster, tiny_model_dir, sweep_args, tmp_path):
+    """The joint search's dense runs (one per type) as Ray tasks: the same measured quality and
+    the same choice as on this machine, each run labelled with the machine it ran on."""
+    from mosaic_export.model_io import load_model
+    from tests.unit.test_joint import FAST as JOINT_FAST
+    from tests.unit.test_joint import _pricings
+
+    loaded = load_model(str(tiny_model_dir))
+    size = {t: p.cost([loaded.shape.dense_dims] * loaded.shape.n_layers).memory_bytes
+            for t, p in _pricings(loaded.shape).items()}
+    args = ["--model", str(tiny_model_dir), "--profile", sweep_args[4], *JOINT_FAST, "--threads", "1",
+            "--types", "fp32", "fp16", "--max-memory", f"{int((size['fp16'] + size['fp32']) / 2)}B",
+            "--margin", "0"]
+    reports = {}
+    for where, extra in (("here", []), ("ray", ["--ray", ray_cluster.address])):
+        assert main([*args, *extra, "--out", str(tmp_path / where)]) == 0
+        reports[where] = json.loads((tmp_path / where / "report.json").read_text())["joint"]
+    here, ray = reports["here"], reports["ray"]
+    assert ray["quality"]["type_deltas"] == here["quality"]["type_deltas"]
+    assert ray["chosen"] == here["chosen"]
+    runs = ray["quality"]["probe"]["dense_runs"]
+    assert set(runs) == {"fp32", "fp16"} and all(r["machine"] for r in runs.values())
+    text = (tmp_path / "ray" / "report.md").read_text()
+    assert "Where the dense runs were measured: fp32, fp16 on " in text

@@ -67,8 +67,8 @@ def test_a_sweep_that_fails_before_any_run_leaves_nothing(args, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ray-cpus", "2"], "--ray-cpus is for a sweep on a Ray cluster"),
-    (["--retries", "1"], "--retries is for a sweep on a Ray cluster"),
+    (["--ray-cpus", "2"], "--ray-cpus is for work on a Ray cluster"),
+    (["--retries", "1"], "--retries is for work on a Ray cluster"),
     (["--ray", "auto", "--retries", "-1"], "--retries must be >= 0"),
     (["--ray", "auto", "--ray-cpus", "0"], "--ray-cpus must be a positive integer"),
 ])
