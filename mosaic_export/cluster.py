@@ -10,7 +10,7 @@ workers need no shared disk: only the model, profile and text paths must be read
 A task that fails or is killed (its worker or its node lost) is submitted again, up to
 `retries` more times; every failure is recorded and reported. What the user asked for is
 checked at the door, before any task, so an error on a worker (a path it lacks, a full disk) is
-one of its machine and is retried like a crash. Runs arrive as they finish (`runs` yields them)
+one of its machine and is retried like a crash. Runs arrive as they finish (`tasks` yields them)
 and are written into the sweep's work folder at once, so an interrupted sweep resumes from them;
 past the last attempt, the runs that finished meanwhile are handed back before the error.
 """
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .outputs import TMP_INFIX
-from .process import machine_label
+from .process import machine_label, torch_threads
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def check_fits(cpus: int, memory: int) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(r.get("CPU", 0) >= cpus and r.get("memory", 0) >= memory for r in nodes):
         largest = max(nodes, key=lambda r: r.get("CPU", 0), default={})
-        raise UserError(f"each run asks for {cpus} CPU(s) and {format_bytes(memory)}; no node of the "
+        raise UserError(f"each task asks for {cpus} CPU(s) and {format_bytes(memory)}; no node of the "
                         f"Ray cluster offers that (the largest: {largest.get('CPU', 0):g} CPUs, "
                         f"{format_bytes(int(largest.get('memory', 0)))})")
 
@@ -181,8 +181,7 @@ def tasks(function, calls: dict[str, tuple], memory: int, cpus: int, retries: in
                     pending[task.remote(*calls[name])] = (name, attempt + 1)
                     continue
                 yield from _done(ray, pending, failures)  # hand back what finished meanwhile
-                raise UserError(f"{name} failed {attempt} times ({'; '.join(failures[name])}); "
-                                "what finished is kept") from None
+                raise UserError(f"{name} failed {attempt} times ({'; '.join(failures[name])})") from None
             yield name, finished, Record(finished.machine, finished.seconds, attempt,
                                          failures[name] or None)
     finally:
@@ -230,7 +229,7 @@ def measure_type(model: str | None, target: str, type_: str, probe_text: str,
     from .model_io import load_model
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mosaic-export-type-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mosaic-export-type-") as tmp, torch_threads(evaluation.threads):
         probe = Path(tmp) / "probe.txt"
         probe.write_text(probe_text, encoding="utf-8")
         loaded = load_model(model)

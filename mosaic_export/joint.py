@@ -287,11 +287,11 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
                                                       log)
     type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in dense_runs.items()}
     dense_dims = [loaded.shape.dense_dims] * loaded.shape.n_layers
-    here = machine_label()
     for t, pricing in pricings.items():  # a type detect did not measure: anchored at its dense
-        if (profile.local and pricing.calibration.basis != "measured"  # run, when made here
-                and dense_runs[t].get("machine", here) == here):  # (a local profile is this machine's)
+        if profile.local and pricing.calibration.basis != "measured" and not config.ray:  # run,
             pricings[t] = replace(pricing, calibration=anchored(pricing, dense_dims, dense_runs[t]))
+            # when made here as a build is (a cluster's run has its own threads and neighbours)
+    here = machine_label()
     alignments = {t: config.alignment or Format(target, t).spec.alignment(t) for t in config.types}
     searches = type_searches(loaded.shape, loaded.source, measured, settings, profile.budgets,
                              pricings, alignments, config.margin)

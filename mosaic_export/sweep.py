@@ -107,8 +107,10 @@ def _absolute(config: RunConfig) -> RunConfig:
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     calibration = config.settings.calibration
+    recover = config.recover and replace(config.recover,
+                                         text=",".join(path(t) for t in config.recover.sources))
     return replace(config, model=path(config.model), profile=path(config.profile),
-                   eval_text=path(config.eval_text), plan=path(config.plan),
+                   eval_text=path(config.eval_text), plan=path(config.plan), recover=recover,
                    settings=replace(config.settings,
                                     calibration=replace(calibration, source=path(calibration.source))))
 
@@ -202,8 +204,9 @@ def _work_folder(config: RunConfig, jobs: list[Job], work: Path, log) -> dict:
     """The sweep's record, in its work folder: an interrupted sweep's with the same settings (to
     resume), else a new one; an interrupted sweep with other settings is kept unless --force.
     Anything in the folder but the record and the finished runs (a run cut short) is removed."""
-    same = replace(config, force=False, ray=None, ray_cpus=None, retries=None)  # where is no matter
-    settings = json.loads(json.dumps({"config": asdict(same),
+    same = replace(config, force=False, ray=None, ray_cpus=None, retries=None)  # where is no matter,
+    settings = json.loads(json.dumps({"config": asdict(same),  # but the runs' threads are
+                                      "threads": jobs[0].config.threads,
                                       "runs": [job.name for job in jobs]}, default=str))
     try:
         record = json.loads((work / RECORD).read_text(encoding="utf-8"))

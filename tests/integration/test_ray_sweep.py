@@ -64,13 +64,30 @@ def _artifacts(out: Path) -> dict[str, str]:
             for p in sorted(out.glob("r*/**/*")) if p.is_file() and p.name not in varying}
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+
+
+def _ours(pid: int) -> bool:
+    """Is pid a descendant of this test process (a worker of this test's cluster, not of another
+    Ray on the machine)?"""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def _kill_first_run(killed: list[int], stop: threading.Event) -> None:
-    """Kill (SIGKILL) the first Ray worker process seen running a sweep's run."""
+    """Kill (SIGKILL) the first worker process of this test's cluster seen running a sweep's run."""
     while not stop.is_set() and not killed:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-            except OSError:
+                if not title.startswith(TASK) or not _ours(int(pid)):
+                    continue
+            except (OSError, ValueError, IndexError):
                 continue
             if title.startswith(TASK):
                 time.sleep(1)  # mid-run: it has loaded the model and started pruning
