@@ -149,6 +149,7 @@ def cmd_sweep(argv: list[str]) -> int:
 def cmd_run(argv: list[str]) -> int:
     from dataclasses import replace
 
+    from . import cluster
     from .pipeline import run
     from .run_config import prepare
 
@@ -157,19 +158,10 @@ def cmd_run(argv: list[str]) -> int:
     if config.ray and not config.types:
         raise UserError("--ray is for a sweep (mosaic-export sweep) or a joint search over types "
                         "(the main command without --sparsity, --quant or --dtype)")
-    if not config.ray:
+    if config.ray:
+        prepare(replace(config, out=None))  # the inputs, then the cluster, before any work
+    with cluster.joined(config):
         run(config)
-        return 0
-    from . import cluster
-
-    prepare(replace(config, out=None))  # the inputs, then the cluster, before any work
-    started = cluster.connect(config.ray)
-    try:
-        cluster.check_fits(config.ray_cpus or config.threads or 1, 0)
-        run(config)
-    finally:
-        if started:
-            cluster.disconnect()
     return 0
 
 

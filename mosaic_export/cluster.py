@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,6 +147,31 @@ def disconnect() -> None:
     _ray().shutdown()
 
 
+def task_cpus(config: RunConfig) -> int:
+    """The CPUs each task asks for and uses: --ray-cpus, else --threads, else 1."""
+    return config.ray_cpus or config.threads or 1
+
+
+def task_retries(config: RunConfig) -> int:
+    return 2 if config.retries is None else config.retries
+
+
+@contextmanager
+def joined(config: RunConfig):
+    """On the cluster config.ray for the block (nothing when None): joined, refused when no node
+    has task_cpus, and left afterwards when this call joined it."""
+    if not config.ray:
+        yield
+        return
+    started = connect(config.ray)
+    try:
+        check_fits(task_cpus(config), 0)
+        yield
+    finally:
+        if started:
+            disconnect()
+
+
 def check_fits(cpus: int, memory: int) -> None:
     """Refuse a run that no node of the cluster could ever take (Ray would wait for ever)."""
     ray = _ray()
@@ -242,25 +268,22 @@ def measure_types(config: RunConfig, params: int, probe: Path, evaluation: Evalu
                   log=print) -> dict[str, dict]:
     """quality.measure_types on the cluster config.ray: {type: benchmark result}, each with the
     machine it was measured on under "machine" (and "attempts")."""
-    cpus = config.ray_cpus or config.threads or 1
-    retries = 2 if config.retries is None else config.retries
-    started = connect(config.ray)
-    try:
-        evaluation = replace(evaluation, threads=cpus)
-        calls = {t: (_absolute_path(config.model), config.target, t, probe.read_text(encoding="utf-8"),
-                     evaluation) for t in config.types}
-        out = {}
-        for t, finished, record in tasks(measure_type, calls, task_memory(4 * params), cpus, retries,
-                                         "dense runs (one per type)", log):
+    cpus = task_cpus(config)
+    evaluation = replace(evaluation, threads=cpus)
+    calls = {t: (absolute(config.model), config.target, t, probe.read_text(encoding="utf-8"), evaluation)
+             for t in config.types}
+    out = {}
+    with joined(config):
+        for t, finished, record in tasks(measure_type, calls, task_memory(4 * params), cpus,
+                                         task_retries(config), "dense runs (one per type)", log):
             out[t] = {**finished.value, "machine": record.machine, "attempts": record.attempts}
             p = out[t]["perplexity"]["perplexity"]
             log(f"  dense {t}: probe perplexity {p:.3f}, {out[t]['file_bytes'] / 2**20:.1f} MiB, decode "
                 f"{out[t]['decode']['tokens_per_s']:.1f} tokens/s (on {record.machine})")
-        return {t: out[t] for t in config.types}
-    finally:
-        if started:
-            disconnect()
+    return {t: out[t] for t in config.types}
 
 
-def _absolute_path(path: str | None) -> str | None:
+def absolute(path: str | None) -> str | None:
+    """A path as a worker can read it (it does not start in this folder); a name (a built-in
+    profile, text or model) as it is."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path

@@ -24,6 +24,7 @@ from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import cluster
 from .cluster import Job, Record
 from .errors import UserError
 from .outputs import check_output, write_outputs
@@ -48,8 +49,7 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
     prepare(replace(config, out=None))  # every input, before anything is written
     out, ray = config.out, config.ray
     check_output(out, config.force)
-    cpus = config.ray_cpus or config.threads or 1
-    retries = 2 if config.retries is None else config.retries
+    cpus = cluster.task_cpus(config)
     jobs = make_jobs(config, targets, cpus if ray else None)
     work = _work_path(out)
     with _locked(work, out):
@@ -59,7 +59,7 @@ def sweep(config: RunConfig, targets: list[float], log=print) -> list[dict]:
             log(f"resuming the sweep in {work}: {len(jobs) - len(todo)} of {len(jobs)} runs finished")
         try:
             if todo:
-                _execute(todo, config, work, record, ray, retries, cpus, log)
+                _execute(todo, config, work, record, log)
         except BaseException:
             if record["runs"]:
                 print(f"mosaic-export: the sweep stopped with {len(record['runs'])} of {len(jobs)} "
@@ -103,9 +103,7 @@ def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) 
 
 def _absolute(config: RunConfig) -> RunConfig:
     """The files a run reads named by absolute paths: a worker does not start in this folder."""
-    def path(p):
-        return str(Path(p).resolve()) if p and Path(p).exists() else p
-
+    path = cluster.absolute
     calibration = config.settings.calibration
     recover = config.recover and replace(config.recover,
                                          text=",".join(path(t) for t in config.recover.sources))
@@ -132,25 +130,16 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
     return DensePass(measured, dense.perplexity, dense.counts["total"])
 
 
-def _execute(jobs: list[Job], config: RunConfig, work: Path, record: dict, ray: str | None,
-             retries: int, cpus: int, log) -> None:
+def _execute(jobs: list[Job], config: RunConfig, work: Path, record: dict, log) -> None:
     """The dense pass, then each run, here or on the cluster (joined first, so that a wrong
     address fails before the dense pass); each run recorded as it lands in work."""
-    from . import cluster
-
-    started = cluster.connect(ray) if ray else False
-    try:
-        if ray:
-            cluster.check_fits(cpus, 0)
+    with cluster.joined(config):
         shared = dense_pass(config, log)
-        runs = _local(jobs, shared, log) if ray is None else _remote(jobs, shared, work, retries, cpus, log)
+        runs = _remote(jobs, shared, work, config, log) if config.ray else _local(jobs, shared, log)
         with closing(runs):
             for job, done in runs:
                 record["runs"][job.name] = asdict(done)
                 _save(work / RECORD, record)
-    finally:
-        if started:
-            cluster.disconnect()
 
 
 def _local(jobs: list[Job], shared: DensePass, log):
@@ -162,9 +151,8 @@ def _local(jobs: list[Job], shared: DensePass, log):
         yield job, Record(machine_label(), time.perf_counter() - t0)
 
 
-def _remote(jobs: list[Job], shared: DensePass, work: Path, retries: int, cpus: int, log):
-    from . import cluster
-
+def _remote(jobs: list[Job], shared: DensePass, work: Path, config: RunConfig, log):
+    cpus, retries = cluster.task_cpus(config), cluster.task_retries(config)
     memory = cluster.task_memory(4 * shared.params)
     shared_ref = cluster.share(shared)
     calls = {job.name: (job.config, shared_ref) for job in jobs}
