@@ -125,6 +125,11 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", type=int, default=None,
                    help="keep MLP channel counts a multiple of this (default: what the "
                         "profile's format needs: 256 for k-quants, 32 for Q8_0/Q4_0, else 1)")
+    p.add_argument("--kv-heads", choices=("keep", "prune"), default=None,
+                   help="keep: every layer keeps its KV heads (query heads go within their groups), "
+                        "so ONNX Runtime GenAI can load the ONNX folder (it sizes one KV cache for all "
+                        "layers); prune: whole KV groups may go too (default: keep for the ONNX "
+                        "target, prune for GGUF)")
     p.add_argument("--no-compensate", action="store_true",
                    help="do not update o / down by least squares after removing heads/channels")
     p.add_argument("--structured-scores", choices=STRUCTURED_SCORES, default=d.structured_scores,

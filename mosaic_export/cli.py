@@ -32,7 +32,8 @@ def _config(args: argparse.Namespace):
     budgets = {k: getattr(args, k) for k in ("max_memory", "min_tokens_per_s", "context", "max_ttft")
                if getattr(args, k) is not None}
     fields = dict(profile=args.profile, model=args.model, settings=_settings(args, search),
-                  plan=args.plan, threads=args.threads, alignment=args.align, search=search,
+                  plan=args.plan, threads=args.threads, alignment=args.align, kv_heads=args.kv_heads,
+                  search=search,
                   budgets=budgets, margin=args.margin)
     if hasattr(args, "out"):  # the main command and sweep; not plan
         target = _target(args, search)

@@ -79,7 +79,9 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Weights:
-    total: int  # bytes resident: every weight tensor of the file
+    # bytes resident: every weight tensor of the file (not ONNX's rotary tables, positions x
+    # head_dim x 4 bytes per rotary base, 2 MiB for SmolLM2: the calibrated base memory holds them)
+    total: int
     per_token: int  # bytes read to decode one token: every matrix but the embedding table
     matmul_params: int  # parameters multiplied per token (embedding lookup excluded)
     output_params: int  # of which the output layer

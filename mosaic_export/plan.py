@@ -53,6 +53,7 @@ class PruneSettings:
     outlier_m: float = 5.0  # POD threshold: outlier when score > M * mean
     lam: float = 0.08  # OWL's lambda: ratios spread over +- lambda around the target
     alignment: int = 1  # kept MLP channels (and head rows) a multiple of this
+    keep_kv_heads: bool = False  # every layer keeps its KV heads (ONNX Runtime GenAI needs one count)
     compensate: bool = True  # least-squares update of o / down after removing their inputs
     structured_scores: str = "activation"  # how heads and channels are ranked; "magnitude": weights only
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)

@@ -87,7 +87,8 @@ def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
     # Attention: the valid GQA layout nearest to each layer's ratio (ties: keep more).
     aligned_dense = (shape.n_head * shape.head_dim) % align == 0
     options = [(g, q) for g, q in head_options(shape.n_head, shape.n_kv)
-               if not aligned_dense or (g * q * shape.head_dim) % align == 0]
+               if (not aligned_dense or (g * q * shape.head_dim) % align == 0)
+               and (g == shape.n_kv or not settings.keep_kv_heads)]
     attn_dims = []
     for i in range(n):
         want = (1 - float(group_ratios["attn"][i])) * attn_dense

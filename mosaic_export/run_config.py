@@ -33,6 +33,7 @@ class RunConfig:
     calib_batch_size: int = 1  # samples per forward: 1 keeps activation memory smallest, same speed
     threads: int | None = None
     alignment: int | None = None  # None: the target format decides (k-quants: 256)
+    kv_heads: str | None = None  # "keep" / "prune"; None: the target decides (ONNX keeps them for GenAI)
     target: str | None = None  # a registered target (export, benchmark); None: the resized checkpoint only
     quant: str | None = None  # GGUF type; None: the profile's (gguf profiles), else F16
     dtype: str | None = None  # ONNX precision; None: the profile's (onnx profiles), else fp32
@@ -75,7 +76,9 @@ def prepare(config: RunConfig) -> Inputs:
     target = targets.get(config.target or profile.runtime.target)
     _check_positive(config)
     fmt = Format(target.name, _type(config, target, profile.runtime))
-    settings = replace(config.settings, alignment=config.alignment or target.alignment(fmt.name)).validate()
+    keep_kv = config.kv_heads == "keep" if config.kv_heads else target.keeps_kv_heads(fmt.name)
+    settings = replace(config.settings, alignment=config.alignment or target.alignment(fmt.name),
+                       keep_kv_heads=keep_kv).validate()
     plan = _plan(config, target)
     if plan is not None:
         settings = plan.settings

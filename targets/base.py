@@ -75,6 +75,10 @@ class Target(ABC):
         """The multiple a resized layer's channel counts must keep for the type to store them."""
         return 1
 
+    def keeps_kv_heads(self, type_: str) -> bool:
+        """Whether plans for this target keep every layer's KV heads by default (--kv-heads)."""
+        return False
+
     # --- what it costs (costmodel.py) -----------------------------------------------------------
 
     @abstractmethod

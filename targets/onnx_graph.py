@@ -1,10 +1,18 @@
-"""The ONNX graph of a resized decoder, built node by node from the weights (no tracing).
+"""The ONNX graph of a resized decoder, built node by node from the weights (no tracing), with
+ONNX Runtime's fused operators: the graph ONNX Runtime GenAI's model builder writes for a uniform
+model, here with every layer at its own query heads, KV heads and MLP width.
 
-One graph serves prefill and decode; every layer has its own head count, KV heads and MLP width,
-and the architecture's own block (arch.ArchSpec): biases, q/k norms, Gemma's four norms, offset
-norm scales, scaled embeddings and GELU, per-layer rotary bases and sliding windows. The
-arithmetic is what transformers computes: rotary halves, grouped-query heads, the causal mask
-(and window) combined with the attention mask, softmax and RMSNorm in float32.
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (com.microsoft): RMSNorm, and
+        the residual add fused with the next norm; the residual stream is carried as (sum, delta)
+    GroupQueryAttention (com.microsoft): q / k / v (packed in one MatMul where the layer has no
+        q / k norms), rotary inside (cos / sin tables of the layer's base), the causal mask, the
+        layer's window, grouped heads, the KV cache in and out
+    MatMul, and MatMulNBits after weight-only quantization (onnx.py)
+
+The arithmetic is what transformers computes for the architecture (arch.ArchSpec): biases, q / k
+norms, Gemma's four norms, offset norm scales, scaled embeddings and GELU, per-layer rotary bases
+and sliding windows; norms and softmax accumulate in float32 inside the operators. Padding is on
+the right (GroupQueryAttention reads each row's length from the attention mask), as GenAI feeds it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
 
 OPSET = 17
-MASKED = -1e30  # added to the scores of positions a query may not see (finite: no NaN rows)
+MS = "com.microsoft"  # ONNX Runtime's contrib operators
+MIN_POSITIONS = 4096
+FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
 class _Graph:
@@ -46,18 +56,19 @@ class _Graph:
                                             np.array(value, dtype=dtype))
         return self._consts[key]
 
-    def op(self, op_type: str, *inputs: str, outputs: list[str] | None = None, **attrs) -> str:
+    def op(self, op_type: str, *inputs: str, outputs: list[str] | None = None, domain: str = "",
+           **attrs) -> str:
         from onnx import helper
 
         self._n += 1
         outputs = outputs or [f"{op_type.lower()}_{self._n}"]
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=f"{op_type}_{self._n}",
-                                           **attrs))
+                                           domain=domain, **attrs))
         return outputs[0]
 
 
 class _Decoder:
-    """The decoder's graph, piece by piece, in one dtype (norms, softmax and logits in float32)."""
+    """The decoder's graph, piece by piece, in one dtype (logits in float32)."""
 
     def __init__(self, g: _Graph, loaded: LoadedModel, dtype: str):
         from onnx import TensorProto
@@ -68,110 +79,96 @@ class _Decoder:
         self.onnx_float = TensorProto.FLOAT16 if self.fp16 else TensorProto.FLOAT
         self.D, self.eps = loaded.shape.head_dim, float(self.config.rms_norm_eps)
         self.windows = layer_windows(self.config)
-        self.scale = g.scalar(attention_scale(self.config, self.D), self.np_float)
-        self._rotary, self._masks = {}, {}
+        # rotary tables for the model's positions, and at least MIN_POSITIONS: transformers computes
+        # angles past max_position_embeddings too, and a benchmark's prompt may go there
+        self.positions = max(int(self.config.max_position_embeddings), MIN_POSITIONS)
+        self._rotary: dict[float, tuple[str, str]] = {}
+        self._lengths: tuple[str, str] | None = None
 
     def param(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
         a = t.detach().float().numpy()
         return self.g.weight(name, (a.T if transpose else a).astype(self.np_float))
 
-    def linear(self, x: str, lin, name: str) -> str:
-        y = self.g.op("MatMul", x, self.param(f"{name}.weight_t", lin.weight, transpose=True))
-        return self.g.op("Add", y, self.param(f"{name}.bias", lin.bias)) if lin.bias is not None else y
+    def linear(self, x: str, lins: list, name: str) -> str:
+        """x times one or more projections packed side by side in one MatMul (+ their biases)."""
+        w = torch.cat([lin.weight for lin in lins], 0)
+        y = self.g.op("MatMul", x, self.param(f"{name}.weight_t", w, transpose=True))
+        if all(lin.bias is None for lin in lins):
+            return y
+        bias = torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+                          for lin in lins])
+        return self.g.op("Add", y, self.param(f"{name}.bias", bias))
 
-    def to_float32(self, x: str) -> str:
-        from onnx import TensorProto
-
-        return self.g.op("Cast", x, to=TensorProto.FLOAT) if self.fp16 else x
-
-    def from_float32(self, x: str) -> str:
-        return self.g.op("Cast", x, to=self.onnx_float) if self.fp16 else x
-
-    def rms_norm(self, x: str, norm, name: str) -> str:
-        """RMSNorm over the last axis, with the architecture's scale (Gemma: 1 + weight)."""
-        g, xf = self.g, self.to_float32(x)
-        var = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
-        std = g.op("Sqrt", g.op("Add", var, g.scalar(self.eps, np.float32)))
-        rstd = g.op("Div", g.scalar(1.0, np.float32), std)
-        normed = self.from_float32(g.op("Mul", xf, rstd))
-        return g.op("Mul", normed, self.param(f"{name}.weight", self.spec.norm_weight(norm)))
-
-    def layer_norm(self, x: str, layer, role: str, name: str) -> str:
-        """The layer's norm of that role, or x itself when the architecture has none there."""
+    def norm_weight(self, layer, role: str, name: str) -> str | None:
         path = self.spec.norms.get(role)
-        return x if path is None else self.rms_norm(x, layer.get_submodule(path), f"{name}.{role}")
+        if path is None:
+            return None
+        norm = layer.get_submodule(path) if layer is not None else self.loaded.model.get_submodule(path)
+        return self.param(f"{name}.{role}.weight", self.spec.norm_weight(norm))
+
+    def norm(self, x: str, weight: str | None) -> str:
+        """RMSNorm over the last axis (x itself where the architecture has no norm there)."""
+        if weight is None:
+            return x
+        return self.g.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=self.eps, stash_type=1)
+
+    def skip_norm(self, delta: str, residual: str, weight: str) -> tuple[str, str]:
+        """RMSNorm(residual + delta) and residual + delta, in one operator."""
+        n = len(self.g.nodes)
+        normed, total = f"skip_norm_{n}", f"residual_{n}"
+        self.g.op("SkipSimplifiedLayerNormalization", delta, residual, weight, domain=MS, epsilon=self.eps,
+                  outputs=[normed, "", "", total])
+        return normed, total
 
     def rotary(self, base: float) -> tuple[str, str]:
-        """cos and sin tables (B, 1, S, D) of the positions at a rotary base (one per base)."""
-        from onnx import TensorProto
-
+        """cos and sin tables (positions, head_dim / 2) at a rotary base (one pair per base)."""
         if base not in self._rotary:
-            g, D, n = self.g, self.D, len(self._rotary)
+            D, n = self.D, len(self._rotary)
             inv_freq = 1.0 / (base ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / D))
-            pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.ints(2))
-            freqs = g.op("Mul", pos, g.weight(f"rotary{n}.inv_freq", inv_freq.astype(np.float32)))
-            angles = g.op("Concat", freqs, freqs, axis=-1)  # (B, S, D)
-            self._rotary[base] = tuple(self.from_float32(g.op("Unsqueeze", g.op(op, angles), g.ints(1)))
-                                       for op in ("Cos", "Sin"))
+            angles = np.outer(np.arange(self.positions, dtype=np.float32), inv_freq)
+            self._rotary[base] = (self.g.weight(f"rotary{n}.cos", np.cos(angles).astype(self.np_float)),
+                                  self.g.weight(f"rotary{n}.sin", np.sin(angles).astype(self.np_float)))
         return self._rotary[base]
 
-    def attention_mask(self, window: int | None) -> str:
-        """The causal mask (within the window, if any) combined with the attention mask:
-        (B, 1, S, T) float32, 0 or MASKED; one per window."""
+    def lengths(self) -> tuple[str, str]:
+        """From the attention mask: each row's length - 1 (int32) and the total length (int32)."""
         from onnx import TensorProto
 
-        if window in self._masks:
-            return self._masks[window]
+        if self._lengths is None:
+            g = self.g
+            seen = g.op("ReduceSum", "attention_mask", g.ints(1), keepdims=0)
+            seqlens = g.op("Cast", g.op("Sub", seen, g.scalar(1, np.int64)), to=TensorProto.INT32)
+            total = g.op("Gather", g.op("Shape", "attention_mask"), g.scalar(1, np.int64), axis=0)
+            self._lengths = (seqlens, g.op("Cast", total, to=TensorProto.INT32))
+        return self._lengths
+
+    def head_norm(self, x: str, layer, part: str, n: int, name: str) -> str:
+        """Qwen3's and Gemma's per-head q / k RMSNorm."""
+        weight = self.norm_weight(layer, f"{part}_norm", name)
+        if weight is None:
+            return x
         g = self.g
-        total = g.op("Gather", g.op("Shape", "attention_mask"), g.ints(1), axis=0)  # (1,) = P + S
-        seq = g.op("Gather", g.op("Shape", "input_ids"), g.ints(1), axis=0)
-        zero, one = g.scalar(0, np.int64), g.scalar(1, np.int64)
-        t_scalar = g.op("Squeeze", total, g.ints(0))
-        k_pos = g.op("Unsqueeze", g.op("Range", zero, t_scalar, one), g.ints(0))  # (1, T)
-        q_pos = g.op("Unsqueeze", g.op("Range", g.op("Squeeze", g.op("Sub", total, seq), g.ints(0)),
-                                       t_scalar, one), g.ints(1))  # (S, 1)
-        seen = g.op("LessOrEqual", k_pos, q_pos)
-        if window is not None:  # transformers' sliding window: key > query - window
-            seen = g.op("And", seen, g.op("Greater", k_pos, g.op("Sub", q_pos, g.scalar(window, np.int64))))
-        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.ints(1, 2))
-        self._masks[window] = g.op("Where", g.op("And", seen, padding), g.scalar(0.0, np.float32),
-                                   g.scalar(MASKED, np.float32))
-        return self._masks[window]
-
-    def rotate(self, x: str, cos: str, sin: str) -> str:  # x cos + rotate_half(x) sin, [-x2, x1]
-        g, D = self.g, self.D
-        x1 = g.op("Slice", x, g.ints(0), g.ints(D // 2), g.ints(3))
-        x2 = g.op("Slice", x, g.ints(D // 2), g.ints(D), g.ints(3))
-        rot = g.op("Concat", g.op("Neg", x2), x1, axis=3)
-        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
-
-    def heads(self, x: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
-        g = self.g
-        return g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, n, self.D)), perm=[0, 2, 1, 3])
-
-    def qk(self, i: int, layer, h: str, part: str, n: int) -> str:
-        """q or k of layer i: projected, split in heads, per-head normed (Qwen3, Gemma), rotated."""
-        x = self.heads(self.linear(h, self.spec.projection(layer, part), f"layers.{i}.{part}"), n)
-        x = self.layer_norm(x, layer, f"{part}_norm", f"layers.{i}")
-        return self.rotate(x, *self.rotary(rope_base(self.config, self.windows[i])))
+        normed = self.norm(g.op("Reshape", x, g.ints(0, 0, n, self.D)), weight)
+        return g.op("Reshape", normed, g.ints(0, 0, n * self.D))
 
     def attention(self, i: int, layer, dims, h: str) -> str:
         """Layer i's attention output (before o), its KV cache in and out."""
-        g, D = self.g, self.D
-        nh, nkv = dims.n_head, dims.n_kv
-        q, k = self.qk(i, layer, h, "q", nh), self.qk(i, layer, h, "k", nkv)
-        v = self.heads(self.linear(h, self.spec.projection(layer, "v"), f"layers.{i}.v"), nkv)
-        k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
-        v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
-        if nh != nkv:  # grouped-query: query head j reads KV head j // (nh / nkv)
-            rep = g.ints(1, 1, nh // nkv, 1, 1)
-            k = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", k, g.ints(2)), rep), g.ints(0, nh, -1, D))
-            v = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", v, g.ints(2)), rep), g.ints(0, nh, -1, D))
-        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), self.scale)
-        scores = g.op("Add", self.to_float32(scores), self.attention_mask(self.windows[i]))
-        probs = self.from_float32(g.op("Softmax", scores, axis=-1))
-        return g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]),
-                    g.ints(0, 0, nh * D))
+        name, spec = f"layers.{i}", self.spec
+        q, k, v = (spec.projection(layer, p) for p in ("q", "k", "v"))
+        if all(p not in spec.norms for p in ("q_norm", "k_norm")):
+            qkv = [self.linear(h, [q, k, v], f"{name}.qkv"), "", ""]
+        else:
+            qkv = [self.head_norm(self.linear(h, [q], f"{name}.q"), layer, "q", dims.n_head, name),
+                   self.head_norm(self.linear(h, [k], f"{name}.k"), layer, "k", dims.n_kv, name),
+                   self.linear(h, [v], f"{name}.v")]
+        window = self.windows[i]
+        cos, sin = self.rotary(rope_base(self.config, window))
+        return self.g.op(
+            "GroupQueryAttention", *qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            *self.lengths(), cos, sin, domain=MS,
+            outputs=[f"attention_{i}", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=dims.n_head, kv_num_heads=dims.n_kv, scale=attention_scale(self.config, self.D),
+            do_rotary=1, rotary_interleaved=0, local_window_size=-1 if window is None else window)
 
     def activation(self, x: str) -> str:
         g = self.g
@@ -183,17 +180,23 @@ class _Decoder:
                      g.op("Add", x, g.op("Mul", c(0.044715), g.op("Mul", x, g.op("Mul", x, x)))))
         return g.op("Mul", g.op("Mul", c(0.5), x), g.op("Add", c(1.0), g.op("Tanh", inner)))
 
-    def layer(self, i: int, layer, dims, hidden: str) -> str:
-        g, spec, name = self.g, self.spec, f"layers.{i}"
-        attn = self.attention(i, layer, dims, self.layer_norm(hidden, layer, "attn_norm", name))
-        attn = self.linear(attn, spec.projection(layer, "o"), f"{name}.o")
-        hidden = g.op("Add", hidden, self.layer_norm(attn, layer, "attn_post_norm", name))
-        h = self.layer_norm(hidden, layer, "ffn_norm", name)
-        gate = self.linear(h, spec.projection(layer, "gate"), f"{name}.gate")
-        up = self.linear(h, spec.projection(layer, "up"), f"{name}.up")
-        down = self.linear(g.op("Mul", self.activation(gate), up), spec.projection(layer, "down"),
+    def layer(self, i: int, layer, dims, residual: str, delta: str | None) -> tuple[str, str]:
+        """Layer i on the residual stream residual + delta (delta None: the embeddings alone);
+        returns the stream after it, again as (residual, delta)."""
+        spec, name = self.spec, f"layers.{i}"
+        weight = self.norm_weight(layer, "attn_norm", name)
+        if delta is None:
+            h = self.norm(residual, weight)
+        else:
+            h, residual = self.skip_norm(delta, residual, weight)
+        attn = self.linear(self.attention(i, layer, dims, h), [spec.projection(layer, "o")], f"{name}.o")
+        delta = self.norm(attn, self.norm_weight(layer, "attn_post_norm", name))
+        h, residual = self.skip_norm(delta, residual, self.norm_weight(layer, "ffn_norm", name))
+        gate = self.linear(h, [spec.projection(layer, "gate")], f"{name}.gate")
+        up = self.linear(h, [spec.projection(layer, "up")], f"{name}.up")
+        down = self.linear(self.g.op("Mul", self.activation(gate), up), [spec.projection(layer, "down")],
                            f"{name}.down")
-        return g.op("Add", hidden, self.layer_norm(down, layer, "ffn_post_norm", name))
+        return residual, self.norm(down, self.norm_weight(layer, "ffn_post_norm", name))
 
     def embed(self) -> str:
         """The token embeddings (Gemma: times sqrt(hidden), in the graph's dtype)."""
@@ -204,14 +207,26 @@ class _Decoder:
             hidden = g.op("Mul", hidden, g.scalar(float(self.loaded.shape.hidden ** 0.5), self.np_float))
         return hidden
 
+    def head(self, residual: str, delta: str) -> None:
+        """The final norm and the output layer: logits in float32."""
+        from onnx import TensorProto
+
+        model, g = self.loaded.model, self.g
+        h, _ = self.skip_norm(delta, residual, self.param("norm.weight", self.spec.norm_weight(
+            model.get_submodule(self.spec.final_norm))))
+        logits = g.op("MatMul", h, self.param("lm_head.weight_t", model.get_output_embeddings().weight,
+                                              transpose=True))
+        if self.fp16:
+            logits = g.op("Cast", logits, to=TensorProto.FLOAT)
+        g.op("Identity", logits, outputs=["logits"])
+
     def io(self) -> tuple[list, list]:
         """The graph's inputs and outputs, with each layer's own KV heads."""
         from onnx import TensorProto, helper
 
         D = self.D
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                  ["batch", "sequence", self.loaded.shape.vocab])]
         for i, dims in enumerate(self.loaded.layer_dims):
@@ -231,16 +246,14 @@ def build_model(loaded: LoadedModel, dtype: str = "fp32"):
     model, spec = loaded.model, loaded.spec
     g = _Graph()
     d = _Decoder(g, loaded, dtype)
-    hidden = d.embed()
+    residual, delta = d.embed(), None
     for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        hidden = d.layer(i, layer, dims, hidden)
-    h = d.rms_norm(hidden, model.get_submodule(spec.final_norm), "norm")
-    lm_head = d.param("lm_head.weight_t", model.get_output_embeddings().weight, transpose=True)
-    g.op("Identity", d.to_float32(g.op("MatMul", h, lm_head)), outputs=["logits"])
+        residual, delta = d.layer(i, layer, dims, residual, delta)
+    d.head(residual, delta)
     inputs, outputs = d.io()
     graph = helper.make_graph(g.nodes, "mosaic_export_decoder", inputs, outputs, g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="mosaic-export")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="mosaic-export")
     proto.ir_version = 8  # readable by onnxruntime >= 1.10
     return proto
 

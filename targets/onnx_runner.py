@@ -81,8 +81,7 @@ class OnnxDecoder:
         """ids (B, S) after past (B, kv, P, D) per layer -> logits (B, S, vocab), present."""
         b, s = ids.shape
         p = past[0].shape[2]
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64),
-                "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()}
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64)}
         for i in range(self.n_layers):
             feed[f"past_key_values.{i}.key"] = past[2 * i]
             feed[f"past_key_values.{i}.value"] = past[2 * i + 1]

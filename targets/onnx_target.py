@@ -7,11 +7,13 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Target
 
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
-INT8_BLOCK = 32  # weights per int8 scale, along the input dimension (MatMulNBits)
+BITS = {"int8": 8, "int4": 4}  # weight-only MatMulNBits types
+NBITS_BLOCK = 32  # weights per scale, along the input dimension (MatMulNBits)
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "model_config.json"  # per-layer sizes, names, eos ids, chat template: for an app
+GENAI_CONFIG_FILE = "genai_config.json"  # for ONNX Runtime GenAI
 CONFIG_FORMAT = "mosaic-export onnx"
 
 
@@ -35,12 +37,16 @@ class ONNX(Target):
         n = rows * cols
         if type_ == "fp16":  # norms too (computed in float32)
             return 2 * n
-        if type_ == "int8" and matmul:  # MatMulNBits: one byte a weight + a float32 scale per block
-            return n + 4 * rows * (-(-cols // INT8_BLOCK))
+        if type_ in BITS and matmul:  # MatMulNBits: packed weights + a float32 scale per block
+            blocks = -(-cols // NBITS_BLOCK)
+            return rows * blocks * (NBITS_BLOCK * BITS[type_] // 8 + 4)
         return 4 * n
 
     def tied_output_bytes(self, rows: int, cols: int, type_: str) -> int:
         return self.tensor_bytes("lm_head", rows, cols, type_, True, None)  # its own transposed copy
+
+    def keeps_kv_heads(self, type_: str) -> bool:
+        return True  # ONNX Runtime GenAI sizes one KV cache shape for every layer
 
     def check_exportable(self, loaded) -> None:
         from .onnx import check_exportable
@@ -72,7 +78,7 @@ class ONNX(Target):
 
     def manifest_format(self, section: dict) -> dict:
         return {"dtype": section["dtype"], "opset": section.get("opset"),
-                "model_path": f"{section['folder']}/{MODEL_FILE}"}
+                "model_path": f"{section['folder']}/{MODEL_FILE}", "genai": section.get("genai", False)}
 
     def verify_parity(self, loaded, path: Path, fmt: dict, ids, recorded: dict,
                       threads: int | None) -> tuple[dict, float]:
@@ -104,16 +110,21 @@ class ONNX(Target):
 
     def readme_run(self, fmt: dict) -> list[str]:
         folder = fmt["model_path"].split("/")[0]
+        genai = _genai_readme(folder) if fmt.get("genai") else [
+            "Its layers keep different numbers of KV heads, so ONNX Runtime GenAI (which sizes one KV "
+            "cache for all layers) cannot load it; a plan made with `--kv-heads keep` can.", ""]
         return ["## Run it", "",
-                f"`{folder}/` holds `model.onnx` (weights in `model.onnx.data`, {fmt['dtype']}), the "
-                "tokenizer files and `model_config.json` (per-layer sizes, head size, eos ids, chat "
-                "template). One graph serves prefill and decode:", "",
-                "    inputs   input_ids, attention_mask, position_ids   int64 (batch, tokens)",
-                "             past_key_values.{i}.key / .value          (batch, layer i's KV heads,",
-                "                                                        past tokens, head size)",
+                f"`{folder}/` holds `model.onnx` (weights in `model.onnx.data`, {fmt['dtype']}), written "
+                "with ONNX Runtime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization"
+                ", MatMulNBits for int8 / int4), the tokenizer files and `model_config.json` (per-layer "
+                "sizes, head size, eos ids, chat template).", "", *genai,
+                "With onnxruntime alone, one graph serves prefill and decode:", "",
+                "    inputs   input_ids, attention_mask   int64 (batch, tokens; padding on the right)",
+                "             past_key_values.{i}.key / .value   (batch, layer i's KV heads,",
+                "                                                 past tokens, head size)",
                 "    outputs  logits (batch, tokens, vocab), present.{i}.key / .value", "",
                 "Layer i's KV heads are `layers[i].n_kv` in `model_config.json`; an empty cache has "
-                "0 past tokens. Greedy decoding with onnxruntime alone:", "",
+                "0 past tokens. Greedy decoding:", "",
                 "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
                 "from tokenizers import Tokenizer", "",
                 f'cfg = json.load(open("{folder}/model_config.json"))',
@@ -125,9 +136,8 @@ class ONNX(Target):
                 'ids, out = tok.encode("Hello").ids, []',
                 "for _ in range(32):",
                 '    n = next(iter(past.values())).shape[2]',
-                "    x = np.array([ids], np.int64)",
-                '    feed = {"input_ids": x, "attention_mask": np.ones((1, n + len(ids)), np.int64),',
-                '            "position_ids": np.arange(n, n + len(ids), dtype=np.int64)[None], **past}',
+                '    feed = {"input_ids": np.array([ids], np.int64),',
+                '            "attention_mask": np.ones((1, n + len(ids)), np.int64), **past}',
                 "    logits, *present = session.run(None, feed)",
                 "    past = dict(zip(past, present))",
                 "    ids = [int(logits[0, -1].argmax())]",
@@ -140,22 +150,42 @@ class ONNX(Target):
         b, par = section["benchmark"], section["parity"]
         generation = ("identical" if par["greedy_identical"] else
                       f"differs at token {par['greedy_first_difference']}")
+        genai = par.get("genai", {})
+        if genai.get("checked"):
+            genai_text = "same greedy tokens" if genai["identical"] else (
+                f"greedy tokens differ at {genai['first_difference']}")
+        else:
+            genai_text = f"not checked: {genai.get('reason', 'an older export')}"
         return [(f"ONNX {section['dtype']} files ({section['folder']}/)", "", format_bytes(b["file_bytes"])),
                 ("ONNX vs PyTorch: max |logit diff|", "", f"{par['max_abs_logit_diff']:.2e}"),
                 ("ONNX greedy agreement / generation", "",
                  f"{par['top1_agreement']:.1%} / {generation} ({par['greedy_tokens']} tokens)"),
+                ("ONNX Runtime GenAI", "", genai_text),
                 *[(f"{figure} ({section['provider']})" if "tokens/s" in figure else figure, d, v)
                   for figure, d, v in super().summary_rows(section)]]
 
     def bytes_per_token(self, path: Path) -> int:
-        """Every initializer (layer weights, their int8 scales, norms, the output layer) but the
-        embedding table."""
+        """Every initializer (layer weights, their MatMulNBits scales, norms, the output layer) but
+        the embedding table and the rotary tables (one row of each is read per token)."""
         import onnx as onnx_py
 
         model = onnx_py.load(str(path / MODEL_FILE))
         return sum(onnx_py.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
-                   if t.name != "embed_tokens.weight")
+                   if t.name != "embed_tokens.weight" and not t.name.startswith("rotary"))
 
     def reads(self, path: Path) -> Path | None:
         folder = path.parent if path.suffix == ".onnx" else path
         return folder if folder.is_dir() else None
+
+
+def _genai_readme(folder: str) -> list[str]:
+    return ["`genai_config.json` makes it an ONNX Runtime GenAI model (`pip install onnxruntime-genai`):", "",
+            "```python", "import onnxruntime_genai as og", "",
+            f'model = og.Model("{folder}")',
+            "tokenizer = og.Tokenizer(model)",
+            "params = og.GeneratorParams(model)",
+            "params.set_search_options(max_length=256)",
+            "generator = og.Generator(model, params)",
+            'generator.append_tokens(tokenizer.encode("Hello"))',
+            "while not generator.is_done():", "    generator.generate_next_token()",
+            "print(tokenizer.decode(generator.get_sequence(0)))", "```", ""]

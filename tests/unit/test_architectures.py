@@ -181,6 +181,13 @@ def test_onnx_computes_config_variants(tmp_path, arch, overrides):
     decoder = OnnxDecoder(export_onnx(loaded, tmp_path / "onnx", "fp32").parent, threads=1)
     logits, _ = decoder.forward(ids.numpy(), decoder.empty_past())
     assert np.abs(logits[0] - _torch_logits(loaded, ids[0])).max() < 1e-4
+    # with the cache past the window: a chunk, then token by token
+    first, past = decoder.forward(ids[:, :40].numpy(), decoder.empty_past())
+    steps = [first]
+    for t in range(40, 64):
+        step, past = decoder.forward(ids[:, t:t + 1].numpy(), past)
+        steps.append(step)
+    assert np.abs(np.concatenate(steps, 1) - logits).max() < 1e-4
     if arch == "gemma3":
         from mosaic_export.targets.gguf import check_exportable
 

@@ -127,7 +127,9 @@ def test_readme(outs, tmp_path, monkeypatch, capsys):
     assert "mosaic-export verify ." in gguf
     onnx = (outs["onnx"][0] / "README.md").read_text()
     assert "past_key_values.{i}.key" in onnx and 'mosaic-export run . --prompt "Hello"' in onnx
-    # The onnxruntime snippet runs as written, from inside OUT.
+    # its layers' KV heads differ: no GenAI snippet, and the reason; the onnxruntime snippet runs
+    # as written, from inside OUT
+    assert "GenAI" in onnx and "--kv-heads keep" in onnx and "onnxruntime_genai" not in onnx
     code = re.search(r"```python\n(.*?)```", onnx, re.S).group(1)
     monkeypatch.chdir(outs["onnx"][0])
     exec(compile(code, "README.md", "exec"), {})
@@ -181,7 +183,7 @@ def test_verify_reruns_parity(outs, tmp_path):
         loaded.model.get_input_embeddings().weight.add_(0.05)
     save_checkpoint(loaded, folder / "model")
     write_manifest(folder, outs["onnx"][1], IDS.tolist())
-    with pytest.raises(UserError, match=r"max \|logit difference\| to PyTorch .* > 0\.001"):
+    with pytest.raises(UserError, match=r"max \|logit difference\| to PyTorch .* > 0\.005"):
         verify(folder, threads=1, log=lambda _: None)
 
 

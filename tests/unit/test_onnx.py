@@ -9,6 +9,7 @@ import pytest
 import torch
 from mosaic_export.targets.onnx import CONFIG_FILE, export
 from mosaic_export.targets.onnx_runner import OnnxDecoder
+from mosaic_export.targets.onnx_target import DTYPES
 
 from mosaic_export.cli import main
 from mosaic_export.model_io import load_model
@@ -22,7 +23,7 @@ def exported(tiny_model_dir, tmp_path_factory):
     """The heterogeneous tiny model exported at every precision."""
     loaded = heterogeneous_model(tiny_model_dir)
     root = tmp_path_factory.mktemp("onnx")
-    return loaded, {dtype: export(loaded, root / dtype, dtype).parent for dtype in ("fp32", "fp16", "int8")}
+    return loaded, {dtype: export(loaded, root / dtype, dtype).parent for dtype in DTYPES}
 
 
 def _reference(loaded, ids, **kw):
@@ -54,7 +55,7 @@ def test_cache_gives_the_same_logits_as_one_pass(exported):
         second, past = decoder.forward(IDS[:, 30:40].numpy(), past)
         third, past = decoder.forward(IDS[:, 40:].numpy(), past)
         assert past[0].shape[2] == 48
-        tolerance = 1e-5 if dtype != "int8" else 0.05  # int8 quantizes activations per call
+        tolerance = 1e-5 if dtype not in ("int8", "int4") else 0.05  # int8 compute: activations per call
         assert np.abs(np.concatenate([first, second, third], 1) - whole).max() < tolerance, dtype
 
 
@@ -66,38 +67,71 @@ def test_greedy_generation_matches_transformers(exported):
     assert OnnxDecoder(folders["fp32"]).generate(prompt[0].tolist(), 24) == theirs
 
 
-def test_padding_mask_matches_transformers(exported):
-    """A batch of two, the second left-padded: the real positions give PyTorch's logits."""
+def test_right_padding_matches_transformers(exported):
+    """A batch of two, the second padded on the right (as GenAI feeds a batch): each row's real
+    positions give PyTorch's logits for that row alone."""
     loaded, folders = exported
-    ids = torch.stack([IDS[0, :20], torch.cat([torch.zeros(5, dtype=torch.long), IDS[0, 5:20]])])
+    ids = torch.stack([IDS[0, :20], torch.cat([IDS[0, 5:20], torch.zeros(5, dtype=torch.long)])])
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    ref = _reference(loaded, ids, attention_mask=mask, position_ids=position_ids)
+    mask[1, 15:] = 0
     decoder = OnnxDecoder(folders["fp32"], threads=1)
-    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": position_ids.numpy()}
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     past = decoder.empty_past(batch=2)
     for i in range(decoder.n_layers):
         feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
     logits = decoder.session.run(["logits"], feed)[0]
-    assert np.abs(logits[0] - ref[0]).max() < 1e-4
-    assert np.abs(logits[1, 5:] - ref[1, 5:]).max() < 1e-4
+    assert np.abs(logits[0] - _reference(loaded, ids[:1])[0]).max() < 1e-4
+    assert np.abs(logits[1, :15] - _reference(loaded, ids[1:, :15])[0]).max() < 1e-4
 
 
 def test_reduced_precisions_stay_close(exported):
     loaded, folders = exported
     ref = _reference(loaded, IDS)
     sizes = {}
-    for dtype in ("fp16", "int8"):
+    for dtype, error in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.25)):  # of the largest logit
         decoder = OnnxDecoder(folders[dtype], threads=1)
         logits, past = decoder.forward(IDS.numpy(), decoder.empty_past())
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, dtype
-        assert np.abs(logits - ref).max() < 0.1 * np.abs(ref).max(), dtype
-        sizes[dtype] = (folders[dtype] / "model.onnx.data").stat().st_size
-    assert past[0].dtype == np.float32  # int8 is weight quantization; the cache stays float
+        assert np.abs(logits - ref).max() < error * np.abs(ref).max(), dtype
+        sizes[dtype] = _weight_bytes(folders[dtype])
+    assert past[0].dtype == np.float32  # int4 is weight quantization; the cache stays float
     assert OnnxDecoder(folders["fp16"]).empty_past()[0].dtype == np.float16
-    fp32 = (folders["fp32"] / "model.onnx.data").stat().st_size
-    assert sizes["fp16"] < 0.6 * fp32 and sizes["int8"] < 0.6 * fp32
+    fp32 = _weight_bytes(folders["fp32"])
+    assert sizes["fp16"] < 0.6 * fp32 and sizes["int8"] < 0.6 * fp32 and sizes["int4"] < 0.85 * sizes["int8"]
+
+
+def _weight_bytes(folder) -> int:
+    """Bytes of the initializers but the rotary tables (which dominate a tiny model's file)."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer
+               if not t.name.startswith("rotary"))
+
+
+def test_every_dtype_is_written_with_the_fused_operators(exported):
+    """Attention is GroupQueryAttention at each layer's own head counts, norms are fused, and the
+    int types are MatMulNBits at their bits with blocks of 32; no plain-operator attention left."""
+    import onnx
+
+    loaded, folders = exported
+    for dtype, folder in folders.items():
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        ops = [n.op_type for n in graph.node]
+        gqa = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+               for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert [(a["num_heads"], a["kv_num_heads"]) for a in gqa] == [(d.n_head, d.n_kv)
+                                                                     for d in loaded.layer_dims], dtype
+        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * len(loaded.layer_dims), dtype
+        assert "Softmax" not in ops and "Concat" not in ops, dtype
+        nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                 for n in graph.node if n.op_type == "MatMulNBits"]
+        if dtype in ("int8", "int4"):  # qkv, o, gate, up, down per layer and the output layer
+            assert "MatMul" not in ops and len(nbits) == 5 * len(loaded.layer_dims) + 1, dtype
+            assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits} == {
+                (int(dtype[3:]), 32, 4)}
+        else:
+            assert not nbits, dtype
 
 
 def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
@@ -117,7 +151,7 @@ def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "onnx", "--dtype", "int4"], "ONNX dtype 'int4' is not supported"),
+    (["--target", "onnx", "--dtype", "int2"], "ONNX dtype 'int2' is not supported"),
     (["--target", "onnx", "--quant", "Q8_0"], "--quant is for the gguf target"),
     (["--target", "gguf", "--dtype", "fp16"], "--dtype is for the onnx target"),
 ])

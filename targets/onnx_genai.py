@@ -1,0 +1,135 @@
+"""An exported ONNX folder in ONNX Runtime GenAI (the `onnxruntime-genai` package, an optional extra:
+`pip install -e '.[genai]'`): what an app that ships ONNX LLMs runs. Greedy generation (checked
+against our own runner at export), and speed and memory measured the runtime's way in a fresh
+process, for our folders and for the GenAI model builder's alike:
+
+    python -m mosaic_export.targets.onnx_genai FOLDER [--json OUT] [--prompt-tokens N] [--gen-tokens N]
+
+Prefill: the prompt appended and the first token generated (tokens/s of the prompt); decode: each
+further token (median step, as onnx_runner); peak RSS (VmHWM) of the process. The KV cache is one
+shared buffer of the search's max_length (prompt + generated tokens), as GenAI sizes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
+from .onnx_target import GENAI_CONFIG_FILE
+
+
+def available() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(folder: Path, threads: int | None = None):
+    """onnxruntime_genai.Model of a folder with genai_config.json, on the CPU, with these threads."""
+    import onnxruntime_genai as og
+
+    folder = Path(folder)
+    if not (folder / GENAI_CONFIG_FILE).is_file():
+        raise UserError(f"{folder}: no {GENAI_CONFIG_FILE} (its layers' KV heads differ; export a plan "
+                        "made with --kv-heads keep)")
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if threads:
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    try:
+        return og.Model(config)
+    except Exception as e:  # onnxruntime_genai raises its own types
+        raise UserError(f"ONNX Runtime GenAI cannot load {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _generator(model, prompt: list[int], n: int):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=0)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt])
+    return generator
+
+
+def greedy(folder: Path, prompt: list[int], n: int, threads: int | None = None) -> list[int]:
+    """Up to n greedy tokens after prompt (fewer when GenAI stops at an end-of-sequence token)."""
+    generator = _generator(load(folder, threads), prompt, n)
+    tokens: list[int] = []
+    while len(tokens) < n and not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def agrees(ours: list[int], theirs: list[int], eos_ids: list[int]) -> bool:
+    """GenAI's tokens are ours, up to where GenAI stopped at an end-of-sequence token."""
+    stopped = len(theirs) < len(ours) or (theirs and theirs[-1] in eos_ids)
+    return ours[:len(theirs)] == theirs and (len(theirs) == len(ours) or bool(stopped))
+
+
+def measure(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int | None) -> dict:
+    """Load, prefill and decode in this process, with GenAI; its peak RSS."""
+    from tokenizers import Tokenizer
+
+    from ..texts import corpus
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    prompt = tok.encode(corpus("builtin"), add_special_tokens=False).ids[:prompt_tokens]
+    t0 = time.perf_counter()
+    model = load(folder, threads)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generator = _generator(model, prompt, gen_tokens + 1)
+    generator.generate_next_token()
+    prefill_s = time.perf_counter() - t0
+    steps = []
+    for _ in range(gen_tokens):
+        t0 = time.perf_counter()
+        generator.generate_next_token()
+        steps.append(time.perf_counter() - t0)
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".onnx", ".data")]
+    return {"folder": str(folder), "runtime": "onnxruntime-genai", "threads": threads,
+            "file_bytes": sum(p.stat().st_size for p in files), "load_s": load_s,
+            "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
+            "decode": decode_rates(steps), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def benchmark(folder: Path, **options) -> dict:
+    """measure() in a fresh process (its own peak RSS)."""
+    return measure_in_subprocess("mosaic_export.targets.onnx_genai", folder, "ONNX Runtime GenAI", **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    p = argparse.ArgumentParser(prog="python -m mosaic_export.targets.onnx_genai")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    try:
+        result = measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    if a.json:
+        a.json.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

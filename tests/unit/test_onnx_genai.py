@@ -1,0 +1,91 @@
+"""ONNX Runtime GenAI loads our ONNX folders: a tiny model whose layers differ in query heads and MLP
+width but keep their KV heads (what --kv-heads keep plans), at every dtype."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from mosaic_export.targets import onnx_genai
+from mosaic_export.targets.onnx import export
+from mosaic_export.targets.onnx_runner import OnnxDecoder
+from mosaic_export.targets.onnx_target import DTYPES
+
+from mosaic_export.cli import main
+from mosaic_export.model_io import load_model
+from mosaic_export.resize import resize_layer
+
+
+def kv_kept_model(tiny_model_dir):
+    """Layer 0: 1 query head per KV group (2 of 4 heads), 48 channels; layer 2: 64 channels."""
+    loaded = load_model(str(tiny_model_dir))
+    layers = loaded.spec.layer_list(loaded.model)
+    resize_layer(layers[0], loaded.spec, 16, [0, 2], [0, 1], list(range(0, 96, 2)))
+    resize_layer(layers[2], loaded.spec, 16, [0, 1, 2, 3], [0, 1], list(range(64)))
+    assert [(d.n_head, d.n_kv, d.n_ff) for d in loaded.layer_dims] == [(2, 2, 48), (4, 2, 96), (4, 2, 64)]
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_model_dir, tmp_path_factory):
+    loaded = kv_kept_model(tiny_model_dir)
+    root = tmp_path_factory.mktemp("genai")
+    return loaded, {dtype: export(loaded, root / dtype, dtype).parent for dtype in DTYPES}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
+def test_genai_generates_our_runners_greedy_tokens(folders, dtype):
+    loaded, found = folders
+    config = json.loads((found[dtype] / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    assert config["model"]["decoder"]["num_hidden_layers"] == 3
+    prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    ours = OnnxDecoder(found[dtype], threads=1).generate(prompt, 24)
+    theirs = onnx_genai.greedy(found[dtype], prompt, 24, threads=1)
+    assert theirs and onnx_genai.agrees(ours, theirs, [loaded.tokenizer.eos_token_id])
+
+
+def test_parity_records_the_genai_check(folders):
+    from mosaic_export.targets.onnx import parity
+
+    loaded, found = folders
+    ids = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(4))
+    result = parity(loaded, found["fp32"], ids, gen_tokens=16, prompt_tokens=16, threads=1)
+    assert result["genai"]["checked"] and result["genai"]["identical"], result["genai"]
+
+
+def test_genai_refuses_a_folder_whose_kv_heads_differ(tiny_model_dir, tmp_path):
+    from mosaic_export.errors import UserError
+    from tests.conftest import heterogeneous_model
+
+    folder = export(heterogeneous_model(tiny_model_dir), tmp_path / "het", "fp32").parent
+    assert not (folder / "genai_config.json").exists()
+    with pytest.raises(UserError, match="--kv-heads keep"):
+        onnx_genai.load(folder)
+
+
+def test_onnx_target_plans_keep_kv_heads_and_the_readme_snippet_runs(tiny_model_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--target onnx keeps every layer's KV heads by default (heads go within their groups), so the
+    folder loads in GenAI; --kv-heads prune may remove whole groups and writes no GenAI config."""
+    common = ["--model", str(tiny_model_dir), "--sparsity", "0.4", "--structured-fraction", "1",
+              "--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "0", "--target", "onnx"]
+    assert main([*common, "--out", str(tmp_path / "keep")]) == 0
+    plan = json.loads((tmp_path / "keep" / "plan.json").read_text())
+    assert plan["settings"]["keep_kv_heads"] is True
+    assert [(len(layer["q_heads"]), len(layer["kv_heads"])) for layer in plan["layers"]] == [(2, 2)] * 3
+    report = json.loads((tmp_path / "keep" / "report.json").read_text())
+    assert report["onnx"]["genai"] and report["onnx"]["parity"]["genai"]["identical"]
+    readme = (tmp_path / "keep" / "README.md").read_text()
+    code = re.search(r"```python\n(import onnxruntime_genai.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path / "keep")
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out
+
+    assert main([*common, "--kv-heads", "prune", "--out", str(tmp_path / "prune")]) == 0
+    plan = json.loads((tmp_path / "prune" / "plan.json").read_text())
+    assert plan["settings"]["keep_kv_heads"] is False
+    assert [len(layer["kv_heads"]) for layer in plan["layers"]] == [2, 1, 1]  # the same budget, other heads
+    assert not json.loads((tmp_path / "prune" / "report.json").read_text())["onnx"]["genai"]
