@@ -1,8 +1,8 @@
 """The joint search: the best predicted model for the budgets over storage type, structured
 removal and recovery, with quantization alone (no pruning) as a candidate like any other.
 
-1. For every type the target offers (its search_types; GGUF: F16 ... Q4_0; ONNX: fp32, fp16, int8), the budget
-   search of search.py at that type's channel alignment: the least structured removal whose
+1. For every type the target offers (its search_types; GGUF: F16 ... Q4_0; ONNX: fp32 ... int4),
+   the budget search of search.py at that type's channel alignment: the least structured removal whose
    predicted cost meets every budget (0 when the dense model at that type already does).
 2. Quality (quality.py): the dense model's probe perplexity at every type, in its runtime. The
    best dense type that meets the budgets sets the bar; a pruned candidate can only beat it at a

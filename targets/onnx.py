@@ -12,7 +12,7 @@ ONNX Runtime GenAI when every layer keeps the same KV heads (GenAI sizes one KV 
 
 Precisions: fp32; fp16 (weights, activations and KV cache in float16, logits in float32); int8 and
 int4 (weight-only MatMulNBits, symmetric, one scale per block of 32 inputs, int8 compute on CPU;
-see quantize).
+the output layer and the embedding table at int8: onnx_quant.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from mosaic_export.model_io import LoadedModel
 
 from .base import Evaluation
 from .onnx_graph import OPSET, build_model, check_exportable
-from .onnx_target import BITS, CONFIG_FILE, CONFIG_FORMAT, GENAI_CONFIG_FILE, MODEL_FILE, NBITS_BLOCK, ONNX
+from .onnx_quant import quantize
+from .onnx_target import BITS, CONFIG_FILE, CONFIG_FORMAT, GENAI_CONFIG_FILE, MODEL_FILE, ONNX
 
 
 def check_dtype(dtype: str) -> str:
@@ -115,27 +116,6 @@ def genai_config(loaded: LoadedModel) -> dict | None:
 GENAI_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # model types GenAI names as such
 
 
-def quantize(proto, dtype: str):
-    """Weight-only int8 / int4 with onnxruntime's MatMulNBits quantizer: symmetric, one scale per
-    block of NBITS_BLOCK inputs of every MatMul weight (the output layer too); accuracy level 4
-    computes with int8 activations quantized per block (onnxruntime's fast CPU path). Chosen over
-    quantize_dynamic, whose one activation scale per tensor lost too much on SmolLM2 (see
-    BENCHMARKS.md)."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every node at INFO
-    try:
-        quantizer = MatMulNBitsQuantizer(proto, bits=BITS[dtype], block_size=NBITS_BLOCK, is_symmetric=True,
-                                         accuracy_level=4)
-        quantizer.process()
-    finally:
-        logging.getLogger().setLevel(level)
-    return quantizer.model.model
-
-
 def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
     """Write folder/ (model.onnx, model.onnx.data, tokenizer files, model_config.json and, where
     the KV heads allow, genai_config.json); returns the model path. Everything is written in a
@@ -146,7 +126,8 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         if dtype in BITS:
-            _save(quantize(build_model(loaded, "fp32"), dtype), work / MODEL_FILE)
+            proto = quantize(build_model(loaded, "fp32"), dtype, loaded.shape.tied_embeddings)
+            _save(proto, work / MODEL_FILE)
         else:
             _save(build_model(loaded, dtype), work / MODEL_FILE)
         loaded.tokenizer.save_pretrained(work)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..arch import GGUF_MODEL_NAMES
 from ..errors import UserError
 from .base import Target
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
-BITS = {"int8": 8, "int4": 4}  # weight-only MatMulNBits types
+BITS = {"int8": 8, "int4": 4}  # weight-only MatMulNBits types: the decoder projections
+OUTER_BITS = 8  # and, for both, the output layer and the embedding table (shared when tied)
 NBITS_BLOCK = 32  # weights per scale, along the input dimension (MatMulNBits)
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "model_config.json"  # per-layer sizes, names, eos ids, chat template: for an app
 GENAI_CONFIG_FILE = "genai_config.json"  # for ONNX Runtime GenAI
+EMBED, OUTPUT = (f"{GGUF_MODEL_NAMES[role]}.weight" for role in ("embed", "lm_head"))  # cost model names
 CONFIG_FORMAT = "mosaic-export onnx"
 
 
@@ -37,13 +40,15 @@ class ONNX(Target):
         n = rows * cols
         if type_ == "fp16":  # norms too (computed in float32)
             return 2 * n
-        if type_ in BITS and matmul:  # MatMulNBits: packed weights + a float32 scale per block
-            blocks = -(-cols // NBITS_BLOCK)
-            return rows * blocks * (NBITS_BLOCK * BITS[type_] // 8 + 4)
+        if type_ in BITS and (matmul or name == EMBED):  # packed weights + a float32 scale a block
+            bits = OUTER_BITS if name in (EMBED, OUTPUT) else BITS[type_]
+            return rows * -(-cols // NBITS_BLOCK) * (NBITS_BLOCK * bits // 8 + 4)
         return 4 * n
 
     def tied_output_bytes(self, rows: int, cols: int, type_: str) -> int:
-        return self.tensor_bytes("lm_head", rows, cols, type_, True, None)  # its own transposed copy
+        if type_ in BITS:
+            return 0  # the embedding lookup reads the output layer's quantized matrix
+        return self.tensor_bytes(OUTPUT, rows, cols, type_, True, None)  # its own transposed copy
 
     def keeps_kv_heads(self, type_: str) -> bool:
         return True  # ONNX Runtime GenAI sizes one KV cache shape for every layer

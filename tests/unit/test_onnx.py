@@ -126,12 +126,46 @@ def test_every_dtype_is_written_with_the_fused_operators(exported):
         assert "Softmax" not in ops and "Concat" not in ops, dtype
         nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                  for n in graph.node if n.op_type == "MatMulNBits"]
-        if dtype in ("int8", "int4"):  # qkv, o, gate, up, down per layer and the output layer
+        if dtype in ("int8", "int4"):  # qkv, o, gate, up, down per layer; the output layer at 8 bits
             assert "MatMul" not in ops and len(nbits) == 5 * len(loaded.layer_dims) + 1, dtype
-            assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits} == {
-                (int(dtype[3:]), 32, 4)}
+            assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [
+                (int(dtype[3:]), 32, 4)] * (len(nbits) - 1) + [(8, 32, 4)]
+            # the tied embedding table is the output layer's int8 matrix, read by GatherBlockQuantized
+            assert ops.count("GatherBlockQuantized") == 1, dtype
+            assert "embed_tokens.weight" not in {t.name for t in graph.initializer}
         else:
-            assert not nbits, dtype
+            assert not nbits and "GatherBlockQuantized" not in ops, dtype
+
+
+def test_an_untied_embedding_is_quantized_on_its_own(tmp_path):
+    """Untied: the table gets its own int8 blocks; the model still matches PyTorch closely, and the
+    cost model's bytes are the file's."""
+    import onnx
+    from mosaic_export.costmodel import Format, weights
+    from mosaic_export.targets.onnx_quant import block_quantize
+
+    from tests.conftest import TINY, tiny_model, tiny_tokenizer
+
+    tiny_model(tie_word_embeddings=False).save_pretrained(tmp_path / "m", safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    assert not loaded.shape.tied_embeddings
+    folder = export(loaded, tmp_path / "int4", "int4").parent
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    names = {t.name for t in graph.initializer}
+    assert {"embed_tokens.codes", "embed_tokens.scales"} <= names and "embed_tokens.weight" not in names
+    stored = [onnx.numpy_helper.to_array(t) for t in graph.initializer
+              if not t.name.startswith(("rotary", "const_"))]  # not the tables and constants
+    assert weights(loaded.shape, loaded.layer_dims, Format("onnx", "int4")).total == sum(a.nbytes for a in stored)
+    folder = export(loaded, tmp_path / "int8", "int8").parent  # int8 everywhere: close to PyTorch
+    logits, _ = OnnxDecoder(folder, threads=1).forward(IDS.numpy(), OnnxDecoder(folder).empty_past())
+    ref = _reference(loaded, IDS)
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    # the blocks: symmetric, zero point 128, within half a step of the weights
+    table = loaded.model.get_input_embeddings().weight.detach().numpy()
+    codes, scales = block_quantize(table, 8)
+    back = (codes.astype(np.float32) - 128).reshape(len(table), -1, 32) * scales[..., None]
+    assert np.abs(back.reshape(len(table), -1) - table).max() <= scales.max() / 2 + 1e-7
 
 
 def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
