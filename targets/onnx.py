@@ -126,7 +126,8 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         if dtype in BITS:
-            proto = quantize(build_model(loaded, "fp32"), dtype, loaded.shape.tied_embeddings)
+            graph = build_model(loaded, "fp32", share_output=False)
+            proto = quantize(graph, dtype, loaded.shape.tied_embeddings)
             _save(proto, work / MODEL_FILE)
         else:
             _save(build_model(loaded, dtype), work / MODEL_FILE)

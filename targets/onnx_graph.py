@@ -207,15 +207,23 @@ class _Decoder:
             hidden = g.op("Mul", hidden, g.scalar(float(self.loaded.shape.hidden ** 0.5), self.np_float))
         return hidden
 
-    def head(self, residual: str, delta: str) -> None:
-        """The final norm and the output layer: logits in float32."""
+    def head(self, residual: str, delta: str, share: bool) -> None:
+        """The final norm and the output layer: logits in float32. ``share``: a tied output layer
+        reads the embedding table itself (Gemm with transB: one copy of the table in the file),
+        else its own transposed copy (what the int quantizer replaces)."""
         from onnx import TensorProto
 
         model, g = self.loaded.model, self.g
         h, _ = self.skip_norm(delta, residual, self.param("norm.weight", self.spec.norm_weight(
             model.get_submodule(self.spec.final_norm))))
-        logits = g.op("MatMul", h, self.param("lm_head.weight_t", model.get_output_embeddings().weight,
-                                              transpose=True))
+        if share and self.loaded.shape.tied_embeddings:
+            rows = g.op("Reshape", h, g.ints(-1, self.loaded.shape.hidden))
+            logits = g.op("Gemm", rows, "embed_tokens.weight", transB=1)
+            out_shape = g.op("Concat", g.op("Shape", h, end=2), g.ints(-1), axis=0)
+            logits = g.op("Reshape", logits, out_shape)
+        else:
+            logits = g.op("MatMul", h, self.param("lm_head.weight_t", model.get_output_embeddings().weight,
+                                                  transpose=True))
         if self.fp16:
             logits = g.op("Cast", logits, to=TensorProto.FLOAT)
         g.op("Identity", logits, outputs=["logits"])
@@ -238,8 +246,8 @@ class _Decoder:
         return inputs, outputs
 
 
-def build_model(loaded: LoadedModel, dtype: str = "fp32"):
-    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16."""
+def build_model(loaded: LoadedModel, dtype: str = "fp32", share_output: bool = True):
+    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16 (share_output: see head)."""
     from onnx import helper
 
     check_exportable(loaded)
@@ -249,7 +257,7 @@ def build_model(loaded: LoadedModel, dtype: str = "fp32"):
     residual, delta = d.embed(), None
     for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
         residual, delta = d.layer(i, layer, dims, residual, delta)
-    d.head(residual, delta)
+    d.head(residual, delta, share_output)
     inputs, outputs = d.io()
     graph = helper.make_graph(g.nodes, "mosaic_export_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]

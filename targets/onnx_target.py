@@ -46,9 +46,7 @@ class ONNX(Target):
         return 4 * n
 
     def tied_output_bytes(self, rows: int, cols: int, type_: str) -> int:
-        if type_ in BITS:
-            return 0  # the embedding lookup reads the output layer's quantized matrix
-        return self.tensor_bytes(OUTPUT, rows, cols, type_, True, None)  # its own transposed copy
+        return 0  # one table: int types gather from the output matrix, float ones multiply by the table
 
     def keeps_kv_heads(self, type_: str) -> bool:
         return True  # ONNX Runtime GenAI sizes one KV cache shape for every layer
