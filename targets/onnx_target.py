@@ -20,6 +20,9 @@ EMBED, OUTPUT = (f"{GGUF_MODEL_NAMES[role]}.weight" for role in ("embed", "lm_he
 CONFIG_FORMAT = "mosaic-export onnx"
 
 
+GATHERS = ("Gather", "GatherBlockQuantized")  # read one row a token
+
+
 class ONNX(Target):
     name = "onnx"
     engine = "ONNX Runtime"
@@ -169,12 +172,14 @@ class ONNX(Target):
 
     def bytes_per_token(self, path: Path) -> int:
         """Every initializer (layer weights, their MatMulNBits scales, norms, the output layer) but
-        the embedding table and the rotary tables (one row of each is read per token)."""
+        those only gathered from (an embedding table no output layer multiplies by) and the rotary
+        tables: one row of each is read per token."""
         import onnx as onnx_py
 
         model = onnx_py.load(str(path / MODEL_FILE))
+        multiplied = {name for node in model.graph.node if node.op_type not in GATHERS for name in node.input}
         return sum(onnx_py.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
-                   if t.name != "embed_tokens.weight" and not t.name.startswith("rotary"))
+                   if t.name in multiplied and not t.name.startswith("rotary"))
 
     def reads(self, path: Path) -> Path | None:
         folder = path.parent if path.suffix == ".onnx" else path

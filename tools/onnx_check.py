@@ -1,7 +1,7 @@
 """One model exported to ONNX at several precisions: parity with PyTorch, greedy generation with the
 KV cache against transformers' generate, and perplexity in ONNX Runtime.
 
-    python tools/onnx_check.py [MODEL] --dtypes fp32 fp16 int8 --text FILE [--positions 512] \\
+    python tools/onnx_check.py [MODEL] --dtypes fp32 fp16 int8 int4 --text FILE [--positions 512] \\
         [--eval-windows 64] [--keep DIR]
 
 MODEL: a resized checkpoint folder, a HF folder or a GGUF source (default: the built-in SmolLM2).
@@ -31,7 +31,7 @@ from mosaic_export.texts import corpus
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8", "int4"])
     p.add_argument("--text", default="builtin-heldout")
     p.add_argument("--positions", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
@@ -59,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{check['top1_agreement']:.2%} of {check['positions']} positions; "
                   f"{check['greedy_tokens']} generated tokens {greedy}; "
                   f"perplexity {pp['perplexity']:.3f}, top-1 {pp['top1']:.2%} ({pp['n_predicted']} "
-                  f"tokens)", flush=True)
+                  f"tokens); ONNX Runtime GenAI: {_genai(check['genai'])}", flush=True)
             rows.append({"dtype": dtype, "file_bytes": bench["file_bytes"], "parity": check,
                          "perplexity": pp})
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
+
+
+def _genai(check: dict) -> str:
+    if not check["checked"]:
+        return f"not checked ({check['reason']})"
+    return "same greedy tokens" if check["identical"] else f"differs from token {check['first_difference']}"
 
 
 if __name__ == "__main__":

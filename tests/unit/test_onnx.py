@@ -235,3 +235,17 @@ def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "the fp32 ONNX model disagrees with PyTorch" in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bytes_read_per_token_are_the_cost_models(exported, dtype):
+    """What tools/bench_speed.py takes as the ideal: every matrix multiplied per token (a tied
+    output layer's table included, at every dtype), the same as the cost model's, norms apart."""
+    from mosaic_export.costmodel import Format, weights
+    from mosaic_export.targets import get
+
+    loaded, folders = exported
+    predicted = weights(loaded.shape, loaded.layer_dims, Format("onnx", dtype)).per_token
+    norms = (2 * len(loaded.layer_dims) + 1) * loaded.shape.hidden * (2 if dtype == "fp16" else 4)
+    measured = get("onnx").bytes_per_token(folders[dtype])
+    assert norms <= measured - predicted <= norms + 64  # + a few integer constants (shapes)
