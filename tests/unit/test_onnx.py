@@ -241,8 +241,9 @@ def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypa
 def test_bytes_read_per_token_are_the_cost_models(exported, dtype):
     """What tools/bench_speed.py takes as the ideal: every matrix multiplied per token (a tied
     output layer's table included, at every dtype), the same as the cost model's, norms apart."""
-    from mosaic_export.costmodel import Format, weights
     from mosaic_export.targets import get
+
+    from mosaic_export.costmodel import Format, weights
 
     loaded, folders = exported
     predicted = weights(loaded.shape, loaded.layer_dims, Format("onnx", dtype)).per_token
