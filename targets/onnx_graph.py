@@ -209,18 +209,16 @@ class _Decoder:
 
     def head(self, residual: str, delta: str, share: bool) -> None:
         """The final norm and the output layer: logits in float32. ``share``: a tied output layer
-        reads the embedding table itself (Gemm with transB: one copy of the table in the file),
-        else its own transposed copy (what the int quantizer replaces)."""
+        multiplies by the embedding table transposed in the graph (one copy of the table in the
+        file; GenAI's builder transposes it the other way, for the lookup), else by its own
+        transposed copy (what the int quantizer replaces)."""
         from onnx import TensorProto
 
         model, g = self.loaded.model, self.g
         h, _ = self.skip_norm(delta, residual, self.param("norm.weight", self.spec.norm_weight(
             model.get_submodule(self.spec.final_norm))))
-        if share and self.loaded.shape.tied_embeddings:
-            rows = g.op("Reshape", h, g.ints(-1, self.loaded.shape.hidden))
-            logits = g.op("Gemm", rows, "embed_tokens.weight", transB=1)
-            out_shape = g.op("Concat", g.op("Shape", h, end=2), g.ints(-1), axis=0)
-            logits = g.op("Reshape", logits, out_shape)
+        if share and self.loaded.shape.tied_embeddings:  # ONNX Runtime folds the Transpose at load
+            logits = g.op("MatMul", h, g.op("Transpose", "embed_tokens.weight", perm=[1, 0]))
         else:
             logits = g.op("MatMul", h, self.param("lm_head.weight_t", model.get_output_embeddings().weight,
                                                   transpose=True))
