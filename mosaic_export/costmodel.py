@@ -40,7 +40,7 @@ NOMINAL_COMPUTE_EFFICIENCY = 0.3
 @dataclass(frozen=True)
 class Format:
     target: str  # a registered target's name (targets.names())
-    name: str  # its type: GGUF type (Q8_0, Q4_K_M, ...), ONNX dtype (fp32, fp16, int8)
+    name: str  # its type: GGUF type (Q8_0, Q4_K_M, ...), ONNX dtype (fp32, fp16, int8, int4)
 
     @property
     def key(self) -> str:

@@ -178,3 +178,23 @@ def measure_in_subprocess(module: str, target: Path, runtime: str, name: str | N
     Options that are None are left out; a failure is a UserError naming the runtime."""
     return run_child(module, [str(target), *option_args(options)], runtime, "benchmarking",
                      name or Path(target).name)
+
+
+def emit(result: dict, path: Path | None) -> None:
+    """A runner child's JSON result: to the file its parent named, else to stdout."""
+    text = json.dumps(result, indent=1)
+    if path:
+        path.write_text(text)
+    else:
+        print(text)
+
+
+def report(call, path: Path | None) -> int:
+    """A runner child's main: emit call()'s result; a UserError is one line on stderr, exit 2."""
+    try:
+        result = call()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    emit(result, path)
+    return 0

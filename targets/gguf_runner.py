@@ -39,7 +39,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import RuntimeCrash, decode_rates, die_with_parent, option_args, peak_rss_bytes, run_child
+from ..process import (
+    RuntimeCrash,
+    decode_rates,
+    die_with_parent,
+    emit,
+    option_args,
+    peak_rss_bytes,
+    run_child,
+)
 from .base import Evaluation
 from .scoring import window_perplexity
 
@@ -304,11 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=1)
-    if a.json:
-        a.json.write_text(text)
-    else:
-        print(text)
+    emit(result, a.json)
     return 0
 
 

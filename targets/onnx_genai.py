@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
+from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes, report
 from .onnx_target import GENAI_CONFIG_FILE
 
 
@@ -118,17 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        result = measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=1)
-    if a.json:
-        a.json.write_text(text)
-    else:
-        print(text)
-    return 0
+    return report(lambda: measure(a.folder, a.prompt_tokens, a.gen_tokens, a.threads), a.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from mosaic_export.model_io import LoadedModel
 OPSET = 17
 MS = "com.microsoft"  # ONNX Runtime's contrib operators
 MIN_POSITIONS = 4096
-FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
 class _Graph:
@@ -103,8 +102,7 @@ class _Decoder:
         path = self.spec.norms.get(role)
         if path is None:
             return None
-        norm = layer.get_submodule(path) if layer is not None else self.loaded.model.get_submodule(path)
-        return self.param(f"{name}.{role}.weight", self.spec.norm_weight(norm))
+        return self.param(f"{name}.{role}.weight", self.spec.norm_weight(layer.get_submodule(path)))
 
     def norm(self, x: str, weight: str | None) -> str:
         """RMSNorm over the last axis (x itself where the architecture has no norm there)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes
+from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes, report
 from .base import Evaluation
 from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, PROVIDERS
 from .scoring import window_perplexity
@@ -175,17 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        result = measure(a.folder, Evaluation.from_args(a), a.provider)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=1)
-    if a.json:
-        a.json.write_text(text)
-    else:
-        print(text)
-    return 0
+    return report(lambda: measure(a.folder, Evaluation.from_args(a), a.provider), a.json)
 
 
 if __name__ == "__main__":
