@@ -58,7 +58,7 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
 def model_config(loaded: LoadedModel, dtype: str) -> dict:
     tok = loaded.tokenizer
     return {
-        "format": CONFIG_FORMAT, "version": 1, "dtype": dtype, "opset": OPSET, "file": MODEL_FILE,
+        "format": CONFIG_FORMAT, "version": 2, "dtype": dtype, "opset": OPSET, "file": MODEL_FILE,
         "model_type": loaded.shape.model_type, "vocab": loaded.shape.vocab, "hidden": loaded.shape.hidden,
         "head_dim": loaded.shape.head_dim,
         "layers": [dict(n_head=d.n_head, n_kv=d.n_kv, n_ff=d.n_ff) for d in loaded.layer_dims],

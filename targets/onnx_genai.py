@@ -72,8 +72,8 @@ def greedy(folder: Path, prompt: list[int], n: int, threads: int | None = None) 
 
 def agrees(ours: list[int], theirs: list[int], eos_ids: list[int]) -> bool:
     """GenAI's tokens are ours, up to where GenAI stopped at an end-of-sequence token."""
-    stopped = len(theirs) < len(ours) or (theirs and theirs[-1] in eos_ids)
-    return ours[:len(theirs)] == theirs and (len(theirs) == len(ours) or bool(stopped))
+    stopped = bool(theirs) and theirs[-1] in eos_ids
+    return bool(theirs) and ours[:len(theirs)] == theirs and (len(theirs) == len(ours) or stopped)
 
 
 def measure(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int | None) -> dict:

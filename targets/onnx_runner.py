@@ -82,6 +82,8 @@ class OnnxDecoder:
         b, s = ids.shape
         p = past[0].shape[2]
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64)}
+        if "position_ids" in {i.name for i in self.session.get_inputs()}:  # a plain-operator graph
+            feed["position_ids"] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
         for i in range(self.n_layers):
             feed[f"past_key_values.{i}.key"] = past[2 * i]
             feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
