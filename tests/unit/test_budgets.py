@@ -72,7 +72,8 @@ def test_search_prunes_to_the_budget(tiny_model_dir, profile, tmp_path, capsys):
     assert measured["memory_bytes"] > 0 and "with 5% less pruning" in printed
     plan = Plan.load(out / "plan.json")
     assert plan.params()["decoder_resized"] < plan.params()["decoder_dense"]
-    assert all(r == 0 for lp in plan.layers for r in lp.ratios.values())  # no unstructured part
+    # no unstructured part but the rounding of whole channels (under 0.1% of a projection)
+    assert all(r < 1e-3 for lp in plan.layers for r in lp.ratios.values())
     assert cost["measured"]["memory_bytes"] > 0 and cost["measured"]["context"] >= 64
     for name in ("report.md", "cost.png", "pod.png", "onnx-fp32"):
         assert (out / name).exists(), name
@@ -165,7 +166,7 @@ def test_manifest_lists_every_file_and_verify_passes(built, capsys):
     assert "README.md" in files and "onnx-fp32/model.onnx.data" in files
     assert all(sha256(built / n) == e["sha256"] for n, e in manifest["files"].items())
     assert manifest["format"] == {"target": "onnx", "dtype": "fp32", "opset": 17,
-                                  "model_path": "onnx-fp32/model.onnx"}
+                                  "model_path": "onnx-fp32/model.onnx", "genai": True}
     assert len(manifest["layers"]) == 3 and manifest["versions"]["onnxruntime"]
     assert manifest["cost"]["predicted"]["memory_bytes"] > 0 and len(manifest["parity"]["ids"]) == 64
     assert main(["verify", str(built)]) == 0
