@@ -55,7 +55,7 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def model_config(loaded: LoadedModel, dtype: str) -> dict:
+def model_config(loaded: LoadedModel, dtype: str, eos: list[int]) -> dict:
     tok = loaded.tokenizer
     return {
         "format": CONFIG_FORMAT, "version": 2, "dtype": dtype, "opset": OPSET, "file": MODEL_FILE,
@@ -65,7 +65,7 @@ def model_config(loaded: LoadedModel, dtype: str) -> dict:
         "past_dtype": "float16" if dtype == "fp16" else "float32",
         "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
         "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
-        "bos_token_id": tok.bos_token_id, "eos_token_ids": eos_token_ids(loaded),
+        "bos_token_id": tok.bos_token_id, "eos_token_ids": eos,
         "chat_template": getattr(tok, "chat_template", None),
     }
 
@@ -80,7 +80,7 @@ def _save(proto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def genai_config(loaded: LoadedModel) -> dict | None:
+def genai_config(loaded: LoadedModel, eos: list[int]) -> dict | None:
     """ONNX Runtime GenAI's genai_config.json, or None when the layers' KV heads differ (GenAI
     sizes one KV cache shape for every layer; a plan keeps them with --kv-heads keep)."""
     kv = {d.n_kv for d in loaded.layer_dims}
@@ -88,7 +88,6 @@ def genai_config(loaded: LoadedModel) -> dict | None:
         return None
     config, tok = loaded.model.config, loaded.tokenizer
     context = int(config.max_position_embeddings)
-    eos = eos_token_ids(loaded)
     kind = config.model_type if config.model_type in GENAI_TYPES else "decoder"
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -132,8 +131,9 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
         else:
             _save(build_model(loaded, dtype), work / MODEL_FILE)
         loaded.tokenizer.save_pretrained(work)
-        (work / CONFIG_FILE).write_text(json.dumps(model_config(loaded, dtype), indent=1) + "\n")
-        genai = genai_config(loaded)
+        eos = eos_token_ids(loaded)  # reads a GGUF source whole: once
+        (work / CONFIG_FILE).write_text(json.dumps(model_config(loaded, dtype, eos), indent=1) + "\n")
+        genai = genai_config(loaded, eos)
         if genai is not None:
             (work / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=1) + "\n")
         if folder.exists():

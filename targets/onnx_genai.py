@@ -80,11 +80,9 @@ def measure(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int | No
     """Load, prefill and decode in this process, with GenAI; its peak RSS."""
     from tokenizers import Tokenizer
 
-    from ..texts import corpus
+    from .onnx_runner import text_ids
 
-    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    tok.encode_special_tokens = True
-    prompt = tok.encode(corpus("builtin"), add_special_tokens=False).ids[:prompt_tokens]
+    prompt = text_ids(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")), "builtin")[:prompt_tokens]
     t0 = time.perf_counter()
     model = load(folder, threads)
     load_s = time.perf_counter() - t0

@@ -13,6 +13,7 @@ scored alone, tokens 2..seq_len predicted).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -67,6 +68,10 @@ class OnnxDecoder:
         self.past_dtype = np.float16 if self.config["past_dtype"] == "float16" else np.float32
         self.n_layers = len(self.config["layers"])
 
+    @functools.cached_property
+    def takes_positions(self) -> bool:
+        return "position_ids" in {i.name for i in self.session.get_inputs()}
+
     def tokenizer(self):
         from tokenizers import Tokenizer
 
@@ -82,7 +87,7 @@ class OnnxDecoder:
         b, s = ids.shape
         p = past[0].shape[2]
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64)}
-        if "position_ids" in {i.name for i in self.session.get_inputs()}:  # a plain-operator graph
+        if self.takes_positions:  # a plain-operator graph (an older export, Optimum's)
             feed["position_ids"] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
         for i in range(self.n_layers):
             feed[f"past_key_values.{i}.key"] = past[2 * i]
@@ -103,6 +108,14 @@ class OnnxDecoder:
         return tokens
 
 
+def text_ids(tok, source: str) -> list[int]:
+    """The token ids of a text (texts.corpus) as plain text: a special token's text in it is text."""
+    from ..texts import corpus
+
+    tok.encode_special_tokens = True
+    return tok.encode(corpus(source), add_special_tokens=False).ids
+
+
 def onnx_perplexity(decoder: OnnxDecoder, tokens: list[int], seq_len: int, max_windows: int | None) -> dict:
     def logits_of(window: list[int]) -> np.ndarray:
         return decoder.forward(np.asarray(window)[None], decoder.empty_past())[0][0, :-1]
@@ -115,14 +128,12 @@ def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVID
     is filled to that many tokens after the decode (in chunks of CHUNK tokens), so peak RSS is
     that of an app whose context is full."""
     from ..costmodel import CHUNK
-    from ..texts import corpus
 
     t0 = time.perf_counter()
     decoder = OnnxDecoder(folder, provider, evaluation.threads)
     load_s = time.perf_counter() - t0
     tok = decoder.tokenizer()
-    tok.encode_special_tokens = True  # plain text: a special token's text in it is text
-    text = tok.encode(corpus("builtin"), add_special_tokens=False).ids
+    text = text_ids(tok, "builtin")
     prompt = text[:evaluation.prompt_tokens]
     t0 = time.perf_counter()
     logits, past = decoder.forward(np.asarray([prompt]), decoder.empty_past())
@@ -149,7 +160,7 @@ def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVID
     }
     del past, logits
     if evaluation.eval_text is not None and evaluation.eval_windows != 0:
-        tokens = tok.encode(corpus(evaluation.eval_text), add_special_tokens=False).ids
+        tokens = text_ids(tok, evaluation.eval_text)
         ppl = onnx_perplexity(decoder, tokens, evaluation.eval_seq_len, evaluation.eval_windows)
         result["perplexity"] = {**ppl, "text": evaluation.eval_text}
     return result

@@ -11,8 +11,6 @@ import torch
 from mosaic_export.targets import onnx_genai
 from mosaic_export.targets.onnx import export
 from mosaic_export.targets.onnx_runner import OnnxDecoder
-
-pytest.importorskip("onnxruntime_genai", reason="the genai extra: pip install -e '.[genai]'")
 from mosaic_export.targets.onnx_target import DTYPES
 
 from mosaic_export.cli import main
