@@ -36,6 +36,27 @@ GGUF_TENSORS = {
 }
 
 
+# Which norm sits before each block: a removed block (blocks.py) takes its norm with it.
+BLOCK_NORM = {"attention": "attn_norm", "mlp": "ffn_norm"}
+
+
+class Absent(nn.Module):
+    """A removed block (a layer's whole attention or MLP): adds nothing to the residual stream,
+    has no weights and, for attention, no KV cache. Called as the block it replaces."""
+
+    def __init__(self, block: str):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        zeros = torch.zeros_like(x)
+        return (zeros, None) if self.block == "attention" else zeros
+
+    def extra_repr(self) -> str:
+        return f"removed {self.block}"
+
+
 def _gguf_name(role: str) -> str:
     import gguf
 
@@ -73,15 +94,36 @@ class ArchSpec:
     def projection(self, layer: nn.Module, name: str) -> nn.Linear:
         return layer.get_submodule(self.projections[name])
 
+    def absent(self, layer: nn.Module, block: str) -> bool:
+        """Whether the layer's "attention" or "mlp" block has been removed (Absent)."""
+        return isinstance(layer.get_submodule(self.attention if block == "attention" else self.mlp), Absent)
+
+    def present(self, layer: nn.Module) -> tuple[str, ...]:
+        """The projections the layer still has (all but those of removed blocks)."""
+        gone = ((ATTENTION if self.absent(layer, "attention") else ())
+                + (MLP if self.absent(layer, "mlp") else ()))
+        return tuple(p for p in PROJECTIONS if p not in gone)
+
+    def remove_block(self, layer: nn.Module, block: str) -> None:
+        """Replace the layer's attention or MLP, and the norm before it, by nothing."""
+        setattr(layer, self.attention if block == "attention" else self.mlp, Absent(block))
+        setattr(layer, self.norms[BLOCK_NORM[block]], nn.Identity())
+
+    def supports_blocks(self) -> bool:
+        """Whole blocks can go where each block has exactly one norm before it, at the top level
+        of the layer (Llama-like layers; not Gemma's four norms or q / k norms)."""
+        return set(self.norms) == set(BLOCK_NORM.values()) and "." not in self.attention + self.mlp
+
     def set_projection(self, layer: nn.Module, name: str, linear: nn.Linear) -> None:
         parent, _, attr = self.projections[name].rpartition(".")
         setattr(layer.get_submodule(parent), attr, linear)
 
     def layer_dims(self, layer: nn.Module, head_dim: int) -> LayerDims:
-        """A layer's current sizes, read from its projections."""
-        return LayerDims(self.projection(layer, "q").out_features // head_dim,
-                         self.projection(layer, "k").out_features // head_dim,
-                         self.projection(layer, "gate").out_features)
+        """A layer's current sizes, read from its projections (0 for a removed block)."""
+        attn = not self.absent(layer, "attention")
+        return LayerDims(self.projection(layer, "q").out_features // head_dim if attn else 0,
+                         self.projection(layer, "k").out_features // head_dim if attn else 0,
+                         self.projection(layer, "gate").out_features if not self.absent(layer, "mlp") else 0)
 
     def norm_weight(self, module: nn.Module) -> torch.Tensor:
         """The scale a norm applies, offset included."""
@@ -143,7 +185,8 @@ def arch_for(model_type: str) -> ArchSpec:
 
 @dataclass(frozen=True)
 class LayerDims:
-    """The sizes that structured pruning changes, for one decoder layer."""
+    """The sizes that structured pruning changes, for one decoder layer. n_head = n_kv = 0: the
+    attention block is removed; n_ff = 0 too: the whole layer (blocks.py)."""
 
     n_head: int
     n_kv: int
@@ -181,7 +224,11 @@ class ModelShape:
         return out * inp + (out if self.bias[name] else 0)
 
     def layer_params(self, dims: LayerDims) -> int:
-        return self.other_layer_params + sum(self.projection_params(p, dims) for p in PROJECTIONS)
+        """Parameters of a layer at these sizes; a removed block takes its norm (one vector of
+        hidden: blocks are removed only where that is the layout, ArchSpec.supports_blocks)."""
+        gone_norms = self.hidden * ((dims.n_head == 0) + (dims.n_ff == 0))
+        projections = sum(self.projection_params(p, dims) for p in PROJECTIONS)
+        return self.other_layer_params - gone_norms + projections
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

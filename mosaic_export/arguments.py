@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from .allocation import names as allocation_names
-from .plan import METHODS, STRUCTURED_SCORES, CalibrationSettings, PruneSettings
+from .plan import METHODS, STRUCTURED_SCORES, STRUCTURES, CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
 from .texts import HELDOUT
 
@@ -112,7 +112,9 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="how the target is spread over layers and projections: uniform (global), "
                         "layer (OWL), projection (OWL's rule per projection type, each type at the "
                         "target), joint (OWL's rule over all layer x type cells), layer+type (OWL's "
-                        "layer vector plus a per-type offset); uniform keeps every layer at one "
+                        "layer vector plus a per-type offset), error (each projection's ratio chosen "
+                        "from its measured output error at a ladder of ratios, least total error "
+                        "for the target; unstructured only); uniform keeps every layer at one "
                         "size, which a GGUF of qwen3 or gemma3 needs (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="unstructured pruner (default: %(default)s)")
@@ -135,6 +137,12 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structured-scores", choices=STRUCTURED_SCORES, default=d.structured_scores,
                    help="rank heads and channels by activation-aware scores, or by weight "
                         "magnitude alone (the coarse baseline) (default: %(default)s)")
+    p.add_argument("--structure", choices=STRUCTURES, default=d.structure,
+                   help="what the structured share removes: width (heads and MLP channels, per "
+                        "layer) or blocks (whole attention blocks, which then keep no KV cache, and "
+                        "whole layers, chosen by what they write into the residual stream; "
+                        "Llama-like layers; the remainder below one block as unstructured zeros) "
+                        "(default: %(default)s)")
     p.add_argument("--plan", default=None, help="apply this plan.json instead of making one")
 
 

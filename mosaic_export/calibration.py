@@ -3,7 +3,8 @@
 The inputs of layer 0 are captured once; after that each layer is run on the outputs of the
 previous one, so the process holds the model once plus one layer's activations and statistics.
 While a layer runs, hooks on its projections record per input feature the squared norm
-sum_t x_t,k^2 (Wanda, POD) and, where asked, the Gram matrix H = X^T X (SparseGPT, compensation).
+sum_t x_t,k^2 (Wanda, POD), the sum sum_t x_t,k (means and variances) and, where asked, the
+Gram matrix H = X^T X (SparseGPT, compensation).
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ class InputStats:
     sq_norm: torch.Tensor  # (in,) sum over tokens of x_k^2 (float64)
     hessian: torch.Tensor | None  # (in, in) X^T X (float32 accumulation), when asked for
     n_tokens: int
+    total: torch.Tensor | None = None  # (in,) sum over tokens of x_k (float64)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.n_tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance of each input feature over the tokens (float64)."""
+        n = max(self.n_tokens, 2)
+        return ((self.sq_norm - self.total ** 2 / n) / (n - 1)).clamp_min(0.0)
 
     @property
     def norm(self) -> torch.Tensor:
@@ -133,7 +145,10 @@ class LayerStream:
         """
         stats: dict[str, InputStats] = {}
         handles = []
+        present = self.spec.present(layer)
         for group, members in INPUT_GROUPS.items():
+            if members[0] not in present:  # a removed block (blocks.py)
+                continue
             module = self.spec.projection(layer, members[0])
 
             def hook(_m, args, _out, group=group):
@@ -142,8 +157,10 @@ class LayerStream:
                 if s is None:
                     n = x.shape[1]
                     h = torch.zeros(n, n) if group in hessian_groups else None
-                    s = stats[group] = InputStats(torch.zeros(n, dtype=torch.float64), h, 0)
+                    s = stats[group] = InputStats(torch.zeros(n, dtype=torch.float64), h, 0,
+                                                  torch.zeros(n, dtype=torch.float64))
                 s.sq_norm += (x * x).sum(0, dtype=torch.float64)
+                s.total += x.sum(0, dtype=torch.float64)
                 if s.hessian is not None:
                     s.hessian.addmm_(x.T, x)
                 s.n_tokens += x.shape[0]

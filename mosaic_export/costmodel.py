@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .arch import GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape, arch_for
+from .arch import BLOCK_NORM, GGUF_MODEL_NAMES, GGUF_NAMES, PROJECTIONS, LayerDims, ModelShape, arch_for
 from .errors import UserError
 from .targets import Target
 from .targets import get as get_target
@@ -92,12 +92,16 @@ def matrices(shape: ModelShape, dims: list[LayerDims]) -> list[tuple[str, int, i
     norms = arch_for(shape.model_type).norms
     out = [(f"{GGUF_MODEL_NAMES['embed']}.weight", shape.vocab, shape.hidden)]
     for bid, d in enumerate(dims):
+        gone = {BLOCK_NORM["attention"]} if d.n_head == 0 else set()
+        gone |= {BLOCK_NORM["mlp"]} if d.n_ff == 0 else set()
         for p in PROJECTIONS:
             rows, cols = shape.projection_shape(p, d)
+            if rows * cols == 0:  # a removed block's (blocks.py)
+                continue
             out.append((GGUF_NAMES[p].format(bid=bid) + ".weight", rows, cols))
             if shape.bias[p]:
                 out.append((GGUF_NAMES[p].format(bid=bid) + ".bias", 1, rows))
-        for norm in norms:  # q / k norms scale one head, the others the hidden state
+        for norm in (n for n in norms if n not in gone):  # q / k norms scale one head, others the state
             width = shape.head_dim if norm in ("q_norm", "k_norm") else shape.hidden
             out.append((GGUF_NAMES[norm].format(bid=bid) + ".weight", 1, width))
     out.append((f"{GGUF_MODEL_NAMES['final_norm']}.weight", 1, shape.hidden))

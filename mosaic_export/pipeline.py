@@ -71,7 +71,7 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
         return plan, stream, None
     if measured is None:
         start = stream.hidden
-        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m)
+        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m, settings.measures_errors)
         stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
@@ -200,6 +200,13 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
     loaded = load_model(config.model)
     load_s = time.perf_counter() - t0
     check_lengths(config, loaded, inputs.settings)
+    if any(d.n_head == 0 for d in loaded.layer_dims):
+        raise UserError(f"{loaded.source} already has removed blocks: prune the model it was made from")
+    blocks = inputs.settings.structure == "blocks" or (
+        inputs.plan is not None and any(not lp.q_heads for lp in inputs.plan.layers))
+    if blocks and not loaded.spec.supports_blocks():
+        raise UserError(f"--structure blocks needs Llama-like layers (one norm before each block); "
+                        f"{loaded.shape.model_type} has {', '.join(loaded.spec.norms)}")
     log(f"model {loaded.source}: {loaded.shape.model_type}, {loaded.shape.n_layers} layers "
         f"(loaded in {load_s:.1f} s)")
     pricing = None

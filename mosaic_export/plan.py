@@ -25,14 +25,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .allocation import NEEDS_ERRORS
 from .allocation import names as allocation_names
-from .arch import PROJECTIONS, LayerDims, ModelShape
+from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
 from .errors import UserError
 
 PLAN_FORMAT = "mosaic-export plan"
 PLAN_VERSION = 1
 METHODS = ("wanda", "sparsegpt")
 STRUCTURED_SCORES = ("activation", "magnitude")
+STRUCTURES = ("width", "blocks")  # heads and channels; whole attention blocks and layers
 MAX_SPARSITY = 0.95
 
 
@@ -56,7 +58,13 @@ class PruneSettings:
     keep_kv_heads: bool = False  # every layer keeps its KV heads (ONNX Runtime GenAI needs one count)
     compensate: bool = True  # least-squares update of o / down after removing their inputs
     structured_scores: str = "activation"  # how heads and channels are ranked; "magnitude": weights only
+    structure: str = "width"  # what the structured part removes: heads and channels, or whole blocks
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    @property
+    def measures_errors(self) -> bool:
+        """Whether pass 1 must measure each projection's error at every ladder level."""
+        return self.allocation in NEEDS_ERRORS
 
     def validate(self) -> PruneSettings:
         def need(ok: bool, message: str) -> None:
@@ -74,6 +82,11 @@ class PruneSettings:
         need(self.structured_scores in STRUCTURED_SCORES,
              f"structured scores must be one of {', '.join(STRUCTURED_SCORES)}, "
              f"got '{self.structured_scores}'")
+        need(not (self.measures_errors and self.structured_fraction > 0 and self.sparsity > 0),
+             f"allocation '{self.allocation}' chooses unstructured ratios from measured errors; "
+             "structured pruning (--structured-fraction above 0) needs another allocation")
+        need(self.structure in STRUCTURES, f"structure must be one of {', '.join(STRUCTURES)}, "
+             f"got '{self.structure}'")
         need(self.outlier_m > 0, f"outlier M must be positive, got {self.outlier_m}")
         need(0.0 <= self.lam < 0.5, f"lambda must be in [0, 0.5), got {self.lam}")
         need(self.alignment >= 1, f"alignment must be a positive integer, got {self.alignment}")
@@ -162,23 +175,37 @@ class Plan:
         return plan
 
     def check(self) -> None:
-        """Every layer is a valid GQA layer of this model; ratios in [0, 1)."""
+        """Every layer is a valid GQA layer of this model (or a removed block); ratios in [0, 1)."""
         shape = self.shape
         if len(self.layers) != shape.n_layers:
             raise ValueError(f"expected {shape.n_layers} layers, got {len(self.layers)}")
-        r = shape.n_head // shape.n_kv
         for i, lp in enumerate(self.layers):
-            if not lp.kv_heads or len(lp.q_heads) % len(lp.kv_heads):
-                raise ValueError(f"layer {i}: query heads must split evenly over KV heads")
-            per = len(lp.q_heads) // len(lp.kv_heads)
-            expected_groups = [h // r for h in lp.q_heads]
-            if expected_groups != [g for g in lp.kv_heads for _ in range(per)]:
-                raise ValueError(f"layer {i}: query heads {lp.q_heads} do not belong to the kept "
-                                 f"KV heads {lp.kv_heads} in order")
-            if not lp.channels or max(lp.channels) >= shape.n_ff or min(lp.channels) < 0:
-                raise ValueError(f"layer {i}: channels out of range [0, {shape.n_ff})")
-            if set(lp.ratios) != set(PROJECTIONS) or not all(0 <= v < 1 for v in lp.ratios.values()):
-                raise ValueError(f"layer {i}: expected a ratio in [0, 1) for each of {PROJECTIONS}")
+            _check_layer(shape, i, lp, last=i == len(self.layers) - 1)
+
+
+def _check_layer(shape: ModelShape, i: int, lp: LayerPlan, last: bool) -> None:
+    if set(lp.ratios) != set(PROJECTIONS) or not all(0 <= v < 1 for v in lp.ratios.values()):
+        raise ValueError(f"layer {i}: expected a ratio in [0, 1) for each of {PROJECTIONS}")
+    if lp.channels and (max(lp.channels) >= shape.n_ff or min(lp.channels) < 0):
+        raise ValueError(f"layer {i}: channels out of range [0, {shape.n_ff})")
+    if bool(lp.q_heads) != bool(lp.kv_heads):
+        raise ValueError(f"layer {i}: query heads and KV heads go together")
+    if not lp.q_heads:  # a removed attention block (blocks.py)
+        if i == 0 or (last and not lp.channels):
+            raise ValueError(f"layer {i}: layer 0 keeps its attention and the last layer its MLP "
+                             "(transformers' cache, llama.cpp's output rows)")
+        if any(lp.ratios[p] for p in ATTENTION + (() if lp.channels else MLP)):
+            raise ValueError(f"layer {i}: a removed block has pruning ratios")
+        return
+    if not lp.channels:
+        raise ValueError(f"layer {i}: a layer without its MLP keeps no attention either")
+    r = shape.n_head // shape.n_kv
+    if len(lp.q_heads) % len(lp.kv_heads):
+        raise ValueError(f"layer {i}: query heads must split evenly over KV heads")
+    per = len(lp.q_heads) // len(lp.kv_heads)
+    if [h // r for h in lp.q_heads] != [g for g in lp.kv_heads for _ in range(per)]:
+        raise ValueError(f"layer {i}: query heads {lp.q_heads} do not belong to the kept "
+                         f"KV heads {lp.kv_heads} in order")
 
 
 def compact_json(data) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from .allocation import MAX_RATIO, allocate, fit_mean
 from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
+from .blocks import choose_blocks
 from .errors import UserError
 from .plan import LayerPlan, Plan, PruneSettings, weight_count
 from .pod import LayerMeasurement
@@ -28,20 +29,19 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
     decoder_dense = n * shape.layer_params(dense)
     removed_target = settings.sparsity * decoder_dense
 
-    # 1. Structured part: per-layer head layouts and channel counts.
-    if settings.structured_fraction > 0 and settings.sparsity > 0:
-        dims = _structured_dims(shape, pod, settings, settings.structured_fraction * removed_target)
-    else:
-        dims = [dense] * n
+    # 1. Structured part: per-layer head layouts and channel counts, or whole blocks.
+    dims = _structure(shape, pod, measured, settings, settings.structured_fraction * removed_target)
     layers = []
     for m, d in zip(measured, dims, strict=True):
-        if d.n_head == shape.n_head:
+        if d.n_head == 0:  # a removed attention block
+            heads_q, heads_kv = [], []
+        elif d.n_head == shape.n_head:
             heads_q, heads_kv = list(range(shape.n_head)), list(range(shape.n_kv))
         else:
             heads = choose_heads(m.head_scores[settings.structured_scores], shape.n_kv, d.n_kv,
                                  d.n_head // d.n_kv)
             heads_q, heads_kv = heads.q_heads, heads.kv_heads
-        channels = (list(range(shape.n_ff)) if d.n_ff == shape.n_ff
+        channels = (list(range(d.n_ff)) if d.n_ff in (0, shape.n_ff)
                     else choose_channels(m.channel_scores[settings.structured_scores], d.n_ff))
         layers.append(LayerPlan(heads_q, heads_kv, channels, {p: 0.0 for p in PROJECTIONS}))
 
@@ -56,15 +56,31 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
         if ratio_u > MAX_RATIO:
             raise UserError(f"sparsity {settings.sparsity} cannot be reached: the unstructured part "
                             f"would need {ratio_u:.1%} of the kept weights")
+        errors = None
+        if all(m.projection_errors is not None for m in measured):
+            errors = {p: torch.tensor([m.projection_errors[p] for m in measured], dtype=torch.float64)
+                      for p in PROJECTIONS}
         ratios = allocate(settings.allocation, ratio_u, settings.lam,
                           {p: torch.tensor(pod["projection"][p]) for p in PROJECTIONS},
-                          torch.tensor(pod["layer"]), weights)
-        for i, lp in enumerate(layers):
-            lp.ratios = {p: float(ratios[p][i]) for p in PROJECTIONS}
+                          torch.tensor(pod["layer"]), weights, errors)
+        for i, lp in enumerate(layers):  # a removed block's cells weigh nothing: no ratio
+            lp.ratios = {p: float(ratios[p][i]) if weights[p][i] > 0 else 0.0 for p in PROJECTIONS}
     plan = Plan(model={"source": source, "shape": shape.to_dict()}, settings=settings, pod=pod,
                 layers=layers)
     plan.check()
     return plan
+
+
+def _structure(shape: ModelShape, pod: dict, measured: list[LayerMeasurement], settings: PruneSettings,
+               removed_target: float) -> list[LayerDims]:
+    """Each layer's sizes after the structured part of the plan."""
+    if removed_target <= 0:
+        return [shape.dense_dims] * shape.n_layers
+    if settings.structure == "blocks":
+        if any(m.block_scores is None for m in measured):
+            raise UserError("whole-block removal needs Llama-like layers (one norm before each block)")
+        return choose_blocks(shape, [m.block_scores for m in measured], removed_target)
+    return _structured_dims(shape, pod, settings, removed_target)
 
 
 def _group_params(shape: ModelShape, dims: LayerDims, group: tuple[str, ...]) -> int:

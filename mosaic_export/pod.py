@@ -7,18 +7,23 @@ to pruning; the allocation prunes it less.
 
 ``measure`` is pass 1 over the calibration data: the dense model, layer by layer, its outlier
 ratios (per projection, per layer, per attention / MLP group) and the activation-aware scores of
-its heads and channels, one LayerMeasurement a layer. A plan is made from these (planner.py).
+its heads and channels, one LayerMeasurement a layer; with ``errors``, also each projection's
+relative output error at every ladder level (reconstruction.py, for the ``error`` allocation).
+A plan is made from these (planner.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .arch import ATTENTION, INPUT_GROUP_OF, MLP, PROJECTIONS, ArchSpec, ModelShape
+from .arch import ATTENTION, INPUT_GROUP_OF, INPUT_GROUPS, MLP, PROJECTIONS, ArchSpec, ModelShape
+from .blocks import block_energy
 from .calibration import LayerStream
 from .prune.structured import column_scores, head_scores, magnitude_channel_scores, magnitude_head_scores
+from .reconstruction import ladder_errors
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -49,15 +54,19 @@ class LayerMeasurement:
     group_outliers: dict[str, float]  # "attn" (q, k, v, o) and "mlp" (gate, up, down)
     head_scores: dict[str, torch.Tensor]  # per STRUCTURED_SCORES kind: (n_head,) per query head
     channel_scores: dict[str, torch.Tensor]  # per kind: (n_ff,) per MLP channel
+    projection_errors: dict[str, list[float]] | None = None  # per projection, at each LADDER level
+    block_scores: dict[str, float] | None = None  # what each block writes (blocks.py); Llama-like only
 
 
 @torch.no_grad()
 def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
-            outlier_m: float) -> list[LayerMeasurement]:
-    """Pass 1 over the dense model."""
+            outlier_m: float, errors: bool = False) -> list[LayerMeasurement]:
+    """Pass 1 over the dense model (with ``errors``, the ladder errors too: every input group's
+    Hessian is taken)."""
     measured = []
     for _, layer in stream.layers("measure (dense)"):
-        stats = stream.statistics(layer, set(), advance=True)
+        with block_energy(layer, spec) if spec.supports_blocks() else contextlib.nullcontext() as energy:
+            stats = stream.statistics(layer, set(INPUT_GROUPS) if errors else set(), advance=True)
         scores = {p: wanda_scores(spec.projection(layer, p).weight,
                                   stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
         w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
@@ -72,5 +81,8 @@ def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
             channel_scores={
                 "activation": column_scores(w["down"], stats["down"].sq_norm),
                 "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
+            projection_errors={p: ladder_errors(w[p], stats[INPUT_GROUP_OF[p]].hessian, scores[p])
+                               for p in PROJECTIONS} if errors else None,
+            block_scores=energy.scores() if energy is not None else None,
         ))
     return measured

@@ -51,22 +51,30 @@ def resize_layer(layer: nn.Module, spec, head_dim: int, q_heads: list[int], kv_h
     (already restricted to the kept columns) replace the sliced consumer weights when given,
     e.g. after least-squares compensation.
     """
-    if len(q_heads) % len(kv_heads):
+    if not channels and q_heads:
+        raise ValueError("a layer without its MLP keeps no attention either (llama.cpp skips it whole)")
+    ch = torch.tensor(channels, dtype=torch.long)
+    new = {}
+    if channels and not spec.absent(layer, "mlp"):
+        new.update(gate=sliced_linear(spec.projection(layer, "gate"), rows=ch),
+                   up=sliced_linear(spec.projection(layer, "up"), rows=ch),
+                   down=sliced_linear(spec.projection(layer, "down"), cols=ch, weight=down_weight))
+    if q_heads and len(q_heads) % len(kv_heads):
         raise ValueError(f"expected the query heads to split evenly over {len(kv_heads)} KV heads, "
                          f"got {len(q_heads)}")
-    q_idx, kv_idx = expand_heads(q_heads, head_dim), expand_heads(kv_heads, head_dim)
-    ch = torch.tensor(channels, dtype=torch.long)
-    new = {
-        "q": sliced_linear(spec.projection(layer, "q"), rows=q_idx),
-        "k": sliced_linear(spec.projection(layer, "k"), rows=kv_idx),
-        "v": sliced_linear(spec.projection(layer, "v"), rows=kv_idx),
-        "o": sliced_linear(spec.projection(layer, "o"), cols=q_idx, weight=o_weight),
-        "gate": sliced_linear(spec.projection(layer, "gate"), rows=ch),
-        "up": sliced_linear(spec.projection(layer, "up"), rows=ch),
-        "down": sliced_linear(spec.projection(layer, "down"), cols=ch, weight=down_weight),
-    }
+    if q_heads:
+        q_idx, kv_idx = expand_heads(q_heads, head_dim), expand_heads(kv_heads, head_dim)
+        new.update(q=sliced_linear(spec.projection(layer, "q"), rows=q_idx),
+                   k=sliced_linear(spec.projection(layer, "k"), rows=kv_idx),
+                   v=sliced_linear(spec.projection(layer, "v"), rows=kv_idx),
+                   o=sliced_linear(spec.projection(layer, "o"), cols=q_idx, weight=o_weight))
     for name, linear in new.items():
         spec.set_projection(layer, name, linear)
+    if not q_heads:  # the whole attention block goes (and the MLP, without channels): blocks.py
+        spec.remove_block(layer, "attention")
+        if not channels:
+            spec.remove_block(layer, "mlp")
+        return
     # Attention reshapes with (-1, head_dim); only the GQA repeat factor must be told.
     layer.get_submodule(spec.attention).num_key_value_groups = len(q_heads) // len(kv_heads)
 
@@ -84,6 +92,8 @@ class Keep:
 def leading(current: LayerDims, dims: LayerDims) -> Keep:
     """The first ``dims.n_kv`` KV groups, the first query heads of each and the first channels:
     how a checkpoint written at ``dims`` stores its kept heads and channels."""
+    if dims.n_kv == 0:  # a removed attention block (and MLP, with n_ff 0)
+        return Keep([], [], list(range(dims.n_ff)))
     per_now, per = current.n_head // current.n_kv, dims.n_head // dims.n_kv
     return Keep([g * per_now + j for g in range(dims.n_kv) for j in range(per)],
                 list(range(dims.n_kv)), list(range(dims.n_ff)))

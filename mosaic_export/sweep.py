@@ -81,6 +81,9 @@ def _check(config: RunConfig, targets: list[float]) -> None:
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
         raise UserError("a sweep compares perplexity: --eval-windows cannot be 0")
+    if config.settings.measures_errors:
+        raise UserError(f"--allocation {config.settings.allocation} chooses unstructured ratios; a sweep "
+                        "removes structure: use another allocation")
 
 
 def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) -> list[Job]:
@@ -126,7 +129,8 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
         dense = load_stage(config, inputs, log)
         loaded = dense.loaded
         stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size)
-        measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m)
+        measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m,
+                           inputs.settings.measures_errors)
     return DensePass(measured, dense.perplexity, dense.counts["total"])
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..arch import (
+    BLOCK_NORM,
     GGUF_MODEL_NAMES,
     GGUF_NAMES,
     PROJECTIONS,
@@ -115,8 +116,9 @@ def check_exportable(loaded: LoadedModel) -> None:
     problems = arch_problems(loaded, arch)
     if problems:
         raise UserError(f"GGUF export ({arch}) of {'; '.join(problems)} is not supported")
-    if any(d.n_ff == 0 or d.n_head == 0 for d in loaded.layer_dims):
-        raise UserError("GGUF export needs at least one head and one channel per layer")
+    if any(d.n_head == 0 for d in loaded.layer_dims) and arch != "deci":
+        raise UserError(f"GGUF export ({arch}) of removed blocks is not supported: llama.cpp reads "
+                        "them in deci only")
 
 
 def context_length(cfg, arch: str) -> int:
@@ -140,10 +142,13 @@ def tensors(loaded: LoadedModel) -> Iterator[tuple[str, torch.Tensor]]:
     permute = gguf_arch(loaded) in PAIRED_ROPE
     yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
     for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
+        gone = {BLOCK_NORM[b] for b in ("attention", "mlp") if spec.absent(layer, b)}
         for norm, path in spec.norms.items():  # llama.cpp's Gemma reads the offset scale
-            yield GGUF_NAMES[norm].format(bid=bid) + ".weight", spec.norm_weight(layer.get_submodule(path))
+            if norm not in gone:  # a removed block's norm went with it
+                yield (GGUF_NAMES[norm].format(bid=bid) + ".weight",
+                       spec.norm_weight(layer.get_submodule(path)))
         heads = {"q": dims.n_head, "k": dims.n_kv}
-        for p in PROJECTIONS:
+        for p in spec.present(layer):
             linear = spec.projection(layer, p)
             for kind in ("weight", "bias"):
                 t = getattr(linear, kind)

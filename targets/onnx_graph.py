@@ -182,19 +182,24 @@ class _Decoder:
         """Layer i on the residual stream residual + delta (delta None: the embeddings alone);
         returns the stream after it, again as (residual, delta)."""
         spec, name = self.spec, f"layers.{i}"
-        weight = self.norm_weight(layer, "attn_norm", name)
-        if delta is None:
-            h = self.norm(residual, weight)
-        else:
-            h, residual = self.skip_norm(delta, residual, weight)
-        attn = self.linear(self.attention(i, layer, dims, h), [spec.projection(layer, "o")], f"{name}.o")
-        delta = self.norm(attn, self.norm_weight(layer, "attn_post_norm", name))
-        h, residual = self.skip_norm(delta, residual, self.norm_weight(layer, "ffn_norm", name))
+        if dims.n_ff == 0:  # the whole layer removed (blocks.py): the stream passes through
+            return residual, delta
+        if dims.n_head:  # else the attention block is removed: no nodes, no KV cache
+            h, residual = self.normed(residual, delta, self.norm_weight(layer, "attn_norm", name))
+            attn = self.linear(self.attention(i, layer, dims, h), [spec.projection(layer, "o")], f"{name}.o")
+            delta = self.norm(attn, self.norm_weight(layer, "attn_post_norm", name))
+        h, residual = self.normed(residual, delta, self.norm_weight(layer, "ffn_norm", name))
         gate = self.linear(h, [spec.projection(layer, "gate")], f"{name}.gate")
         up = self.linear(h, [spec.projection(layer, "up")], f"{name}.up")
         down = self.linear(self.g.op("Mul", self.activation(gate), up), [spec.projection(layer, "down")],
                            f"{name}.down")
         return residual, self.norm(down, self.norm_weight(layer, "ffn_post_norm", name))
+
+    def normed(self, residual: str, delta: str | None, weight: str | None) -> tuple[str, str]:
+        """The norm of residual + delta, and that sum (delta None: the residual alone)."""
+        if delta is None:
+            return self.norm(residual, weight), residual
+        return self.skip_norm(delta, residual, weight)
 
     def embed(self) -> str:
         """The token embeddings (Gemma: times sqrt(hidden), in the graph's dtype)."""
@@ -234,7 +239,7 @@ class _Decoder:
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                  ["batch", "sequence", self.loaded.shape.vocab])]
         for i, dims in enumerate(self.loaded.layer_dims):
-            for kind in ("key", "value"):
+            for kind in ("key", "value") if dims.n_kv else ():  # a removed attention has no cache
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", self.onnx_float,
                                                             ["batch", dims.n_kv, "past", D]))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", self.onnx_float,
@@ -267,5 +272,5 @@ def check_exportable(loaded: LoadedModel) -> None:
     unsupported = unsupported_features(loaded.model.config, loaded.spec)
     if unsupported:
         raise UserError(f"ONNX export of {', '.join(unsupported)} is not supported")
-    if any(d.n_ff == 0 or d.n_head == 0 for d in loaded.layer_dims):
-        raise UserError("ONNX export needs at least one head and one channel per layer")
+    if any(d.n_ff == 0 and d.n_head for d in loaded.layer_dims):
+        raise UserError("ONNX export of a layer without its MLP but with attention is not supported")

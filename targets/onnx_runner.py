@@ -79,8 +79,13 @@ class OnnxDecoder:
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         d = self.config["head_dim"]
-        return [np.zeros((batch, layer["n_kv"], 0, d), self.past_dtype)
-                for layer in self.config["layers"] for _ in ("key", "value")]
+        return [np.zeros((batch, self.config["layers"][i]["n_kv"], 0, d), self.past_dtype)
+                for i in self.cached_layers for _ in ("key", "value")]
+
+    @functools.cached_property
+    def cached_layers(self) -> list[int]:
+        """The layers with a KV cache (a removed attention block has none)."""
+        return [i for i, layer in enumerate(self.config["layers"]) if layer["n_kv"]]
 
     def forward(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids (B, S) after past (B, kv, P, D) per layer -> logits (B, S, vocab), present."""
@@ -89,9 +94,9 @@ class OnnxDecoder:
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64)}
         if self.takes_positions:  # a plain-operator graph (an older export, Optimum's)
             feed["position_ids"] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
-        for i in range(self.n_layers):
-            feed[f"past_key_values.{i}.key"] = past[2 * i]
-            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        for j, i in enumerate(self.cached_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * j]
+            feed[f"past_key_values.{i}.value"] = past[2 * j + 1]
         out = self.session.run(None, feed)
         return out[0], out[1:]
 

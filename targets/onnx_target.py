@@ -117,8 +117,9 @@ class ONNX(Target):
     def readme_run(self, fmt: dict) -> list[str]:
         folder = fmt["model_path"].split("/")[0]
         genai = _genai_readme(folder) if fmt.get("genai") else [
-            "Its layers keep different numbers of KV heads, so ONNX Runtime GenAI (which sizes one KV "
-            "cache for all layers) cannot load it; a plan made with `--kv-heads keep` can.", ""]
+            "Its layers keep different numbers of KV heads (a removed attention block keeps none), so "
+            "ONNX Runtime GenAI (which sizes one KV cache for all layers) cannot load it; a width plan "
+            "made with `--kv-heads keep` can.", ""]
         return ["## Run it", "",
                 f"`{folder}/` holds `model.onnx` (weights in `model.onnx.data`, {fmt['dtype']}), written "
                 "with ONNX Runtime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization"
@@ -129,8 +130,8 @@ class ONNX(Target):
                 "             past_key_values.{i}.key / .value   (batch, layer i's KV heads,",
                 "                                                 past tokens, head size)",
                 "    outputs  logits (batch, tokens, vocab), present.{i}.key / .value", "",
-                "Layer i's KV heads are `layers[i].n_kv` in `model_config.json`; an empty cache has "
-                "0 past tokens. Greedy decoding:", "",
+                "Layer i's KV heads are `layers[i].n_kv` in `model_config.json` (a layer with none has no "
+                "cache inputs or outputs); an empty cache has 0 past tokens. Greedy decoding:", "",
                 "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
                 "from tokenizers import Tokenizer", "",
                 f'cfg = json.load(open("{folder}/model_config.json"))',
@@ -138,7 +139,8 @@ class ONNX(Target):
                 f'tok = Tokenizer.from_file("{folder}/tokenizer.json")',
                 'past = {f"past_key_values.{i}.{kv}": np.zeros((1, layer["n_kv"], 0, cfg["head_dim"]), '
                 'cfg["past_dtype"])',
-                '        for i, layer in enumerate(cfg["layers"]) for kv in ("key", "value")}',
+                '        for i, layer in enumerate(cfg["layers"]) if layer["n_kv"]'
+                ' for kv in ("key", "value")}',
                 'ids, out = tok.encode("Hello").ids, []',
                 "for _ in range(32):",
                 '    n = next(iter(past.values())).shape[2]',

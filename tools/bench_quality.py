@@ -7,15 +7,23 @@ Stages (each row is appended to OUT/results.csv as soon as it is measured; a sec
 rows already there, so an interrupted benchmark resumes):
 - timing: one dense forward pass over the calibration set against the whole prune (both passes,
   plan included) with Wanda scoring, and their ratio;
-- tune: M and lambda of the `layer` (OWL) and `projection` (Mosaic) allocations and of
-  the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only:
-  lambda first (at M = 5), then M at the best lambda;
-- unstructured: 50-80% sparsity, uniform / layer / projection allocation, Wanda and SparseGPT;
-- structured: 10-40% fewer decoder parameters by (a) the coarse baseline: the same ratio in every
-  layer, heads and channels ranked by weight magnitude, no compensation; (b) the same ratio in
-  every layer, activation-aware scores and least-squares compensation; (c) composite projection
+- tune: M and lambda of every allocation with knobs (layer, projection, joint, layer+type) and
+  of the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only:
+  lambda first (at M = 5), then M at the best lambda, 5 runs each; the `error` allocation has no M
+  (it reads no outliers) and gets its 5 runs on lambda alone;
+- unstructured: 50-80% sparsity, Wanda and SparseGPT, by allocation: uniform, layer (OWL),
+  projection (OWL per type), joint (OWL over all cells), error (measured errors, knapsack);
+  layer+type (the authors' layer vector plus type offset) at the headline sparsity only;
+- structured: 20-40% fewer decoder parameters, none recovered: (b) the same ratio in every
+  layer, activation-aware scores and least-squares compensation; (c) composite projection
   pruning: POD allocation over layers and attention / MLP groups, activation-aware, compensated;
-- seeds: the headline rows (70% unstructured, 30% structured) again with every --seeds value.
+  whole blocks (mosaic_export/blocks.py: attention blocks and whole layers, the remainder below one
+  block as unstructured Wanda zeros); FLAP-style and LLM-Pruner-style (mosaic_export/baselines.py);
+  at the headline only, magnitude
+  ranking without compensation (the weakest, kept with that label);
+- the sweep runs the headline rows first (70% unstructured, 30% structured), then them again with
+  every other --seeds value, then the other points. With --eval-text-2, each swept model is
+  also scored on a second text (another domain).
 
 The measure pass (POD and scores of the dense model) depends only on the calibration sample and
 M, so it runs once per (seed, M) and every plan is made from it; its time is added to each row's
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import itertools
 import math
 import sys
 import time
@@ -36,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from mosaic_export.baselines import BASELINES
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.evaluate import perplexity, windows
 from mosaic_export.model_io import load_model
@@ -46,30 +56,37 @@ from mosaic_export.prune.apply import apply_plan
 from mosaic_export.texts import corpus
 
 UNSTRUCTURED = [0.5, 0.6, 0.7, 0.8]
-STRUCTURED = [0.1, 0.2, 0.3, 0.4]
+STRUCTURED = [0.2, 0.3, 0.4]
 HEADLINE = {"unstructured": 0.7, "structured": 0.3}
 TUNE_M = [3.0, 5.0, 8.0]
 TUNE_LAMBDA = [0.04, 0.08, 0.15]
+ERROR_LAMBDA = [0.04, 0.08, 0.15, 0.25, 0.4]  # the same 5 runs as lambda x M for the others
 FIELDS = ["stage", "suite", "label", "sparsity", "seed", "outlier_m", "lam", "removed",
-          "decoder_params", "perplexity", "top1", "eval_text", "eval_tokens", "prune_s", "eval_s"]
+          "decoder_params", "perplexity", "top1", "eval_text", "eval_tokens", "prune_s", "eval_s",
+          "perplexity_2", "top1_2", "eval_text_2"]
 
 # label -> settings that define the method (sparsity, seed, M, lambda are set per row)
+# layer+type (the authors' layer vector plus type offset) is left out of this run for time; its
+# earlier figures are in BENCHMARKS.md (tools/allocation_variants.py)
+ALLOCATIONS = ["uniform", "layer", "projection", "joint", "error"]
+COMPOSITE = "(c) composite (POD), activation-aware, comp."
 METHODS = {
-    "uniform+wanda": dict(allocation="uniform", method="wanda"),
-    "layer+wanda": dict(allocation="layer", method="wanda"),
-    "projection+wanda": dict(allocation="projection", method="wanda"),
-    "uniform+sparsegpt": dict(allocation="uniform", method="sparsegpt"),
-    "layer+sparsegpt": dict(allocation="layer", method="sparsegpt"),
-    "projection+sparsegpt": dict(allocation="projection", method="sparsegpt"),
-    "(a) coarse: uniform, magnitude, no comp.": dict(
+    **{f"{a}+{m}": dict(allocation=a, method=m) for m in ("wanda", "sparsegpt") for a in ALLOCATIONS},
+    "magnitude: uniform, weights only, no comp.": dict(
         allocation="uniform", structured_fraction=1.0, structured_scores="magnitude", compensate=False),
     "(b) uniform, activation-aware, comp.": dict(allocation="uniform", structured_fraction=1.0),
-    "(c) composite (POD), activation-aware, comp.": dict(allocation="projection", structured_fraction=1.0),
+    COMPOSITE: dict(allocation="projection", structured_fraction=1.0),
+    "whole blocks: attention / layers by residual energy": dict(allocation="uniform", structure="blocks",
+                                                                structured_fraction=1.0),
+    "FLAP-style: fluctuation, uniform, bias comp.": dict(baseline="flap", structured_fraction=1.0),
+    "LLM-Pruner-style: Taylor, first 4 / last 2 kept, no LoRA": dict(baseline="llm-pruner",
+                                                                     structured_fraction=1.0),
 }
+HEADLINE_ONLY = {"layer+type+wanda", "layer+type+sparsegpt", "magnitude: uniform, weights only, no comp."}
 SUITE = {label: ("structured" if "structured_fraction" in kw else "unstructured")
          for label, kw in METHODS.items()}
-TUNED = {"layer+wanda": "layer", "layer+sparsegpt": "layer", "projection+wanda": "projection",
-         "projection+sparsegpt": "projection", "(c) composite (POD), activation-aware, comp.": "composite"}
+TUNED = {**{f"{a}+{m}": a for m in ("wanda", "sparsegpt") for a in ALLOCATIONS if a != "uniform"},
+         COMPOSITE: "composite"}
 
 
 class Bench:
@@ -82,20 +99,32 @@ class Bench:
                                 args.eval_text)
         self.tune_ids = windows(tokenize(tok, corpus(args.tune_text)), args.seq_len, args.tune_windows,
                                 args.tune_text)
-        self.measured: dict[tuple[int, float], tuple[list, float]] = {}
+        self.eval2_ids = None
+        if args.eval_text_2:
+            self.eval2_ids = windows(tokenize(tok, corpus(args.eval_text_2)), args.seq_len,
+                                     args.eval_windows_2, args.eval_text_2)
+        self.measured: dict[tuple[int, float, bool], tuple[list, float]] = {}
         self.csv = args.out / "results.csv"
         self.rows = list(csv.DictReader(self.csv.open())) if self.csv.exists() else []
+        if self.csv.exists() and next(csv.reader(self.csv.open()), []) != FIELDS:
+            sys.exit(f"{self.csv} was written with other columns (an older version): use another --out")
 
     def calibration(self, seed: int) -> torch.Tensor:
         return sample_windows(self.calib_tokens, self.args.calib_samples, self.args.seq_len, seed,
                               source=self.args.calib_text)
 
-    def measurements(self, seed: int, outlier_m: float):
-        key = (seed, outlier_m)
+    def measurements(self, seed: int, outlier_m: float, errors: bool = False):
+        """Pass 1 at (seed, M), with the ladder errors when asked (a pass with errors serves the
+        rules without them too; their rows are charged the time of a pass without errors where
+        one was made, else the pass with errors)."""
+        if not errors and (seed, outlier_m, True) in self.measured:
+            return self.measured[(seed, outlier_m, True)][0], self.measured.get(
+                (seed, outlier_m, False), (None, self.measured[(seed, outlier_m, True)][1]))[1]
+        key = (seed, outlier_m, errors)
         if key not in self.measured:
             t0 = time.perf_counter()
             stream = LayerStream(self.loaded.model, self.loaded.spec, self.calibration(seed), 1)
-            result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m)
+            result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m, errors)
             self.measured[key] = (result, time.perf_counter() - t0)
         return self.measured[key]
 
@@ -111,41 +140,61 @@ class Bench:
         row = self.done(stage, label, sparsity, seed, m, lam)
         if row is not None:
             return row
-        settings = PruneSettings(sparsity=sparsity, outlier_m=m, lam=lam, **METHODS[label],
-                                 calibration=CalibrationSettings(self.args.calib_text,
-                                                                 self.args.calib_samples,
-                                                                 self.args.seq_len, seed)).validate()
-        measured, measure_s = self.measurements(seed, m)
         t0 = time.perf_counter()
         model = copy.deepcopy(self.loaded.model)
         copy_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plan = make_plan(self.loaded.shape, self.loaded.source, measured, settings)
-        apply_plan(LayerStream(model, self.loaded.spec, self.calibration(seed), 1), self.loaded.spec, plan)
-        prune_s = measure_s + time.perf_counter() - t0
+        model, prune_s, measure_s = self.prune(model, label, sparsity, seed, m, lam)
         layers = self.loaded.spec.layer_list(model)
         nonzero = sum(int(torch.count_nonzero(p)) for p in layers.parameters())
-        params = plan.params()
+        shape = self.loaded.shape
+        dense_params = shape.n_layers * shape.layer_params(shape.dense_dims)
+        resized = sum(p.numel() for p in layers.parameters())
         ids, text = (self.tune_ids, self.args.tune_text) if stage == "tune" else (self.eval_ids,
                                                                                self.args.eval_text)
         t0 = time.perf_counter()
         ppl = perplexity(model, ids, text, desc=f"perplexity {label} {sparsity}")
         eval_s = time.perf_counter() - t0
+        second = {"perplexity_2": "", "top1_2": "", "eval_text_2": ""}
+        if stage == "sweep" and self.eval2_ids is not None:
+            p2 = perplexity(model, self.eval2_ids, self.args.eval_text_2, desc="perplexity (text 2)")
+            second = {"perplexity_2": f"{p2.perplexity:.3f}", "top1_2": f"{p2.top1:.4f}",
+                      "eval_text_2": Path(self.args.eval_text_2).name}
         if self.args.lm_eval_tasks and stage == "sweep":
             self.zero_shot(model, {"label": label, "sparsity": sparsity, "seed": seed})
         del model
         row = {"stage": stage, "suite": SUITE[label], "label": label, "sparsity": sparsity,
                "seed": seed, "outlier_m": m, "lam": lam,
-               "removed": f"{1 - nonzero / params['decoder_dense']:.4f}",
-               "decoder_params": params["decoder_resized"], "perplexity": f"{ppl.perplexity:.3f}",
+               "removed": f"{1 - nonzero / dense_params:.4f}",
+               "decoder_params": resized, "perplexity": f"{ppl.perplexity:.3f}",
                "top1": f"{ppl.top1:.4f}", "eval_text": Path(text).name, "eval_tokens": ppl.n_predicted,
-               "prune_s": f"{prune_s:.1f}", "eval_s": f"{eval_s:.1f}"}
+               "prune_s": f"{prune_s:.1f}", "eval_s": f"{eval_s:.1f}", **second}
         print(f"[{stage}] {label:<46} {sparsity:.0%} seed {seed} M {m:g} lambda {lam:g}: "
               f"removed {float(row['removed']):.1%}, perplexity {ppl.perplexity:.3f}, top-1 "
-              f"{ppl.top1:.2%} (prune {prune_s:.0f} s incl. measure {measure_s:.0f} s, copy "
-              f"{copy_s:.1f} s, eval {eval_s:.0f} s)", flush=True)
+              f"{ppl.top1:.2%}{'; text 2 ' + second['perplexity_2'] if second['perplexity_2'] else ''} "
+              f"(prune {prune_s:.0f} s incl. measure {measure_s:.0f} s, copy {copy_s:.1f} s, eval "
+              f"{eval_s:.0f} s)", flush=True)
         self.append(row)
         return row
+
+    def prune(self, model, label: str, sparsity: float, seed: int, m: float, lam: float):
+        """(the pruned model, prune seconds including pass 1, pass 1's seconds)."""
+        kw = dict(METHODS[label])
+        baseline = kw.pop("baseline", None)
+        calib = self.calibration(seed)
+        spec, shape = self.loaded.spec, self.loaded.shape
+        if baseline is not None:
+            t0 = time.perf_counter()
+            BASELINES[baseline](model, spec, shape, calib, sparsity)
+            return model, time.perf_counter() - t0, 0.0
+        settings = PruneSettings(sparsity=sparsity, outlier_m=m, lam=lam, **kw,
+                                 calibration=CalibrationSettings(self.args.calib_text,
+                                                                 self.args.calib_samples,
+                                                                 self.args.seq_len, seed)).validate()
+        measured, measure_s = self.measurements(seed, m, settings.measures_errors)
+        t0 = time.perf_counter()
+        plan = make_plan(shape, self.loaded.source, measured, settings)
+        apply_plan(LayerStream(model, spec, calib, 1), spec, plan)
+        return model, measure_s + time.perf_counter() - t0, measure_s
 
     def zero_shot(self, model, key: dict) -> None:
         """lm-evaluation-harness tasks on one pruned model, appended to OUT/zero_shot.jsonl."""
@@ -179,8 +228,14 @@ class Bench:
                "outlier_m": 0, "lam": 0, "removed": "0.0000", "decoder_params": n,
                "perplexity": f"{ppl.perplexity:.3f}", "top1": f"{ppl.top1:.4f}",
                "eval_text": Path(self.args.eval_text).name, "eval_tokens": ppl.n_predicted,
-               "prune_s": "0", "eval_s": f"{time.perf_counter() - t0:.1f}"}
-        print(f"[dense] perplexity {ppl.perplexity:.3f}, top-1 {ppl.top1:.2%}", flush=True)
+               "prune_s": "0", "eval_s": f"{time.perf_counter() - t0:.1f}",
+               "perplexity_2": "", "top1_2": "", "eval_text_2": ""}
+        if self.eval2_ids is not None:
+            p2 = perplexity(self.loaded.model, self.eval2_ids, self.args.eval_text_2, desc="text 2")
+            row.update(perplexity_2=f"{p2.perplexity:.3f}", top1_2=f"{p2.top1:.4f}",
+                       eval_text_2=Path(self.args.eval_text_2).name)
+        print(f"[dense] perplexity {ppl.perplexity:.3f}, top-1 {ppl.top1:.2%}"
+              f"{'; text 2 ' + row['perplexity_2'] if row['perplexity_2'] else ''}", flush=True)
         self.append(row)
         return row
 
@@ -224,14 +279,21 @@ class Bench:
         """Best (M, lambda) per tuned allocation, by perplexity on the tuning text: lambda over
         TUNE_LAMBDA at the default M, then M over TUNE_M at that lambda (coordinate search)."""
         seed, best, d = self.args.seeds[0], {}, PruneSettings()
-        for label, sparsity in (("layer+wanda", HEADLINE["unstructured"]),
-                                ("projection+wanda", HEADLINE["unstructured"]),
-                                ("(c) composite (POD), activation-aware, comp.", HEADLINE["structured"])):
+        tuned = [(f"{a}+wanda", HEADLINE["unstructured"]) for a in ALLOCATIONS if a != "uniform"]
+        for label, sparsity in tuned + [(COMPOSITE, HEADLINE["structured"])]:
+            if TUNED[label] in self.args.fixed_knobs:  # tuned before, on the same grid
+                best[TUNED[label]] = self.args.fixed_knobs[TUNED[label]]
+                print(f"[tune] {label}: M, lambda {best[TUNED[label]]} given (--fixed-knobs)", flush=True)
+                continue
+
             def score(m: float, lam: float, label=label, sparsity=sparsity) -> tuple[float, float, float]:
                 return float(self.run("tune", label, sparsity, seed, m, lam)["perplexity"]), m, lam
 
-            _, _, lam = min(score(d.outlier_m, lam) for lam in TUNE_LAMBDA)
-            ppl, m, lam = min(score(m, lam) for m in TUNE_M)
+            if METHODS[label].get("allocation") == "error":  # no M: the same 5 runs on lambda
+                ppl, m, lam = min(score(d.outlier_m, lam) for lam in ERROR_LAMBDA)
+            else:
+                _, _, lam = min(score(d.outlier_m, lam) for lam in TUNE_LAMBDA)
+                ppl, m, lam = min(score(m, lam) for m in TUNE_M)
             best[TUNED[label]] = (m, lam)
             print(f"[tune] {label}: M {m:g}, lambda {lam:g} (perplexity {ppl:.3f} on "
                   f"{Path(self.args.tune_text).name})", flush=True)
@@ -242,31 +304,43 @@ class Bench:
         return tuned.get(TUNED.get(label, ""), (d.outlier_m, d.lam))
 
     def sweep(self, tuned: dict[str, tuple[float, float]]) -> None:
-        seed = self.args.seeds[0]
-        for suite in self.args.suites:
-            labels = [label for label in METHODS if SUITE[label] == suite]
-            points = UNSTRUCTURED if suite == "unstructured" else STRUCTURED
-            order = [HEADLINE[suite]] + [s for s in points if s != HEADLINE[suite]]
-            for sparsity in order:
-                for label in labels:
-                    self.run("sweep", label, sparsity, seed, *self.knobs(label, tuned))
-            if suite == "unstructured":  # the headline rows with every seed (Wanda)
-                labels = [lb for lb in labels if lb.endswith("wanda")]
-            for s in self.args.seeds[1:]:
-                for label in labels:
+        """The headline rows (unstructured with SparseGPT, the goal's pruner; structured; then
+        unstructured with Wanda), then them with the other seeds, then the other points."""
+        seed, suites = self.args.seeds[0], self.args.suites
+
+        def labels(suite: str, headline: bool = True) -> list[str]:
+            mine = [lb for lb in METHODS if SUITE[lb] == suite and (headline or lb not in HEADLINE_ONLY)]
+            return sorted(mine, key=lambda lb: "wanda" in lb)  # SparseGPT first (the goal's pruner)
+
+        first = [(s, lb) for s in suites for lb in labels(s)]
+        for suite, label in sorted(first, key=lambda sl: "wanda" in sl[1]):
+            self.run("sweep", label, HEADLINE[suite], seed, *self.knobs(label, tuned))
+        for s, suite in itertools.product(self.args.seeds[1:], suites):
+            for label in labels(suite):
+                if not label.startswith("magnitude"):  # weights only: every seed the same model
                     self.run("sweep", label, HEADLINE[suite], s, *self.knobs(label, tuned))
+        for suite in suites:
+            points = UNSTRUCTURED if suite == "unstructured" else STRUCTURED
+            for sparsity in [p for p in points if p != HEADLINE[suite]]:
+                for label in labels(suite, headline=False):
+                    self.run("sweep", label, sparsity, seed, *self.knobs(label, tuned))
 
 
 def tables(rows: list[dict], dense: dict) -> str:
     """Markdown: perplexity (top-1) per method and point; mean +- half-range over seeds."""
     out = [f"Dense: perplexity {float(dense['perplexity']):.3f}, top-1 {float(dense['top1']):.2%} "
-           f"({dense['eval_tokens']} predicted tokens of {dense['eval_text']}).", ""]
-    for suite, points in (("unstructured", UNSTRUCTURED), ("structured", STRUCTURED)):
-        sweep = [r for r in rows if r["stage"] == "sweep" and r["suite"] == suite]
+           f"({dense['eval_tokens']} predicted tokens of {dense['eval_text']})"
+           + (f"; {dense['eval_text_2']}: perplexity {float(dense['perplexity_2']):.3f}, top-1 "
+              f"{float(dense['top1_2']):.2%}" if dense.get("perplexity_2") else "") + ".", ""]
+    texts = [("", dense["eval_text"])] + ([("_2", dense["eval_text_2"])] if dense.get("perplexity_2") else [])
+    for (suffix, text), (suite, points) in itertools.product(
+            texts, (("unstructured", UNSTRUCTURED), ("structured", STRUCTURED))):
+        sweep = [r for r in rows
+                 if r["stage"] == "sweep" and r["suite"] == suite and r.get("perplexity" + suffix)]
         if not sweep:
             continue
         what = "sparsity" if suite == "unstructured" else "fewer decoder parameters"
-        out += [f"**{suite.capitalize()}**: WikiText-2 test perplexity (next-token top-1) by {what}",
+        out += [f"**{suite.capitalize()}**: {text} perplexity (next-token top-1) by {what}",
                 "", "| method | M | lambda | " + " | ".join(f"{p:.0%}" for p in points) + " |",
                 "|---|---|---|" + "---|" * len(points)]
         for label in [lb for lb in METHODS if SUITE[lb] == suite]:
@@ -279,8 +353,8 @@ def tables(rows: list[dict], dense: dict) -> str:
                 if not at:
                     cells.append("")
                     continue
-                ppl = [float(r["perplexity"]) for r in at]
-                top1 = sum(float(r["top1"]) for r in at) / len(at)
+                ppl = [float(r["perplexity" + suffix]) for r in at]
+                top1 = sum(float(r["top1" + suffix]) for r in at) / len(at)
                 cell = f"{sum(ppl) / len(ppl):.2f}"
                 if len(at) > 1:
                     cell += f" ± {(max(ppl) - min(ppl)) / 2:.2f} ({len(at)} seeds)"
@@ -333,9 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=CalibrationSettings.seq_len)
     p.add_argument("--eval-text", default="builtin-heldout")
     p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--eval-text-2", default=None, help="a second text every swept model is scored "
+                   "on (another domain), e.g. builtin-heldout")
+    p.add_argument("--eval-windows-2", type=int, default=20)
     p.add_argument("--tune-text", default=None, help="text for tuning M and lambda (default: the "
                    "calibration text)")
     p.add_argument("--tune-windows", type=int, default=16)
+    p.add_argument("--fixed-knobs", nargs="*", default=[], metavar="RULE=M,LAMBDA",
+                   help="M and lambda of a rule tuned in an earlier run (rule: layer, projection, "
+                        "joint, layer+type, error or composite), used instead of tuning it again")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--suites", nargs="+", default=["unstructured", "structured"],
                    choices=["unstructured", "structured"])
@@ -349,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/quality"))
     a = p.parse_args(argv)
     a.tune_text = a.tune_text or a.calib_text
+    a.fixed_knobs = {k: tuple(float(x) for x in v.split(",")) for k, v in
+                     (item.split("=", 1) for item in a.fixed_knobs)}
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import INPUT_GROUP_OF, PROJECTIONS, ArchSpec
+from ..arch import INPUT_GROUP_OF, MLP, PROJECTIONS, ArchSpec
 from ..calibration import InputStats, LayerStream
 from ..plan import Plan
 from ..resize import expand_heads, resize_layer, resize_model
@@ -31,6 +31,8 @@ def apply_plan(stream: LayerStream, spec: ArchSpec, plan: Plan) -> None:
         stats = stream.statistics(layer, _hessians_needed(settings, lp, remove_heads, remove_channels))
         if remove_heads or remove_channels:
             _resize(layer, spec, shape, settings, lp, stats, remove_heads, remove_channels)
+        if not lp.q_heads and any(lp.ratios[p] for p in MLP):  # the MLP now reads norm(h), not
+            stats = stream.statistics(layer, _hessians_needed(settings, lp, False, False))  # h + a
         for p in PROJECTIONS:
             if lp.ratios[p] > 0:
                 _sparsify(spec.projection(layer, p), settings.method, stats[INPUT_GROUP_OF[p]],
@@ -43,9 +45,9 @@ def _hessians_needed(settings, lp, remove_heads: bool, remove_channels: bool) ->
     wanted = set()
     if settings.method == "sparsegpt" and any(v > 0 for v in lp.ratios.values()):
         wanted |= {"qkv", "o", "gate_up", "down"}
-    if settings.compensate and remove_heads:
+    if settings.compensate and remove_heads and lp.q_heads:
         wanted.add("o")
-    if settings.compensate and remove_channels:
+    if settings.compensate and remove_channels and lp.channels:
         wanted.add("down")
     return wanted
 
@@ -56,9 +58,9 @@ def _resize(layer, spec: ArchSpec, shape, settings, lp, stats: dict, remove_head
     o_cols = expand_heads(lp.q_heads, shape.head_dim)
     down_cols = torch.tensor(lp.channels, dtype=torch.long)
     o_weight = down_weight = None
-    if settings.compensate and remove_heads:
+    if settings.compensate and remove_heads and lp.q_heads:  # a removed block has nothing to compensate
         o_weight = compensate(spec.projection(layer, "o").weight, stats["o"].hessian, o_cols)
-    if settings.compensate and remove_channels:
+    if settings.compensate and remove_channels and lp.channels:
         down_weight = compensate(spec.projection(layer, "down").weight, stats["down"].hessian,
                                  down_cols)
     resize_layer(layer, spec, shape.head_dim, lp.q_heads, lp.kv_heads, lp.channels,
@@ -78,7 +80,8 @@ def _restrict(stats: InputStats, keep: torch.Tensor) -> InputStats:
     """The statistics of the kept input features only (removing a head or channel leaves the
     other features' activations unchanged)."""
     h = stats.hessian[keep][:, keep] if stats.hessian is not None else None
-    return InputStats(stats.sq_norm[keep], h, stats.n_tokens)
+    total = stats.total[keep] if stats.total is not None else None
+    return InputStats(stats.sq_norm[keep], h, stats.n_tokens, total)
 
 
 def resize_to_plan(loaded, plan: Plan) -> None:

@@ -1,0 +1,123 @@
+"""Published coarse-grained (structured) pruning methods, the baselines composite pruning is
+measured against (tools/bench_quality.py). Neither retrains. Both are reimplemented from their
+papers on this tool's calibration stream and resize code, hence "-style":
+
+- FLAP-style (An et al., 2024, fluctuation-based adaptive structured pruning): a head or an MLP
+  channel is worth the fluctuation of its inputs to the consumer (o / down): the sample variance
+  of each input feature over the calibration tokens times the squared norm of its weight column,
+  summed over a head's columns. The same ratio in every layer (FLAP's uniform variant). The
+  removed inputs' mean contribution is added back as a bias of o / down (its bias compensation).
+  Layer by layer on the calibration stream (each layer's statistics on the pruned layers'
+  outputs), as FLAP's code does.
+- LLM-Pruner-style (Ma et al., 2023): first-order Taylor importance |w * dL/dw| of the language-
+  modelling loss on the calibration samples, summed over each group's weights (a query head: its q
+  rows and o columns, plus its share of its KV head's k and v rows; a channel: its gate and up rows
+  and down column). The first 4/32 and the last 2/32 of the layers are kept (at least one each),
+  as LLM-Pruner keeps them on LLaMA-7B (it prunes layers 4 to 29 of 32): 4 and 2 of SmolLM2's 30.
+  Every other layer gets one ratio; no LoRA.
+
+Both remove the same share of heads and of MLP parameters in each pruned layer: the query heads
+of the nearest valid grouped-query layout, then channels so the total lands on the target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import LayerDims, ModelShape
+from .calibration import LayerStream
+from .prune.structured import choose_channels, choose_heads, head_options
+from .resize import expand_heads, resize_layer
+
+LLM_PRUNER_KEPT = (4 / 32, 2 / 32)  # shares of the first and last layers left dense
+
+
+def uniform_dims(shape: ModelShape, removal: float, pruned: list[int]) -> list[LayerDims]:
+    """Per layer sizes removing ``removal`` of the decoder parameters from the ``pruned`` layers
+    alone, the same in each: heads nearest to the layer ratio, channels for the rest."""
+    dense = shape.dense_dims
+    layer_params = shape.layer_params(dense)
+    per_layer = removal * shape.n_layers * layer_params / len(pruned)
+    keep = 1 - per_layer / layer_params
+    g, q = min(head_options(shape.n_head, shape.n_kv),
+               key=lambda o: (abs(o[0] * o[1] - keep * shape.n_head), -o[0] * o[1], -o[0]))
+    attn = LayerDims(g * q, g, dense.n_ff)
+    per_channel = layer_params - shape.layer_params(LayerDims(dense.n_head, dense.n_kv, dense.n_ff - 1))
+    channels_out = round((per_layer - (layer_params - shape.layer_params(attn))) / per_channel)
+    n_ff = min(dense.n_ff, max(1, dense.n_ff - channels_out))
+    pruned_set = set(pruned)
+    return [LayerDims(g * q, g, n_ff) if i in pruned_set else dense for i in range(shape.n_layers)]
+
+
+def _add_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+    linear.bias.data += bias.to(linear.weight.dtype)
+
+
+def _removed_mean(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What the removed input columns add to the output on average: W[:, removed] @ mean[removed]."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    return weight.double()[:, removed] @ mean[removed]
+
+
+@torch.no_grad()
+def flap_prune(model: nn.Module, spec, shape: ModelShape, calib: torch.Tensor, removal: float) -> None:
+    """FLAP-style, in place (see the module's docstring)."""
+    dims = uniform_dims(shape, removal, list(range(shape.n_layers)))
+    stream = LayerStream(model, spec, calib, 1)
+    for i, layer in stream.layers("FLAP-style"):
+        d = dims[i]
+        stats = stream.statistics(layer, set())
+        o_w, down_w = spec.projection(layer, "o").weight, spec.projection(layer, "down").weight
+        head = ((o_w.double() ** 2).sum(0) * stats["o"].variance).view(-1, shape.head_dim).sum(1)
+        channel = (down_w.double() ** 2).sum(0) * stats["down"].variance
+        heads = choose_heads(head, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
+        channels = choose_channels(channel, d.n_ff)
+        o_bias = _removed_mean(o_w, stats["o"].mean, expand_heads(heads.q_heads, shape.head_dim))
+        down_bias = _removed_mean(down_w, stats["down"].mean, torch.tensor(channels))
+        resize_layer(layer, spec, shape.head_dim, heads.q_heads, heads.kv_heads, channels)
+        _add_bias(spec.projection(layer, "o"), o_bias)
+        _add_bias(spec.projection(layer, "down"), down_bias)
+        stream.advance(layer)
+
+
+def taylor_importance(model: nn.Module, spec, shape: ModelShape, calib: torch.Tensor
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(query head scores (n_head,), channel scores (n_ff,)) per layer: |w * dL/dw| summed over
+    each group's weights, the gradient of the mean loss over the calibration samples."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for sample in calib.split(1):
+            loss = model(input_ids=sample, labels=sample, use_cache=False).loss / len(calib)
+            loss.backward()
+    r, hd = shape.n_head // shape.n_kv, shape.head_dim
+    out = []
+    for layer in spec.layer_list(model):
+        imp = {p: (spec.projection(layer, p).weight * spec.projection(layer, p).weight.grad).abs().double()
+               for p in ("q", "k", "v", "o", "gate", "up", "down")}
+        kv = (imp["k"].sum(1) + imp["v"].sum(1)).view(shape.n_kv, hd).sum(1) / r
+        head = (imp["q"].sum(1).view(-1, hd).sum(1) + imp["o"].sum(0).view(-1, hd).sum(1)
+                + kv.repeat_interleave(r))
+        out.append((head, imp["gate"].sum(1) + imp["up"].sum(1) + imp["down"].sum(0)))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@torch.no_grad()
+def llm_pruner_prune(model: nn.Module, spec, shape: ModelShape, calib: torch.Tensor, removal: float) -> None:
+    """LLM-Pruner-style, in place (see the module's docstring)."""
+    first, last = (max(1, round(f * shape.n_layers)) for f in LLM_PRUNER_KEPT)
+    dims = uniform_dims(shape, removal, list(range(first, shape.n_layers - last)))
+    scores = taylor_importance(model, spec, shape, calib)
+    for layer, d, (head, channel) in zip(spec.layer_list(model), dims, scores, strict=True):
+        if d == shape.dense_dims:
+            continue
+        heads = choose_heads(head, shape.n_kv, d.n_kv, d.n_head // d.n_kv)
+        resize_layer(layer, spec, shape.head_dim, heads.q_heads, heads.kv_heads,
+                     choose_channels(channel, d.n_ff))
+
+
+BASELINES = {"flap": flap_prune, "llm-pruner": llm_pruner_prune}

@@ -1,0 +1,86 @@
+"""Choosing one pruning level per projection under a parameter budget (the ``error`` allocation).
+
+Each cell j (a projection of a layer) has a ladder of levels l (ratio LADDER[l]); taking level l
+costs ``costs[j, l]`` parameter units (integers) and adds ``errors[j, l]`` to the objective. The
+solver picks one allowed level per cell so that the total cost reaches the budget and the total
+error is least: a multiple-choice knapsack, solved exactly by dynamic programming over the
+cost already spent (states 0 .. the largest total cost). Time O(cells x levels x states).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+STEP = 0.025
+LADDER = tuple(round(i * STEP, 4) for i in range(int(round(0.95 / STEP)) + 1))  # 0 .. 0.95
+MAX_STATES = 2_000_000  # above this, costs are coarsened (rounded up) to fit
+
+
+def solve_levels(errors: np.ndarray, costs: np.ndarray, budget: int, allowed: np.ndarray) -> list[int]:
+    """Levels (one per cell) with total cost >= budget and the least total error.
+
+    errors: (cells, levels) float; costs: (cells, levels) non-negative integers; allowed: (cells,
+    levels) bool. Ties go to the smaller total cost, then (backtracking from the last cell) to
+    the lower level in later cells.
+    Raises ValueError when even the most costly allowed levels miss the budget.
+    """
+    costs = np.asarray(costs, dtype=np.int64)
+    errors = np.where(allowed, np.asarray(errors, dtype=np.float64), np.inf)
+    top = int(np.where(allowed, costs, 0).max(axis=1).sum())
+    if budget > top:
+        raise ValueError(f"the budget {budget} exceeds the most the allowed levels remove ({top})")
+    best = np.full(top + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(costs), top + 1), dtype=np.int16)
+    for j in range(len(costs)):
+        new = np.full(top + 1, np.inf)
+        for level in np.flatnonzero(allowed[j]):
+            c, e = int(costs[j, level]), float(errors[j, level])
+            candidate = best[:top + 1 - c] + e
+            better = candidate < new[c:]
+            new[c:][better] = candidate[better]
+            choice[j, c:][better] = level
+        best = new
+    spent = budget + int(np.argmin(best[budget:]))  # argmin: the first, so the least cost of ties
+    if not math.isfinite(best[spent]):
+        raise ValueError("no combination of allowed levels reaches the budget")
+    levels = []
+    for j in reversed(range(len(costs))):
+        level = int(choice[j, spent])
+        levels.append(level)
+        spent -= int(costs[j, level])
+    return levels[::-1]
+
+
+def parameter_units(counts: list[int], levels: int) -> tuple[np.ndarray, int]:
+    """Integer costs (cells, levels) proportional to count x LADDER[level], and the divisor: in
+    units of gcd(counts) / ladder denominator, so exact; coarsened (rounded up) when that would
+    make more than MAX_STATES states."""
+    g = 0
+    for c in counts:
+        g = math.gcd(g, int(c))
+    per_step = np.array([int(c) // g for c in counts], dtype=np.int64)
+    scale = max(1, math.ceil(int(per_step.sum()) * (levels - 1) / MAX_STATES))
+    steps = np.arange(levels, dtype=np.int64)
+    return -(-(per_step[:, None] * steps[None, :]) // scale), g * scale
+
+
+def solve_ratios(errors: torch.Tensor, counts: torch.Tensor, target: float, spread: float) -> torch.Tensor:
+    """Ratios (cells,) from the LADDER, chosen to remove at least ``target`` of the parameters
+    (weighted by counts) at the least total error, each within ``spread`` of the target (the
+    ladder levels just below and above the target always allowed)."""
+    n_levels = errors.shape[1]
+    ladder = np.array(LADDER[:n_levels])
+    costs, unit = parameter_units([int(c) for c in counts.tolist()], n_levels)
+    total = float(counts.double().sum())
+    budget = math.ceil(target * total / (unit * STEP) - 1e-9)
+    index = np.arange(n_levels)
+    near = np.abs(ladder - target) <= spread + 1e-12
+    near |= (np.floor(target / STEP + 1e-9) == index) | (np.ceil(target / STEP - 1e-9) == index)
+    allowed = np.broadcast_to(near, errors.shape)
+    levels = solve_levels(errors.double().numpy(), costs, min(budget, int(costs[:, near].max(1).sum())),
+                          allowed)
+    return torch.tensor(ladder[levels], dtype=torch.float64)

@@ -1,0 +1,130 @@
+"""The data-driven allocation: ladder errors, the exact knapsack, the rule, the plan."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_export.allocation import allocate
+from mosaic_export.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.errors import UserError
+from mosaic_export.knapsack import LADDER, STEP, parameter_units, solve_levels, solve_ratios
+from mosaic_export.model_io import load_model
+from mosaic_export.plan import PruneSettings
+from mosaic_export.planner import make_plan
+from mosaic_export.pod import measure, wanda_scores
+from mosaic_export.prune.wanda import wanda_mask
+from mosaic_export.reconstruction import ladder_errors
+from mosaic_export.texts import corpus
+
+NAMES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def brute_force(errors, costs, budget, allowed):
+    best = None
+    options = [np.flatnonzero(a) for a in allowed]
+    for levels in itertools.product(*options):
+        cost = sum(int(costs[j, lv]) for j, lv in enumerate(levels))
+        if cost < budget:
+            continue
+        err = sum(float(errors[j, lv]) for j, lv in enumerate(levels))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, levels)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cells, levels = 5, 5
+    weights = rng.integers(1, 6, size=cells)
+    costs = weights[:, None] * np.arange(levels)[None, :]
+    # errors grow with the level, at a rate of each cell's own
+    errors = np.cumsum(rng.random((cells, levels)) * rng.random((cells, 1)) * 3, axis=1)
+    errors[:, 0] = 0.0
+    allowed = rng.random((cells, levels)) < 0.8
+    allowed[:, -1] = True
+    budget = int(rng.integers(1, int(costs[:, -1].sum()) + 1))
+    chosen = solve_levels(errors, costs, budget, allowed)
+    expected_err, _ = brute_force(errors, costs, budget, allowed)
+    assert sum(int(costs[j, lv]) for j, lv in enumerate(chosen)) >= budget
+    assert all(allowed[j, lv] for j, lv in enumerate(chosen))
+    assert sum(float(errors[j, lv]) for j, lv in enumerate(chosen)) == pytest.approx(expected_err)
+
+
+def test_knapsack_refuses_an_unreachable_budget():
+    with pytest.raises(ValueError, match="exceeds"):
+        solve_levels(np.zeros((2, 3)), np.array([[0, 1, 2], [0, 1, 2]]), 5, np.ones((2, 3), bool))
+
+
+def test_parameter_units_are_exact_in_gcd_units():
+    costs, unit = parameter_units([331776, 110592, 884736], 3)
+    assert unit == 110592
+    assert costs.tolist() == [[0, 3, 6], [0, 1, 2], [0, 8, 16]]
+
+
+def test_ratios_meet_the_budget_and_stay_near_the_target():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([300.0, 100, 800, 800, 300])
+    errors = torch.cumsum(torch.rand(5, len(LADDER), generator=g), 1)
+    ratios = solve_ratios(errors, counts, 0.6, 0.1)
+    assert float((ratios * counts).sum() / counts.sum()) >= 0.6 - 1e-12
+    assert float((ratios - 0.6).abs().max()) <= 0.1 + 1e-9
+    assert all(round(float(r) / STEP, 6).is_integer() for r in ratios)
+
+
+def test_error_rule_prunes_the_robust_type_more_and_meets_the_mean():
+    """Cells whose error grows slowly (robust) are pruned more; the mean is the target exactly."""
+    n = 4
+    slope = {"q": 0.2, "down": 2.0}  # q's error grows ten times slower than down's
+    ladder = torch.tensor(LADDER, dtype=torch.float64)
+    errors = {p: (slope[p] * ladder ** 2).expand(n, -1).clone() for p in slope}
+    weights = {"q": torch.full((n,), 100.0), "down": torch.full((n,), 300.0)}
+    pod = {p: torch.zeros(n) for p in slope}
+    r = allocate("error", 0.5, 0.2, pod, torch.zeros(n), weights, errors)
+    assert float(r["q"].mean()) > 0.5 > float(r["down"].mean())
+    mean = sum(float((r[p] * weights[p]).sum()) for p in r) / sum(float(w.sum()) for w in weights.values())
+    assert mean == pytest.approx(0.5, abs=1e-9)
+    assert float(r["q"].max()) <= 0.7 + 1e-6  # within lambda (0.2) of the target, before the shift
+    with pytest.raises(ValueError, match="needs the measured errors"):
+        allocate("error", 0.5, 0.2, pod, torch.zeros(n), weights)
+
+
+def test_ladder_errors_match_the_output_error():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 10, generator=g)
+    x = torch.randn(50, 10, generator=g) * torch.linspace(0.2, 3, 10)
+    h = x.T @ x
+    scores = wanda_scores(w, x.norm(dim=0))
+    errors = ladder_errors(w, h, scores)
+    assert len(errors) == len(LADDER) and errors[0] == 0.0
+    energy = float(((x @ w.T) ** 2).sum())
+    for level in (4, 20, 38):
+        pruned = w.masked_fill(wanda_mask(w, x.norm(dim=0), LADDER[level]), 0.0)
+        expected = float(((x @ (w - pruned).T) ** 2).sum()) / energy
+        assert errors[level] == pytest.approx(expected, rel=1e-4)
+    assert errors == sorted(errors)  # a larger mask of the same order never lowers the error
+
+
+def test_error_plan_on_the_tiny_model(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
+    measured = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0,
+                       errors=True)
+    assert all(len(m.projection_errors[p]) == len(LADDER) for m in measured for p in NAMES)
+    settings = PruneSettings(sparsity=0.6, allocation="error", lam=0.15)
+    plan = make_plan(loaded.shape, loaded.source, measured, settings)
+    again = make_plan(loaded.shape, loaded.source, measured, settings)
+    assert plan.to_json() == again.to_json()  # deterministic
+    p = plan.params()
+    assert 1 - p["decoder_nonzero"] / p["decoder_dense"] == pytest.approx(0.6, abs=0.02)
+    ratios = [lp.ratios[q] for lp in plan.layers for q in NAMES]
+    assert max(ratios) - min(ratios) > 0.01  # it did move pruning between cells
+    plain = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0)
+    with pytest.raises(ValueError, match="needs the measured errors"):
+        make_plan(loaded.shape, loaded.source, plain, settings)
+    with pytest.raises(UserError, match="structured pruning"):
+        PruneSettings(sparsity=0.3, structured_fraction=0.5, allocation="error").validate()
