@@ -148,7 +148,8 @@ def _round_preserving_sum(values: list[float], lo: int, hi: int) -> list[int]:
 
 def layers_may_differ(settings: PruneSettings, plan: Plan | None = None) -> bool:
     """Whether the plan (given, or to be made with these settings) may give layers different
-    sizes: only the uniform rule keeps every layer the same."""
+    sizes: only the uniform rule keeps every layer the same, and not with whole blocks."""
     if plan is not None:
         return len({lp.dims for lp in plan.layers}) > 1
-    return settings.structured_fraction > 0 and settings.allocation != "uniform"
+    return settings.structured_fraction > 0 and (settings.allocation != "uniform"
+                                                 or settings.structure == "blocks")
