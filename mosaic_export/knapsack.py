@@ -81,6 +81,7 @@ def solve_ratios(errors: torch.Tensor, counts: torch.Tensor, target: float, spre
     near = np.abs(ladder - target) <= spread + 1e-12
     near |= (np.floor(target / STEP + 1e-9) == index) | (np.ceil(target / STEP - 1e-9) == index)
     allowed = np.broadcast_to(near, errors.shape)
-    levels = solve_levels(errors.double().numpy(), costs, min(budget, int(costs[:, near].max(1).sum())),
-                          allowed)
+    reachable = int(costs[:, near].max(1).sum())  # less than budget only for a target above the
+    # ladder's top (0.95): every cell then takes its highest level, and the caller's shift does the rest
+    levels = solve_levels(errors.double().numpy(), costs, min(budget, reachable), allowed)
     return torch.tensor(ladder[levels], dtype=torch.float64)
