@@ -52,7 +52,7 @@ from .units import format_bytes
 
 WIDTHS = (1.0, 0.7, 0.4)  # stand-in model sizes, as a fraction of each layer's heads and channels
 ROUNDS = 3  # runs per size at least; the calibration fits the fastest (the least disturbed)
-MAX_ROUNDS = 5  # runs per size at most, while the two fastest decode figures disagree
+MAX_ROUNDS = 5  # runs per size at most, while the two fastest decode or prefill figures disagree
 
 QUIET_S = 2.0
 
@@ -122,12 +122,14 @@ def interleaved_rounds(runs: dict[Hashable, Callable[[], dict]], least: int = RO
                        most: int = MAX_ROUNDS) -> dict[Hashable, list[dict]]:
     """Run every benchmark once per round, round after round, so that a slow spell of a shared
     machine hits every size alike instead of one; a benchmark stops after ``least`` rounds once
-    its two fastest decode figures agree (``settled``), after ``most`` in any case."""
+    its two fastest decode figures agree and its two fastest prefill figures too (``settled``):
+    both are fitted and both are judged; after ``most`` rounds in any case."""
     results: dict[Hashable, list[dict]] = {key: [] for key in runs}
     for _ in range(most):
         for key, run in runs.items():
             done = results[key]
-            if len(done) >= least and settled([r["decode"]["tokens_per_s"] for r in done]):
+            if len(done) >= least and all(settled([r[m]["tokens_per_s"] for r in done])
+                                          for m in ("decode", "prefill")):
                 continue
             done.append(run())
     return results
@@ -136,7 +138,8 @@ def interleaved_rounds(runs: dict[Hashable, Callable[[], dict]], least: int = RO
 def run_rounds(loaded: LoadedModel, fmt: Format, work: Path, context: int, threads: int | None,
                least: int = ROUNDS, most: int = MAX_ROUNDS) -> list[dict]:
     """Export the model in the format and benchmark it ``least`` to ``most`` times, stopping once
-    the two fastest decode figures agree (``settled``); every run's result."""
+    the two fastest decode figures agree, and the two fastest prefill figures (``settled``);
+    every run's result."""
     path, benchmark = export_format(loaded, fmt, work)
     try:
         return interleaved_rounds({fmt.key: lambda: benchmark(

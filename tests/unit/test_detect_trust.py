@@ -114,7 +114,7 @@ def test_interleaved_rounds_take_turns():
     def run(key):
         def go():
             order.append(key)
-            return {"decode": {"tokens_per_s": next(figures[key])}}
+            return {"decode": {"tokens_per_s": next(figures[key])}, "prefill": {"tokens_per_s": 100.0}}
         return go
 
     out = detect.interleaved_rounds({"a": run("a"), "b": run("b")}, least=3, most=5)
@@ -122,8 +122,21 @@ def test_interleaved_rounds_take_turns():
     assert [r["decode"]["tokens_per_s"] for r in out["b"]] == [10.0, 20.0, 15.0, 19.5]
 
 
+def test_interleaved_rounds_wait_for_prefill_too():
+    """Decode settled after three rounds, prefill not (its two fastest 10% apart): more rounds
+    until prefill's two fastest agree as well; both are fitted and both are judged."""
+    prefills = iter([100.0, 90.0, 80.0, 99.0, 50.0])
+
+    def go():
+        return {"decode": {"tokens_per_s": 20.0}, "prefill": {"tokens_per_s": next(prefills)}}
+
+    out = detect.interleaved_rounds({"a": go}, least=3, most=5)["a"]
+    assert [r["prefill"]["tokens_per_s"] for r in out] == [100.0, 90.0, 80.0, 99.0]
+
+
 def test_run_rounds_stops_when_settled(monkeypatch, tmp_path):
-    """At least ROUNDS runs; then on until the two fastest decode figures agree, MAX_ROUNDS at most."""
+    """At least ROUNDS runs; then on until the two fastest decode (and prefill) figures agree,
+    MAX_ROUNDS at most."""
     import mosaic_export.targets.onnx as onnx_target
     import mosaic_export.targets.onnx_runner as onnx_runner
 
