@@ -18,7 +18,8 @@ rows already there, so an interrupted benchmark resumes):
   layer, activation-aware scores and least-squares compensation; (c) composite projection
   pruning: POD allocation over layers and attention / MLP groups, activation-aware, compensated;
   whole blocks (mosaic_export/blocks.py: attention blocks and whole layers, the remainder below one
-  block as unstructured Wanda zeros); FLAP-style and LLM-Pruner-style (mosaic_export/baselines.py);
+  block as unstructured Wanda zeros); FLAP-style (uniform and adaptive) and LLM-Pruner-style
+  (mosaic_export/baselines.py);
   at the headline only, magnitude
   ranking without compensation (the weakest, kept with that label);
 - the sweep runs the headline rows first (70% unstructured, 30% structured), then them again with
@@ -79,6 +80,8 @@ METHODS = {
     "whole blocks: attention / layers by residual energy": dict(allocation="uniform", structure="blocks",
                                                                 structured_fraction=1.0),
     "FLAP-style: fluctuation, uniform, bias comp.": dict(baseline="flap", structured_fraction=1.0),
+    "FLAP-style adaptive: fluctuation, AL-AM, bias comp.": dict(baseline="flap-adaptive",
+                                                                structured_fraction=1.0),
     "LLM-Pruner-style: Taylor, first 4 / last 2 kept, no LoRA": dict(baseline="llm-pruner",
                                                                      structured_fraction=1.0),
 }

@@ -15,7 +15,13 @@ from mosaic_export.targets.onnx import export as onnx_export
 from mosaic_export.targets.onnx_runner import OnnxDecoder
 
 from mosaic_export.arch import LayerDims
-from mosaic_export.baselines import flap_prune, llm_pruner_prune, uniform_dims
+from mosaic_export.baselines import (
+    adaptive_dims,
+    flap_adaptive_prune,
+    flap_prune,
+    llm_pruner_prune,
+    uniform_dims,
+)
 from mosaic_export.blocks import choose_blocks
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.model_io import load_model, load_resized, save_checkpoint
@@ -120,7 +126,24 @@ def test_uniform_dims_land_on_the_target(tiny_model_dir):
     assert removed == pytest.approx(0.3, abs=0.02)
 
 
-@pytest.mark.parametrize("prune", [flap_prune, llm_pruner_prune])
+def test_adaptive_dims_rank_the_whole_model(tiny_model_dir):
+    """FLAP's adaptive structure: the layer whose heads and channels score lowest loses the most,
+    and the total lands on the target."""
+    shape = load_model(str(tiny_model_dir)).shape
+    gen = torch.Generator().manual_seed(0)
+    heads = torch.randn(shape.n_layers, shape.n_head, generator=gen, dtype=torch.float64)
+    channels = torch.randn(shape.n_layers, shape.n_ff, generator=gen, dtype=torch.float64)
+    heads[1] -= 3
+    channels[1] -= 3
+    dims = adaptive_dims(shape, heads, channels, 0.3)
+    params = [shape.layer_params(d) for d in dims]
+    assert params[1] < min(params[0], params[2])
+    assert all(d.n_head >= 1 and d.n_ff >= 1 for d in dims)
+    removed = 1 - sum(params) / (shape.n_layers * shape.layer_params(shape.dense_dims))
+    assert removed == pytest.approx(0.3, abs=0.01)
+
+
+@pytest.mark.parametrize("prune", [flap_prune, flap_adaptive_prune, llm_pruner_prune])
 def test_baselines_remove_the_target_and_run(tiny_model_dir, prune):
     loaded = load_model(str(tiny_model_dir))
     ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
