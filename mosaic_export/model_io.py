@@ -177,15 +177,37 @@ def _load_gguf(gguf_file: Path):
 
 
 def _convert_gguf(gguf_file: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        kw = dict(gguf_file=gguf_file.name)
-        tokenizer = gguf_vocab.fix(gguf_file, AutoTokenizer.from_pretrained(gguf_file.parent, **kw))
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
+        tokenizer = _gguf_tokenizer(gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32,
+                                                     gguf_file=gguf_file.name)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
     return model, tokenizer
+
+
+def _gguf_tokenizer(gguf_file: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    return gguf_vocab.fix(gguf_file, tokenizer)
+
+
+def load_tokenizer(path: str | None = None):
+    """The tokenizer alone of a model folder, a GGUF file, or the built-in default."""
+    from transformers import AutoTokenizer
+
+    target = Path(path) if path else default_model_path()
+    gguf_file = _gguf_source(target)
+    if gguf_file is None:
+        _check_tokenizer(target)
+        return AutoTokenizer.from_pretrained(target)
+    try:
+        return _gguf_tokenizer(gguf_file)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{gguf_file}: transformers cannot read its tokenizer: {e}") from None
 
 
 def _load_folder(target: Path):
