@@ -72,9 +72,22 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
         p.add_argument("--write-plan", type=Path, default=None, help="write the plan to this file")
         return p
     _add_output(p)
+    _add_memory(p)
     _add_recovery(p)
     _add_cluster(p)
     return p
+
+
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    """Models bigger than memory (weights.py): the decoder layers read from disk one at a time."""
+    g = p.add_argument_group("models bigger than memory")
+    g.add_argument("--stream", action="store_true",
+                   help="keep the decoder layers on disk and read one at a time (safetensors in "
+                        "their stored dtype, a GGUF tensor by tensor), writing the resized "
+                        "checkpoint layer by layer; for now with --target none and --sparsity")
+    g.add_argument("--max-rss", default=None, metavar="SIZE",
+                   help="the most resident memory this run may take (8GiB); implies --stream and "
+                        "refuses at the start, with the figure it needs, when that is less")
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:

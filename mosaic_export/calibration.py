@@ -10,6 +10,7 @@ Gram matrix H = X^T X (SparseGPT, compensation).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from .arch import INPUT_GROUPS, ArchSpec
 from .errors import UserError
 from .process import release_memory
 from .texts import SELF, corpus
+from .weights import LayerWeights
 
 if TYPE_CHECKING:
     from .model_io import LoadedModel
@@ -85,8 +87,10 @@ class LayerStream:
     """Calibration activations flowing through the decoder, one layer at a time."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
-                 batch_size: int = 4):
-        self.model, self.spec = model, spec
+                 batch_size: int = 4, weights: LayerWeights | None = None):
+        """``weights``: a streamed model's (model_io.LoadedModel.weights): each layer is read
+        before its turn in ``layers`` and let go (or written, see LayerWeights.sink) after it."""
+        self.model, self.spec, self.weights = model, spec, weights
         self.hidden: list[torch.Tensor] = []  # per batch (B, T, hidden)
         # per kind of layer (transformers' attention_type: Gemma's sliding and full layers get
         # different masks), per batch: the layer's keyword inputs (mask, position embeddings, ...)
@@ -106,8 +110,10 @@ class LayerStream:
                 raise _StopForward
 
         handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in first.values()]
+        # run through to the first layer of the last kind: a streamed model's layers before it read
+        held = weights.held(list(enumerate(layers))[:last]) if weights is not None else nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), held:
                 for batch in input_ids.split(batch_size):
                     try:
                         model(input_ids=batch, use_cache=False)
@@ -119,8 +125,12 @@ class LayerStream:
 
     def layers(self, desc: str) -> Iterator[tuple[int, nn.Module]]:
         layers = self.spec.layer_list(self.model)
-        for item in tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False):
-            yield item
+        for i, layer in tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False):
+            if self.weights is not None:
+                self.weights.open(i, layer)
+            yield i, layer
+            if self.weights is not None:
+                self.weights.close(i, layer)
             release_memory()
 
     @torch.no_grad()

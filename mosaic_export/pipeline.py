@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -22,12 +23,14 @@ import torch
 
 from . import __version__
 from .calibration import LayerStream, calibration_ids, tokenize
+from .checkpoint import reload_check, reload_shapes, save_checkpoint
 from .costmodel import Format, Pricing
 from .deploy import finalize
 from .errors import UserError
 from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_check, joint_search
-from .model_io import LoadedModel, load_model, save_checkpoint
+from .memory import check_max_rss
+from .model_io import LoadedModel, decoder_counts, load_model
 from .outputs import check_free_space, write_outputs
 from .plan import Plan
 from .planner import layers_may_differ, make_plan
@@ -44,16 +47,6 @@ from .targets.base import Evaluation
 from .texts import corpus
 
 
-def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
-    layers = loaded.spec.layer_list(loaded.model)
-    params = [p for p in layers.parameters()]
-    return {
-        "decoder": sum(p.numel() for p in params),
-        "decoder_nonzero": sum(int(torch.count_nonzero(p)) for p in params),
-        "total": sum(p.numel() for p in loaded.model.parameters()),
-    }
-
-
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
                       calib: torch.Tensor, profile: Profile | None = None,
                       pricing: Pricing | None = None, log=print, measured: list | None = None
@@ -63,7 +56,7 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
     cost meets the profile's budgets (with config.types, the joint search over types, structure
     and recovery: a JointResult)."""
     settings, plan = inputs.settings, inputs.plan
-    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size)
+    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
             raise UserError("the plan was made for a model of another shape: "
@@ -180,25 +173,37 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
     inputs = prepare(config)
     with torch_threads(config.threads):
         dense = load_stage(config, inputs, log, shared)
-        pruned = prune_stage(config, inputs, dense, log, shared)
-        recovered = recover_stage(config, dense, pruned, log)
-        reports = []
-
-        def build(folder: Path) -> None:
-            exported = export_stage(config, dense, pruned, folder, log)
-            reports.append(make_report(config, inputs, dense, pruned, recovered, exported))
-            bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
-
-        write_outputs(config.out, config.force, build, log)
+        try:
+            reports = _prune_and_write(config, inputs, dense, log, shared)
+        finally:  # a streamed run's layer shards not moved into a checkpoint
+            if dense.loaded.weights is not None and dense.loaded.weights.work is not None:
+                shutil.rmtree(dense.loaded.weights.work, ignore_errors=True)
     log_summary(reports[0], config.out, log)
     return reports[0]
+
+
+def _prune_and_write(config: RunConfig, inputs: Inputs, dense: Dense, log,
+                     shared: DensePass | None) -> list[dict]:
+    pruned = prune_stage(config, inputs, dense, log, shared)
+    recovered = recover_stage(config, dense, pruned, log)
+    reports = []
+
+    def build(folder: Path) -> None:
+        exported = export_stage(config, dense, pruned, folder, log)
+        reports.append(make_report(config, inputs, dense, pruned, recovered, exported))
+        bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
+
+    write_outputs(config.out, config.force, build, log)
+    return reports
 
 
 def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass | None = None) -> Dense:
     log(f"profile {inputs.profile.name}: {inputs.profile.description}")
     t0 = time.perf_counter()
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, stream=config.stream)
     load_s = time.perf_counter() - t0
+    if config.max_rss is not None:
+        check_max_rss(config, loaded, inputs.settings)
     check_lengths(config, loaded, inputs.settings)
     if any(d.n_head == 0 for d in loaded.layer_dims):
         raise UserError(f"{loaded.source} already has removed blocks: prune the model it was made from")
@@ -237,8 +242,13 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
     if found is not None:
         log(search_summary(found))
     check_free_space(config.out, plan, pricing, dense.counts["total"])
+    if loaded.weights is not None:  # each pruned layer written as its checkpoint shard
+        loaded.weights.sink = loaded.weights.work = Path(tempfile.mkdtemp(
+            prefix=f".{config.out.name}.layers-", dir=config.out.resolve().parent))
     apply_plan(stream, loaded.spec, plan)
     del stream
+    if loaded.weights is not None:
+        loaded.weights.finish()
     prune_s = time.perf_counter() - t0 - (joint.seconds if joint else 0.0)  # the search timed alone
     peak = peak_rss_bytes()
     counts = decoder_counts(loaded)
@@ -265,7 +275,10 @@ def export_stage(config: RunConfig, dense: Dense, pruned: Pruned, folder: Path, 
     benchmarked), the budgets against the prediction and the measurement."""
     loaded, fmt, pricing = dense.loaded, pruned.fmt, pruned.pricing
     save_checkpoint(loaded, folder / "model")
-    reload = reload_check(loaded, folder / "model", dense.calib[:1, :128])
+    if loaded.weights is None:
+        reload = reload_check(loaded, folder / "model", dense.calib[:1, :128])
+    else:
+        reload = reload_shapes(loaded, folder / "model")
     runtime = None
     if config.target is not None:
         target = fmt.spec
@@ -303,7 +316,8 @@ def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
         "memory": {"peak_rss_bytes": exported.peak_rss_bytes,
                    "peak_rss_after_prune_bytes": pruned.peak_rss_bytes, "dense_fp32_bytes": fp32,
                    "pruned_fp32_bytes": 4 * pruned.counts["total"],
-                   "peak_rss_over_fp32_model": pruned.peak_rss_bytes / fp32},
+                   "peak_rss_over_fp32_model": exported.peak_rss_bytes / fp32,
+                   "streamed": loaded.weights is not None},
         "budgets": dataclasses.asdict(dense.profile.budgets),
         "layers": [lp.dims.__dict__ for lp in plan.layers],
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -338,6 +352,9 @@ def bundle(report: dict, plan: Plan, folder: Path, parity_ids: list[int]) -> Non
         recovery_plot(report["recovery"], folder / "recovery.png")
     if "joint" in report:
         front_plot(report["joint"], folder / "front.png")
+    memory = report["memory"]  # the whole run's high-water mark, taken again once all work is done
+    memory["peak_rss_bytes"] = peak_rss_bytes()
+    memory["peak_rss_over_fp32_model"] = memory["peak_rss_bytes"] / memory["dense_fp32_bytes"]
     write_markdown(report, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     finalize(folder, report, parity_ids)  # README.md, then manifest.json over all
@@ -357,7 +374,8 @@ def log_summary(report: dict, out: Path, log=print) -> None:
 def _perplexity(config: RunConfig, loaded: LoadedModel, eval_ids: torch.Tensor | None, which: str):
     if eval_ids is None:
         return None
-    return perplexity(loaded.model, eval_ids, config.eval_text, desc=f"perplexity ({which})")
+    return perplexity(loaded.model, eval_ids, config.eval_text, desc=f"perplexity ({which})",
+                      streamed=loaded if loaded.weights is not None else None)
 
 
 def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan,
@@ -375,18 +393,3 @@ def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, pla
     figures, checks = measured_figures(bench, profile.budgets)
     return {"removed": plan.removed(), **figures,
             "budgets": [c.__dict__ | {"text": c.describe()} for c in checks]}
-
-
-@torch.no_grad()
-def reload_check(loaded: LoadedModel, folder: Path, ids: torch.Tensor) -> dict:
-    """Reload the saved checkpoint and compare its logits with the in-memory model's on ids."""
-    from .model_io import load_resized
-
-    again = load_resized(folder)
-    diff = (again.model(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max()
-    del again
-    result = {"max_abs_logit_diff": float(diff), "tokens": int(ids.numel())}
-    if not diff < 1e-4:
-        raise RuntimeError(f"reloaded checkpoint differs from the pruned model: {result}")
-    return result
-

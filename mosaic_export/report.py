@@ -56,7 +56,9 @@ def summary_table(report: dict) -> str:
     rows.append(("pruning wall time", "", f"{report['timing']['prune_s']:.1f} s"))
     if "peak_rss_after_prune_bytes" in rss:
         rows.append(("peak RSS after pruning", "", format_bytes(rss["peak_rss_after_prune_bytes"])))
-    rows.append(("peak RSS (whole run)", "", format_bytes(rss["peak_rss_bytes"])))
+    rows.append(("peak RSS (whole run" + (", streamed)" if rss.get("streamed") else ")"), "",
+                 f"{format_bytes(rss['peak_rss_bytes'])} ({rss['peak_rss_over_fp32_model']:.2f}x "
+                 "the float32 model)"))
     rows.append(("float32 model size", format_bytes(rss["dense_fp32_bytes"]),
                  format_bytes(rss["pruned_fp32_bytes"])))
     built = runtime_section(report)

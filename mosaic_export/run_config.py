@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import targets
 from .costmodel import Format
 from .errors import UserError
 from .model_io import LoadedModel
@@ -52,6 +53,10 @@ class RunConfig:
     ray: str | None = None
     ray_cpus: int | None = None
     retries: int | None = None
+    # Models bigger than memory: the decoder layers read from disk one at a time (weights.py),
+    # and the most resident memory the run may take (checked against memory.run_needs)
+    stream: bool = False
+    max_rss: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,6 @@ def prepare(config: RunConfig) -> Inputs:
     Returns the profile (budgets overridden), the settings, the plan to apply (if given) and the
     format the cost model prices: the target's (``--target``, else the profile's) with the GGUF
     type or the ONNX dtype (the option, else the profile's, else F16 / fp32)."""
-    from . import targets
-
     profile = load_profile(config.profile).with_budgets(**config.budgets)
     target = targets.get(config.target or profile.runtime.target)
     _check_positive(config)
@@ -92,6 +95,7 @@ def prepare(config: RunConfig) -> Inputs:
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
     _check_texts(config, settings)
+    _check_stream(config, target)
     resolve_device(config.device)
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
@@ -112,6 +116,25 @@ def _check_positive(config: RunConfig) -> None:
         raise UserError(f"--retries must be >= 0, got {config.retries}")
     if config.ray_cpus is not None and config.ray_cpus < 1:
         raise UserError(f"--ray-cpus must be a positive integer, got {config.ray_cpus}")
+
+
+def _check_stream(config: RunConfig, target) -> None:
+    """What a streamed run does not do yet, refused by name."""
+    if config.max_rss is not None and not config.stream:
+        raise UserError("--max-rss needs a streamed run (--stream)")
+    if not config.stream:
+        return
+    streamed = [t.name for t in targets.registered() if t.streams]
+    unsupported = [flag for flag, used in (
+        (f"--target {target.name} (a streamed run writes the checkpoint alone, --target none, or "
+         f"{', '.join(streamed)})", config.target is not None and not target.streams),
+        ("a budget search (give --sparsity)", config.search), ("--plan", config.plan),
+        ("--recover", config.recover), ("--check-neighbour", config.check_neighbour),
+        ("--ray", config.ray)) if used]
+    if unsupported:
+        raise UserError(f"--stream does not work with {unsupported[0]} yet")
+    if config.max_rss is not None and config.max_rss <= 0:
+        raise UserError(f"--max-rss must be positive, got {config.max_rss} bytes")
 
 
 def check_types(target, types) -> None:

@@ -65,6 +65,8 @@ class Target(ABC):
     nominal_base: ClassVar[int]  # bytes the runtime holds before any weight (nominal calibration)
     packages: ClassVar[tuple[str, ...]] = ()  # Python packages whose versions the manifest records
     scores_perplexity: ClassVar[bool] = True  # benchmark() scores an eval_text (the joint search needs it)
+    # deploy() works on a streamed model (model_io.LoadedModel.weights): reads one layer at a time
+    streams: ClassVar[bool] = False
 
     def check_type(self, type_: str) -> str:
         if type_ not in self.types:

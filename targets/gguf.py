@@ -136,30 +136,39 @@ def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensors(loaded: LoadedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor) pairs in llama.cpp's layout."""
+def tensors(loaded: LoadedModel, read: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) pairs in llama.cpp's layout. A streamed model's layers are read
+    one at a time; with ``read`` False they are not (their tensors are on the meta device: shapes
+    only)."""
     model, spec = loaded.model, loaded.spec
     permute = gguf_arch(loaded) in PAIRED_ROPE
     yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
     for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        gone = {BLOCK_NORM[b] for b in ("attention", "mlp") if spec.absent(layer, b)}
-        for norm, path in spec.norms.items():  # llama.cpp's Gemma reads the offset scale
-            if norm not in gone:  # a removed block's norm went with it
-                yield (GGUF_NAMES[norm].format(bid=bid) + ".weight",
-                       spec.norm_weight(layer.get_submodule(path)))
-        heads = {"q": dims.n_head, "k": dims.n_kv}
-        for p in spec.present(layer):
-            linear = spec.projection(layer, p)
-            for kind in ("weight", "bias"):
-                t = getattr(linear, kind)
-                if t is not None and p in heads and permute:
-                    t = rotary_permute(t, heads[p])
-                if t is not None:
-                    yield GGUF_NAMES[p].format(bid=bid) + f".{kind}", t
+        held = loaded.weights.held([(bid, layer)]) if read and loaded.weights else contextlib.nullcontext()
+        with held:
+            yield from _layer_tensors(spec, layer, bid, dims, permute)
     final = model.get_submodule(spec.final_norm)
     yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", spec.norm_weight(final)
     if not loaded.shape.tied_embeddings:
         yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
+
+
+def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One decoder layer's (GGUF name, tensor) pairs."""
+    gone = {BLOCK_NORM[b] for b in ("attention", "mlp") if spec.absent(layer, b)}
+    for norm, path in spec.norms.items():  # llama.cpp's Gemma reads the offset scale
+        if norm not in gone:  # a removed block's norm went with it
+            yield (GGUF_NAMES[norm].format(bid=bid) + ".weight",
+                   spec.norm_weight(layer.get_submodule(path)))
+    heads = {"q": dims.n_head, "k": dims.n_kv}
+    for p in spec.present(layer):
+        linear = spec.projection(layer, p)
+        for kind in ("weight", "bias"):
+            t = getattr(linear, kind)
+            if t is not None and p in heads and permute:
+                t = rotary_permute(t, heads[p])
+            if t is not None:
+                yield GGUF_NAMES[p].format(bid=bid) + f".{kind}", t
 
 
 def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: bool = False) -> None:
@@ -196,21 +205,45 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: boo
     w.add_vocab_size(shape.vocab)
     if not standin:  # the quantizer's choice of types does not read the vocabulary
         tokenizer_fields(loaded, w)
-    for name, t in tensors(loaded):
-        data = t.detach().float().numpy()
-        if standin and data.ndim == 2:
-            data = np.zeros(STANDIN_SHAPE, dtype=np.float32)
-        if dtype == "F16" and data.ndim == 2:
-            w.add_tensor(name, data.astype(np.float16))
-        elif dtype == "BF16" and data.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                         raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:  # F32, and 1-D norms in every type (llama.cpp keeps them F32)
-            w.add_tensor(name, np.ascontiguousarray(data))
+    for name, t in tensors(loaded, read=False):  # the tensor infos, from shapes alone
+        w.add_tensor_info(name, *_tensor_info(tuple(t.shape), dtype, standin))
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
+    w.write_ti_data_to_file()
+    for _, t in tensors(loaded):  # then the data, one tensor (a streamed model: one layer) at a time
+        w.write_tensor_data(_tensor_data(t, dtype, standin))
     w.close()
+
+
+def _tensor_info(shape: tuple[int, ...], dtype: str, standin: bool):
+    """(shape, numpy dtype, bytes, raw GGML type) of what _tensor_data writes for a tensor of shape."""
+    import gguf
+
+    if len(shape) == 2:
+        shape = STANDIN_SHAPE if standin else shape
+        n = shape[0] * shape[1]
+        if dtype == "F16":
+            return shape, np.dtype(np.float16), 2 * n, None
+        if dtype == "BF16":  # written as bytes, two a value
+            return (shape[0], 2 * shape[1]), np.dtype(np.uint8), 2 * n, gguf.GGMLQuantizationType.BF16
+    return shape, np.dtype(np.float32), 4 * int(np.prod(shape)), None
+
+
+def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
+    """The tensor as written: 2-D ones in the file's type (zeros of STANDIN_SHAPE for a stand-in),
+    1-D ones (norms, biases) in F32 in every type, as llama.cpp keeps them."""
+    import gguf
+
+    data = t.detach().float().numpy()
+    if data.ndim != 2:
+        return np.ascontiguousarray(data)
+    if standin:
+        data = np.zeros(STANDIN_SHAPE, dtype=np.float32)
+    if dtype == "F16":
+        return data.astype(np.float16)
+    if dtype == "BF16":
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16)
+    return np.ascontiguousarray(data)
 
 
 @contextlib.contextmanager
@@ -255,50 +288,6 @@ def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
 # --- predicting the types (and so the bytes) of a quantized file --------------------------------
 
 STANDIN_SHAPE = (32, K_QUANT_BLOCK)  # rows, row length: fits every type's block
-# llama.cpp's substitutes when a row length is not a multiple of the wanted type's block
-# (tensor_type_fallback in llama-quant.cpp); F16 when the substitute does not fit either.
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
-
-
-def intended_types(loaded: LoadedModel, quant: str) -> dict[str, str]:
-    """The type llama.cpp's quantizer wants for each tensor of this model (name -> GGML type),
-    before any fallback for row length: read from the quantization of a stand-in file that has
-    the model's metadata and tensor names but tiny tensors and no tokenizer (0.1 s for
-    SmolLM2-135M instead of a real export).
-    The rules (more bits for some layers' attn_v and ffn_down, the output layer, ...) depend on
-    the tensor's name and the layer count, which the stand-in keeps."""
-    check_type(quant)
-    if quant in FLOAT_TYPES:
-        return {name: (quant if t.dim() == 2 else "F32") for name, t in tensors(loaded)}
-    work = Path(tempfile.mkdtemp(prefix=".gguf-types-"))
-    try:
-        write_gguf(loaded, work / "standin.gguf", "F32", standin=True)
-        quantize(work / "standin.gguf", work / "q.gguf", quant)
-        return {name: t for name, (t, _) in tensor_types(work / "q.gguf").items()}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def resolved_type(intended: str, row_length: int) -> str:
-    """The type llama.cpp stores when it wants ``intended`` for rows of ``row_length``."""
-    import gguf
-
-    def block(t: str) -> int:
-        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
-
-    if row_length % block(intended) == 0:
-        return intended
-    substitute = FALLBACK.get(intended, "F16")
-    return substitute if row_length % block(substitute) == 0 else "F16"
-
-
-def tensor_bytes(ggml_type: str, rows: int, row_length: int) -> int:
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-    return rows * (row_length // block) * size
-
-
 @dataclass
 class TypeCheck:
     types: dict[str, str]  # every tensor's final type
@@ -369,11 +358,12 @@ def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor
            evaluation: Evaluation) -> dict:
     """Export, load it back in llama.cpp, compare with PyTorch (logits and tokenizer ids), benchmark
     it in a fresh process."""
+    from ..evaluate import forward_model
     from .gguf_runner import benchmark, next_token_agreement
 
     check = export(loaded, path, quant)
     probe = tokenizer_probe()
-    parity = next_token_agreement(loaded.model, path, parity_ids, evaluation.threads, text=probe,
+    parity = next_token_agreement(forward_model(loaded), path, parity_ids, evaluation.threads, text=probe,
                                   source_gguf=loaded.gguf_file)
     tokenizer = tokenizer_check(loaded, parity, probe)
     check_parity(quant, parity, path.name, tokenizer["ids"])

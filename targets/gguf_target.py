@@ -22,6 +22,7 @@ class GGUF(Target):
     default_type = "F16"
     packages = ("gguf", "llama-cpp-python")
     nominal_base = 64 * 2**20
+    streams = True
 
     def alignment(self, type_: str) -> int:
         from .gguf import alignment
@@ -35,13 +36,13 @@ class GGUF(Target):
         return 1  # llama.cpp computes the logits of the last position only
 
     def tensor_types(self, loaded, type_: str) -> dict[str, str]:
-        from .gguf import intended_types
+        from .gguf_types import intended_types
 
         return intended_types(loaded, type_)
 
     def tensor_bytes(self, name: str, rows: int, cols: int, type_: str, matmul: bool,
                      tensor_types: dict[str, str] | None) -> int:
-        from .gguf import resolved_type, tensor_bytes
+        from .gguf_types import resolved_type, tensor_bytes
 
         if tensor_types is None or name not in tensor_types:
             raise ValueError(f"no intended GGUF type for {name}")

@@ -42,12 +42,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_size(text: str) -> int:
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    low = text.strip().lower()
-    for unit, factor in units.items():
-        if low.endswith(unit):
-            return int(float(low[: -len(unit)]) * factor)
-    return int(low)
+    from mosaic_export.errors import UserError
+    from mosaic_export.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def tensor_shapes(a: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
@@ -145,7 +146,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rope-theta", type=float, default=None)
     p.add_argument("--context", type=int, default=4096, help="max_position_embeddings (default: %(default)s)")
     p.add_argument("--dtype", dest="dtype_name", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("2GiB"),
+    p.add_argument("--shard-size", type=parse_size, default=2 * 2**30,
                    help="largest shard (default: 2GiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="model whose tokenizer to copy (default: the built-in)")

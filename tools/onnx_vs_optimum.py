@@ -3,7 +3,8 @@
     # once, in a separate venv (optimum-onnx pins its own transformers):
     python3.11 -m venv /tmp/optvenv && /tmp/optvenv/bin/pip install torch==2.13.0 && \\
         /tmp/optvenv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers==4.57.6" accelerate
-    python -c "from pathlib import Path; from mosaic_export.model_io import load_model, save_checkpoint; \\
+    python -c "from pathlib import Path; from mosaic_export.model_io import load_model; \\
+        from mosaic_export.checkpoint import save_checkpoint; \\
         save_checkpoint(load_model(None), Path('/tmp/dense_hf'))"
     HF_HUB_OFFLINE=1 /tmp/optvenv/bin/optimum-cli export onnx --model /tmp/dense_hf \\
         --task text-generation-with-past /tmp/optimum_onnx

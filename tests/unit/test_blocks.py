@@ -24,8 +24,8 @@ from mosaic_export.baselines import (
 )
 from mosaic_export.blocks import choose_blocks
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
-from mosaic_export.model_io import load_model, load_resized, save_checkpoint
-from mosaic_export.pipeline import decoder_counts
+from mosaic_export.checkpoint import load_resized, save_checkpoint
+from mosaic_export.model_io import decoder_counts, load_model
 from mosaic_export.plan import Plan, PruneSettings
 from mosaic_export.planner import make_plan
 from mosaic_export.pod import measure

@@ -9,7 +9,8 @@ import gguf
 import onnx
 import pytest
 import torch
-from mosaic_export.targets.gguf import export, intended_types
+from mosaic_export.targets.gguf import export
+from mosaic_export.targets.gguf_types import intended_types
 from mosaic_export.targets.onnx import export as export_onnx
 from onnx import numpy_helper
 

@@ -17,11 +17,12 @@ from mosaic_export.targets.onnx import export as export_onnx
 from mosaic_export.targets.onnx import parity as onnx_parity
 
 from mosaic_export.arch import PROJECTIONS
+from mosaic_export.checkpoint import save_checkpoint
 from mosaic_export.cli import main
 from mosaic_export.deploy import MANIFEST, finalize, write_manifest
 from mosaic_export.errors import UserError
 from mosaic_export.generate import generate
-from mosaic_export.model_io import load_model, save_checkpoint
+from mosaic_export.model_io import load_model
 from mosaic_export.plan import LayerPlan, Plan, PruneSettings
 from mosaic_export.profile import load_profile
 from mosaic_export.verify import verify

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mosaic_export import gguf_cache, model_io
-from mosaic_export.model_io import load_model, save_checkpoint
+from mosaic_export.checkpoint import save_checkpoint
+from mosaic_export.model_io import load_model
 from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
 

@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 
+from mosaic_export.checkpoint import load_resized, save_checkpoint
 from mosaic_export.cli import main
 from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model, load_resized, save_checkpoint
+from mosaic_export.model_io import load_model
 from tests.conftest import tiny_model
 
 FAST = ["--sparsity", "0.3", "--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2",
@@ -109,10 +110,11 @@ def test_truncated_resized_checkpoint(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "ckpt"
     save_checkpoint(load_model(str(tiny_model_dir)), folder)
     load_resized(folder)  # intact: loads
-    _truncate(folder / "model.safetensors")
-    with pytest.raises(UserError, match="model.safetensors: not a readable safetensors file"):
+    _truncate(folder / "model-00002-of-00004.safetensors")  # layer 0's shard
+    with pytest.raises(UserError, match="model-00002-of-00004.safetensors: not a readable safetensors file"):
         load_resized(folder)
-    _bad(tmp_path, capsys, "--model", folder, match="model.safetensors: not a readable safetensors file")
+    _bad(tmp_path, capsys, "--model", folder,
+         match="model-00002-of-00004.safetensors: not a readable safetensors file")
 
 
 # --- 2. numeric options ----------------------------------------------------------------------------

@@ -68,9 +68,11 @@ def test_plan_reapplied_reproduces_weights(composite, tiny_model_dir, tmp_path):
     out = tmp_path / "again"
     assert run_cli("--model", tiny_model_dir, "--plan", composite / "plan.json", *FAST,
                    "--out", out) == 0
-    a = (composite / "model" / "model.safetensors").read_bytes()
-    b = (out / "model" / "model.safetensors").read_bytes()
-    assert a == b
+    shards = sorted(p.name for p in (composite / "model").glob("*.safetensors"))
+    assert len(shards) == 4  # outside the layers, then one per layer
+    assert shards == sorted(p.name for p in (out / "model").glob("*.safetensors"))
+    for name in shards:
+        assert (composite / "model" / name).read_bytes() == (out / "model" / name).read_bytes()
     assert (composite / "plan.json").read_text() == (out / "plan.json").read_text()
 
 

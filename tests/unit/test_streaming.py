@@ -57,3 +57,78 @@ def test_make_synthetic_refuses_bad_requests(tiny_model_dir, tmp_path):
     done = _make(tmp_path / "small", tiny_model_dir, "--vocab", "100")
     assert done.returncode == 2 and "320 tokens, more than --vocab 100" in done.stderr
     assert not any(p.name.startswith(".small") for p in tmp_path.iterdir())  # nothing half-written
+
+
+def _run(model: Path, out: Path, *more: str) -> dict:
+    from mosaic_export.cli import main
+
+    assert main(["--model", str(model), "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--method", "sparsegpt", "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--eval-windows", "2", "--eval-seq-len", "64", "--out", str(out), *more]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("target", [["--target", "none"], ["--target", "gguf", "--quant", "Q8_0"]])
+def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, target):
+    """The main command with --stream: the same plan, checkpoint (and GGUF) bytes, counts and
+    perplexities as the run with the model in memory; nothing left beside the output."""
+    whole = _run(tiny_model_dir, tmp_path / "whole", *target)
+    streamed = _run(tiny_model_dir, tmp_path / "streamed", *target, "--stream")
+    files = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
+                   if p.suffix in (".json", ".safetensors", ".gguf") and p.name != "report.json"
+                   and p.name != "manifest.json")
+    assert "plan.json" in files and any(f.endswith(".gguf") for f in files) == (target[1] == "gguf")
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    assert whole["params"] == streamed["params"]
+    assert whole["perplexity"]["dense"] == streamed["perplexity"]["dense"]
+    assert whole["perplexity"]["pruned"] == streamed["perplexity"]["pruned"]
+    if target[1] == "gguf":
+        assert whole["gguf"]["parity"] == streamed["gguf"]["parity"]
+    assert streamed["reload"]["tensors_checked"] == len(load_model(str(tmp_path / "whole" / "model"))
+                                                        .model.state_dict()) - 1  # lm_head is tied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
+
+
+def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
+    """Opened streamed, only the embedding, final norm and output layer are in memory; a layer
+    read from the source equals the whole load's, and goes back to meta when let go."""
+    whole = load_model(str(tiny_model_dir))
+    streamed = load_model(str(tiny_model_dir), stream=True)
+    layers = streamed.spec.layer_list(streamed.model)
+    assert all(p.is_meta for p in layers.parameters())
+    assert streamed.shape == whole.shape and streamed.layer_dims == whole.layer_dims
+    embed = streamed.model.get_input_embeddings().weight
+    assert torch.equal(embed, whole.model.get_input_embeddings().weight)
+    assert streamed.model.get_output_embeddings().weight is streamed.model.get_input_embeddings().weight
+    with streamed.weights.held([(1, layers[1])]):
+        ours = layers[1].state_dict()
+        for name, value in whole.spec.layer_list(whole.model)[1].state_dict().items():
+            assert torch.equal(ours[name], value), name
+    assert all(p.is_meta for p in layers.parameters())
+
+
+def test_gguf_source_equals_the_whole_conversion():
+    """The built-in GGUF read tensor by tensor (dequantized, q and k un-permuted) gives exactly
+    the weights transformers' whole-file conversion gives."""
+    from mosaic_export.weights import GGUFSource, skeleton
+
+    whole = load_model()
+    source = GGUFSource(whole.gguf_file, skeleton(whole.model.config))
+    state = whole.model.state_dict()
+    assert set(source.names()) == set(state) - {"lm_head.weight"}
+    for name in source.names():
+        assert torch.equal(source.get(name), state[name]), name
+
+
+def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path, capsys):
+    from mosaic_export.cli import main
+
+    base = ["--model", str(tiny_model_dir), "--sparsity", "0.3", "--target", "none", "--out",
+            str(tmp_path / "out")]
+    assert main([*base, "--max-rss", "64MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-rss 64.0 MiB is less than this run needs, about" in err and "one layer" in err
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    assert main([*base[:-4], "--target", "onnx", "--stream", "--out", str(tmp_path / "out")]) == 2
+    assert "--stream does not work with --target onnx" in capsys.readouterr().err

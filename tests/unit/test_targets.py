@@ -11,10 +11,11 @@ import torch
 from mosaic_export.targets.base import Target
 
 from mosaic_export import targets
+from mosaic_export.checkpoint import load_resized, save_checkpoint
 from mosaic_export.cli import main
 from mosaic_export.costmodel import Calibration, Format, Pricing
 from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model, load_resized, save_checkpoint
+from mosaic_export.model_io import load_model
 from mosaic_export.process import peak_rss_bytes
 
 
@@ -61,7 +62,7 @@ class Checkpoint(Target):
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t0
-        return {"file_bytes": (path / "model.safetensors").stat().st_size, "load_s": load_s,
+        return {"file_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), "load_s": load_s,
                 "prefill": {"tokens": prompt_tokens, "seconds": prefill_s,
                             "tokens_per_s": prompt_tokens / prefill_s},
                 "decode": {"tokens": gen_tokens, "seconds": decode_s, "tokens_per_s": gen_tokens / decode_s},
@@ -82,7 +83,7 @@ class Checkpoint(Target):
                 "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).float().mean())}
 
     def manifest_format(self, section):
-        return {"dtype": section["dtype"], "model_path": f"{section['folder']}/model.safetensors"}
+        return {"dtype": section["dtype"], "model_path": f"{section['folder']}/config.json"}
 
     def verify_parity(self, loaded, path, fmt, ids, recorded, threads):
         return self._parity(loaded, path.parent, ids), 0.99
@@ -142,7 +143,7 @@ def test_registered_target_runs_the_main_command(checkpoint_target, tiny_model_d
     assert "PyTorch prefill / decode tokens/s" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == {"target": "checkpoint", "dtype": "fp32",
-                                  "model_path": "checkpoint-fp32/model.safetensors"}
+                                  "model_path": "checkpoint-fp32/config.json"}
     assert "load its folder with" in (out / "README.md").read_text()
     assert main(["verify", str(out)]) == 0
     assert "agrees with PyTorch on the greedy next token at 100.0%" in capsys.readouterr().out

@@ -1,0 +1,140 @@
+"""The resized checkpoint: written, read back and checked.
+
+It is a Hugging Face folder: config.json with one more entry, ``mosaic_export`` (the per-layer
+head, KV head and MLP sizes), safetensors shards (weights.shard_names: one for what is outside
+the decoder layers, one per layer) and their index, the generation config and the tokenizer.
+``load_resized`` builds the model at the config's dense sizes without initialising it, rebuilds
+every layer at its recorded sizes, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .arch import LayerDims, ModelShape, arch_for
+from .errors import UserError
+from .model_io import (
+    CHECKPOINT_KEY,
+    CHECKPOINT_VERSION,
+    LoadedModel,
+    _check_tokenizer,
+    _weight_files,
+)
+from .resize import leading, resize_model
+
+
+def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
+    """The weights as shards (weights.shard_names: one for what is outside the decoder layers,
+    one per layer, the same bytes in memory and streamed; a streamed model's layer shards, written
+    by its last pass, are moved in), their index, config.json with the per-layer sizes added (see
+    load_resized; written the way transformers writes it: sorted keys, indent 2), the generation
+    config and the tokenizer."""
+    from .weights import layer_tensors, shard_names, write_shard
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, spec = loaded.model, loaded.spec
+    names = shard_names(loaded.shape.n_layers)
+    tied = {"lm_head.weight"} if loaded.shape.tied_embeddings else set()
+    outside = {k: v for k, v in model.state_dict().items()
+               if not k.startswith(spec.layers + ".") and k not in tied}
+    total = write_shard(folder / names[0], outside)
+    weight_map = dict.fromkeys(outside, names[0])
+    for i, (layer, name) in enumerate(zip(spec.layer_list(model), names[1:], strict=True)):
+        tensors = layer_tensors(layer, f"{spec.layers}.{i}.")
+        if loaded.weights is None:
+            total += write_shard(folder / name, tensors)
+        else:
+            shutil.move(loaded.weights.written[i], folder / name)
+            total += sum(t.numel() * 4 for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    config = {**model.config.to_diff_dict(), "architectures": [type(model).__name__]}
+    config[CHECKPOINT_KEY] = {
+        "version": CHECKPOINT_VERSION,
+        "dense_shape": loaded.shape.to_dict(),
+        "layers": [dims.__dict__ for dims in loaded.layer_dims],
+        "source_gguf": str(loaded.gguf_file) if loaded.gguf_file else None,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+
+
+def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
+    """Rebuild a resized checkpoint at its recorded per-layer sizes and load its weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    meta = getattr(config, CHECKPOINT_KEY)
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{folder}: checkpoint version {meta.get('version')} is not supported")
+    delattr(config, CHECKPOINT_KEY)
+    spec = arch_for(config.model_type)
+    shape = ModelShape(**meta["dense_shape"])
+    layer_dims = [LayerDims(**d) for d in meta["layers"]]
+    _check_tokenizer(folder)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    loaded = LoadedModel(model, None, spec, shape, source or str(folder),
+                         Path(meta["source_gguf"]) if meta.get("source_gguf") else None)
+    resize_model(loaded, [leading(shape.dense_dims, dims) for dims in layer_dims])
+    state = {}
+    for f in _weight_files(folder):
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors' SafetensorError: a corrupt file
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a size mismatch
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"{folder}: weights do not match the recorded sizes: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    tied = {"lm_head.weight"} if shape.tied_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"{folder}: weights do not match the recorded sizes "
+                        f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    model.eval()
+    loaded.tokenizer = AutoTokenizer.from_pretrained(folder)
+    return loaded
+
+
+def reload_shapes(loaded: LoadedModel, folder: Path) -> dict:
+    """A streamed run's checkpoint: its config and index read back, and every weight it names
+    there, of the resized model's shape (its layers are the very files the last pass wrote)."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}
+    checked = 0
+    for f in _weight_files(folder):
+        with safe_open(f, framework="pt") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                if expected.get(name) != shape:
+                    raise RuntimeError(f"{f.name}: {name} has shape {shape}, the model "
+                                       f"{expected.get(name)}")
+                checked += 1
+    return {"tensors_checked": checked, "streamed": True}
+
+
+@torch.no_grad()
+def reload_check(loaded: LoadedModel, folder: Path, ids: torch.Tensor) -> dict:
+    """Reload the saved checkpoint and compare its logits with the in-memory model's on ids."""
+    again = load_resized(folder)
+    diff = (again.model(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max()
+    del again
+    result = {"max_abs_logit_diff": float(diff), "tokens": int(ids.numel())}
+    if not diff < 1e-4:
+        raise RuntimeError(f"reloaded checkpoint differs from the pruned model: {result}")
+    return result

@@ -1,0 +1,236 @@
+"""Weights read one tensor at a time, for models bigger than memory (issue 15).
+
+A ``WeightSource`` gives any weight of a model by its Hugging Face name, in float32, reading only
+that tensor: from safetensors files, memory-mapped, in their stored dtype (bf16, fp16 or fp32)
+until converted; or from a GGUF file, dequantized one tensor at a time and put in transformers'
+layout (the same processing transformers' whole-file loader applies: Llama's q and k rows
+un-permuted). ``skeleton`` builds the model with every parameter on the meta device (no memory);
+``materialize`` fills one module's parameters from a source and ``release`` returns them to meta,
+so that only the module at work is held. ``LayerWeights`` does that for the decoder layers of a
+calibration stream (calibration.LayerStream): read each layer before its turn, and after it, write
+it (changed by pruning) as its checkpoint shard, then let it go.
+
+A checkpoint is written as one safetensors shard for everything outside the decoder layers and
+one per layer (``shard_names``), by the same function whether the model is in memory or streamed,
+so the two paths write the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+class SafetensorsSource:
+    """The weights of safetensors files (a folder's model.safetensors or its shards)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, object] = {}
+        for f in files:
+            handle = self._stack.enter_context(safe_open(f, framework="pt"))
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name).float()
+
+    def stored_bytes(self, name: str) -> int:
+        s = self._where[name].get_slice(name)
+        return _numel(s.get_shape()) * _DTYPE_BYTES[s.get_dtype()]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class GGUFSource:
+    """The weights of a GGUF file, dequantized one at a time, named and laid out as transformers
+    names and lays them out for ``model`` (a skeleton of the architecture the file holds)."""
+
+    def __init__(self, gguf_file: Path, model: nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        self._reader = GGUFReader(gguf_file)
+        cfg = model.config
+        architecture = cfg.model_type
+        config = {"num_attention_heads": cfg.num_attention_heads,
+                  "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)}
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        mapping = get_gguf_hf_weights_map(model)
+        self._tensors = {}
+        for tensor in self._reader.tensors:
+            hf = mapping.get(tensor.name)
+            if hf is not None:
+                self._tensors[hf] = tensor
+        if cfg.tie_word_embeddings:
+            self._tensors.pop("lm_head.weight", None)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        tensor = self._tensors[name]
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        weights = self._processor.process(weights=weights, name=tensor.name).weights
+        return torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: the file is read-only
+
+    def stored_bytes(self, name: str) -> int:
+        return int(self._tensors[name].n_bytes)
+
+    def close(self) -> None:
+        pass
+
+
+def skeleton(config) -> nn.Module:
+    """The causal LM of ``config`` with its parameters on the meta device (no memory) and its
+    buffers (rotary frequencies, embedding scales) real: nothing else allocated until
+    ``materialize``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def materialize(module: nn.Module, prefix: str, source) -> None:
+    """Fill module's parameters (named ``prefix`` + their name in module) from source."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        owner, leaf = _owner(module, name)
+        full = prefix + name
+        try:
+            value = source.get(full)
+        except KeyError:
+            raise UserError(f"the weights have no {full}") from None
+        if tuple(value.shape) != tuple(param.shape):
+            raise UserError(f"{full}: shape {tuple(value.shape)} in the weights, "
+                            f"{tuple(param.shape)} in the model")
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def materialize_outside(model: nn.Module, layers: str, source) -> None:
+    """Fill every parameter of model not under ``layers`` (the decoder layers' prefix) from
+    source, then tie the output layer to the embedding where the config says so."""
+    tied = model.config.tie_word_embeddings
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    for name, param in list(model.named_parameters()):
+        if tied and param is head and head is not embed:  # tied below
+            continue
+        if not name.startswith(layers):
+            owner, leaf = _owner(model, name)
+            owner._parameters[leaf] = nn.Parameter(source.get(name), requires_grad=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
+def release(module: nn.Module) -> None:
+    """Return module's parameters to the meta device (their memory freed)."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        owner, leaf = _owner(module, name)
+        owner._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module, prefix: str, source) -> Iterator[nn.Module]:
+    materialize(module, prefix, source)
+    try:
+        yield module
+    finally:
+        release(module)
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, leaf = name.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def shard_names(n_layers: int) -> list[str]:
+    """The checkpoint's shards: the first for everything outside the decoder layers (embedding,
+    final norm, output layer), then one per layer."""
+    return [f"model-{k:05d}-of-{n_layers + 1:05d}.safetensors" for k in range(1, n_layers + 2)]
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """One safetensors shard; the bytes of its tensors."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def layer_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + name: t for name, t in layer.state_dict().items()}
+
+
+class LayerWeights:
+    """A streamed model's decoder layers: read from ``source`` before each layer's turn in a
+    calibration pass and let go after it; with ``sink`` set (a folder), each layer is first
+    written there as its checkpoint shard, and once the pass is over the layers are read from
+    there (``finish``)."""
+
+    def __init__(self, source, prefix: str, n_layers: int):
+        self.source, self.prefix, self.n_layers = source, prefix, n_layers
+        self.sink: Path | None = None  # where the pass at work writes the layers
+        self.work: Path | None = None  # a temporary folder holding them, removed at the end of a run
+        self.written: list[Path] = []
+
+    def open(self, i: int, layer: nn.Module) -> None:
+        materialize(layer, f"{self.prefix}{i}.", self.source)
+
+    def close(self, i: int, layer: nn.Module) -> None:
+        if self.sink is not None:
+            path = self.sink / shard_names(self.n_layers)[i + 1]
+            write_shard(path, layer_tensors(layer, f"{self.prefix}{i}."))
+            self.written.append(path)
+        release(layer)
+
+    @contextlib.contextmanager
+    def held(self, layers: list[tuple[int, nn.Module]]) -> Iterator[None]:
+        """These (index, layer) read for the time of the block, let go after it (not written)."""
+        try:
+            for i, layer in layers:
+                self.open(i, layer)
+            yield
+        finally:
+            for _, layer in layers:
+                release(layer)
+
+    def finish(self) -> None:
+        """After a pass that wrote every layer: read the layers from what it wrote."""
+        if len(self.written) != self.n_layers:
+            raise RuntimeError(f"{len(self.written)} of {self.n_layers} layers written")
+        self.source = SafetensorsSource(self.written)
+        self.sink = None
