@@ -19,10 +19,7 @@ type is read back and checked.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +41,7 @@ from ..arch import (
 from ..errors import UserError
 from ..model_io import LoadedModel
 from .base import Evaluation
+from .gguf_runner import quantize
 from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
 from .gguf_tokenizer import tokenizer_check, tokenizer_fields, tokenizer_probe
 
@@ -246,37 +244,6 @@ def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
-@contextlib.contextmanager
-def native_log(path: Path):
-    """Send what native code (llama.cpp) writes to stderr into a file: its per-tensor log is
-    kept out of the terminal, and shown only when the call fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "wb") as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
-    """llama.cpp's quantizer (through llama-cpp-python): F32 GGUF -> quant type."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
-    params.nthread = threads
-    log = dst.with_suffix(".log")
-    with native_log(log):
-        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if code != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise UserError(f"llama.cpp could not quantize {src} to {quant} (code {code}): "
-                        + " | ".join(tail))
-
-
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
     """name -> (GGML type name, shape as llama.cpp lists it: [row length, rows])."""
     import gguf
@@ -320,7 +287,7 @@ def export(loaded: LoadedModel, path: Path, quant: str = "F32") -> TypeCheck:
             write_gguf(loaded, work / "model.gguf", quant)
         else:
             write_gguf(loaded, work / "f32.gguf", "F32")
-            quantize(work / "f32.gguf", work / "model.gguf", quant)
+            quantize(work / "f32.gguf", work / "model.gguf", quant)  # in a child process
         check = check_types(work / "model.gguf", quant)
         (work / "model.gguf").replace(path)
         return check

@@ -9,6 +9,10 @@ instead of killing mosaic-export:
         --reference LOGITS.npy [--text-file TEXT] [--json OUT]
     python -m mosaic_export.targets.gguf_runner MODEL.gguf --job generate --prompt P [--json OUT]
     python -m mosaic_export.targets.gguf_runner MODEL.gguf --job generate --prompts P.json
+    python -m mosaic_export.targets.gguf_runner F32.gguf --job quantize --out Q.gguf --quant Q8_0
+
+The quantizer runs in a child too: it maps the whole float file into memory, which would count
+in this process's resident set.
 
 The safe setting (``--safe``) loads the model with llama.cpp's extra buffer types off
 (``llama_model_params.use_extra_bufts = False``): no AMX matmul and no weight repacking. ggml's AMX
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -56,7 +61,8 @@ SAFE_ENV = "MOSAIC_LLAMA_SAFE"  # 1: always load with the safe setting; 0: never
 # Fault injection for tests: the child kills itself with SIGSEGV before its first evaluation when
 # it runs without the safe setting, as llama.cpp's AMX path does on the affected machines.
 FAULT_ENV = "MOSAIC_FAULT_LLAMA_UNSAFE_SEGV"
-JOBS = {"bench": "benchmarking", "parity": "checking parity of", "generate": "generating with"}
+JOBS = {"bench": "benchmarking", "parity": "checking parity of", "generate": "generating with",
+        "quantize": "quantizing to"}
 
 
 @contextlib.contextmanager
@@ -269,6 +275,45 @@ def generate_in_process(path: Path, prompts: list[str], max_tokens: int, chat: b
     return texts
 
 
+@contextlib.contextmanager
+def native_log(path: Path):
+    """Send what native code (llama.cpp) writes to stderr into a file: its per-tensor log is
+    kept out of the terminal, and shown only when the call fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def quantize_in_process(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """llama.cpp's quantizer (through llama-cpp-python): F32 GGUF -> quant type, in this process."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = threads
+    log = dst.with_suffix(".log")
+    with native_log(log):
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise UserError(f"llama.cpp could not quantize {src} to {quant} (code {code}): "
+                        + " | ".join(tail))
+
+
+def quantize(src: Path, dst: Path, quant: str) -> dict:
+    """quantize_in_process in a child process: llama.cpp maps the float file into memory and
+    reads all of it, which would count in this process's resident set (a model's whole float32
+    size). The child's peak RSS is returned."""
+    return run_child(MODULE, [str(src), "--job", "quantize", "--out", str(dst), "--quant", quant],
+                     "llama.cpp", JOBS["quantize"], Path(dst).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
@@ -293,9 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="generate: a JSON list of prompts, answered in turn (one model load)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="quantize: the file to write")
+    p.add_argument("--quant", default=None, help="quantize: the GGUF type")
     a = p.parse_args(argv)
     try:
-        if a.job == "bench":
+        if a.job == "quantize":
+            quantize_in_process(a.model, a.out, a.quant)
+            result = {"peak_rss_bytes": peak_rss_bytes()}
+        elif a.job == "bench":
             result = measure(a.model, Evaluation.from_args(a), a.safe)
         elif a.job == "parity":
             text = a.text_file.read_text(encoding="utf-8") if a.text_file else None
