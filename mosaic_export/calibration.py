@@ -110,10 +110,12 @@ class LayerStream:
                 raise _StopForward
 
         handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in first.values()]
-        # run through to the first layer of the last kind: a streamed model's layers before it read
+        # run through to the first layer of the last kind: a streamed model's embedding and layers
+        # before it read
         held = weights.held(list(enumerate(layers))[:last]) if weights is not None else nullcontext()
+        table = weights.tables("input") if weights is not None else nullcontext()
         try:
-            with torch.no_grad(), held:
+            with torch.no_grad(), held, table:
                 for batch in input_ids.split(batch_size):
                     try:
                         model(input_ids=batch, use_cache=False)

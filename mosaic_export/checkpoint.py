@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,9 +41,10 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
     model, spec = loaded.model, loaded.spec
     names = shard_names(loaded.shape.n_layers)
     tied = {"lm_head.weight"} if loaded.shape.tied_embeddings else set()
-    outside = {k: v for k, v in model.state_dict().items()
-               if not k.startswith(spec.layers + ".") and k not in tied}
-    total = write_shard(folder / names[0], outside)
+    with loaded.weights.tables("input", "output") if loaded.weights is not None else nullcontext():
+        outside = {k: v for k, v in model.state_dict().items()
+                   if not k.startswith(spec.layers + ".") and k not in tied}
+        total = write_shard(folder / names[0], outside)
     weight_map = dict.fromkeys(outside, names[0])
     for i, (layer, name) in enumerate(zip(spec.layer_list(model), names[1:], strict=True)):
         tensors = layer_tensors(layer, f"{spec.layers}.{i}.")

@@ -11,6 +11,7 @@ next-token top-1 accuracy: how often the most likely token is the one that follo
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -58,6 +59,11 @@ def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: i
     """
     head = model.get_output_embeddings()
     hidden = _streamed_hidden(streamed, batches, batch_size, desc) if streamed is not None else None
+    with streamed.weights.tables("output") if streamed is not None else nullcontext():
+        return _score(model, head, batches, batch_size, desc, logits_chunk, hidden, text)
+
+
+def _score(model, head, batches, batch_size, desc, logits_chunk, hidden, text) -> Perplexity:
     total, count, correct = 0.0, 0, 0
     for k, chunk in enumerate(tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False)):
         h = hidden[k] if hidden is not None else model.get_decoder()(input_ids=chunk,
@@ -96,7 +102,8 @@ class StreamedForward:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, **_) -> SimpleNamespace:
         hidden = _streamed_hidden(self.loaded, input_ids, input_ids.shape[0], "forward")[0]
-        return SimpleNamespace(logits=self.loaded.model.get_output_embeddings()(hidden))
+        with self.loaded.weights.tables("output"):
+            return SimpleNamespace(logits=self.loaded.model.get_output_embeddings()(hidden))
 
 
 def forward_model(loaded):

@@ -147,8 +147,8 @@ def load_model(path: str | None = None, stream: bool = False) -> LoadedModel:
 
 
 def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedModel:
-    """The model with its decoder layers' parameters on the meta device, to be read one layer at
-    a time (weights.LayerWeights); the rest (embedding, final norm, output layer) in memory. From
+    """The model with its decoder layers' parameters and its embedding and output tables on the
+    meta device, to be read when needed (weights.LayerWeights); the final norm in memory. From
     safetensors (a folder, or a GGUF file's conversion already in gguf_cache) or, tensor by
     tensor, from the GGUF file itself."""
     from transformers import AutoConfig, AutoTokenizer
@@ -182,7 +182,7 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
     materialize_outside(model, spec.layers + ".", weights)
     shape = model_shape(model, spec)
     return LoadedModel(model, tokenizer, spec, shape, source, gguf_file,
-                       LayerWeights(weights, spec.layers + ".", shape.n_layers))
+                       LayerWeights(weights, spec.layers + ".", shape.n_layers, model))
 
 
 def _check_names(source: str, model: nn.Module, names: list[str]) -> None:

@@ -45,6 +45,7 @@ from .run_config import Inputs, RunConfig, check_lengths, prepare
 from .search import SearchResult, cost_section, measured_figures, resolve_budgets, search, search_summary
 from .targets.base import Evaluation
 from .texts import corpus
+from .units import format_bytes
 
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
@@ -121,6 +122,7 @@ class Dense:
     calib: torch.Tensor
     perplexity: Perplexity | None
     load_s: float
+    need_bytes: int | None = None  # a streamed run: the peak memory.run_needs expects
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,9 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
     t0 = time.perf_counter()
     loaded = load_model(config.model, stream=config.stream)
     load_s = time.perf_counter() - t0
-    if config.max_rss is not None:
-        check_max_rss(config, loaded, inputs.settings)
+    need = check_max_rss(config, loaded, inputs.settings) if loaded.weights is not None else None
+    if need is not None:
+        log(f"streamed: the decoder layers read from disk one at a time; {format_bytes(need)} needed")
     check_lengths(config, loaded, inputs.settings)
     if any(d.n_head == 0 for d in loaded.layer_dims):
         raise UserError(f"{loaded.source} already has removed blocks: prune the model it was made from")
@@ -226,7 +229,7 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
                            config.eval_seq_len, config.eval_windows, config.eval_text)
     calib = calibration_ids(loaded, inputs.settings, recovery_state_dir(config.out), config.device)
     ppl = shared.perplexity if shared else _perplexity(config, loaded, eval_ids, "dense")
-    return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s)
+    return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s, need)
 
 
 def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
@@ -317,7 +320,7 @@ def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
                    "peak_rss_after_prune_bytes": pruned.peak_rss_bytes, "dense_fp32_bytes": fp32,
                    "pruned_fp32_bytes": 4 * pruned.counts["total"],
                    "peak_rss_over_fp32_model": exported.peak_rss_bytes / fp32,
-                   "streamed": loaded.weights is not None},
+                   "streamed": loaded.weights is not None, "streamed_need_bytes": dense.need_bytes},
         "budgets": dataclasses.asdict(dense.profile.budgets),
         "layers": [lp.dims.__dict__ for lp in plan.layers],
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,

@@ -119,6 +119,8 @@ def skeleton(config) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     return model.eval()
 
 
@@ -138,18 +140,15 @@ def materialize(module: nn.Module, prefix: str, source) -> None:
 
 
 def materialize_outside(model: nn.Module, layers: str, source) -> None:
-    """Fill every parameter of model not under ``layers`` (the decoder layers' prefix) from
-    source, then tie the output layer to the embedding where the config says so."""
-    tied = model.config.tie_word_embeddings
-    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    """Fill every parameter of model outside the decoder layers (``layers``: their prefix) and
+    the embedding and output tables (LayerWeights.tables reads those when needed) from source:
+    the final norm, and whatever else a model keeps there."""
+    tables = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+              for p in m.parameters()}
     for name, param in list(model.named_parameters()):
-        if tied and param is head and head is not embed:  # tied below
-            continue
-        if not name.startswith(layers):
+        if not name.startswith(layers) and id(param) not in tables:
             owner, leaf = _owner(model, name)
             owner._parameters[leaf] = nn.Parameter(source.get(name), requires_grad=False)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
 
 
 def release(module: nn.Module) -> None:
@@ -201,11 +200,39 @@ class LayerWeights:
     written there as its checkpoint shard, and once the pass is over the layers are read from
     there (``finish``)."""
 
-    def __init__(self, source, prefix: str, n_layers: int):
-        self.source, self.prefix, self.n_layers = source, prefix, n_layers
+    def __init__(self, source, prefix: str, n_layers: int, model: nn.Module):
+        self.source, self.prefix, self.n_layers, self.model = source, prefix, n_layers, model
+        self.outside = source  # the embedding and output tables stay read from the model's files
         self.sink: Path | None = None  # where the pass at work writes the layers
         self.work: Path | None = None  # a temporary folder holding them, removed at the end of a run
         self.written: list[Path] = []
+        self._holds: dict[int, int] = {}  # id(table module) -> how many blocks hold it
+
+    @contextlib.contextmanager
+    def tables(self, *which: str) -> Iterator[None]:
+        """The embedding ("input") and output layer ("output") tables read for the time of the
+        block (a tied output layer is the embedding's table), nested holds counted."""
+        model = self.model
+        tied = model.config.tie_word_embeddings
+        modules = {"input": model.get_input_embeddings(),
+                   "output": model.get_input_embeddings() if tied else model.get_output_embeddings()}
+        chosen = list({id(modules[w]): modules[w] for w in which}.values())
+        names = {id(m): n for n, m in model.named_modules()}
+        for m in chosen:
+            if self._holds.get(id(m), 0) == 0:
+                materialize(m, names[id(m)] + ".", self.outside)
+            self._holds[id(m)] = self._holds.get(id(m), 0) + 1
+        if tied:
+            model.tie_weights()
+        try:
+            yield
+        finally:
+            for m in chosen:
+                self._holds[id(m)] -= 1
+                if self._holds[id(m)] == 0:
+                    release(m)
+            if tied:
+                model.tie_weights()
 
     def open(self, i: int, layer: nn.Module) -> None:
         materialize(layer, f"{self.prefix}{i}.", self.source)

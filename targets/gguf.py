@@ -140,15 +140,21 @@ def tensors(loaded: LoadedModel, read: bool = True) -> Iterator[tuple[str, torch
     only)."""
     model, spec = loaded.model, loaded.spec
     permute = gguf_arch(loaded) in PAIRED_ROPE
-    yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
+    streamed = read and loaded.weights is not None
+
+    def reading(held):
+        return held if streamed else contextlib.nullcontext()
+
+    with reading(loaded.weights and loaded.weights.tables("input")):
+        yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
     for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        held = loaded.weights.held([(bid, layer)]) if read and loaded.weights else contextlib.nullcontext()
-        with held:
+        with reading(loaded.weights and loaded.weights.held([(bid, layer)])):
             yield from _layer_tensors(spec, layer, bid, dims, permute)
     final = model.get_submodule(spec.final_norm)
     yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", spec.norm_weight(final)
     if not loaded.shape.tied_embeddings:
-        yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
+        with reading(loaded.weights and loaded.weights.tables("output")):
+            yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
 
 
 def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -172,8 +178,9 @@ def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple
 def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: bool = False) -> None:
     """Write the model as a float GGUF file (F32, F16 or BF16) at path.
 
-    ``standin``: every 2-D tensor is replaced by zeros of STANDIN_SHAPE and the tokenizer is left
-    out (the other metadata and the names stay): a small file on which llama.cpp's quantizer
+    ``standin``: every 2-D tensor is replaced by zeros of STANDIN_SHAPE, every 1-D one by zeros,
+    and the tokenizer is left out (the other metadata and the names stay; no weight is read): a
+    small file on which llama.cpp's quantizer
     shows the type it wants per tensor, read back in a fraction of a second (a 49,152-token
     vocabulary takes gguf-py seconds to parse, twice per pricing)."""
     import gguf
@@ -208,7 +215,7 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: boo
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for _, t in tensors(loaded):  # then the data, one tensor (a streamed model: one layer) at a time
+    for _, t in tensors(loaded, read=not standin):  # then the data, a tensor (a layer) at a time
         w.write_tensor_data(_tensor_data(t, dtype, standin))
     w.close()
 
@@ -232,11 +239,12 @@ def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
     1-D ones (norms, biases) in F32 in every type, as llama.cpp keeps them."""
     import gguf
 
-    data = t.detach().float().numpy()
+    if standin:  # types only: nothing is read (a streamed model's weights stay on disk)
+        data = np.zeros(STANDIN_SHAPE if t.dim() == 2 else tuple(t.shape), dtype=np.float32)
+    else:
+        data = t.detach().float().numpy()
     if data.ndim != 2:
         return np.ascontiguousarray(data)
-    if standin:
-        data = np.zeros(STANDIN_SHAPE, dtype=np.float32)
     if dtype == "F16":
         return data.astype(np.float16)
     if dtype == "BF16":

@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{a.out.name}.partial-{os.getpid()}-", dir=a.out.parent))
     try:
         total = write(a, tmp, tokenizer)
+        mask = os.umask(0)
+        os.umask(mask)
+        for path in [tmp, *tmp.iterdir()]:  # as mkdir and open make them (mkdtemp's and safetensors' 0600)
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         tmp.rename(a.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -91,16 +91,21 @@ def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, t
 
 
 def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
-    """Opened streamed, only the embedding, final norm and output layer are in memory; a layer
-    read from the source equals the whole load's, and goes back to meta when let go."""
+    """Opened streamed, only the final norm is in memory; a layer or the embedding read from the
+    source equals the whole load's, and goes back to meta when let go (nested holds counted)."""
     whole = load_model(str(tiny_model_dir))
     streamed = load_model(str(tiny_model_dir), stream=True)
-    layers = streamed.spec.layer_list(streamed.model)
-    assert all(p.is_meta for p in layers.parameters())
+    model, layers = streamed.model, streamed.spec.layer_list(streamed.model)
+    assert all(p.is_meta for p in layers.parameters()) and model.get_input_embeddings().weight.is_meta
+    assert not model.get_submodule(streamed.spec.final_norm).weight.is_meta
     assert streamed.shape == whole.shape and streamed.layer_dims == whole.layer_dims
-    embed = streamed.model.get_input_embeddings().weight
-    assert torch.equal(embed, whole.model.get_input_embeddings().weight)
-    assert streamed.model.get_output_embeddings().weight is streamed.model.get_input_embeddings().weight
+    with streamed.weights.tables("input"):
+        with streamed.weights.tables("output"):  # tied: the same table, held twice
+            embed = model.get_input_embeddings().weight
+            assert torch.equal(embed, whole.model.get_input_embeddings().weight)
+            assert model.get_output_embeddings().weight is embed
+        assert not model.get_input_embeddings().weight.is_meta
+    assert model.get_input_embeddings().weight.is_meta and model.get_output_embeddings().weight.is_meta
     with streamed.weights.held([(1, layers[1])]):
         ours = layers[1].state_dict()
         for name, value in whole.spec.layer_list(whole.model)[1].state_dict().items():
@@ -128,7 +133,8 @@ def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path,
             str(tmp_path / "out")]
     assert main([*base, "--max-rss", "64MiB"]) == 2
     err = capsys.readouterr().err
-    assert "--max-rss 64.0 MiB is less than this run needs, about" in err and "one layer" in err
+    assert "--max-rss 64.0 MiB is less than this run needs, about" in err
+    assert "a calibration pass over one layer" in err
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert main([*base[:-4], "--target", "onnx", "--stream", "--out", str(tmp_path / "out")]) == 2
     assert "--stream does not work with --target onnx" in capsys.readouterr().err
