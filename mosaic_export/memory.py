@@ -5,9 +5,9 @@ torch, the tokenizer, the final norm) and, on top, the largest of what its phase
 
 - a calibration pass over a layer: the layer in float32, twice while it is resized (the new
   tensors made before the old ones go); the input statistics of its projections (a Gram matrix
-  of each input group, where a method needs one, and SparseGPT's inverse and factor of the
-  largest beside them); the calibration hidden states, the layer's inputs and outputs; the
-  activations of one batch inside it (the MLP's channels, the attention scores);
+  of each input group, where a method needs one) and the largest solve beside them
+  (compensation's float64 system); the calibration hidden states, the layer's inputs and
+  outputs; the activations of one batch inside it (the MLP's channels, the attention scores);
 - scoring perplexity: the windows' hidden states, the output table and a chunk of logits;
 - writing the checkpoint's first shard: the embedding and output tables (one if tied);
 - writing the GGUF file: a layer, or a table, at a time.
@@ -37,7 +37,11 @@ def run_needs(loaded, settings, config) -> dict[str, int]:
     layer = shape.layer_params(shape.dense_dims) * FLOAT
     inputs = {"attention": shape.hidden, "o": shape.n_head * shape.head_dim, "mlp": shape.hidden,
               "down": shape.n_ff}
-    grams = (sum(n * n for n in inputs.values()) + 2 * max(inputs.values()) ** 2) * FLOAT
+    widest = max(inputs.values())
+    # the float32 Gram matrices; beside them the largest solve: least-squares compensation's kept
+    # rows and H[K, K] with its factor in float64 (prune.structured.compensate), more than
+    # SparseGPT's float32 inverse
+    grams = sum(n * n for n in inputs.values()) * FLOAT + 2 * widest * (widest + shape.hidden) * 8
     c = settings.calibration
     calibration = 2 * c.n_samples * c.seq_len * shape.hidden * FLOAT
     inside = (config.calib_batch_size * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden)

@@ -1,8 +1,9 @@
 """Weights read one tensor at a time, for models bigger than memory (issue 15).
 
 A ``WeightSource`` gives any weight of a model by its Hugging Face name, in float32, reading only
-that tensor: from safetensors files, memory-mapped, in their stored dtype (bf16, fp16 or fp32)
-until converted; or from a GGUF file, dequantized one tensor at a time and put in transformers'
+that tensor, with one positioned read (not through a memory map, whose pages would stay in the
+resident set): from safetensors files, in their stored dtype (bf16, fp16 or fp32) until
+converted; or from a GGUF file, dequantized one tensor at a time and put in transformers'
 layout (the same processing transformers' whole-file loader applies: Llama's q and k rows
 un-permuted). ``skeleton`` builds the model with every parameter on the meta device (no memory);
 ``materialize`` fills one module's parameters from a source and ``release`` returns them to meta,
@@ -18,6 +19,7 @@ so the two paths write the same bytes.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,40 +30,38 @@ from .errors import UserError
 
 
 class SafetensorsSource:
-    """The weights of safetensors files (a folder's model.safetensors or its shards)."""
+    """The weights of safetensors files (a folder's model.safetensors or its shards), each tensor
+    read with one positioned read. Not memory-mapped: the pages of a mapped file that a pass has
+    read stay in the process's resident set while the file is open, which over a whole pass is the
+    whole model."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._stack = contextlib.ExitStack()
-        self._where: dict[str, object] = {}
+        self._where: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for f in files:
-            handle = self._stack.enter_context(safe_open(f, framework="pt"))
-            for name in handle.keys():
-                self._where[name] = handle
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start, end = entry["data_offsets"]
+                    self._where[name] = (Path(f), entry["dtype"], entry["shape"], 8 + n + start, end - start)
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name).float()
-
-    def stored_bytes(self, name: str) -> int:
-        s = self._where[name].get_slice(name)
-        return _numel(s.get_shape()) * _DTYPE_BYTES[s.get_dtype()]
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+        path, dtype, shape, offset, size = self._where[name]
+        data = bytearray(size)
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            if fh.readinto(data) != size:
+                raise UserError(f"{path}: {name} is cut short")
+        return torch.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape).float()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 class GGUFSource:
@@ -76,7 +76,7 @@ class GGUFSource:
             get_gguf_hf_weights_map,
         )
 
-        self._reader = GGUFReader(gguf_file)
+        self._reader, self._path = GGUFReader(gguf_file), gguf_file
         cfg = model.config
         architecture = cfg.model_type
         config = {"num_attention_heads": cfg.num_attention_heads,
@@ -98,16 +98,15 @@ class GGUFSource:
         import numpy as np
         from gguf import dequantize
 
-        tensor = self._tensors[name]
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        tensor = self._tensors[name]  # read with one positioned read, not through the file's map
+        data = bytearray(int(tensor.n_bytes))
+        with open(self._path, "rb", buffering=0) as fh:
+            fh.seek(int(tensor.data_offset))
+            fh.readinto(data)
+        stored = np.frombuffer(data, dtype=tensor.data.dtype).reshape(tensor.data.shape)
+        weights = dequantize(stored, tensor.tensor_type)
         weights = self._processor.process(weights=weights, name=tensor.name).weights
-        return torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: the file is read-only
-
-    def stored_bytes(self, name: str) -> int:
-        return int(self._tensors[name].n_bytes)
-
-    def close(self) -> None:
-        pass
+        return torch.from_numpy(np.array(weights, dtype=np.float32))
 
 
 def skeleton(config) -> nn.Module:
