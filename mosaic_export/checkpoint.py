@@ -10,7 +10,6 @@ every layer at its recorded sizes, then loads the weights strictly.
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,10 +49,11 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
         tensors = layer_tensors(layer, f"{spec.layers}.{i}.")
         if loaded.weights is None:
             total += write_shard(folder / name, tensors)
-        else:
-            shutil.move(loaded.weights.written[i], folder / name)
+        else:  # the shard its last pass wrote, under this name (weights.shard_names)
             total += sum(t.numel() * 4 for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
+    if loaded.weights is not None:
+        loaded.weights.move(folder)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     config = {**model.config.to_diff_dict(), "architectures": [type(model).__name__]}

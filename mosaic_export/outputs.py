@@ -146,7 +146,8 @@ def write_outputs(out: Path, force: bool, build: Callable[[Path], None], log=pri
     except OSError as e:
         if discard:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write {out}: {e.strerror or e}{where}") from None
     except BaseException as e:
         if discard:
             shutil.rmtree(tmp, ignore_errors=True)

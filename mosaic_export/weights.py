@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def materialize(module: nn.Module, prefix: str, source) -> None:
 
 
 def materialize_outside(model: nn.Module, layers: str, source) -> None:
-    """Fill every parameter of model outside the decoder layers (``layers``: their prefix) and
-    the embedding and output tables (LayerWeights.tables reads those when needed) from source:
-    the final norm, and whatever else a model keeps there."""
+    """Fill from source the parameters that are neither in a decoder layer (``layers``: their
+    prefix) nor in the embedding or output table (LayerWeights.tables reads those when needed):
+    the final norm, and whatever else a model keeps outside its layers."""
     tables = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
               for p in m.parameters()}
     for name, param in list(model.named_parameters()):
@@ -155,15 +156,6 @@ def release(module: nn.Module) -> None:
     for name, param in list(module.named_parameters(recurse=True)):
         owner, leaf = _owner(module, name)
         owner._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-
-
-@contextlib.contextmanager
-def materialized(module: nn.Module, prefix: str, source) -> Iterator[nn.Module]:
-    materialize(module, prefix, source)
-    try:
-        yield module
-    finally:
-        release(module)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -260,3 +252,13 @@ class LayerWeights:
             raise RuntimeError(f"{len(self.written)} of {self.n_layers} layers written")
         self.source = SafetensorsSource(self.written)
         self.sink = None
+
+    def move(self, folder: Path) -> None:
+        """Move the layer shards the last pass wrote into folder (the checkpoint), and read the
+        layers from there."""
+        moved = []
+        for path in self.written:
+            moved.append(folder / path.name)
+            shutil.move(path, moved[-1])
+        self.written = moved
+        self.source = SafetensorsSource(moved)
