@@ -9,7 +9,8 @@ models bigger than any this machine can download (issue 15). Its quality means n
 The folder is an ordinary Hugging Face one: config.json, safetensors shards in the stored dtype
 (bf16 by default) with model.safetensors.index.json, and a tokenizer (the built-in model's,
 SmolLM2's 49,152 tokens, unless --tokenizer names another model; the vocabulary must be at least
-the tokenizer's). Deterministic: each tensor is drawn from its own generator, seeded from --seed
+the tokenizer's, which is padded with tokens <synthetic_N> to exactly --vocab: llama.cpp sizes
+the embedding by the tokens it reads). Deterministic: each tensor is drawn from its own generator, seeded from --seed
 and the tensor's name, so the same arguments write the same bytes. Linear weights are normal with
 std 0.02 (o and down scaled by 1 / sqrt(2 * layers), as GPT-2 does, to keep the residual stream
 bounded); norms are ones. Tensors are made and written one shard at a time, so memory stays near
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_synthetic: error: the tokenizer has {len(tokenizer)} tokens, more than "
               f"--vocab {a.vocab}", file=sys.stderr)
         return 2
+    # llama.cpp sizes the embedding by the vocabulary it reads: as many tokens as rows
+    tokenizer.add_tokens([f"<synthetic_{i}>" for i in range(a.vocab - len(tokenizer))])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{a.out.name}.partial-{os.getpid()}-", dir=a.out.parent))
     try:

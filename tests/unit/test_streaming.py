@@ -16,7 +16,7 @@ from mosaic_export.model_io import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "96",
-         "--vocab", "320", "--shard-size", "40KiB"]
+         "--vocab", "336", "--shard-size", "40KiB"]
 
 
 def _make(out: Path, tokenizer: Path, *more: str) -> subprocess.CompletedProcess:
@@ -38,8 +38,9 @@ def test_make_synthetic_writes_a_loadable_deterministic_checkpoint(tiny_model_di
     assert len(set(index["weight_map"].values())) > 1  # sharded at 40 KiB
     assert _digest(a) == _digest(b) and len(_digest(a)) == len(set(index["weight_map"].values()))
     loaded = load_model(str(a))
+    assert len(loaded.tokenizer) == 336  # the tiny tokenizer's 320, padded to --vocab
     assert (loaded.shape.n_layers, loaded.shape.hidden, loaded.shape.n_head, loaded.shape.n_kv,
-            loaded.shape.n_ff) == (2, 64, 4, 2, 96)
+            loaded.shape.n_ff, loaded.shape.vocab) == (2, 64, 4, 2, 96, 336)
     q = loaded.spec.projection(loaded.spec.layer_list(loaded.model)[0], "q").weight
     assert q.std().item() == pytest.approx(0.02, rel=0.1)  # bf16-rounded normal weights
     assert torch.equal(q, q.bfloat16().float())  # stored in bf16
