@@ -11,10 +11,11 @@ The folder is an ordinary Hugging Face one: config.json, safetensors shards in t
 SmolLM2's 49,152 tokens, unless --tokenizer names another model; the vocabulary must be at least
 the tokenizer's, which is padded with tokens <synthetic_N> to exactly --vocab: llama.cpp sizes
 the embedding by the tokens it reads). Deterministic: each tensor is drawn from its own
-generator, seeded from --seed and the tensor's name, so the same arguments write the same bytes. Linear weights are normal with
-std 0.02 (o and down scaled by 1 / sqrt(2 * layers), as GPT-2 does, to keep the residual stream
-bounded); norms are ones. Tensors are made and written one shard at a time, so memory stays near
-one shard (--shard-size). The folder is written beside --out and moved into place when complete.
+generator, seeded from --seed and the tensor's name, so the same arguments write the same bytes.
+Linear weights are normal with std 0.02 (o and down scaled by 1 / sqrt(2 * layers), as GPT-2
+does, to keep the residual stream bounded); norms are ones. Tensors are made and written one
+shard at a time, so memory stays near one shard (--shard-size). The folder is written beside
+--out and moved into place when complete.
 """
 
 from __future__ import annotations
