@@ -56,7 +56,8 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
         loaded.weights.move(folder)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    config = {**model.config.to_diff_dict(), "architectures": [type(model).__name__]}
+    # the weights are float32 whatever the source's dtype (a streamed model's config keeps it)
+    config = {**model.config.to_diff_dict(), "architectures": [type(model).__name__], "dtype": "float32"}
     config[CHECKPOINT_KEY] = {
         "version": CHECKPOINT_VERSION,
         "dense_shape": loaded.shape.to_dict(),

@@ -145,6 +145,8 @@ def cmd_sweep(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.sparsity is not None:
         raise UserError("a sweep sets the sparsity itself: use --targets instead of --sparsity")
+    if args.stream or args.max_rss is not None:
+        raise UserError("a sweep does not stream yet: drop --stream / --max-rss")
     args.sparsity = 0.0
     sweep(_config(args), args.targets)
     return 0

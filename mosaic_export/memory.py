@@ -30,7 +30,7 @@ def resident_bytes() -> int:
     return proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
-def run_needs(loaded, settings, config) -> dict[str, int]:
+def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     """Bytes a streamed run needs at its peak: resident once opened, and each phase's own (see
     the module's docstring); the need is the first plus the largest of the others."""
     shape = loaded.shape
@@ -47,17 +47,17 @@ def run_needs(loaded, settings, config) -> dict[str, int]:
     inside = (config.calib_batch_size * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden)
               + config.calib_batch_size * shape.n_head * c.seq_len ** 2) * FLOAT
     table = shape.vocab * shape.hidden * FLOAT
-    windows = config.eval_windows if config.eval_windows is not None else 64
     scoring = (2 * windows * config.eval_seq_len * shape.hidden + 2 * 128 * shape.vocab) * FLOAT + table
     return {"resident once opened": resident_bytes(),
             "a calibration pass over one layer": 2 * layer + grams + calibration + inside,
-            "scoring perplexity": scoring if config.eval_windows != 0 else 0,
+            "scoring perplexity": scoring if windows else 0,
             "the checkpoint's tables": table * (1 if shape.tied_embeddings else 2)}
 
 
-def check_max_rss(config, loaded, settings) -> int:
-    """The bytes the run needs; refused, before any work, when --max-rss is less (with the figure)."""
-    parts = run_needs(loaded, settings, config)
+def check_max_rss(config, loaded, settings, windows: int) -> int:
+    """The bytes the run needs (``windows``: the perplexity windows); refused, before any work,
+    when --max-rss is less (with the figure)."""
+    parts = run_needs(loaded, settings, config, windows)
     need = parts["resident once opened"] + max(v for k, v in parts.items() if k != "resident once opened")
     if config.max_rss is not None and need > config.max_rss:
         detail = "; ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())

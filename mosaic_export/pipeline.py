@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -31,7 +32,7 @@ from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_check, joint_search
 from .memory import check_max_rss
 from .model_io import LoadedModel, decoder_counts, load_model
-from .outputs import check_free_space, write_outputs
+from .outputs import TMP_INFIX, check_free_space, write_outputs
 from .plan import Plan
 from .planner import layers_may_differ, make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
@@ -204,9 +205,6 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
     t0 = time.perf_counter()
     loaded = load_model(config.model, stream=config.stream)
     load_s = time.perf_counter() - t0
-    need = check_max_rss(config, loaded, inputs.settings) if loaded.weights is not None else None
-    if need is not None:
-        log(f"streamed: the decoder layers read from disk one at a time; {format_bytes(need)} needed")
     check_lengths(config, loaded, inputs.settings)
     if any(d.n_head == 0 for d in loaded.layer_dims):
         raise UserError(f"{loaded.source} already has removed blocks: prune the model it was made from")
@@ -227,6 +225,10 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
     if config.eval_windows != 0:
         eval_ids = windows(tokenize(loaded.tokenizer, corpus(config.eval_text)),
                            config.eval_seq_len, config.eval_windows, config.eval_text)
+    windows_n = 0 if eval_ids is None else len(eval_ids)
+    need = check_max_rss(config, loaded, inputs.settings, windows_n) if loaded.weights is not None else None
+    if need is not None:
+        log(f"streamed: the decoder layers read from disk one at a time; {format_bytes(need)} needed")
     calib = calibration_ids(loaded, inputs.settings, recovery_state_dir(config.out), config.device)
     ppl = shared.perplexity if shared else _perplexity(config, loaded, eval_ids, "dense")
     return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s, need)
@@ -246,8 +248,8 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
         log(search_summary(found))
     check_free_space(config.out, plan, pricing, dense.counts["total"])
     if loaded.weights is not None:  # each pruned layer written as its checkpoint shard
-        loaded.weights.sink = loaded.weights.work = Path(tempfile.mkdtemp(
-            prefix=f".{config.out.name}.layers-", dir=config.out.resolve().parent))
+        loaded.weights.sink = loaded.weights.work = Path(tempfile.mkdtemp(  # found by clean_stale
+            prefix=f".{config.out.name}{TMP_INFIX}{os.getpid()}-layers-", dir=config.out.resolve().parent))
     apply_plan(stream, loaded.spec, plan)
     del stream
     if loaded.weights is not None:

@@ -130,7 +130,8 @@ def _check_stream(config: RunConfig, target) -> None:
          f"{', '.join(streamed)})", config.target is not None and not target.streams),
         ("a budget search (give --sparsity)", config.search), ("--plan", config.plan),
         ("--recover", config.recover), ("--check-neighbour", config.check_neighbour),
-        ("--ray", config.ray)) if used]
+        ("--ray", config.ray), ("--calib-text self (the dense model generating its own text)",
+                                config.settings.calibration.source == SELF)) if used]
     if unsupported:
         raise UserError(f"--stream does not work with {unsupported[0]} yet")
     if config.max_rss is not None and config.max_rss <= 0:

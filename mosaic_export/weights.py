@@ -52,12 +52,22 @@ class SafetensorsSource:
 
     def get(self, name: str) -> torch.Tensor:
         path, dtype, shape, offset, size = self._where[name]
-        data = bytearray(size)
-        with open(path, "rb", buffering=0) as fh:
-            fh.seek(offset)
-            if fh.readinto(data) != size:
-                raise UserError(f"{path}: {name} is cut short")
+        data = read_at(path, offset, size, name)
         return torch.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape).float()
+
+
+def read_at(path: Path, offset: int, size: int, name: str) -> bytearray:
+    """size bytes of path from offset (in several reads: Linux gives at most about 2 GiB a read)."""
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        while done < size:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise UserError(f"{path}: {name} is cut short")
+            done += n
+    return data
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -99,15 +109,12 @@ class GGUFSource:
         import numpy as np
         from gguf import dequantize
 
-        tensor = self._tensors[name]  # read with one positioned read, not through the file's map
-        data = bytearray(int(tensor.n_bytes))
-        with open(self._path, "rb", buffering=0) as fh:
-            fh.seek(int(tensor.data_offset))
-            fh.readinto(data)
+        tensor = self._tensors[name]  # read from the file, not through its map
+        data = read_at(self._path, int(tensor.data_offset), int(tensor.n_bytes), name)
         stored = np.frombuffer(data, dtype=tensor.data.dtype).reshape(tensor.data.shape)
         weights = dequantize(stored, tensor.tensor_type)
         weights = self._processor.process(weights=weights, name=tensor.name).weights
-        return torch.from_numpy(np.array(weights, dtype=np.float32))
+        return torch.from_numpy(np.asarray(weights, dtype=np.float32))
 
 
 def skeleton(config) -> nn.Module:
@@ -209,16 +216,18 @@ class LayerWeights:
                    "output": model.get_input_embeddings() if tied else model.get_output_embeddings()}
         chosen = list({id(modules[w]): modules[w] for w in which}.values())
         names = {id(m): n for n, m in model.named_modules()}
-        for m in chosen:
-            if self._holds.get(id(m), 0) == 0:
-                materialize(m, names[id(m)] + ".", self.outside)
-            self._holds[id(m)] = self._holds.get(id(m), 0) + 1
-        if tied:
-            model.tie_weights()
+        taken = []
         try:
+            for m in chosen:
+                if self._holds.get(id(m), 0) == 0:
+                    materialize(m, names[id(m)] + ".", self.outside)
+                self._holds[id(m)] = self._holds.get(id(m), 0) + 1
+                taken.append(m)
+            if tied:
+                model.tie_weights()
             yield
         finally:
-            for m in chosen:
+            for m in taken:
                 self._holds[id(m)] -= 1
                 if self._holds[id(m)] == 0:
                     release(m)

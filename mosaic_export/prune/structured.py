@@ -89,9 +89,9 @@ def compensate(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
     Minimises ||X W^T - X_K W'^T|| over W' (out, |K|) with H = X^T X (in, in):
     W' = W H[:, K] (H[K, K] + damp * mean(diag H[K, K]) I)^-1.
 
-    Memory: the kept rows of H in float64, then H[K, K] and its factor; never the whole of H in
-    float64 nor an identity beside it (for Llama-3.1-8B's down projection, 14,336 inputs, that
-    was 6 GB at once; now at most 2.6 GB).
+    Memory: the kept rows of H in float64 (|K| x in x 8 bytes), then H[K, K] and its factor
+    (2 x |K|^2 x 8); never the whole of H in float64 nor an identity beside it (for
+    Llama-3.1-8B's down projection, 14,336 inputs, 80% kept, that was about 6 GB at once).
     """
     rows = hessian[keep].double()  # H[K, :]
     rhs = rows @ weight.double().T  # (|K|, out) = H[K, :] W^T

@@ -130,8 +130,8 @@ def test_gguf_source_equals_the_whole_conversion():
 def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path, capsys):
     from mosaic_export.cli import main
 
-    base = ["--model", str(tiny_model_dir), "--sparsity", "0.3", "--target", "none", "--out",
-            str(tmp_path / "out")]
+    base = ["--model", str(tiny_model_dir), "--sparsity", "0.3", "--calib-seq-len", "64", "--eval-seq-len",
+            "64", "--target", "none", "--out", str(tmp_path / "out")]
     assert main([*base, "--max-rss", "64MiB"]) == 2
     err = capsys.readouterr().err
     assert "--max-rss 64.0 MiB is less than this run needs, about" in err
@@ -139,3 +139,8 @@ def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path,
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert main([*base[:-4], "--target", "onnx", "--stream", "--out", str(tmp_path / "out")]) == 2
     assert "--stream does not work with --target onnx" in capsys.readouterr().err
+    assert main([*base, "--stream", "--calib-text", "self"]) == 2
+    assert "--stream does not work with --calib-text self" in capsys.readouterr().err
+    assert main(["sweep", "--model", str(tiny_model_dir), "--stream", "--out", str(tmp_path / "s")]) == 2
+    assert "a sweep does not stream yet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
