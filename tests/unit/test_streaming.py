@@ -144,3 +144,21 @@ def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path,
     assert main(["sweep", "--model", str(tiny_model_dir), "--stream", "--out", str(tmp_path / "s")]) == 2
     assert "a sweep does not stream yet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reload_shapes_finds_a_missing_weight(tiny_model_dir, tmp_path):
+    """A streamed run's check of its written checkpoint: every weight there once, at its shape."""
+    from safetensors.torch import load_file, save_file
+
+    from mosaic_export.checkpoint import reload_shapes, save_checkpoint
+
+    loaded = load_model(str(tiny_model_dir))
+    save_checkpoint(loaded, tmp_path / "ck")
+    assert reload_shapes(loaded, tmp_path / "ck")["tensors_checked"] == len(loaded.model.state_dict()) - 1
+    shard = tmp_path / "ck" / "model-00002-of-00004.safetensors"
+    tensors = load_file(shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, shard)
+    with pytest.raises(RuntimeError, match=f"does not hold the resized model: {dropped}"):
+        reload_shapes(loaded, tmp_path / "ck")
