@@ -9,12 +9,16 @@ Gram matrix H = X^T X (SparseGPT, compensation).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -91,7 +95,9 @@ class LayerStream:
         """``weights``: a streamed model's (model_io.LoadedModel.weights): each layer is read
         before its turn in ``layers`` and let go (or written, see LayerWeights.sink) after it."""
         self.model, self.spec, self.weights = model, spec, weights
-        self.hidden: list[torch.Tensor] = []  # per batch (B, T, hidden)
+        # per batch (B, T, hidden); a streamed model's on disk, in its run's work folder
+        spill = weights.work if weights is not None else None
+        self.hidden: list[torch.Tensor] | SpilledStates = SpilledStates(spill) if spill else []
         # per kind of layer (transformers' attention_type: Gemma's sliding and full layers get
         # different masks), per batch: the layer's keyword inputs (mask, position embeddings, ...)
         self.kwargs: dict[str | None, list[dict]] = {}
@@ -110,13 +116,13 @@ class LayerStream:
                 raise _StopForward
 
         handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in first.values()]
-        # run through to the first layer of the last kind: a streamed model's embedding and layers
-        # before it read
+        # run through to the first layer of the last kind: a streamed model's layers before it
+        # read, and of its embedding only the rows of these ids
         held = weights.held(list(enumerate(layers))[:last]) if weights is not None else nullcontext()
-        table = weights.tables("input") if weights is not None else nullcontext()
+        rows = weights.embedding_rows(input_ids) if weights is not None else nullcontext(input_ids)
         try:
-            with torch.no_grad(), held, table:
-                for batch in input_ids.split(batch_size):
+            with torch.no_grad(), held, rows as ids:
+                for batch in ids.split(batch_size):
                     try:
                         model(input_ids=batch, use_cache=False)
                     except _StopForward:
@@ -136,17 +142,18 @@ class LayerStream:
             release_memory()
 
     @torch.no_grad()
-    def run(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The layer's outputs on the current inputs."""
-        outs = []
-        for h, kw in zip(self.hidden, self.kwargs[_kind(layer)], strict=True):
+    def run(self, layer: nn.Module, advance: bool = False) -> list[torch.Tensor]:
+        """The layer's outputs on the current inputs; with ``advance`` they replace the inputs
+        (the next layer's), a batch at a time, so that both are never held whole."""
+        outs = self.hidden if advance else [None] * len(self.hidden)
+        for k, (h, kw) in enumerate(zip(self.hidden, self.kwargs[_kind(layer)], strict=True)):
             out = layer(h, **kw)
-            outs.append(out[0] if isinstance(out, tuple) else out)
+            outs[k] = out[0] if isinstance(out, tuple) else out
         return outs
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: the next layer's inputs."""
-        self.hidden = self.run(layer)
+        self.run(layer, advance=True)
 
     @torch.no_grad()
     def statistics(self, layer: nn.Module, hessian_groups: set[str],
@@ -179,13 +186,40 @@ class LayerStream:
 
             handles.append(module.register_forward_hook(hook))
         try:
-            outputs = self.run(layer)
+            self.run(layer, advance)
         finally:
             for h in handles:
                 h.remove()
-        if advance:
-            self.hidden = outputs
         return stats
+
+
+class SpilledStates:
+    """Hidden states kept on disk, a batch to a file, read when an item is used and written when
+    one is set or appended: a list in which only the batch at work is in memory. The files go
+    with the object."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(tempfile.mkdtemp(prefix="states-", dir=folder))
+        self.shapes: list[tuple[int, ...]] = []
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        data = np.fromfile(self.folder / f"{k}.bin", dtype=np.float32)
+        return torch.from_numpy(data).view(self.shapes[k])
+
+    def __setitem__(self, k: int, value: torch.Tensor) -> None:
+        value.detach().float().contiguous().numpy().tofile(self.folder / f"{k}.bin")
+        self.shapes[k] = tuple(value.shape)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[k] for k in range(len(self)))
+
+    def append(self, value: torch.Tensor) -> None:
+        self.shapes.append(tuple(value.shape))
+        self[len(self.shapes) - 1] = value
 
 
 def source_windows(loaded: LoadedModel, source: str, n: int, seq_len: int, seed: int,

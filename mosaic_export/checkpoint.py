@@ -10,7 +10,6 @@ every layer at its recorded sizes, then loads the weights strictly.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,10 +39,10 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
     model, spec = loaded.model, loaded.spec
     names = shard_names(loaded.shape.n_layers)
     tied = {"lm_head.weight"} if loaded.shape.tied_embeddings else set()
-    with loaded.weights.tables("input", "output") if loaded.weights is not None else nullcontext():
-        outside = {k: v for k, v in model.state_dict().items()
-                   if not k.startswith(spec.layers + ".") and k not in tied}
-        total = write_shard(folder / names[0], outside)
+    outside = {k: v for k, v in model.state_dict().items()
+               if not k.startswith(spec.layers + ".") and k not in tied}
+    outside.update(_tables(loaded))
+    total = write_shard(folder / names[0], outside)
     weight_map = dict.fromkeys(outside, names[0])
     for i, (layer, name) in enumerate(zip(spec.layer_list(model), names[1:], strict=True)):
         tensors = layer_tensors(layer, f"{spec.layers}.{i}.")
@@ -68,6 +67,23 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
+
+
+def _tables(loaded: LoadedModel) -> dict:
+    """The embedding and (untied) output tables by their names in the checkpoint, each written a
+    chunk of rows at a time (weights.table_chunks): never whole in memory when streamed."""
+    from .weights import Rows, table_chunks, table_module
+
+    model, out = loaded.model, {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for which in ("input", "output") if not loaded.shape.tied_embeddings else ("input",):
+        weight = table_module(model, which).weight
+
+        def chunks(which=which):
+            return (rows for _, rows in table_chunks(model, loaded.weights, which))
+
+        out[names[id(table_module(model, which))] + ".weight"] = Rows(tuple(weight.shape), chunks)
+    return out
 
 
 def load_resized(folder: Path, source: str | None = None) -> LoadedModel:

@@ -11,7 +11,6 @@ next-token top-1 accuracy: how often the most likely token is the one that follo
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -52,33 +51,74 @@ def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: i
                desc: str = "perplexity", logits_chunk: int = 128, streamed=None) -> Perplexity:
     """batches: (n_windows, seq_len) token ids.
 
-    The output layer runs on ``logits_chunk`` positions at a time, so a large vocabulary never
-    needs the logits of a whole window in memory (SmolLM2: 512 x 49152 floats = 100 MB).
-    ``streamed`` (a model_io.LoadedModel whose layers stay on disk): every window goes through
-    one layer at a time (calibration.LayerStream), the same operations in the same order.
+    The output layer runs on ``logits_chunk`` positions and one chunk of its table's rows at a
+    time (weights.table_chunks), the log-sum-exp over the vocabulary carried from chunk to chunk:
+    neither a window's logits (SmolLM2: 512 x 49152 floats, 100 MB) nor, for a streamed model, the
+    table is ever whole in memory. ``streamed`` (a model_io.LoadedModel whose layers stay on
+    disk): the windows go through one layer at a time (calibration.LayerStream), then the table
+    is read a chunk at a time; each position sees the same operations in the same order either
+    way, so the figures are the same.
     """
-    head = model.get_output_embeddings()
-    hidden = _streamed_hidden(streamed, batches, batch_size, desc) if streamed is not None else None
-    with streamed.weights.tables("output") if streamed is not None else nullcontext():
-        return _score(model, head, batches, batch_size, desc, logits_chunk, hidden, text)
+    from .weights import table_chunks
+
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise UserError("scoring perplexity does not handle an output layer with a bias")
+    score = _Score(batches.split(batch_size), logits_chunk)
+    if streamed is None:
+        decoder = model.get_decoder()
+        for k, chunk in enumerate(tqdm(score.batches, desc=desc, unit="window", leave=False)):
+            h = decoder(input_ids=chunk, use_cache=False).last_hidden_state
+            for first, rows in table_chunks(model, None, "output"):
+                score.add(k, h, first, rows)
+    else:
+        hidden = _streamed_hidden(streamed, batches, batch_size, desc)
+        chunks = table_chunks(model, streamed.weights, "output")
+        for first, rows in tqdm(chunks, desc=f"{desc}, output table", unit="chunk", leave=False):
+            for k, h in enumerate(hidden):
+                score.add(k, h, first, rows)
+    return score.result(batches.shape, text)
 
 
-def _score(model, head, batches, batch_size, desc, logits_chunk, hidden, text) -> Perplexity:
-    total, count, correct = 0.0, 0, 0
-    for k, chunk in enumerate(tqdm(batches.split(batch_size), desc=desc, unit="window", leave=False)):
-        h = hidden[k] if hidden is not None else model.get_decoder()(input_ids=chunk,
-                                                                     use_cache=False).last_hidden_state
-        for s in range(0, chunk.shape[1] - 1, logits_chunk):
-            e = min(s + logits_chunk, chunk.shape[1] - 1)
-            logits = head(h[:, s:e])  # (B, e - s, vocab)
-            targets = chunk[:, s + 1:e + 1]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           targets.reshape(-1), reduction="sum"))
-            correct += int((logits.argmax(-1) == targets).sum())
-        count += chunk[:, 1:].numel()
-    mean = total / count
-    return Perplexity(math.exp(mean), mean, batches.shape[0], batches.shape[1], count, text,
-                      correct / count)
+class _Score:
+    """Per predicted position of each batch of windows: the running maximum logit and sum of
+    exponentials over the table's chunks seen so far, the logit of the token that follows, and
+    the most likely token."""
+
+    def __init__(self, batches: tuple[torch.Tensor, ...], logits_chunk: int):
+        self.batches, self.step = batches, logits_chunk
+        shapes = [(b.shape[0], b.shape[1] - 1) for b in batches]
+        self.top = [torch.full(s, -math.inf) for s in shapes]
+        self.sum = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        self.target = [torch.zeros(s) for s in shapes]
+        self.best = [torch.zeros(s, dtype=torch.long) for s in shapes]
+
+    def add(self, k: int, h: torch.Tensor, first: int, rows: torch.Tensor) -> None:
+        """Batch k's hidden states h (B, T, hidden) scored against table rows first.. ."""
+        targets, n = self.batches[k][:, 1:], rows.shape[0]
+        for s in range(0, targets.shape[1], self.step):
+            e = min(s + self.step, targets.shape[1])
+            logits = F.linear(h[:, s:e], rows)  # (B, e - s, n)
+            top, arg = logits.max(-1)
+            old = self.top[k][:, s:e]
+            new = torch.maximum(old, top)
+            self.sum[k][:, s:e] = (self.sum[k][:, s:e] * torch.exp((old - new).double())
+                                   + torch.exp(logits - new.unsqueeze(-1)).sum(-1, dtype=torch.float64))
+            self.best[k][:, s:e] = torch.where(top > old, arg + first, self.best[k][:, s:e])
+            self.top[k][:, s:e] = new
+            t = targets[:, s:e]
+            inside = (t >= first) & (t < first + n)
+            picked = logits.gather(-1, (t - first).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+            self.target[k][:, s:e] = torch.where(inside, picked, self.target[k][:, s:e])
+
+    def result(self, shape: torch.Size, text: str) -> Perplexity:
+        total, count, correct = 0.0, 0, 0
+        for k, batch in enumerate(self.batches):
+            nll = self.top[k].double() + self.sum[k].log() - self.target[k].double()
+            total += float(nll.sum())
+            count += nll.numel()
+            correct += int((self.best[k] == batch[:, 1:]).sum())
+        mean = total / count
+        return Perplexity(math.exp(mean), mean, shape[0], shape[1], count, text, correct / count)
 
 
 def _streamed_hidden(loaded, batches: torch.Tensor, batch_size: int, desc: str) -> list[torch.Tensor]:
@@ -89,7 +129,9 @@ def _streamed_hidden(loaded, batches: torch.Tensor, batch_size: int, desc: str) 
     for _, layer in stream.layers(f"{desc}, layers"):
         stream.advance(layer)
     norm = loaded.model.get_submodule(loaded.spec.final_norm)
-    return [norm(h) for h in stream.hidden]
+    for k, h in enumerate(stream.hidden):  # in place: the states are never held twice
+        stream.hidden[k] = norm(h)
+    return stream.hidden
 
 
 class StreamedForward:
@@ -101,9 +143,14 @@ class StreamedForward:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, **_) -> SimpleNamespace:
+        from .weights import table_chunks
+
         hidden = _streamed_hidden(self.loaded, input_ids, input_ids.shape[0], "forward")[0]
-        with self.loaded.weights.tables("output"):
-            return SimpleNamespace(logits=self.loaded.model.get_output_embeddings()(hidden))
+        model = self.loaded.model
+        logits = torch.empty(*hidden.shape[:-1], model.get_output_embeddings().weight.shape[0])
+        for first, rows in table_chunks(model, self.loaded.weights, "output"):  # the table never whole
+            logits[..., first:first + rows.shape[0]] = F.linear(hidden, rows)
+        return SimpleNamespace(logits=logits)
 
 
 def forward_model(loaded):

@@ -6,11 +6,14 @@ torch, the tokenizer, the final norm) and, on top, the largest of what its phase
 - a calibration pass over a layer: the layer in float32, twice while it is resized (the new
   tensors made before the old ones go); the input statistics of its projections (a Gram matrix
   of each input group, where a method needs one) and the largest solve beside them
-  (compensation's float64 system); the calibration hidden states, the layer's inputs and
-  outputs; the activations of one batch inside it (the MLP's channels, the attention scores);
-- scoring perplexity: the windows' hidden states, the output table and a chunk of logits;
-- writing the checkpoint's first shard: the embedding and output tables (one if tied);
-- writing the GGUF file: a layer, or a table, at a time.
+  (compensation's float64 system); one batch of the calibration hidden states, in and out (the
+  others on disk: calibration.SpilledStates); the activations of that batch inside the layer
+  (the MLP's channels, the attention scores);
+- embedding the calibration samples: the embedding's rows of the ids they use, and a chunk of
+  the table read (weights.table_chunks);
+- scoring perplexity: a chunk of the output table's rows, the logits of a chunk of positions
+  against it, a window's hidden states, and the running sums of every predicted position;
+- writing a table (the checkpoint's, the GGUF file's): a chunk of its rows at a time.
 
 ``run_needs`` adds these up from the model's sizes; BENCHMARKS.md compares the estimate with
 measured runs.
@@ -33,6 +36,8 @@ def resident_bytes() -> int:
 def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     """Bytes a streamed run needs at its peak: resident once opened, and each phase's own (see
     the module's docstring); the need is the first plus the largest of the others."""
+    from .weights import TABLE_CHUNK
+
     shape = loaded.shape
     layer = shape.layer_params(shape.dense_dims) * FLOAT
     inputs = {"attention": shape.hidden, "o": shape.n_head * shape.head_dim, "mlp": shape.hidden,
@@ -42,16 +47,19 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     # rows and H[K, K] with its factor in float64 (prune.structured.compensate), more than
     # SparseGPT's float32 inverse
     grams = sum(n * n for n in inputs.values()) * FLOAT + 2 * widest * (widest + shape.hidden) * 8
-    c = settings.calibration
-    calibration = 2 * c.n_samples * c.seq_len * shape.hidden * FLOAT
-    inside = (config.calib_batch_size * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden)
-              + config.calib_batch_size * shape.n_head * c.seq_len ** 2) * FLOAT
-    table = shape.vocab * shape.hidden * FLOAT
-    scoring = (2 * windows * config.eval_seq_len * shape.hidden + 2 * 128 * shape.vocab) * FLOAT + table
+    c, batch = settings.calibration, config.calib_batch_size
+    states = 2 * batch * c.seq_len * shape.hidden * FLOAT
+    inside = batch * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden + shape.n_head * c.seq_len) * FLOAT
+    used = min(shape.vocab, c.n_samples * c.seq_len) * shape.hidden * FLOAT
+    chunk_rows = max(1, TABLE_CHUNK // (shape.hidden * FLOAT))
+    positions = windows * config.eval_seq_len
+    scoring = (TABLE_CHUNK + 3 * 128 * chunk_rows * FLOAT + config.eval_seq_len * shape.hidden * FLOAT
+               + positions * (FLOAT + 8 + FLOAT + 8))
     return {"resident once opened": resident_bytes(),
-            "a calibration pass over one layer": 2 * layer + grams + calibration + inside,
+            "a calibration pass over one layer": 2 * layer + grams + states + inside,
+            "embedding the calibration samples": used + TABLE_CHUNK,
             "scoring perplexity": scoring if windows else 0,
-            "the checkpoint's tables": table * (1 if shape.tied_embeddings else 2)}
+            "writing a table": 2 * TABLE_CHUNK}
 
 
 def check_max_rss(config, loaded, settings, windows: int) -> int:

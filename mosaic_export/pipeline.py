@@ -41,7 +41,7 @@ from .process import peak_rss_bytes, torch_threads
 from .profile import Profile
 from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
-from .report import budget_table, summary_table, write_markdown
+from .report import log_summary, write_markdown
 from .run_config import Inputs, RunConfig, check_lengths, prepare
 from .search import SearchResult, cost_section, measured_figures, resolve_budgets, search, search_summary
 from .targets.base import Evaluation
@@ -65,9 +65,9 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
                             f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
         return plan, stream, None
     if measured is None:
-        start = stream.hidden
         measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m, settings.measures_errors)
-        stream.hidden = start  # pass 2 starts again from the embeddings of the calibration samples
+        # pass 2 starts again from the embeddings of the calibration samples
+        stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights)
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
     if config.types:
@@ -174,13 +174,16 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
     if config.out is None:
         raise UserError("an output folder is needed (--out)")
     inputs = prepare(config)
+    # a streamed run's work: its calibration states, the layers a pass writes (clean_stale finds it)
+    work = Path(tempfile.mkdtemp(prefix=f".{config.out.name}{TMP_INFIX}{os.getpid()}-layers-",
+                                 dir=config.out.resolve().parent)) if config.stream else None
     with torch_threads(config.threads):
-        dense = load_stage(config, inputs, log, shared)
         try:
+            dense = load_stage(config, inputs, log, shared, work)
             reports = _prune_and_write(config, inputs, dense, log, shared)
-        finally:  # a streamed run's layer shards not moved into a checkpoint
-            if dense.loaded.weights is not None and dense.loaded.weights.work is not None:
-                shutil.rmtree(dense.loaded.weights.work, ignore_errors=True)
+        finally:  # with what was not moved into the checkpoint
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
     log_summary(reports[0], config.out, log)
     return reports[0]
 
@@ -200,10 +203,14 @@ def _prune_and_write(config: RunConfig, inputs: Inputs, dense: Dense, log,
     return reports
 
 
-def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass | None = None) -> Dense:
+def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass | None = None,
+               work: Path | None = None) -> Dense:
+    """``work``: a streamed run's folder for what it keeps on disk (LayerWeights.work)."""
     log(f"profile {inputs.profile.name}: {inputs.profile.description}")
     t0 = time.perf_counter()
     loaded = load_model(config.model, stream=config.stream)
+    if loaded.weights is not None:
+        loaded.weights.work = work
     load_s = time.perf_counter() - t0
     check_lengths(config, loaded, inputs.settings)
     if any(d.n_head == 0 for d in loaded.layer_dims):
@@ -248,8 +255,7 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
         log(search_summary(found))
     check_free_space(config.out, plan, pricing, dense.counts["total"])
     if loaded.weights is not None:  # each pruned layer written as its checkpoint shard
-        loaded.weights.sink = loaded.weights.work = Path(tempfile.mkdtemp(  # found by clean_stale
-            prefix=f".{config.out.name}{TMP_INFIX}{os.getpid()}-layers-", dir=config.out.resolve().parent))
+        loaded.weights.sink = loaded.weights.work
     apply_plan(stream, loaded.spec, plan)
     del stream
     if loaded.weights is not None:
@@ -363,17 +369,6 @@ def bundle(report: dict, plan: Plan, folder: Path, parity_ids: list[int]) -> Non
     write_markdown(report, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     finalize(folder, report, parity_ids)  # README.md, then manifest.json over all
-
-
-def log_summary(report: dict, out: Path, log=print) -> None:
-    log(summary_table(report))
-    if "cost" in report:
-        log(budget_table(report["cost"]))
-        n = report["cost"].get("neighbour_measured")
-        if n:
-            log(f"with 5% less pruning ({n['removed']:.1%} removed), measured here: "
-                + "; ".join(f"{b['text']}: {'met' if b['met'] else 'MISSED'}" for b in n["budgets"]))
-    log(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _perplexity(config: RunConfig, loaded: LoadedModel, eval_ids: torch.Tensor | None, which: str):

@@ -79,6 +79,20 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def map_large_buffers(threshold: int = 2**20) -> None:
+    """From now on serve every allocation of ``threshold`` bytes or more by a mapping of its own,
+    returned to the system when freed (glibc's M_MMAP_THRESHOLD, fixed; a no-op elsewhere).
+
+    glibc raises the threshold as large buffers are freed, and then serves buffers of that size
+    from a heap that fragments between trims: a streamed run's resident set grew by 150 MiB over
+    its calibration passes. Fixed, the resident set follows what the run holds."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
 def _libc():
     name = ctypes.util.find_library("c")
     try:

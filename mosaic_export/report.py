@@ -274,3 +274,14 @@ def recovery_section(rec: dict, ev: dict) -> list[str]:
             f"{rec['seconds']:.0f} s, peak RSS {format_bytes(rec.get('peak_rss_bytes', 0))}. "
             f"Distillation loss {rec['first_loss']:.3f} (first step) -> {rec['final_loss']:.3f} "
             f"(last step)." + change, "", "![recovery](recovery.png)", ""]
+
+
+def log_summary(report: dict, out: Path, log=print) -> None:
+    log(summary_table(report))
+    if "cost" in report:
+        log(budget_table(report["cost"]))
+        n = report["cost"].get("neighbour_measured")
+        if n:
+            log(f"with 5% less pruning ({n['removed']:.1%} removed), measured here: "
+                + "; ".join(f"{b['text']}: {'met' if b['met'] else 'MISSED'}" for b in n["budgets"]))
+    log(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")

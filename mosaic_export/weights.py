@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +57,13 @@ class SafetensorsSource:
         data = read_at(path, offset, size, name)
         return torch.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape).float()
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a tensor (its first dimension), reading only those."""
+        path, dtype, shape, offset, size = self._where[name]
+        row = size // shape[0]
+        data = read_at(path, offset + start * row, (stop - start) * row, name)
+        return torch.frombuffer(data, dtype=_DTYPES[dtype]).reshape(stop - start, *shape[1:]).float()
+
 
 def read_at(path: Path, offset: int, size: int, name: str) -> bytearray:
     """size bytes of path from offset (in several reads: Linux gives at most about 2 GiB a read)."""
@@ -87,34 +96,57 @@ class GGUFSource:
             get_gguf_hf_weights_map,
         )
 
-        self._reader, self._path = GGUFReader(gguf_file), gguf_file
+        reader, self._path = GGUFReader(gguf_file), gguf_file
         cfg = model.config
         architecture = cfg.model_type
         config = {"num_attention_heads": cfg.num_attention_heads,
                   "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)}
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
         mapping = get_gguf_hf_weights_map(model)
-        self._tensors = {}
-        for tensor in self._reader.tensors:
+        # where each tensor is, and not the reader: its parsed vocabulary holds about 150 MiB for a
+        # 49,152-token one
+        self._tensors: dict[str, _GGUFTensor] = {}
+        for tensor in reader.tensors:
             hf = mapping.get(tensor.name)
             if hf is not None:
-                self._tensors[hf] = tensor
+                self._tensors[hf] = _GGUFTensor(tensor.name, int(tensor.data_offset), int(tensor.n_bytes),
+                                                tensor.data.dtype, tuple(tensor.data.shape),
+                                                tensor.tensor_type)
         if cfg.tie_word_embeddings:
             self._tensors.pop("lm_head.weight", None)
+        del reader
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, self._tensors[name].shape[0])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop (of the first dimension in transformers' layout, the last in
+        GGUF's), reading and dequantizing only those: a row is whole quantization blocks. The
+        processing is the whole tensor's, applied to the rows: right for the tables, the only
+        tensors read in rows (q and k, which Llama's processing permutes, are read whole)."""
         import numpy as np
         from gguf import dequantize
 
-        tensor = self._tensors[name]  # read from the file, not through its map
-        data = read_at(self._path, int(tensor.data_offset), int(tensor.n_bytes), name)
-        stored = np.frombuffer(data, dtype=tensor.data.dtype).reshape(tensor.data.shape)
-        weights = dequantize(stored, tensor.tensor_type)
-        weights = self._processor.process(weights=weights, name=tensor.name).weights
+        t = self._tensors[name]  # read from the file, not through a map
+        row = t.n_bytes // t.shape[0]
+        data = read_at(self._path, t.offset + start * row, (stop - start) * row, name)
+        stored = np.frombuffer(data, dtype=t.dtype).reshape(stop - start, *t.shape[1:])
+        weights = dequantize(stored, t.type)
+        weights = self._processor.process(weights=weights, name=t.name).weights
         return torch.from_numpy(np.asarray(weights, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class _GGUFTensor:
+    name: str  # in the file
+    offset: int
+    n_bytes: int
+    dtype: object  # numpy's, of the stored data (uint8 for a quantized type)
+    shape: tuple[int, ...]  # of the stored data, as gguf-py's reader gives it
+    type: object  # gguf.GGMLQuantizationType
 
 
 def skeleton(config) -> nn.Module:
@@ -148,7 +180,7 @@ def materialize(module: nn.Module, prefix: str, source) -> None:
 
 def materialize_outside(model: nn.Module, layers: str, source) -> None:
     """Fill from source the parameters that are neither in a decoder layer (``layers``: their
-    prefix) nor in the embedding or output table (LayerWeights.tables reads those when needed):
+    prefix) nor in the embedding or output table (read a chunk at a time: table_chunks):
     the final norm, and whatever else a model keeps outside its layers."""
     tables = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
               for p in m.parameters()}
@@ -179,13 +211,65 @@ def shard_names(n_layers: int) -> list[str]:
     return [f"model-{k:05d}-of-{n_layers + 1:05d}.safetensors" for k in range(1, n_layers + 2)]
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
-    """One safetensors shard; the bytes of its tensors."""
-    from safetensors.torch import save_file
+TABLE_CHUNK = 16 * 2**20  # bytes of a table's rows read, scored or written at a time
 
-    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+def table_module(model: nn.Module, which: str) -> nn.Module:
+    """The embedding ("input") or output ("output") layer; a tied output layer is the embedding."""
+    tied = model.config.tie_word_embeddings
+    return model.get_input_embeddings() if which == "input" or tied else model.get_output_embeddings()
+
+
+def table_chunks(model: nn.Module, weights: LayerWeights | None, which: str,
+                 wanted: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows) of a table (``which``: see table_module), TABLE_CHUNK bytes at a
+    time, in order: sliced from the model, or, for a streamed model (``weights``), read from its
+    files, so that the table is never held whole. ``wanted`` (row ids): only chunks with one."""
+    weight = table_module(model, which).weight
+    n, width = weight.shape
+    step = max(1, TABLE_CHUNK // (width * 4))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        if wanted is not None and not bool(((wanted >= start) & (wanted < stop)).any()):
+            continue
+        if weights is None:
+            yield start, weight.detach()[start:stop]
+        else:
+            yield start, weights.outside.rows(weights.table_name(which), start, stop)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A float32 tensor written chunk by chunk (a table: see table_chunks)."""
+
+    shape: tuple[int, ...]
+    chunks: object  # () -> an iterator of float32 tensors, whose rows make the tensor in order
+
+
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor | Rows]) -> int:
+    """One safetensors file (the length of its JSON header, the header, then the tensors' bytes
+    in the header's order, names sorted); a Rows written a chunk at a time. Returns the bytes of
+    its tensors."""
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        shape, dtype = (t.shape, torch.float32) if isinstance(t, Rows) else (t.shape, t.dtype)
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text)
+        for name in sorted(tensors):
+            t = tensors[name]
+            for part in (t.chunks() if isinstance(t, Rows) else [t]):
+                fh.write(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return offset
 
 
 def layer_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -202,37 +286,31 @@ class LayerWeights:
         self.source, self.prefix, self.n_layers, self.model = source, prefix, n_layers, model
         self.outside = source  # the embedding and output tables stay read from the model's files
         self.sink: Path | None = None  # where the pass at work writes the layers
-        self.work: Path | None = None  # a temporary folder holding them, removed at the end of a run
+        # the run's temporary folder: the layers a pass writes, the calibration states
+        # (calibration.SpilledStates); removed at the end of the run
+        self.work: Path | None = None
         self.written: list[Path] = []
-        self._holds: dict[int, int] = {}  # id(table module) -> how many blocks hold it
+
+    def table_name(self, which: str) -> str:
+        """The name of a table's weight (see table_module) in the model's files."""
+        module = table_module(self.model, which)
+        return next(n for n, m in self.model.named_modules() if m is module) + ".weight"
 
     @contextlib.contextmanager
-    def tables(self, *which: str) -> Iterator[None]:
-        """The embedding ("input") and output layer ("output") tables read for the time of the
-        block (a tied output layer is the embedding's table), nested holds counted."""
-        model = self.model
-        tied = model.config.tie_word_embeddings
-        modules = {"input": model.get_input_embeddings(),
-                   "output": model.get_input_embeddings() if tied else model.get_output_embeddings()}
-        chosen = list({id(modules[w]): modules[w] for w in which}.values())
-        names = {id(m): n for n, m in model.named_modules()}
-        taken = []
+    def embedding_rows(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The embedding holding only the rows of ``ids`` (read a chunk at a time) for the time of
+        the block, which gets ``ids`` renumbered into them: the model embeds those as it would
+        ``ids`` with its whole table."""
+        module = self.model.get_input_embeddings()
+        used = ids.unique()  # sorted
+        parts = [rows[used[(used >= start) & (used < start + len(rows))] - start]
+                 for start, rows in table_chunks(self.model, self, "input", wanted=used)]
+        whole = module._parameters["weight"]  # on the meta device (a tied output layer's too)
+        module._parameters["weight"] = nn.Parameter(torch.cat(parts), requires_grad=False)
         try:
-            for m in chosen:
-                if self._holds.get(id(m), 0) == 0:
-                    materialize(m, names[id(m)] + ".", self.outside)
-                self._holds[id(m)] = self._holds.get(id(m), 0) + 1
-                taken.append(m)
-            if tied:
-                model.tie_weights()
-            yield
+            yield torch.searchsorted(used, ids)
         finally:
-            for m in taken:
-                self._holds[id(m)] -= 1
-                if self._holds[id(m)] == 0:
-                    release(m)
-            if tied:
-                model.tie_weights()
+            module._parameters["weight"] = whole
 
     def open(self, i: int, layer: nn.Module) -> None:
         materialize(layer, f"{self.prefix}{i}.", self.source)

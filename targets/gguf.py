@@ -40,6 +40,7 @@ from ..arch import (
 )
 from ..errors import UserError
 from ..model_io import LoadedModel
+from ..weights import Rows, table_chunks, table_module
 from .base import Evaluation
 from .gguf_runner import quantize
 from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
@@ -134,27 +135,30 @@ def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensors(loaded: LoadedModel, read: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor) pairs in llama.cpp's layout. A streamed model's layers are read
-    one at a time; with ``read`` False they are not (their tensors are on the meta device: shapes
-    only)."""
+def tensors(loaded: LoadedModel, read: bool = True) -> Iterator[tuple[str, torch.Tensor | Rows]]:
+    """(GGUF name, float32 tensor) pairs in llama.cpp's layout; the embedding and output tables as
+    weights.Rows, written a chunk of rows at a time. A streamed model's layers are read one at a
+    time; with ``read`` False nothing is read, and every tensor is the model's own (on the meta
+    device where streamed: shapes only)."""
     model, spec = loaded.model, loaded.spec
     permute = gguf_arch(loaded) in PAIRED_ROPE
     streamed = read and loaded.weights is not None
-
-    def reading(held):
-        return held if streamed else contextlib.nullcontext()
-
-    with reading(loaded.weights and loaded.weights.tables("input")):
-        yield f"{GGUF_MODEL_NAMES['embed']}.weight", model.get_input_embeddings().weight
+    yield f"{GGUF_MODEL_NAMES['embed']}.weight", _table(loaded, "input", read)
     for bid, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        with reading(loaded.weights and loaded.weights.held([(bid, layer)])):
+        with loaded.weights.held([(bid, layer)]) if streamed else contextlib.nullcontext():
             yield from _layer_tensors(spec, layer, bid, dims, permute)
     final = model.get_submodule(spec.final_norm)
     yield f"{GGUF_MODEL_NAMES['final_norm']}.weight", spec.norm_weight(final)
     if not loaded.shape.tied_embeddings:
-        with reading(loaded.weights and loaded.weights.tables("output")):
-            yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", model.get_output_embeddings().weight
+        yield f"{GGUF_MODEL_NAMES['lm_head']}.weight", _table(loaded, "output", read)
+
+
+def _table(loaded: LoadedModel, which: str, read: bool) -> torch.Tensor | Rows:
+    weight = table_module(loaded.model, which).weight
+    if not read:
+        return weight
+    return Rows(tuple(weight.shape),
+                lambda: (rows for _, rows in table_chunks(loaded.model, loaded.weights, which)))
 
 
 def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -240,7 +244,10 @@ def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
     import gguf
 
     if standin:  # types only: nothing is read (a streamed model's weights stay on disk)
-        data = np.zeros(STANDIN_SHAPE if t.dim() == 2 else tuple(t.shape), dtype=np.float32)
+        data = np.zeros(STANDIN_SHAPE if len(t.shape) == 2 else tuple(t.shape), dtype=np.float32)
+    elif isinstance(t, Rows):
+        return _Chunks(_tensor_info(t.shape, dtype, False)[2],
+                       lambda: (_tensor_data(rows, dtype, False) for rows in t.chunks()))
     else:
         data = t.detach().float().numpy()
     if data.ndim != 2:
@@ -250,6 +257,19 @@ def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
     if dtype == "BF16":
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16)
     return np.ascontiguousarray(data)
+
+
+@dataclass
+class _Chunks:
+    """A tensor's data, written to the file a chunk of rows at a time: what gguf-py's
+    write_tensor_data uses of an array (its size, and ``tofile``)."""
+
+    nbytes: int
+    parts: object  # () -> iterator of arrays, in the file's type, whose rows make the tensor
+
+    def tofile(self, fout) -> None:
+        for part in self.parts():
+            part.tofile(fout)
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:

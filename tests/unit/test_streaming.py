@@ -70,9 +70,13 @@ def _run(model: Path, out: Path, *more: str) -> dict:
 
 
 @pytest.mark.parametrize("target", [["--target", "none"], ["--target", "gguf", "--quant", "Q8_0"]])
-def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, target):
+def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, target, monkeypatch):
     """The main command with --stream: the same plan, checkpoint (and GGUF) bytes, counts and
-    perplexities as the run with the model in memory; nothing left beside the output."""
+    perplexities as the run with the model in memory; nothing left beside the output. The tables
+    are read, scored and written 50 rows at a time, as a large vocabulary's would be."""
+    from mosaic_export import weights
+
+    monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)
     whole = _run(tiny_model_dir, tmp_path / "whole", *target)
     streamed = _run(tiny_model_dir, tmp_path / "streamed", *target, "--stream")
     files = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
@@ -92,20 +96,25 @@ def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, t
 
 
 def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
-    """Opened streamed, only the final norm is in memory; a layer or the embedding read from the
-    source equals the whole load's, and goes back to meta when let go (nested holds counted)."""
+    """Opened streamed, only the final norm is in memory; a layer read from the source equals the
+    whole load's, and goes back to meta when let go; the tables are read in chunks of rows, and
+    the embedding only at the rows used."""
     whole = load_model(str(tiny_model_dir))
     streamed = load_model(str(tiny_model_dir), stream=True)
     model, layers = streamed.model, streamed.spec.layer_list(streamed.model)
     assert all(p.is_meta for p in layers.parameters()) and model.get_input_embeddings().weight.is_meta
     assert not model.get_submodule(streamed.spec.final_norm).weight.is_meta
     assert streamed.shape == whole.shape and streamed.layer_dims == whole.layer_dims
-    with streamed.weights.tables("input"):
-        with streamed.weights.tables("output"):  # tied: the same table, held twice
-            embed = model.get_input_embeddings().weight
-            assert torch.equal(embed, whole.model.get_input_embeddings().weight)
-            assert model.get_output_embeddings().weight is embed
-        assert not model.get_input_embeddings().weight.is_meta
+    from mosaic_export.weights import table_chunks
+
+    table = whole.model.get_input_embeddings().weight
+    chunks = list(table_chunks(model, streamed.weights, "output"))  # tied: the embedding's rows
+    assert [first for first, _ in chunks] == [0]  # the tiny table is one chunk
+    assert torch.equal(torch.cat([rows for _, rows in chunks]), table)
+    ids = torch.tensor([[5, 3, 5], [300, 3, 7]])
+    with streamed.weights.embedding_rows(ids) as renumbered:  # only the rows these ids use
+        assert model.get_input_embeddings().weight.shape == (4, table.shape[1])
+        assert torch.equal(model.get_input_embeddings()(renumbered), table[ids])
     assert model.get_input_embeddings().weight.is_meta and model.get_output_embeddings().weight.is_meta
     with streamed.weights.held([(1, layers[1])]):
         ours = layers[1].state_dict()
@@ -125,6 +134,8 @@ def test_gguf_source_equals_the_whole_conversion():
     assert set(source.names()) == set(state) - {"lm_head.weight"}
     for name in source.names():
         assert torch.equal(source.get(name), state[name]), name
+    table = state["model.embed_tokens.weight"]  # rows read alone, dequantized alone
+    assert torch.equal(source.rows("model.embed_tokens.weight", 100, 1000), table[100:1000])
 
 
 def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path, capsys):
@@ -162,3 +173,43 @@ def test_reload_shapes_finds_a_missing_weight(tiny_model_dir, tmp_path):
     save_file(tensors, shard)
     with pytest.raises(RuntimeError, match=f"does not hold the resized model: {dropped}"):
         reload_shapes(loaded, tmp_path / "ck")
+
+
+def test_perplexity_over_table_chunks_equals_the_whole_softmax(tiny_model_dir, monkeypatch):
+    """Scored a few rows of the output table at a time (the log-sum-exp carried from chunk to
+    chunk), perplexity and top-1 are those of the whole logits; streamed, the same figures."""
+    import math
+
+    import torch.nn.functional as F
+
+    from mosaic_export import weights
+    from mosaic_export.evaluate import perplexity
+
+    monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)  # 50 rows of the 320 (hidden 64)
+    whole = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, 320, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = whole.model(input_ids=ids).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    top1 = (logits.argmax(-1) == ids[:, 1:]).float().mean()
+    ours = perplexity(whole.model, ids, "t", batch_size=2, logits_chunk=16)
+    assert ours.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    assert ours.top1 == pytest.approx(top1.item()) and ours.n_predicted == 3 * 39
+    streamed = load_model(str(tiny_model_dir), stream=True)
+    assert perplexity(streamed.model, ids, "t", batch_size=2, logits_chunk=16, streamed=streamed) == ours
+
+
+def test_spilled_states_are_a_list_on_disk(tmp_path):
+    from mosaic_export.calibration import SpilledStates
+
+    states = SpilledStates(tmp_path)
+    values = [torch.randn(2, 3, 4), torch.randn(1, 3, 4)]
+    for v in values:
+        states.append(v)
+    folder = states.folder
+    assert len(states) == 2 and len(list(folder.iterdir())) == 2
+    assert all(torch.equal(a, b) for a, b in zip(states, values, strict=True))
+    states[1] = values[1] * 2
+    assert torch.equal(states[1], values[1] * 2) and torch.equal(states[0], values[0])
+    del states
+    assert not folder.exists()
