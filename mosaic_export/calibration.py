@@ -27,7 +27,7 @@ from .arch import INPUT_GROUPS, ArchSpec
 from .errors import UserError
 from .process import release_memory
 from .texts import SELF, corpus
-from .weights import LayerWeights
+from .weights import LayerWeights, release
 
 if TYPE_CHECKING:
     from .model_io import LoadedModel
@@ -136,7 +136,12 @@ class LayerStream:
         for i, layer in tqdm(list(enumerate(layers)), desc=desc, unit="layer", leave=False):
             if self.weights is not None:
                 self.weights.open(i, layer)
-            yield i, layer
+            try:
+                yield i, layer
+            except GeneratorExit:  # the consumer stopped early: the layer let go, not written
+                if self.weights is not None:
+                    release(layer)
+                raise
             if self.weights is not None:
                 self.weights.close(i, layer)
             release_memory()

@@ -213,3 +213,16 @@ def test_spilled_states_are_a_list_on_disk(tmp_path):
     assert torch.equal(states[1], values[1] * 2) and torch.equal(states[0], values[0])
     del states
     assert not folder.exists()
+
+
+def test_a_pass_stopped_early_lets_its_layer_go(tiny_model_dir):
+    from mosaic_export.calibration import LayerStream
+
+    streamed = load_model(str(tiny_model_dir), stream=True)
+    stream = LayerStream(streamed.model, streamed.spec, torch.tensor([[1, 2, 3]]), 1, streamed.weights)
+    for _, layer in stream.layers("test"):
+        assert not any(p.is_meta for p in layer.parameters())
+        break
+    stream_layers = streamed.spec.layer_list(streamed.model)
+    del stream
+    assert all(p.is_meta for p in stream_layers.parameters())
