@@ -83,6 +83,20 @@ class _StopForward(Exception):
     pass
 
 
+def _same(a, b) -> bool:
+    """Equal values: tensors (shape, dtype and every element), containers of them, plain scalars;
+    anything else only if the very same object."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float, str)) and type(a) is type(b):
+        return a == b
+    return a is b
+
+
 def _kind(layer: nn.Module) -> str | None:
     return getattr(layer, "attention_type", None)
 
@@ -110,8 +124,10 @@ class LayerStream:
         def catch(module, args, kwargs):
             if module is layers[0]:
                 self.hidden.append(args[0] if args else kwargs["hidden_states"])
-            self.kwargs.setdefault(_kind(module), []).append(
-                {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            runs = self.kwargs.setdefault(_kind(module), [])
+            # batches of the same length get the same mask and positions: held once
+            runs.append(runs[-1] if runs and _same(runs[-1], extra) else extra)
             if module is layers[last]:
                 raise _StopForward
 

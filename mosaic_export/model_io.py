@@ -155,10 +155,7 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
 
     from . import gguf_cache
     from .fused import UNFUSED_AS
-    from .process import map_large_buffers
     from .weights import GGUFSource, SafetensorsSource, materialize_outside, skeleton
-
-    map_large_buffers()  # from here on the resident set follows what the process holds
 
     folder, cached = target, gguf_cache.entry(gguf_file) if gguf_file is not None else None
     if gguf_file is not None and not (cached is not None and cached.is_dir()):

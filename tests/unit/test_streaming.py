@@ -74,11 +74,26 @@ def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, t
     """The main command with --stream: the same plan, checkpoint (and GGUF) bytes, counts and
     perplexities as the run with the model in memory; nothing left beside the output. The tables
     are read, scored and written 50 rows at a time, as a large vocabulary's would be."""
+    _check_same_outputs(tiny_model_dir, tmp_path, target, monkeypatch)
+
+
+def test_streamed_run_with_an_untied_output_layer(tiny_model_dir, tmp_path, monkeypatch):
+    """The same with an output layer of its own (as Llama-3.1-8B's): its table read, scored and
+    written in chunks too."""
+    model = tmp_path / "untied"
+    done = _make(model, tiny_model_dir, "--no-tie")
+    assert done.returncode == 0, done.stderr
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _check_same_outputs(model, runs, ["--target", "gguf", "--quant", "Q8_0"], monkeypatch, tied=False)
+
+
+def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypatch, tied: bool = True):
     from mosaic_export import weights
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)
-    whole = _run(tiny_model_dir, tmp_path / "whole", *target)
-    streamed = _run(tiny_model_dir, tmp_path / "streamed", *target, "--stream")
+    whole = _run(model, tmp_path / "whole", *target)
+    streamed = _run(model, tmp_path / "streamed", *target, "--stream")
     files = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
                    if p.suffix in (".json", ".safetensors", ".gguf") and p.name != "report.json"
                    and p.name != "manifest.json")
@@ -90,8 +105,8 @@ def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, t
     assert whole["perplexity"]["pruned"] == streamed["perplexity"]["pruned"]
     if target[1] == "gguf":
         assert whole["gguf"]["parity"] == streamed["gguf"]["parity"]
-    assert streamed["reload"]["tensors_checked"] == len(load_model(str(tmp_path / "whole" / "model"))
-                                                        .model.state_dict()) - 1  # lm_head is tied
+    reloaded = load_model(str(tmp_path / "whole" / "model")).model.state_dict()
+    assert streamed["reload"]["tensors_checked"] == len(reloaded) - tied  # a tied lm_head is not stored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
 
 
