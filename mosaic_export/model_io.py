@@ -298,12 +298,15 @@ def _check_loading_info(folder: Path, info: dict) -> None:
 
 
 def decoder_counts(loaded: LoadedModel) -> dict[str, int]:
-    """Decoder parameters, those not zero, and all parameters; a streamed model's layers read one
-    at a time to count their zeros."""
+    """Decoder parameters, those not zero, and all parameters; a streamed model's zeros as counted
+    when its layers were last read or written (LayerWeights.nonzero), or read one at a time to
+    count them."""
     layers = loaded.spec.layer_list(loaded.model)
     params = [p for p in layers.parameters()]
     if loaded.weights is None:
         nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    elif len(loaded.weights.nonzero) == len(layers):
+        nonzero = sum(loaded.weights.nonzero.values())
     else:
         nonzero = 0
         for i, layer in enumerate(layers):

@@ -37,7 +37,7 @@ from .plan import Plan
 from .planner import layers_may_differ, make_plan
 from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
 from .pod import measure
-from .process import map_large_buffers, peak_rss_bytes, torch_threads
+from .process import large_buffers_mapped, peak_rss_bytes, torch_threads
 from .profile import Profile
 from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
@@ -177,7 +177,8 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
     # a streamed run's work: its calibration states, the layers a pass writes (clean_stale finds it)
     work = Path(tempfile.mkdtemp(prefix=f".{config.out.name}{TMP_INFIX}{os.getpid()}-layers-",
                                  dir=config.out.resolve().parent)) if config.stream else None
-    with torch_threads(config.threads):
+    # under --max-rss the resident set kept to what is held, at some speed (process.py)
+    with torch_threads(config.threads), large_buffers_mapped(config.max_rss is not None):
         try:
             dense = load_stage(config, inputs, log, shared, work)
             reports = _prune_and_write(config, inputs, dense, log, shared)
@@ -236,8 +237,6 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
     need = check_max_rss(config, loaded, inputs.settings, windows_n) if loaded.weights is not None else None
     if need is not None:
         log(f"streamed: the decoder layers read from disk one at a time; {format_bytes(need)} needed")
-    if config.max_rss is not None:  # the resident set kept to what is held, at some speed (process.py)
-        map_large_buffers()
     calib = calibration_ids(loaded, inputs.settings, recovery_state_dir(config.out), config.device)
     ppl = shared.perplexity if shared else _perplexity(config, loaded, eval_ids, "dense")
     return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s, need)

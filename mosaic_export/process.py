@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,18 +80,30 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def map_large_buffers(threshold: int = 2**20) -> None:
-    """From now on serve every allocation of ``threshold`` bytes or more by a mapping of its own,
-    returned to the system when freed (glibc's M_MMAP_THRESHOLD, fixed; a no-op elsewhere).
+@contextmanager
+def large_buffers_mapped(on: bool = True, threshold: int = 2**20) -> Iterator[None]:
+    """For the time of the block serve every allocation of ``threshold`` bytes or more by a
+    mapping of its own, returned to the system when freed (glibc's M_MMAP_THRESHOLD, fixed; a
+    no-op elsewhere, or when not ``on``).
 
     glibc raises the threshold as large buffers are freed, and then serves buffers of that size
-    from a heap that fragments between trims. A run under --max-rss calls it: SmolLM2-135M's
-    streamed 30% run peaked at 497 MiB with it and 559 MiB without, and took 265 s against 178 s
-    (each new buffer's pages are mapped and zeroed afresh; BENCHMARKS.md)."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+    from a heap that fragments between trims. A run under --max-rss holds this from its start
+    (set later, the heap already holds free space that malloc serves first): SmolLM2-135M's
+    streamed 30% run peaked at 497 MiB with it and 552 to 559 MiB without, and took 265 s against
+    173 to 178 s (each new buffer's pages are mapped and zeroed afresh; BENCHMARKS.md). glibc's
+    own adjustment cannot be turned back on: after the block the threshold is fixed at its
+    ceiling, MMAP_CEILING."""
+    if not on or _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        yield
+        return
+    _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_CEILING)
 
 
+MMAP_CEILING = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 
 

@@ -272,6 +272,10 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor | Rows]) -> int:
     return offset
 
 
+def _nonzero(layer: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in layer.parameters())
+
+
 def layer_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + name: t for name, t in layer.state_dict().items()}
 
@@ -290,6 +294,8 @@ class LayerWeights:
         # (calibration.SpilledStates); removed at the end of the run
         self.work: Path | None = None
         self.written: list[Path] = []
+        # each layer's non-zero weights as last read or written: what is on disk (model_io.decoder_counts)
+        self.nonzero: dict[int, int] = {}
 
     def table_name(self, which: str) -> str:
         """The name of a table's weight (see table_module) in the model's files."""
@@ -314,12 +320,14 @@ class LayerWeights:
 
     def open(self, i: int, layer: nn.Module) -> None:
         materialize(layer, f"{self.prefix}{i}.", self.source)
+        self.nonzero[i] = _nonzero(layer)
 
     def close(self, i: int, layer: nn.Module) -> None:
         if self.sink is not None:
             path = self.sink / shard_names(self.n_layers)[i + 1]
             write_shard(path, layer_tensors(layer, f"{self.prefix}{i}."))
             self.written.append(path)
+            self.nonzero[i] = _nonzero(layer)
         release(layer)
 
     @contextlib.contextmanager
