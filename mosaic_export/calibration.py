@@ -83,6 +83,16 @@ class _StopForward(Exception):
     pass
 
 
+def last_first_kind(layers) -> int:
+    """The index of the first layer of the last kind to appear (0 when all are of one kind): the
+    calibration inputs are caught at the first layer of each kind, so a pass runs the layers
+    before it first."""
+    first: dict[str | None, int] = {}
+    for i, layer in enumerate(layers):
+        first.setdefault(_kind(layer), i)
+    return max(first.values())
+
+
 def _same(a, b) -> bool:
     """Equal values: tensors (shape, dtype and every element), containers of them, plain scalars;
     anything else only if the very same object."""
@@ -116,10 +126,7 @@ class LayerStream:
         # different masks), per batch: the layer's keyword inputs (mask, position embeddings, ...)
         self.kwargs: dict[str | None, list[dict]] = {}
         layers = spec.layer_list(model)
-        first: dict[str | None, int] = {}
-        for i, layer in enumerate(layers):
-            first.setdefault(_kind(layer), i)
-        last = max(first.values())
+        last = last_first_kind(layers)
 
         def catch(module, args, kwargs):
             if module is layers[0]:
@@ -131,7 +138,8 @@ class LayerStream:
             if module is layers[last]:
                 raise _StopForward
 
-        handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in first.values()]
+        firsts = sorted({_kind(layer): i for i, layer in reversed(list(enumerate(layers)))}.values())
+        handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in firsts]
         # run through to the first layer of the last kind: a streamed model's layers before it
         # read, and of its embedding only the rows of these ids
         held = weights.held(list(enumerate(layers))[:last]) if weights is not None else nullcontext()
@@ -163,14 +171,14 @@ class LayerStream:
             release_memory()
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, advance: bool = False) -> list[torch.Tensor]:
-        """The layer's outputs on the current inputs; with ``advance`` they replace the inputs
-        (the next layer's), a batch at a time, so that both are never held whole."""
-        outs = self.hidden if advance else [None] * len(self.hidden)
+    def run(self, layer: nn.Module, advance: bool = False) -> None:
+        """Run the layer on the current inputs (for its hooks); with ``advance`` its outputs
+        replace them (the next layer's inputs), a batch at a time, so that both are never held
+        whole; else each batch's output is dropped as soon as it is made."""
         for k, (h, kw) in enumerate(zip(self.hidden, self.kwargs[_kind(layer)], strict=True)):
             out = layer(h, **kw)
-            outs[k] = out[0] if isinstance(out, tuple) else out
-        return outs
+            if advance:
+                self.hidden[k] = out[0] if isinstance(out, tuple) else out
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: the next layer's inputs."""

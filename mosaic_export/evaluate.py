@@ -61,8 +61,11 @@ def perplexity(model: nn.Module, batches: torch.Tensor, text: str, batch_size: i
     """
     from .weights import table_chunks
 
-    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
         raise UserError("scoring perplexity does not handle an output layer with a bias")
+    if batches.numel() and not 0 <= int(batches.min()) <= int(batches.max()) < head.weight.shape[0]:
+        raise UserError(f"token ids outside the output layer's {head.weight.shape[0]} rows")
     score = _Score(batches.split(batch_size), logits_chunk)
     if streamed is None:
         decoder = model.get_decoder()

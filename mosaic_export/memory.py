@@ -36,6 +36,7 @@ def resident_bytes() -> int:
 def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     """Bytes a streamed run needs at its peak: resident once opened, and each phase's own (see
     the module's docstring); the need is the first plus the largest of the others."""
+    from .calibration import last_first_kind
     from .weights import TABLE_CHUNK
 
     shape = loaded.shape
@@ -51,13 +52,16 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     states = 2 * batch * c.seq_len * shape.hidden * FLOAT
     inside = batch * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden + shape.n_head * c.seq_len) * FLOAT
     used = min(shape.vocab, c.n_samples * c.seq_len) * shape.hidden * FLOAT
+    # the layers before the first of the last kind, held to reach it (Gemma 3: 5), and their work
+    before = last_first_kind(loaded.spec.layer_list(loaded.model))
+    catch = used + TABLE_CHUNK + (before * layer + inside if before else 0)
     chunk_rows = max(1, TABLE_CHUNK // (shape.hidden * FLOAT))
     positions = windows * config.eval_seq_len
     scoring = (TABLE_CHUNK + 3 * 128 * chunk_rows * FLOAT + config.eval_seq_len * shape.hidden * FLOAT
-               + positions * (FLOAT + 8 + FLOAT + 8))
+               + positions * (FLOAT + 8 + FLOAT + 8) + min(shape.vocab, positions) * shape.hidden * FLOAT)
     return {"resident once opened": resident_bytes(),
             "a calibration pass over one layer": 2 * layer + grams + states + inside,
-            "embedding the calibration samples": used + TABLE_CHUNK,
+            "embedding the calibration samples": catch,
             "scoring perplexity": scoring if windows else 0,
             "writing a table": 2 * TABLE_CHUNK}
 

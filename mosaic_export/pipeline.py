@@ -66,7 +66,7 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
         return plan, stream, None
     if measured is None:
         measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m, settings.measures_errors)
-        # pass 2 starts again from the embeddings of the calibration samples
+        del stream  # pass 2 starts again from the embeddings of the calibration samples
         stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights)
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None

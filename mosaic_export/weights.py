@@ -228,14 +228,15 @@ def table_chunks(model: nn.Module, weights: LayerWeights | None, which: str,
     weight = table_module(model, which).weight
     n, width = weight.shape
     step = max(1, TABLE_CHUNK // (width * 4))
+    name = weights.table_name(which) if weights is not None else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         if wanted is not None and not bool(((wanted >= start) & (wanted < stop)).any()):
             continue
         if weights is None:
-            yield start, weight.detach()[start:stop]
+            yield start, weight.detach()[start:stop].float()
         else:
-            yield start, weights.outside.rows(weights.table_name(which), start, stop)
+            yield start, weights.outside.rows(name, start, stop)
 
 
 @dataclass(frozen=True)
@@ -309,14 +310,21 @@ class LayerWeights:
         ``ids`` with its whole table."""
         module = self.model.get_input_embeddings()
         used = ids.unique()  # sorted
+        if used.numel() and not 0 <= int(used[0]) <= int(used[-1]) < module.weight.shape[0]:
+            raise UserError(f"token ids {int(used[0])}..{int(used[-1])} outside the embedding's "
+                            f"{module.weight.shape[0]} rows")
         parts = [rows[used[(used >= start) & (used < start + len(rows))] - start]
                  for start, rows in table_chunks(self.model, self, "input", wanted=used)]
         whole = module._parameters["weight"]  # on the meta device (a tied output layer's too)
-        module._parameters["weight"] = nn.Parameter(torch.cat(parts), requires_grad=False)
+        # the padding row's index means nothing in the smaller table (it only stops gradients)
+        padding = getattr(module, "padding_idx", None)
+        module._parameters["weight"] = nn.Parameter(torch.cat(parts) if parts else whole[:0].to("cpu"),
+                                                    requires_grad=False)
+        module.padding_idx = None
         try:
             yield torch.searchsorted(used, ids)
         finally:
-            module._parameters["weight"] = whole
+            module._parameters["weight"], module.padding_idx = whole, padding
 
     def open(self, i: int, layer: nn.Module) -> None:
         materialize(layer, f"{self.prefix}{i}.", self.source)

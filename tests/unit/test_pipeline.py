@@ -217,7 +217,9 @@ def test_stats_use_pruned_inputs(tiny_model_dir):
     ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
     stream = LayerStream(loaded.model, loaded.spec, ids, batch_size=1)
     layers = loaded.spec.layer_list(loaded.model)
-    dense_next = torch.cat(stream.run(layers[0]))
+    dense = LayerStream(loaded.model, loaded.spec, ids, batch_size=1)
+    dense.advance(layers[0])
+    dense_next = torch.cat(dense.hidden)
     with torch.no_grad():
         loaded.spec.projection(layers[0], "down").weight.mul_(0.5)
     stream.advance(layers[0])
