@@ -87,8 +87,9 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
                         "checkpoint and the GGUF file layer by layer; with --sparsity and "
                         "--target gguf or none, for now")
     g.add_argument("--max-rss", default=None, metavar="SIZE",
-                   help="the most resident memory this run may take (8GiB); implies --stream and "
-                        "refuses at the start, with the figure it needs, when that is less")
+                   help="the most resident memory this run may take (8GiB); implies --stream, "
+                        "refuses at the start, with the figure it needs, when that is less, and "
+                        "maps each large buffer on its own (less memory, more time)")
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
