@@ -89,8 +89,8 @@ def large_buffers_mapped(on: bool = True, threshold: int = 2**20) -> Iterator[No
     glibc raises the threshold as large buffers are freed, and then serves buffers of that size
     from a heap that fragments between trims. A run under --max-rss holds this from its start
     (set later, the heap already holds free space that malloc serves first): SmolLM2-135M's
-    streamed 30% run peaked at 497 MiB with it and 552 to 559 MiB without, and took 265 s against
-    173 to 178 s (each new buffer's pages are mapped and zeroed afresh; BENCHMARKS.md). glibc's
+    streamed 30% run peaked at 485.7 MiB with it and 565.5 MiB without, and took 246 s against
+    178 s (each new buffer's pages are mapped and zeroed afresh; BENCHMARKS.md). glibc's
     own adjustment cannot be turned back on: after the block the threshold is fixed at its
     ceiling, MMAP_CEILING."""
     if not on or _LIBC is None or not hasattr(_LIBC, "mallopt"):
