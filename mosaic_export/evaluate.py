@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .calibration import SpilledStates
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class _Score:
         return Perplexity(math.exp(mean), mean, shape[0], shape[1], count, text, correct / count)
 
 
-def _streamed_hidden(loaded, batches: torch.Tensor, batch_size: int, desc: str) -> list[torch.Tensor]:
+def _streamed_hidden(loaded, batches: torch.Tensor, batch_size: int,
+                     desc: str) -> list[torch.Tensor] | SpilledStates:
     """The final norm's output for each batch of windows, the model's layers read one at a time."""
     from .calibration import LayerStream
 

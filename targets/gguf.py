@@ -238,7 +238,7 @@ def _tensor_info(shape: tuple[int, ...], dtype: str, standin: bool):
     return shape, np.dtype(np.float32), 4 * int(np.prod(shape)), None
 
 
-def _tensor_data(t: torch.Tensor, dtype: str, standin: bool) -> np.ndarray:
+def _tensor_data(t: torch.Tensor | Rows, dtype: str, standin: bool) -> np.ndarray | _Chunks:
     """The tensor as written: 2-D ones in the file's type (zeros of STANDIN_SHAPE for a stand-in),
     1-D ones (norms, biases) in F32 in every type, as llama.cpp keeps them."""
     import gguf
