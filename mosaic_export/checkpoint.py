@@ -71,19 +71,13 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
 
 def _tables(loaded: LoadedModel) -> dict:
     """The embedding and (untied) output tables by their names in the checkpoint, each written a
-    chunk of rows at a time (weights.table_chunks): never whole in memory when streamed."""
-    from .weights import Rows, table_chunks, table_module
+    chunk of rows at a time: never whole in memory when streamed."""
+    from .weights import table_module, table_rows
 
-    model, out = loaded.model, {}
+    model = loaded.model
     names = {id(m): n for n, m in model.named_modules()}
-    for which in ("input", "output") if not loaded.shape.tied_embeddings else ("input",):
-        weight = table_module(model, which).weight
-
-        def chunks(which=which):
-            return (rows for _, rows in table_chunks(model, loaded.weights, which))
-
-        out[names[id(table_module(model, which))] + ".weight"] = Rows(tuple(weight.shape), chunks)
-    return out
+    return {names[id(table_module(model, which))] + ".weight": table_rows(model, loaded.weights, which)
+            for which in (("input",) if loaded.shape.tied_embeddings else ("input", "output"))}
 
 
 def load_resized(folder: Path, source: str | None = None) -> LoadedModel:

@@ -247,6 +247,12 @@ class Rows:
     chunks: object  # () -> an iterator of float32 tensors, whose rows make the tensor in order
 
 
+def table_rows(model: nn.Module, weights: LayerWeights | None, which: str) -> Rows:
+    """A table (see table_module) as a Rows: written a chunk at a time (table_chunks)."""
+    weight = table_module(model, which).weight
+    return Rows(tuple(weight.shape), lambda: (rows for _, rows in table_chunks(model, weights, which)))
+
+
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -318,8 +324,8 @@ class LayerWeights:
         whole = module._parameters["weight"]  # on the meta device (a tied output layer's too)
         # the padding row's index means nothing in the smaller table (it only stops gradients)
         padding = getattr(module, "padding_idx", None)
-        module._parameters["weight"] = nn.Parameter(torch.cat(parts) if parts else whole[:0].to("cpu"),
-                                                    requires_grad=False)
+        held = torch.cat(parts) if parts else torch.empty(0, whole.shape[1])
+        module._parameters["weight"] = nn.Parameter(held, requires_grad=False)
         module.padding_idx = None
         try:
             yield torch.searchsorted(used, ids)

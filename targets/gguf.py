@@ -40,7 +40,7 @@ from ..arch import (
 )
 from ..errors import UserError
 from ..model_io import LoadedModel
-from ..weights import Rows, table_chunks, table_module
+from ..weights import Rows, table_module, table_rows
 from .base import Evaluation
 from .gguf_runner import quantize
 from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
@@ -154,11 +154,9 @@ def tensors(loaded: LoadedModel, read: bool = True) -> Iterator[tuple[str, torch
 
 
 def _table(loaded: LoadedModel, which: str, read: bool) -> torch.Tensor | Rows:
-    weight = table_module(loaded.model, which).weight
     if not read:
-        return weight
-    return Rows(tuple(weight.shape),
-                lambda: (rows for _, rows in table_chunks(loaded.model, loaded.weights, which)))
+        return table_module(loaded.model, which).weight
+    return table_rows(loaded.model, loaded.weights, which)
 
 
 def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
