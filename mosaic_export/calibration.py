@@ -83,14 +83,13 @@ class _StopForward(Exception):
     pass
 
 
-def last_first_kind(layers) -> int:
-    """The index of the first layer of the last kind to appear (0 when all are of one kind): the
-    calibration inputs are caught at the first layer of each kind, so a pass runs the layers
-    before it first."""
+def first_of_kinds(layers) -> list[int]:
+    """The index of each kind's first layer, in order. The calibration inputs are caught there, so
+    a pass runs the layers before the last of them first (Gemma 3: 5; one kind: none)."""
     first: dict[str | None, int] = {}
     for i, layer in enumerate(layers):
         first.setdefault(_kind(layer), i)
-    return max(first.values())
+    return list(first.values())
 
 
 def _same(a, b) -> bool:
@@ -126,7 +125,8 @@ class LayerStream:
         # different masks), per batch: the layer's keyword inputs (mask, position embeddings, ...)
         self.kwargs: dict[str | None, list[dict]] = {}
         layers = spec.layer_list(model)
-        last = last_first_kind(layers)
+        firsts = first_of_kinds(layers)
+        last = firsts[-1]
 
         def catch(module, args, kwargs):
             if module is layers[0]:
@@ -138,7 +138,6 @@ class LayerStream:
             if module is layers[last]:
                 raise _StopForward
 
-        firsts = sorted({_kind(layer): i for i, layer in reversed(list(enumerate(layers)))}.values())
         handles = [layers[i].register_forward_pre_hook(catch, with_kwargs=True) for i in firsts]
         # run through to the first layer of the last kind: a streamed model's layers before it
         # read, and of its embedding only the rows of these ids

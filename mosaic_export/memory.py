@@ -36,7 +36,7 @@ def resident_bytes() -> int:
 def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     """Bytes a streamed run needs at its peak: resident once opened, and each phase's own (see
     the module's docstring); the need is the first plus the largest of the others."""
-    from .calibration import last_first_kind
+    from .calibration import first_of_kinds
     from .weights import TABLE_CHUNK
 
     shape = loaded.shape
@@ -53,7 +53,7 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     inside = batch * c.seq_len * (3 * shape.n_ff + 4 * shape.hidden + shape.n_head * c.seq_len) * FLOAT
     used = min(shape.vocab, c.n_samples * c.seq_len) * shape.hidden * FLOAT
     # the layers before the first of the last kind, held to reach it (Gemma 3: 5), and their work
-    before = last_first_kind(loaded.spec.layer_list(loaded.model))
+    before = first_of_kinds(loaded.spec.layer_list(loaded.model))[-1]
     catch = used + TABLE_CHUNK + (before * layer + inside if before else 0)
     chunk_rows = max(1, TABLE_CHUNK // (shape.hidden * FLOAT))
     positions = windows * config.eval_seq_len
