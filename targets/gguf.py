@@ -10,10 +10,12 @@ layers of different sizes are refused. Head size stays global
 (key_length / value_length). For ``llama`` and ``deci`` (PAIRED_ROPE) the Q and K rows (and
 biases) get llama.cpp's rotary permutation, per layer with that layer's head counts.
 
-Float types (F32, F16, BF16) are written directly. Quantized types are made from an F32 file by
-``llama_model_quantize``; k-quants need rows (a tensor's input size) of a multiple of 256 and
-legacy quants of 32, otherwise llama.cpp silently substitutes another type: every tensor's final
-type is read back and checked.
+Float types (F32, F16, BF16) are written directly, and so is Q8_0 when every weight's rows fit
+its blocks: gguf-py's Q8_0 is bit-exact with llama.cpp's reference quantizer (a test compares the
+two files), and a big model then needs no float32 copy on disk. Other quantized types (and a
+Q8_0 whose rows do not fit) are made from an F32 file by ``llama_model_quantize``; k-quants need
+rows (a tensor's input size) of a multiple of 256 and legacy quants of 32, otherwise llama.cpp
+silently substitutes another type: every tensor's final type is read back and checked.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ..arch import (
 )
 from ..errors import UserError
 from ..model_io import LoadedModel
-from ..weights import Rows, table_module, table_rows
+from ..weights import TABLE_CHUNK, Rows, table_module, table_rows
 from .base import Evaluation
 from .gguf_runner import quantize
 from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
@@ -49,7 +51,10 @@ from .gguf_tokenizer import tokenizer_check, tokenizer_fields, tokenizer_probe
 TYPES = FLOAT_TYPES + QUANT_TYPES
 K_QUANT_BLOCK, LEGACY_BLOCK = 256, 32
 # llama.cpp's file_type values (enum llama_ftype).
-FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
+FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
+# Types gguf-py writes itself, as llama.cpp's quantizer would (the floats, and Q8_0).
+DIRECT_TYPES = (*FLOAT_TYPES, "Q8_0")
+BYTE_TYPES = ("BF16", "Q8_0")  # made by gguf-py's quants, a chunk of rows at a time (temporaries)
 # llama.cpp's Gemma 3 (llama-model.cpp) fixes what the config may vary: every 6th layer sees the
 # whole context, the others a sliding window with rotary base 10000; scores scaled by 1/sqrt(head).
 GEMMA3_FULL_EVERY, GEMMA3_LOCAL_BASE = 6, 10000.0
@@ -178,7 +183,8 @@ def _layer_tensors(spec, layer, bid: int, dims, permute: bool) -> Iterator[tuple
 
 
 def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: bool = False) -> None:
-    """Write the model as a float GGUF file (F32, F16 or BF16) at path.
+    """Write the model as a GGUF file of one of DIRECT_TYPES at path (Q8_0: every 2-D tensor's rows
+    a multiple of its block, see direct).
 
     ``standin``: every 2-D tensor is replaced by zeros of STANDIN_SHAPE, every 1-D one by zeros,
     and the tokenizer is left out (the other metadata and the names stay; no weight is read): a
@@ -187,14 +193,16 @@ def write_gguf(loaded: LoadedModel, path: Path, dtype: str = "F32", standin: boo
     vocabulary takes gguf-py seconds to parse, twice per pricing)."""
     import gguf
 
-    if dtype not in FLOAT_TYPES:
-        raise ValueError(f"expected one of {FLOAT_TYPES}, got {dtype}")
+    if dtype not in DIRECT_TYPES:
+        raise ValueError(f"expected one of {DIRECT_TYPES}, got {dtype}")
     check_exportable(loaded)
     arch, shape, cfg = gguf_arch(loaded), loaded.shape, loaded.model.config
     dims = loaded.layer_dims
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(Path(loaded.source).stem)
     w.add_file_type(FILE_TYPE[dtype])
+    if dtype not in FLOAT_TYPES:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(context_length(cfg, arch))
     w.add_embedding_length(shape.hidden)
     w.add_block_count(shape.n_layers)
@@ -231,30 +239,41 @@ def _tensor_info(shape: tuple[int, ...], dtype: str, standin: bool):
         n = shape[0] * shape[1]
         if dtype == "F16":
             return shape, np.dtype(np.float16), 2 * n, None
-        if dtype == "BF16":  # written as bytes, two a value
-            return (shape[0], 2 * shape[1]), np.dtype(np.uint8), 2 * n, gguf.GGMLQuantizationType.BF16
+        if dtype in BYTE_TYPES:  # written as bytes
+            qtype = gguf.GGMLQuantizationType[dtype]
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+            return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
     return shape, np.dtype(np.float32), 4 * int(np.prod(shape)), None
 
 
 def _tensor_data(t: torch.Tensor | Rows, dtype: str, standin: bool) -> np.ndarray | _Chunks:
     """The tensor as written: 2-D ones in the file's type (zeros of STANDIN_SHAPE for a stand-in),
-    1-D ones (norms, biases) in F32 in every type, as llama.cpp keeps them."""
+    1-D ones (norms, biases) in F32 in every type, as llama.cpp keeps them. Tables, and in
+    BYTE_TYPES every 2-D tensor, are encoded a chunk of rows at a time."""
+    if standin:  # types only: nothing is read (a streamed model's weights stay on disk)
+        return _encoded(np.zeros(STANDIN_SHAPE if len(t.shape) == 2 else tuple(t.shape), np.float32), dtype)
+    if isinstance(t, Rows) or (dtype in BYTE_TYPES and t.dim() == 2):
+        rows = t if isinstance(t, Rows) else _row_chunks(t)
+        return _Chunks(_tensor_info(rows.shape, dtype, False)[2],
+                       lambda: (_encoded(part.detach().float().numpy(), dtype) for part in rows.chunks()))
+    return _encoded(t.detach().float().numpy(), dtype)
+
+
+def _encoded(data: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 data in the file's type (1-D data stays F32)."""
     import gguf
 
-    if standin:  # types only: nothing is read (a streamed model's weights stay on disk)
-        data = np.zeros(STANDIN_SHAPE if len(t.shape) == 2 else tuple(t.shape), dtype=np.float32)
-    elif isinstance(t, Rows):
-        return _Chunks(_tensor_info(t.shape, dtype, False)[2],
-                       lambda: (_tensor_data(rows, dtype, False) for rows in t.chunks()))
-    else:
-        data = t.detach().float().numpy()
-    if data.ndim != 2:
+    if data.ndim != 2 or dtype == "F32":
         return np.ascontiguousarray(data)
     if dtype == "F16":
         return data.astype(np.float16)
-    if dtype == "BF16":
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16)
-    return np.ascontiguousarray(data)
+    return gguf.quants.quantize(data, gguf.GGMLQuantizationType[dtype])
+
+
+def _row_chunks(t: torch.Tensor) -> Rows:
+    """A 2-D tensor as Rows of TABLE_CHUNK bytes of float32."""
+    step = max(1, TABLE_CHUNK // (t.shape[1] * 4))
+    return Rows(tuple(t.shape), lambda: (t[i:i + step] for i in range(0, t.shape[0], step)))
 
 
 @dataclass
@@ -303,13 +322,22 @@ def check_types(path: Path, quant: str) -> TypeCheck:
     return TypeCheck({n: t for n, (t, _) in found.items()}, fallbacks)
 
 
+def direct(loaded: LoadedModel, quant: str) -> bool:
+    """Whether gguf-py writes the type itself: a float, or Q8_0 where every 2-D tensor's rows are
+    whole blocks (llama.cpp's quantizer would store the others in another type)."""
+    if quant in FLOAT_TYPES:
+        return True
+    return quant in DIRECT_TYPES and all(
+        len(t.shape) != 2 or t.shape[1] % alignment(quant) == 0 for _, t in tensors(loaded, read=False))
+
+
 def export(loaded: LoadedModel, path: Path, quant: str = "F32") -> TypeCheck:
-    """Write path (F32/F16/BF16 directly, quant types through llama.cpp) and check its types."""
+    """Write path (DIRECT_TYPES directly, other quant types through llama.cpp) and check its types."""
     check_type(quant)
     check_exportable(loaded)
     work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=path.parent))
     try:
-        if quant in FLOAT_TYPES:
+        if direct(loaded, quant):
             write_gguf(loaded, work / "model.gguf", quant)
         else:
             write_gguf(loaded, work / "f32.gguf", "F32")

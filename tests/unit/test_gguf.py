@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from mosaic_export.targets.gguf import check_types, export, gguf_arch, rotary_permute
-from mosaic_export.targets.gguf_runner import _llama, next_token_agreement
+from mosaic_export.targets.gguf import check_types, direct, export, gguf_arch, rotary_permute, write_gguf
+from mosaic_export.targets.gguf_runner import _llama, next_token_agreement, quantize
 
 from mosaic_export.cli import main
 from mosaic_export.model_io import load_model
@@ -56,6 +56,42 @@ def test_quantized_types_are_checked(tiny_model_dir, tmp_path):
     q4 = export(loaded, tmp_path / "q4.gguf", "Q4_K_M")
     assert q4.fallbacks and all(q4.types[n] not in ("Q4_K", "Q5_K", "Q6_K") for n in q4.fallbacks)
     assert check_types(tmp_path / "q4.gguf", "Q4_K_M").fallbacks == q4.fallbacks
+
+
+def _contents(path):
+    """A GGUF file's metadata (name -> value) and tensors (name -> type, shape, bytes)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {name: (f.types, [bytes(f.parts[i]) for i in f.data]) for name, f in reader.fields.items()
+              if not name.startswith("GGUF.")}
+    return fields, {t.name: (t.tensor_type, list(t.shape), t.data.tobytes()) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("heterogeneous", [False, True])
+def test_direct_q8_0_is_llama_cpps(tiny_model_dir, tmp_path, heterogeneous):
+    """gguf-py's Q8_0 written directly (no float32 file on disk) is the file llama.cpp's quantizer
+    makes from the F32 one: the same metadata and the same bytes of every tensor (llama.cpp orders
+    the tensors its own way)."""
+    loaded = heterogeneous_model(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
+    assert direct(loaded, "Q8_0") and not direct(loaded, "Q6_K")
+    write_gguf(loaded, tmp_path / "f32.gguf", "F32")
+    quantize(tmp_path / "f32.gguf", tmp_path / "cpp.gguf", "Q8_0")
+    write_gguf(loaded, tmp_path / "direct.gguf", "Q8_0")
+    cpp_fields, cpp = _contents(tmp_path / "cpp.gguf")
+    own_fields, own = _contents(tmp_path / "direct.gguf")
+    assert own_fields == cpp_fields
+    assert sorted(own) == sorted(cpp)
+    for name in cpp:
+        assert own[name] == cpp[name], name
+
+
+def test_q8_0_rows_not_in_blocks_go_through_llama_cpp(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    layer = loaded.spec.layer_list(loaded.model)[0]
+    down = loaded.spec.projection(layer, "down")
+    down.weight = torch.nn.Parameter(down.weight[:, :-8])  # rows of 8 less than whole blocks
+    assert not direct(loaded, "Q8_0")
 
 
 def test_cli_target_gguf_and_bench(tiny_model_dir, tmp_path):
