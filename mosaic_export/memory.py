@@ -13,7 +13,10 @@ torch, the tokenizer, the final norm) and, on top, the largest of what its phase
   the table read (weights.table_chunks);
 - scoring perplexity: a chunk of the output table's rows, the logits of a chunk of positions
   against it, a window's hidden states, and the running sums of every predicted position;
-- writing a table (the checkpoint's, the GGUF file's): a chunk of its rows at a time.
+- writing a table (the checkpoint's, the GGUF file's, the ONNX data's): a chunk of its rows at a
+  time;
+- exporting a layer (GGUF, ONNX): the layer in float32, and two copies of its largest matrix
+  (ONNX packs q, k and v side by side, then stores the transpose).
 
 ``run_needs`` adds these up from the model's sizes; BENCHMARKS.md compares the estimate with
 measured runs.
@@ -63,7 +66,9 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
             "a calibration pass over one layer": 2 * layer + grams + states + inside,
             "embedding the calibration samples": catch,
             "scoring perplexity": scoring if windows else 0,
-            "writing a table": 2 * TABLE_CHUNK}
+            "writing a table": 2 * TABLE_CHUNK,
+            "exporting a layer": layer + 2 * max(shape.n_ff, (shape.n_head + 2 * shape.n_kv) * shape.head_dim)
+            * shape.hidden * FLOAT}
 
 
 def check_max_rss(config, loaded, settings, windows: int) -> int:

@@ -95,7 +95,7 @@ def prepare(config: RunConfig) -> Inputs:
     if config.eval_windows is not None and config.eval_windows < 0:
         raise UserError(f"evaluation windows must be >= 0, got {config.eval_windows}")
     _check_texts(config, settings)
-    _check_stream(config, target)
+    _check_stream(config, target, fmt.name)
     resolve_device(config.device)
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
@@ -118,16 +118,17 @@ def _check_positive(config: RunConfig) -> None:
         raise UserError(f"--ray-cpus must be a positive integer, got {config.ray_cpus}")
 
 
-def _check_stream(config: RunConfig, target) -> None:
+def _check_stream(config: RunConfig, target, type_: str) -> None:
     """What a streamed run does not do yet, refused by name."""
     if config.max_rss is not None and not config.stream:
         raise UserError("--max-rss needs a streamed run (--stream)")
     if not config.stream:
         return
-    streamed = [t.name for t in targets.registered() if t.streams]
+    streamed = [f"{t.name} ({', '.join(t.streamed_types())})" for t in targets.registered() if t.streams]
     unsupported = [flag for flag, used in (
-        (f"--target {target.name} (a streamed run writes the checkpoint alone, --target none, or "
-         f"{', '.join(streamed)})", config.target is not None and not target.streams),
+        (f"--target {target.name} --{target.option} {type_} (a streamed run writes the checkpoint "
+         f"alone, --target none, or {'; '.join(streamed)})",
+         config.target is not None and type_ not in target.streamed_types()),
         ("a budget search (give --sparsity)", config.search), ("--plan", config.plan),
         ("--recover", config.recover), ("--check-neighbour", config.check_neighbour),
         ("--ray", config.ray), ("--calib-text self (the dense model generating its own text)",

@@ -68,6 +68,10 @@ class Target(ABC):
     # deploy() works on a streamed model (model_io.LoadedModel.weights): reads one layer at a time
     streams: ClassVar[bool] = False
 
+    def streamed_types(self) -> tuple[str, ...]:
+        """The types deploy() writes from a streamed model (all of them where it streams)."""
+        return self.types if self.streams else ()
+
     def check_type(self, type_: str) -> str:
         if type_ not in self.types:
             raise UserError(f"{self.noun} '{type_}' is not supported; supported: {', '.join(self.types)}")

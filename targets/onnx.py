@@ -29,6 +29,7 @@ from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
 
 from .base import Evaluation
+from .onnx_data import ExternalData
 from .onnx_graph import OPSET, build_model, check_exportable
 from .onnx_quant import quantize
 from .onnx_target import BITS, CONFIG_FILE, CONFIG_FORMAT, GENAI_CONFIG_FILE, MODEL_FILE, ONNX
@@ -70,14 +71,27 @@ def model_config(loaded: LoadedModel, dtype: str, eos: list[int]) -> dict:
     }
 
 
-def _save(proto, path: Path) -> None:
+def _write(loaded: LoadedModel, dtype: str, path: Path) -> None:
     """model.onnx (the graph) + model.onnx.data (the weights). External data also lifts protobuf's
     2 GiB limit, and ONNX Runtime then reads the weights without holding a second copy inside the
-    parsed graph while it loads: peak RSS measured 10-23% lower for SmolLM2 (BENCHMARKS.md)."""
+    parsed graph while it loads: peak RSS measured 10-23% lower for SmolLM2 (BENCHMARKS.md).
+
+    fp32 and fp16 weights go to the data file as the graph is built (onnx_data.py: a streamed model
+    is written a layer at a time); int8 / int4 are made from the whole fp32 graph by onnxruntime's
+    quantizer, then saved."""
     import onnx
 
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    if dtype in BITS:
+        proto = quantize(build_model(loaded, "fp32", share_output=False), dtype, loaded.shape.tied_embeddings)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        return
+    data = ExternalData(path.with_name(path.name + ".data"))
+    try:
+        proto = build_model(loaded, dtype, data=data)
+    finally:
+        data.close()
+    onnx.save_model(proto, str(path))  # the graph alone: its weights point into the data file
 
 
 def genai_config(loaded: LoadedModel, eos: list[int]) -> dict | None:
@@ -124,12 +138,7 @@ def export(loaded: LoadedModel, folder: Path, dtype: str = "fp32") -> Path:
     folder = Path(folder)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        if dtype in BITS:
-            graph = build_model(loaded, "fp32", share_output=False)
-            proto = quantize(graph, dtype, loaded.shape.tied_embeddings)
-            _save(proto, work / MODEL_FILE)
-        else:
-            _save(build_model(loaded, dtype), work / MODEL_FILE)
+        _write(loaded, dtype, work / MODEL_FILE)
         loaded.tokenizer.save_pretrained(work)
         eos = eos_token_ids(loaded)  # reads a GGUF source whole: once
         (work / CONFIG_FILE).write_text(json.dumps(model_config(loaded, dtype, eos), indent=1) + "\n")
@@ -157,43 +166,32 @@ MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.97, "int8": 0.90, "int4": 0.70}
 
 def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int = 64,
            prompt_tokens: int = 32, threads: int | None = None) -> dict:
-    """ONNX Runtime against PyTorch: logits on ids (1-D) at every position, and greedy generation
-    of gen_tokens after the first prompt_tokens with the KV cache against transformers' generate."""
-    from .onnx_runner import OnnxDecoder
+    """ONNX Runtime (in a child process: its copy of the weights is not this process's) against
+    PyTorch: logits on ids (1-D) at every position, and greedy generation of gen_tokens after the
+    first prompt_tokens with the KV cache against transformers' generate. A streamed model (its
+    layers on disk) is not generated with: a pass a token would read every layer each time."""
+    from ..evaluate import forward_model
+    from .onnx_runner import logits_and_greedy
 
-    decoder = OnnxDecoder(folder, threads=threads)
-    ort_logits, _ = decoder.forward(ids[None].numpy(), decoder.empty_past())
     prompt = ids[:prompt_tokens]
-    ours = decoder.generate(prompt.tolist(), gen_tokens)
-    del decoder
+    ort_logits, ours, genai = logits_and_greedy(folder, ids.tolist(), prompt_tokens, gen_tokens, threads)
     with torch.no_grad():
-        ref = loaded.model(input_ids=ids[None]).logits[0].float().numpy()
+        ref = forward_model(loaded)(input_ids=ids[None]).logits[0].float().numpy()
+    result = {"positions": len(ids), "max_abs_logit_diff": float(np.abs(ort_logits - ref).max()),
+              "top1_agreement": float((ort_logits.argmax(-1) == ref.argmax(-1)).mean()),
+              "greedy_tokens": gen_tokens, "greedy_identical": None, "greedy_first_difference": None,
+              "genai": genai}
+    if loaded.weights is not None:
+        result["greedy_not_compared"] = "a streamed model is not generated with in PyTorch"
+        return result
+    with torch.no_grad():
         theirs = loaded.model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None],
                                        max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
                                        do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
     same = [a == b for a, b in zip(ours, theirs, strict=True)]
-    return {"positions": len(ids), "max_abs_logit_diff": float(np.abs(ort_logits[0] - ref).max()),
-            "top1_agreement": float((ort_logits[0].argmax(-1) == ref.argmax(-1)).mean()),
-            "greedy_tokens": gen_tokens, "greedy_identical": all(same),
-            "greedy_first_difference": None if all(same) else same.index(False),
-            "genai": genai_check(folder, prompt.tolist(), ours, threads)}
-
-
-def genai_check(folder: Path, prompt: list[int], ours: list[int], threads: int | None) -> dict:
-    """ONNX Runtime GenAI loads the folder and generates greedily after the prompt: its tokens
-    against our runner's (ours). Not run where the folder has no genai_config.json or GenAI is not
-    installed (the optional extra `genai`); a folder GenAI cannot load is an error."""
-    from . import onnx_genai
-
-    if not (Path(folder) / GENAI_CONFIG_FILE).is_file():
-        return {"checked": False, "reason": "the layers' KV heads differ (plan with --kv-heads keep)"}
-    if not onnx_genai.available():
-        return {"checked": False, "reason": "onnxruntime-genai is not installed (pip install -e '.[genai]')"}
-    eos = json.loads((Path(folder) / CONFIG_FILE).read_text())["eos_token_ids"]
-    theirs = onnx_genai.greedy(folder, prompt, len(ours), threads)
-    same = [a == b for a, b in zip(ours, theirs, strict=False)]  # GenAI may stop early
-    return {"checked": True, "tokens": len(theirs), "identical": onnx_genai.agrees(ours, theirs, eos),
-            "first_difference": None if all(same) else same.index(False)}
+    result.update(greedy_identical=all(same),
+                  greedy_first_difference=None if all(same) else same.index(False))
+    return result
 
 
 def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tensor,

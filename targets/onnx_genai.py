@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes, report
-from .onnx_target import GENAI_CONFIG_FILE
+from .onnx_target import CONFIG_FILE, GENAI_CONFIG_FILE
 
 
 def available() -> bool:
@@ -74,6 +74,21 @@ def agrees(ours: list[int], theirs: list[int], eos_ids: list[int]) -> bool:
     """GenAI's tokens are ours, up to where GenAI stopped at an end-of-sequence token."""
     stopped = bool(theirs) and theirs[-1] in eos_ids
     return bool(theirs) and ours[:len(theirs)] == theirs and (len(theirs) == len(ours) or stopped)
+
+
+def check(folder: Path, prompt: list[int], ours: list[int], threads: int | None) -> dict:
+    """ONNX Runtime GenAI loads the folder and generates greedily after the prompt: its tokens
+    against our runner's (ours). Not run where the folder has no genai_config.json or GenAI is not
+    installed (the optional extra `genai`); a folder GenAI cannot load is an error."""
+    if not (Path(folder) / GENAI_CONFIG_FILE).is_file():
+        return {"checked": False, "reason": "the layers' KV heads differ (plan with --kv-heads keep)"}
+    if not available():
+        return {"checked": False, "reason": "onnxruntime-genai is not installed (pip install -e '.[genai]')"}
+    eos = json.loads((Path(folder) / CONFIG_FILE).read_text())["eos_token_ids"]
+    theirs = greedy(folder, prompt, len(ours), threads)
+    same = [a == b for a, b in zip(ours, theirs, strict=False)]  # GenAI may stop early
+    return {"checked": True, "tokens": len(theirs), "identical": agrees(ours, theirs, eos),
+            "first_difference": None if all(same) else same.index(False)}
 
 
 def measure(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int | None) -> dict:

@@ -17,12 +17,17 @@ the right (GroupQueryAttention reads each row's length from the attention mask),
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from mosaic_export.arch import attention_scale, layer_windows, rope_base, unsupported_features
 from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
+from mosaic_export.weights import Rows, table_rows
+
+from .onnx_data import ExternalData
 
 OPSET = 17
 MS = "com.microsoft"  # ONNX Runtime's contrib operators
@@ -30,17 +35,29 @@ MIN_POSITIONS = 4096
 
 
 class _Graph:
-    """A tiny ONNX graph builder: named nodes, initializers, cached integer constants."""
+    """A tiny ONNX graph builder: named nodes, initializers, cached integer constants. With
+    ``data``, each initializer's bytes are written to the external data file as it is made."""
 
-    def __init__(self):
+    def __init__(self, data: ExternalData | None = None):
         from onnx import numpy_helper
 
-        self._from_array = numpy_helper.from_array
+        self._from_array, self.data = numpy_helper.from_array, data
         self.nodes, self.initializers, self._consts, self._n = [], [], {}, 0
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self._from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        self.initializers.append(self._from_array(array, name) if self.data is None
+                                 else self.data.array(name, array))
         return name
+
+    def table(self, name: str, rows: Rows, dtype, transpose: bool = False) -> str:
+        """An embedding or output table, in dtype (``transpose``: stored as columns x rows): a
+        chunk of rows at a time to the data file, or whole in the graph where there is none."""
+        if self.data is not None:
+            self.initializers.append(self.data.rows(name, rows, dtype, transpose))
+            return name
+        whole = torch.cat(list(rows.chunks())).numpy()
+        return self.weight(name, (whole.T if transpose else whole).astype(dtype))
 
     def ints(self, *values: int) -> str:
         key = ("i64", values)
@@ -86,7 +103,7 @@ class _Decoder:
 
     def param(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
         a = t.detach().float().numpy()
-        return self.g.weight(name, (a.T if transpose else a).astype(self.np_float))
+        return self.g.weight(name, np.ascontiguousarray(a.T if transpose else a, dtype=self.np_float))
 
     def linear(self, x: str, lins: list, name: str) -> str:
         """x times one or more projections packed side by side in one MatMul (+ their biases)."""
@@ -204,8 +221,8 @@ class _Decoder:
     def embed(self) -> str:
         """The token embeddings (Gemma: times sqrt(hidden), in the graph's dtype)."""
         g, model = self.g, self.loaded.model
-        hidden = g.op("Gather", self.param("embed_tokens.weight", model.get_input_embeddings().weight),
-                      "input_ids", axis=0)
+        table = g.table("embed_tokens.weight", table_rows(model, self.loaded.weights, "input"), self.np_float)
+        hidden = g.op("Gather", table, "input_ids", axis=0)
         if self.spec.embed_scale:
             hidden = g.op("Mul", hidden, g.scalar(float(self.loaded.shape.hidden ** 0.5), self.np_float))
         return hidden
@@ -223,8 +240,8 @@ class _Decoder:
         if share and self.loaded.shape.tied_embeddings:  # ONNX Runtime folds the Transpose at load
             logits = g.op("MatMul", h, g.op("Transpose", "embed_tokens.weight", perm=[1, 0]))
         else:
-            logits = g.op("MatMul", h, self.param("lm_head.weight_t", model.get_output_embeddings().weight,
-                                                  transpose=True))
+            output = table_rows(model, self.loaded.weights, "output")
+            logits = g.op("MatMul", h, g.table("lm_head.weight_t", output, self.np_float, transpose=True))
         if self.fp16:
             logits = g.op("Cast", logits, to=TensorProto.FLOAT)
         g.op("Identity", logits, outputs=["logits"])
@@ -247,17 +264,23 @@ class _Decoder:
         return inputs, outputs
 
 
-def build_model(loaded: LoadedModel, dtype: str = "fp32", share_output: bool = True):
-    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16 (share_output: see head)."""
+def build_model(loaded: LoadedModel, dtype: str = "fp32", share_output: bool = True,
+                data: ExternalData | None = None):
+    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16 (share_output: see head).
+    With ``data`` its weights are written there as they are made (the proto points into it); a
+    streamed model (its layers read one at a time) needs it."""
     from onnx import helper
 
     check_exportable(loaded)
-    model, spec = loaded.model, loaded.spec
-    g = _Graph()
+    model, spec, streamed = loaded.model, loaded.spec, loaded.weights is not None
+    if streamed and data is None:
+        raise ValueError("a streamed model's graph is built with its weights written out (data)")
+    g = _Graph(data)
     d = _Decoder(g, loaded, dtype)
     residual, delta = d.embed(), None
     for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
-        residual, delta = d.layer(i, layer, dims, residual, delta)
+        with loaded.weights.held([(i, layer)]) if streamed else contextlib.nullcontext():
+            residual, delta = d.layer(i, layer, dims, residual, delta)
     d.head(residual, delta, share_output)
     inputs, outputs = d.io()
     graph = helper.make_graph(g.nodes, "mosaic_export_decoder", inputs, outputs, g.initializers)

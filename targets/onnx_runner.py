@@ -1,8 +1,10 @@
 """Run an exported ONNX folder in ONNX Runtime: greedy generation with the KV cache, speed, memory,
 perplexity. Imports no torch and no transformers (the tokenizer is read with `tokenizers`), so the
-numbers are the runtime's own; ``benchmark`` runs ``measure`` in a fresh process:
+numbers are the runtime's own; ``benchmark`` runs ``measure`` in a fresh process, and
+``logits_and_greedy`` the parity check's runtime side (job ``parity``):
 
     python -m mosaic_export.targets.onnx_runner FOLDER [--eval-text FILE] [--json OUT]
+    python -m mosaic_export.targets.onnx_runner FOLDER --job parity --ids IDS.json --logits OUT.npy
 
 Speed: load time (session creation); prefill of a ``prompt_tokens`` prompt (tokens/s); greedy decode
 of ``gen_tokens`` tokens, one at a time with the KV cache (tokens/s); peak RSS (VmHWM) up to there.
@@ -17,18 +19,28 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from ..process import decode_rates, die_with_parent, measure_in_subprocess, peak_rss_bytes, report
+from ..process import (
+    decode_rates,
+    die_with_parent,
+    measure_in_subprocess,
+    option_args,
+    peak_rss_bytes,
+    report,
+    run_child,
+)
 from .base import Evaluation
 from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, PROVIDERS
 from .scoring import window_perplexity
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
+MODULE = "mosaic_export.targets.onnx_runner"
 
 
 def available_provider(wanted: str | None) -> str:
@@ -179,6 +191,31 @@ def benchmark(folder: Path, **kwargs) -> dict:
                                  "ONNX Runtime", **kwargs)
 
 
+def logits_and_greedy(folder: Path, ids: list[int], prompt_tokens: int, gen_tokens: int,
+                      threads: int | None) -> tuple[np.ndarray, list[int], dict]:
+    """In a child process: ONNX Runtime's logits on ids (positions x vocab), its greedy tokens
+    after the first prompt_tokens, and ONNX Runtime GenAI's check of them (onnx_genai.check)."""
+    with tempfile.TemporaryDirectory(prefix="mosaic-parity-") as tmp:
+        (Path(tmp) / "ids.json").write_text(json.dumps(ids))
+        options = {"job": "parity", "ids": Path(tmp) / "ids.json", "logits": Path(tmp) / "logits.npy",
+                   "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads}
+        result = run_child(MODULE, [str(folder), *option_args(options)], "ONNX Runtime", "comparing",
+                           Path(folder).name)
+        return np.load(Path(tmp) / "logits.npy"), result["tokens"], result["genai"]
+
+
+def _parity_job(folder: Path, ids_file: Path, logits_file: Path, prompt_tokens: int, gen_tokens: int,
+                threads: int | None) -> dict:
+    from .onnx_genai import check
+
+    ids = json.loads(ids_file.read_text())
+    decoder = OnnxDecoder(folder, threads=threads)
+    np.save(logits_file, decoder.forward(np.asarray([ids]), decoder.empty_past())[0][0])
+    ours = decoder.generate(ids[:prompt_tokens], gen_tokens)
+    del decoder  # GenAI loads its own copy
+    return {"tokens": ours, "genai": check(folder, ids[:prompt_tokens], ours, threads)}
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     p = argparse.ArgumentParser(prog="python -m mosaic_export.targets.onnx_runner")
@@ -192,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--job", choices=("bench", "parity"), default="bench")
+    p.add_argument("--ids", type=Path, default=None, help="parity: a JSON list of token ids")
+    p.add_argument("--logits", type=Path, default=None, help="parity: where to save the logits (.npy)")
     a = p.parse_args(argv)
+    if a.job == "parity":
+        return report(lambda: _parity_job(a.folder, a.ids, a.logits, a.prompt_tokens, a.gen_tokens,
+                                          a.threads), a.json)
     return report(lambda: measure(a.folder, Evaluation.from_args(a), a.provider), a.json)
 
 

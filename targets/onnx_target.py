@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..arch import GGUF_MODEL_NAMES
@@ -34,6 +35,10 @@ class ONNX(Target):
     profile_keys = {"execution_provider": PROVIDERS}
     packages = ("onnx", "onnxruntime")
     nominal_base = 96 * 2**20
+    streams = True
+
+    def streamed_types(self) -> tuple[str, ...]:
+        return tuple(t for t in self.types if t not in BITS)  # onnxruntime's quantizer takes a whole graph
 
     def kv_bytes_per_value(self, type_: str) -> int:
         return 2 if type_ == "fp16" else 4  # the graph's activation dtype
@@ -156,8 +161,11 @@ class ONNX(Target):
         from ..units import format_bytes
 
         b, par = section["benchmark"], section["parity"]
-        generation = ("identical" if par["greedy_identical"] else
-                      f"differs at token {par['greedy_first_difference']}")
+        if par["greedy_identical"] is None:
+            generation = f"not compared: {par['greedy_not_compared']}"
+        else:
+            generation = ("identical" if par["greedy_identical"] else
+                          f"differs at token {par['greedy_first_difference']}")
         genai = par.get("genai", {})
         if genai.get("checked"):
             genai_text = "same greedy tokens" if genai["identical"] else (
@@ -178,9 +186,10 @@ class ONNX(Target):
         tables: one row of each is read per token."""
         import onnx as onnx_py
 
-        model = onnx_py.load(str(path / MODEL_FILE))
+        model = onnx_py.load(str(path / MODEL_FILE), load_external_data=False)  # the sizes alone
         multiplied = {name for node in model.graph.node if node.op_type not in GATHERS for name in node.input}
-        return sum(onnx_py.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+        itemsize = lambda t: onnx_py.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize  # noqa: E731
+        return sum(math.prod(t.dims) * itemsize(t) for t in model.graph.initializer
                    if t.name in multiplied and not t.name.startswith("rotary"))
 
     def reads(self, path: Path) -> Path | None:

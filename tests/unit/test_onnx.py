@@ -225,6 +225,34 @@ def test_weights_are_external_data(exported):
         assert (folder / "model.onnx.data").stat().st_size > 4 * (folder / "model.onnx").stat().st_size
 
 
+def test_external_data_is_written_as_made(tmp_path):
+    """Tensors go to the data file as they are made, tables a chunk of rows at a time (transposed:
+    each chunk a band of columns); small ones stay in the graph. onnx reads them back as made."""
+    import onnx
+    from mosaic_export.targets.onnx_data import INLINE_BELOW, ExternalData
+
+    from mosaic_export.weights import Rows
+
+    table = torch.randn(37, 11, generator=torch.Generator().manual_seed(0))
+    rows = Rows(tuple(table.shape), lambda: iter(table.split(5)))  # uneven chunks, as a vocabulary's
+    data = ExternalData(tmp_path / "m.onnx.data")
+    big, small = np.arange(300, dtype=np.float32).reshape(20, 15), np.arange(3, dtype=np.int64)
+    tensors = [data.array("big", big), data.rows("table_t", rows, np.float16, transpose=True),
+               data.array("small", small), data.rows("table", rows, np.float32), data.array("big2", big.T)]
+    data.close()
+    assert small.nbytes < INLINE_BELOW and not tensors[2].external_data
+    graph = onnx.helper.make_graph([], "g", [], [], tensors)
+    onnx.save_model(onnx.helper.make_model(graph), str(tmp_path / "m.onnx"))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    back = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    expected = {"big": big, "table_t": table.numpy().T.astype(np.float16), "small": small,
+                "table": table.numpy(), "big2": big.T}
+    for name, value in expected.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+    written = sum(v.nbytes for k, v in expected.items() if k != "small")
+    assert (tmp_path / "m.onnx.data").stat().st_size == written
+
+
 def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from mosaic_export.targets import onnx as onnx_target
 

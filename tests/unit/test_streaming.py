@@ -69,9 +69,10 @@ def _run(model: Path, out: Path, *more: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("target", [["--target", "none"], ["--target", "gguf", "--quant", "Q8_0"]])
+@pytest.mark.parametrize("target", [["--target", "none"], ["--target", "gguf", "--quant", "Q8_0"],
+                                    ["--target", "onnx", "--dtype", "fp16"]])
 def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, target, monkeypatch):
-    """The main command with --stream: the same plan, checkpoint (and GGUF) bytes, counts and
+    """The main command with --stream: the same plan, checkpoint (and GGUF or ONNX) bytes, counts and
     perplexities as the run with the model in memory; nothing left beside the output. The tables
     are read, scored and written 50 rows at a time, as a large vocabulary's would be."""
     _check_same_outputs(tiny_model_dir, tmp_path, target, monkeypatch)
@@ -79,13 +80,16 @@ def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, t
 
 def test_streamed_run_with_an_untied_output_layer(tiny_model_dir, tmp_path, monkeypatch):
     """The same with an output layer of its own (as Llama-3.1-8B's): its table read, scored and
-    written in chunks too."""
+    written in chunks too (ONNX stores it transposed: each chunk a band of columns)."""
     model = tmp_path / "untied"
     done = _make(model, tiny_model_dir, "--no-tie")
     assert done.returncode == 0, done.stderr
     runs = tmp_path / "runs"
     runs.mkdir()
     _check_same_outputs(model, runs, ["--target", "gguf", "--quant", "Q8_0"], monkeypatch, tied=False)
+    onnx_runs = tmp_path / "onnx"
+    onnx_runs.mkdir()
+    _check_same_outputs(model, onnx_runs, ["--target", "onnx", "--dtype", "fp32"], monkeypatch, tied=False)
 
 
 def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypatch, tied: bool = True):
@@ -95,9 +99,10 @@ def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypa
     whole = _run(model, tmp_path / "whole", *target)
     streamed = _run(model, tmp_path / "streamed", *target, "--stream")
     files = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
-                   if p.suffix in (".json", ".safetensors", ".gguf") and p.name != "report.json"
-                   and p.name != "manifest.json")
+                   if p.suffix in (".json", ".safetensors", ".gguf", ".onnx", ".data")
+                   and p.name not in ("report.json", "manifest.json"))
     assert "plan.json" in files and any(f.endswith(".gguf") for f in files) == (target[1] == "gguf")
+    assert any(f.endswith(".onnx.data") for f in files) == (target[1] == "onnx")
     for name in files:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
     assert whole["params"] == streamed["params"]
@@ -105,6 +110,12 @@ def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypa
     assert whole["perplexity"]["pruned"] == streamed["perplexity"]["pruned"]
     if target[1] == "gguf":
         assert whole["gguf"]["parity"] == streamed["gguf"]["parity"]
+    if target[1] == "onnx":  # the same, but for the greedy generation, not made from a streamed model
+        generated = ("greedy_identical", "greedy_first_difference", "greedy_not_compared")
+        assert whole["onnx"]["parity"]["greedy_identical"] is not None
+        assert streamed["onnx"]["parity"]["greedy_not_compared"]
+        assert ({k: v for k, v in whole["onnx"]["parity"].items() if k not in generated}
+                == {k: v for k, v in streamed["onnx"]["parity"].items() if k not in generated})
     reloaded = load_model(str(tmp_path / "whole" / "model")).model.state_dict()
     assert streamed["reload"]["tensors_checked"] == len(reloaded) - tied  # a tied lm_head is not stored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
@@ -164,8 +175,9 @@ def test_max_rss_below_the_need_is_refused_at_the_door(tiny_model_dir, tmp_path,
     assert "--max-rss 64.0 MiB is less than this run needs, about" in err
     assert "a calibration pass over one layer" in err
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
-    assert main([*base[:-4], "--target", "onnx", "--stream", "--out", str(tmp_path / "out")]) == 2
-    assert "--stream does not work with --target onnx" in capsys.readouterr().err
+    onnx = ["--target", "onnx", "--dtype", "int8", "--stream"]
+    assert main([*base[:-4], *onnx, "--out", str(tmp_path / "out")]) == 2
+    assert "--stream does not work with --target onnx --dtype int8" in capsys.readouterr().err
     assert main([*base, "--stream", "--calib-text", "self"]) == 2
     assert "--stream does not work with --calib-text self" in capsys.readouterr().err
     assert main(["sweep", "--model", str(tiny_model_dir), "--stream", "--out", str(tmp_path / "s")]) == 2
