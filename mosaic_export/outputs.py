@@ -59,26 +59,30 @@ def check_output(out: Path, force: bool) -> None:
 
 
 
-def output_bytes_needed(plan: Plan, pricing: Pricing | None, dense_total_params: int) -> int:
-    """Disk the outputs take at their largest: the float32 checkpoint, the float32 file an export
-    starts from and the runtime file (its exact weight bytes when priced), with 10% to spare."""
+def output_bytes_needed(plan: Plan, pricing: Pricing | None, dense_total_params: int,
+                        scratch: int = 0) -> int:
+    """Disk the outputs take at their largest: the float32 checkpoint, the runtime file (its exact
+    weight bytes when priced) and the float32 file its export starts from where it needs one
+    (Target.float32_first), with 10% to spare; and ``scratch`` bytes of the run's own (a streamed
+    run's calibration states)."""
     params = plan.params()
     total = dense_total_params - (params["decoder_dense"] - params["decoder_resized"])
     runtime = 0
     if pricing is not None:
-        runtime = 4 * total + pricing.cost([lp.dims for lp in plan.layers]).weight_bytes
-    return int(1.1 * (4 * total + runtime)) + 16 * 2**20
+        first = 4 * total if pricing.fmt.spec.float32_first(pricing.fmt.name) else 0
+        runtime = first + pricing.cost([lp.dims for lp in plan.layers]).weight_bytes
+    return int(1.1 * (4 * total + runtime)) + scratch + 16 * 2**20
 
 
-def check_free_space(out: Path, plan: Plan, pricing: Pricing | None, dense_total_params: int) -> None:
-    """Refuse before the long work when the disk cannot hold the outputs."""
-    need = output_bytes_needed(plan, pricing, dense_total_params)
+def check_free_space(out: Path, plan: Plan, pricing: Pricing | None, dense_total_params: int,
+                     scratch: int = 0) -> None:
+    """Refuse before the long work when the disk cannot hold the outputs (and ``scratch``)."""
+    need = output_bytes_needed(plan, pricing, dense_total_params, scratch)
     parent = out.resolve().parent
     free = shutil.disk_usage(parent).free
     if free < need:
         raise UserError(f"not enough free space for {out}: the outputs need about "
                         f"{format_bytes(need)}, {parent} has {format_bytes(free)} free")
-
 
 
 TMP_INFIX = ".tmp-"  # OUT is built in .OUT.tmp-PID-XXXX beside it

@@ -254,7 +254,8 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
         fmt, pricing = Format(fmt.target, joint.chosen.type), joint.pricings[joint.chosen.type]
     if found is not None:
         log(search_summary(found))
-    check_free_space(config.out, plan, pricing, dense.counts["total"])
+    spilled = 0 if loaded.weights is None else dense.calib.numel() * loaded.shape.hidden * 4  # states
+    check_free_space(config.out, plan, pricing, dense.counts["total"], spilled)
     if loaded.weights is not None:  # each pruned layer written as its checkpoint shard
         loaded.weights.sink = loaded.weights.work
     apply_plan(stream, loaded.spec, plan)

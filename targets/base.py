@@ -68,6 +68,10 @@ class Target(ABC):
     # deploy() works on a streamed model (model_io.LoadedModel.weights): reads one layer at a time
     streams: ClassVar[bool] = False
 
+    def float32_first(self, type_: str) -> bool:
+        """Whether exporting the type writes a float32 file of the model first (disk, not memory)."""
+        return False
+
     def streamed_types(self) -> tuple[str, ...]:
         """The types deploy() writes from a streamed model (all of them where it streams)."""
         return self.types if self.streams else ()

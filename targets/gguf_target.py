@@ -29,6 +29,11 @@ class GGUF(Target):
 
         return alignment(self.check_type(type_))
 
+    def float32_first(self, type_: str) -> bool:
+        from .gguf import DIRECT_TYPES
+
+        return type_ not in DIRECT_TYPES  # llama.cpp's quantizer reads an F32 file
+
     def kv_bytes_per_value(self, type_: str) -> int:
         return 2  # llama.cpp keeps the KV cache in F16
 
