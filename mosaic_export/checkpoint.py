@@ -4,7 +4,9 @@ It is a Hugging Face folder: config.json with one more entry, ``mosaic_export`` 
 head, KV head and MLP sizes), safetensors shards (weights.shard_names: one for what is outside
 the decoder layers, one per layer) and their index, the generation config and the tokenizer.
 ``load_resized`` builds the model at the config's dense sizes without initialising it, rebuilds
-every layer at its recorded sizes, then loads the weights strictly.
+every layer at its recorded sizes, then loads the weights strictly; a streamed load
+(model_io.load_model(stream=True)) rebuilds the layers the same way on the meta device
+(``layout``, ``resize_to``) and reads them one at a time.
 """
 
 from __future__ import annotations
@@ -80,6 +82,23 @@ def _tables(loaded: LoadedModel) -> dict:
             for which in (("input",) if loaded.shape.tied_embeddings else ("input", "output"))}
 
 
+def layout(folder: Path, config) -> tuple[ModelShape, list[LayerDims], Path | None]:
+    """A resized checkpoint's dense shape, per-layer sizes and source GGUF, taken out of its
+    config (which is left at the dense sizes)."""
+    meta = getattr(config, CHECKPOINT_KEY)
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{folder}: checkpoint version {meta.get('version')} is not supported")
+    delattr(config, CHECKPOINT_KEY)
+    return (ModelShape(**meta["dense_shape"]), [LayerDims(**d) for d in meta["layers"]],
+            Path(meta["source_gguf"]) if meta.get("source_gguf") else None)
+
+
+def resize_to(loaded: LoadedModel, layer_dims: list[LayerDims]) -> None:
+    """Every layer rebuilt at its recorded sizes (the leading heads and channels: the weights
+    are whatever the checkpoint holds), on whatever device its parameters are."""
+    resize_model(loaded, [leading(loaded.shape.dense_dims, dims) for dims in layer_dims])
+
+
 def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
     """Rebuild a resized checkpoint at its recorded per-layer sizes and load its weights."""
     from safetensors.torch import load_file
@@ -87,19 +106,13 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
     from transformers.modeling_utils import no_init_weights
 
     config = AutoConfig.from_pretrained(folder)
-    meta = getattr(config, CHECKPOINT_KEY)
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{folder}: checkpoint version {meta.get('version')} is not supported")
-    delattr(config, CHECKPOINT_KEY)
+    shape, layer_dims, gguf_file = layout(folder, config)
     spec = arch_for(config.model_type)
-    shape = ModelShape(**meta["dense_shape"])
-    layer_dims = [LayerDims(**d) for d in meta["layers"]]
     _check_tokenizer(folder)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    loaded = LoadedModel(model, None, spec, shape, source or str(folder),
-                         Path(meta["source_gguf"]) if meta.get("source_gguf") else None)
-    resize_model(loaded, [leading(shape.dense_dims, dims) for dims in layer_dims])
+    loaded = LoadedModel(model, None, spec, shape, source or str(folder), gguf_file)
+    resize_to(loaded, layer_dims)
     state = {}
     for f in _weight_files(folder):
         try:

@@ -129,8 +129,11 @@ def cmd_verify(argv: list[str]) -> int:
                                             "file with the PyTorch checkpoint.")
     p.add_argument("out", type=Path)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stream", action="store_true",
+                   help="read the checkpoint a layer at a time (done anyway when it is bigger than half "
+                        "the memory available)")
     a = p.parse_args(argv)
-    verify(a.out, a.threads)
+    verify(a.out, a.threads, stream=a.stream)
     print(f"{a.out}: OK")
     return 0
 

@@ -84,6 +84,12 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
+def is_resized_checkpoint(path: Path) -> bool:
+    """Whether path is a resized checkpoint written by this tool (its config records the sizes)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and CHECKPOINT_KEY in _read_config(Path(path))
+
+
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files named by model.safetensors.index.json, else model.safetensors; each
     checked to open (a truncated or foreign file is refused). Nothing else is ever loaded."""
@@ -157,7 +163,7 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
     from .fused import UNFUSED_AS
     from .weights import GGUFSource, SafetensorsSource, materialize_outside, skeleton
 
-    folder, cached = target, gguf_cache.entry(gguf_file) if gguf_file is not None else None
+    folder, cached, resized = target, gguf_cache.entry(gguf_file) if gguf_file is not None else None, None
     if gguf_file is not None and not (cached is not None and cached.is_dir()):
         _gguf_architecture(gguf_file)  # refuses a file that is not GGUF
         try:
@@ -168,21 +174,29 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
         folder = None
     else:
         folder = cached if gguf_file is not None else target
-        if CHECKPOINT_KEY in _read_config(folder):
-            raise UserError(f"{folder}: a resized checkpoint cannot be streamed yet; load it whole")
         _check_tokenizer(folder)
         config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        if CHECKPOINT_KEY in _read_config(folder):  # rebuilt at its recorded sizes, on meta
+            from .checkpoint import layout
+
+            resized = layout(folder, config)
+            gguf_file = resized[2]
     spec = arch_for(str(config.model_type))
     if config.model_type in UNFUSED_AS:
         raise UserError(f"{config.model_type} stores fused projections: it cannot be streamed yet")
     model = skeleton(config)
+    shape = model_shape(model, spec) if resized is None else resized[0]
+    loaded = LoadedModel(model, tokenizer, spec, shape, source, gguf_file)
+    if resized is not None:
+        from .checkpoint import resize_to
+
+        resize_to(loaded, resized[1])
     weights = SafetensorsSource(_weight_files(folder)) if folder is not None else GGUFSource(gguf_file, model)
     _check_names(source, model, weights.names())
     materialize_outside(model, spec.layers + ".", weights)
-    shape = model_shape(model, spec)
-    return LoadedModel(model, tokenizer, spec, shape, source, gguf_file,
-                       LayerWeights(weights, spec.layers + ".", shape.n_layers, model))
+    loaded.weights = LayerWeights(weights, spec.layers + ".", shape.n_layers, model)
+    return loaded
 
 
 def _check_names(source: str, model: nn.Module, names: list[str]) -> None:

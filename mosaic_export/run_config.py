@@ -10,7 +10,7 @@ from pathlib import Path
 from . import targets
 from .costmodel import Format
 from .errors import UserError
-from .model_io import LoadedModel
+from .model_io import LoadedModel, is_resized_checkpoint
 from .outputs import check_output
 from .plan import Plan, PruneSettings
 from .profile import Profile, load_profile
@@ -99,6 +99,9 @@ def prepare(config: RunConfig) -> Inputs:
     resolve_device(config.device)
     if config.model is not None and not Path(config.model).exists():
         raise UserError(f"model not found: {config.model}")
+    if config.model is not None and is_resized_checkpoint(Path(config.model)):
+        raise UserError(f"{config.model} is a resized checkpoint written by mosaic-export: its plan "
+                        "was made for its source model; prune the source again (a new plan) instead")
     return Inputs(profile, settings, plan, fmt)
 
 

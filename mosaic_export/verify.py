@@ -1,6 +1,8 @@
 """`mosaic-export verify OUT`: every file against the sha256 and size in manifest.json (and no
 file the manifest does not list), then the build's parity check again: the runtime file against the
-PyTorch checkpoint in OUT/model on the recorded token ids, with the build's thresholds."""
+PyTorch checkpoint in OUT/model on the recorded token ids, with the build's thresholds. A
+checkpoint bigger than half the memory available (or any, with ``stream``) is read a layer at a
+time, as a streamed run reads its model (README.md, "Models bigger than memory")."""
 
 from __future__ import annotations
 
@@ -32,7 +34,17 @@ def check_files(folder: Path, listed: dict) -> None:
         raise UserError(f"verify: {extra[0]} is not in the manifest")
 
 
-def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -> dict:
+def streams(folder: Path, stream: bool) -> bool:
+    """Whether to read the checkpoint a layer at a time: asked, or its weights are more than half
+    of the memory available."""
+    from .process import proc_bytes
+
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    size = sum(f.stat().st_size for f in (folder / CHECKPOINT).glob("*.safetensors"))
+    return stream or (available is not None and size > available // 2)
+
+
+def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None, stream: bool = False) -> dict:
     """The build's parity check again, on the recorded ids, with the build's thresholds; the
     agreement also may not fall more than AGREEMENT_SLACK below the recorded one."""
     import torch
@@ -41,7 +53,7 @@ def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -
 
     if not recorded.get("ids"):
         raise UserError("verify: the manifest records no parity token ids; cannot re-check parity")
-    loaded = load_model(str(folder / CHECKPOINT))
+    loaded = load_model(str(folder / CHECKPOINT), stream=stream)
     ids = torch.tensor(recorded["ids"], dtype=torch.long)
     parity, floor = targets.get(fmt["target"]).verify_parity(loaded, folder / fmt["model_path"], fmt,
                                                              ids, recorded, threads)
@@ -55,9 +67,9 @@ def check_parity(folder: Path, fmt: dict, recorded: dict, threads: int | None) -
     return {**parity, "min_agreement": floor}
 
 
-def verify(folder: Path, threads: int | None = None, log=print) -> dict:
-    """Checksums of every file, then the build's parity check again; UserError on the first
-    failure. Returns what was checked."""
+def verify(folder: Path, threads: int | None = None, log=print, stream: bool = False) -> dict:
+    """Checksums of every file, then the build's parity check again (the checkpoint streamed: see
+    streams); UserError on the first failure. Returns what was checked."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     fmt, listed = manifest["format"], manifest["files"]
@@ -67,7 +79,10 @@ def verify(folder: Path, threads: int | None = None, log=print) -> dict:
     if fmt["target"] is None:
         log("parity: none to check (checkpoint only)")
         return result
-    parity = check_parity(folder, fmt, manifest.get("parity") or {}, threads)
+    stream = streams(folder, stream)
+    if stream:
+        log("parity: the checkpoint read a layer at a time")
+    parity = check_parity(folder, fmt, manifest.get("parity") or {}, threads, stream)
     log(f"parity: {fmt['model_path']} agrees with PyTorch on the greedy next token at "
         f"{parity['top1_agreement']:.1%} of {parity['positions']} positions (needed "
         f"{parity['min_agreement']:.1%}), max |logit difference| {parity['max_abs_logit_diff']:.2e}")

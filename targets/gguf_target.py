@@ -88,11 +88,12 @@ class GGUF(Target):
 
     def verify_parity(self, loaded, path: Path, fmt: dict, ids, recorded: dict,
                       threads: int | None) -> tuple[dict, float]:
+        from ..evaluate import forward_model
         from .gguf import MIN_AGREEMENT
         from .gguf_runner import next_token_agreement
 
         probe = recorded.get("tokenizer_probe") or {}
-        parity = next_token_agreement(loaded.model, path, ids, threads, text=probe.get("text"),
+        parity = next_token_agreement(forward_model(loaded), path, ids, threads, text=probe.get("text"),
                                       name=fmt["model_path"])
         if probe.get("ids") is not None and parity.pop("text_ids") != probe["ids"]:
             raise UserError(f"verify: {fmt['model_path']}: llama.cpp tokenizes the recorded probe text "

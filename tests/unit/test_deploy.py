@@ -149,6 +149,19 @@ def test_verify_passes(outs, target, capsys):
     assert capsys.readouterr().out.strip().endswith("OK")
 
 
+@pytest.mark.parametrize("target", ["gguf", "onnx"])
+def test_verify_streams_the_checkpoint(outs, target):
+    """verify --stream reads the resized checkpoint a layer at a time (a model bigger than memory):
+    the same logits figures as the whole load; ONNX's greedy generation is not compared then."""
+    whole = verify(outs[target][0], threads=1, log=lambda _: None)["parity"]
+    lines = []
+    streamed = verify(outs[target][0], threads=1, log=lines.append, stream=True)["parity"]
+    assert "parity: the checkpoint read a layer at a time" in lines
+    for key in ("top1_agreement", "max_abs_logit_diff", "positions"):
+        assert streamed[key] == whole[key], key
+    assert (streamed.get("greedy_not_compared") is not None) == (target == "onnx")
+
+
 @pytest.mark.parametrize("damage, message", [
     ("flip", "model-F32.gguf has changed: its sha256 differs"),
     ("stray", "notes.txt is not in the manifest"),

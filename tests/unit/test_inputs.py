@@ -113,8 +113,7 @@ def test_truncated_resized_checkpoint(tiny_model_dir, tmp_path, capsys):
     _truncate(folder / "model-00002-of-00004.safetensors")  # layer 0's shard
     with pytest.raises(UserError, match="model-00002-of-00004.safetensors: not a readable safetensors file"):
         load_resized(folder)
-    _bad(tmp_path, capsys, "--model", folder,
-         match="model-00002-of-00004.safetensors: not a readable safetensors file")
+    _bad(tmp_path, capsys, "--model", folder, match="is a resized checkpoint written by mosaic-export")
 
 
 # --- 2. numeric options ----------------------------------------------------------------------------
@@ -206,4 +205,4 @@ def test_a_model_with_removed_blocks_is_not_pruned_again(tiny_model_dir, tmp_pat
     from tests.unit.test_blocks import blocks_model
 
     save_checkpoint(blocks_model(tiny_model_dir), tmp_path / "blocks")
-    _bad(tmp_path, capsys, "--model", tmp_path / "blocks", match="already has removed blocks")
+    _bad(tmp_path, capsys, "--model", tmp_path / "blocks", match="is a resized checkpoint")
