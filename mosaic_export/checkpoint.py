@@ -24,6 +24,7 @@ from .model_io import (
     LoadedModel,
     _check_tokenizer,
     _weight_files,
+    read_generation_config,
 )
 from .resize import leading, resize_model
 
@@ -132,6 +133,7 @@ def load_resized(folder: Path, source: str | None = None) -> LoadedModel:
                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     model.eval()
+    read_generation_config(model, folder)
     loaded.tokenizer = AutoTokenizer.from_pretrained(folder)
     return loaded
 

@@ -16,7 +16,9 @@ torch, the tokenizer, the final norm) and, on top, the largest of what its phase
 - writing a table (the checkpoint's, the GGUF file's, the ONNX data's): a chunk of its rows at a
   time;
 - exporting a layer (GGUF, ONNX): the layer in float32, and two copies of its largest matrix
-  (ONNX packs q, k and v side by side, then stores the transpose).
+  (ONNX packs q, k and v side by side, then stores the transpose);
+- checking parity with a runtime (not for ``--target none``): PyTorch's logits over the parity
+  window (a calibration sample) and the runtime's, read back from its child process.
 
 ``run_needs`` adds these up from the model's sizes; BENCHMARKS.md compares the estimate with
 measured runs.
@@ -67,6 +69,7 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
             "embedding the calibration samples": catch,
             "scoring perplexity": scoring if windows else 0,
             "writing a table": 2 * TABLE_CHUNK,
+            "checking parity": 0 if config.target is None else 2 * c.seq_len * shape.vocab * FLOAT,
             "exporting a layer": layer + 2 * max(shape.n_ff, (shape.n_head + 2 * shape.n_kv) * shape.head_dim)
             * shape.hidden * FLOAT}
 

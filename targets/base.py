@@ -68,8 +68,9 @@ class Target(ABC):
     # deploy() works on a streamed model (model_io.LoadedModel.weights): reads one layer at a time
     streams: ClassVar[bool] = False
 
-    def float32_first(self, type_: str) -> bool:
-        """Whether exporting the type writes a float32 file of the model first (disk, not memory)."""
+    def float32_first(self, type_: str, row_lengths: set[int]) -> bool:
+        """Whether exporting the type writes a float32 file of the model first (disk, not memory),
+        for weights whose rows (input sizes) have these lengths."""
         return False
 
     def streamed_types(self) -> tuple[str, ...]:

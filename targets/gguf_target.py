@@ -29,10 +29,11 @@ class GGUF(Target):
 
         return alignment(self.check_type(type_))
 
-    def float32_first(self, type_: str) -> bool:
-        from .gguf import DIRECT_TYPES
+    def float32_first(self, type_: str, row_lengths: set[int]) -> bool:
+        from .gguf import DIRECT_TYPES, alignment
 
-        return type_ not in DIRECT_TYPES  # llama.cpp's quantizer reads an F32 file
+        # llama.cpp's quantizer reads an F32 file; gguf-py writes its types when the rows fit (direct)
+        return type_ not in DIRECT_TYPES or any(n % alignment(type_) for n in row_lengths)
 
     def kv_bytes_per_value(self, type_: str) -> int:
         return 2  # llama.cpp keeps the KV cache in F16

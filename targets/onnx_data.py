@@ -4,7 +4,7 @@ length). So no weight is held longer than its own making, and a streamed model's
 written a chunk of rows at a time, never whole; the in-memory path writes the same file the
 same way (a test compares the bytes).
 
-Initializers under INLINE_BELOW bytes (constants, shapes) stay inside the graph, as
+Initializers under INLINE_BELOW bytes (constants, shapes) stay inside the graph, about as
 onnx.save_model(size_threshold=1024) keeps them. Tensors follow each other with no padding.
 """
 
@@ -38,7 +38,7 @@ class ExternalData:
         array = np.ascontiguousarray(array)
         if array.nbytes < INLINE_BELOW:
             return numpy_helper.from_array(array, name)
-        self._file.write(array.tobytes())
+        self._file.write(memoryview(array).cast("B"))  # the array's own buffer: no copy
         return self._pointer(name, array.shape, array.dtype, array.nbytes)
 
     def rows(self, name: str, rows: Rows, dtype, transpose: bool = False):
@@ -53,16 +53,22 @@ class ExternalData:
             if transpose:  # row j of the stored matrix is column j of the table
                 band = np.ascontiguousarray(data.T)
                 for j in range(width):
-                    os.pwrite(self._file.fileno(), band[j].tobytes(),
-                              start + (j * n + first) * dtype.itemsize)
+                    self._put(band[j], start + (j * n + first) * dtype.itemsize)
             else:
-                os.pwrite(self._file.fileno(), data.tobytes(), start + first * width * dtype.itemsize)
+                self._put(data, start + first * width * dtype.itemsize)
             first += data.shape[0]
         if first != n:
             raise ValueError(f"{name}: the chunks held {first} rows, expected {n}")
         self._file.seek(start + n * width * dtype.itemsize)
         shape = (width, n) if transpose else (n, width)
         return self._pointer(name, shape, dtype, n * width * dtype.itemsize, start)
+
+    def _put(self, data: np.ndarray, offset: int) -> None:
+        """data's bytes at offset (a short write, as on a full disk, is finished or raises)."""
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        while view:
+            done = os.pwrite(self._file.fileno(), view, offset)
+            view, offset = view[done:], offset + done
 
     def _pointer(self, name: str, shape, dtype: np.dtype, nbytes: int, start: int | None = None):
         from onnx import TensorProto, helper

@@ -121,6 +121,24 @@ def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
 
 
+def test_streamed_models_read_the_generation_config(tiny_model_dir, tmp_path):
+    """generation_config.json's end-of-sequence ids (more than config.json's, as instruct models
+    list) reach a streamed model and a reloaded checkpoint, as from_pretrained reads them."""
+    import shutil
+
+    from mosaic_export.checkpoint import load_resized, save_checkpoint
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
+    whole = load_model(str(folder))
+    assert whole.model.generation_config.eos_token_id == [2, 7]
+    assert load_model(str(folder), stream=True).model.generation_config.eos_token_id == [2, 7]
+    save_checkpoint(whole, tmp_path / "ck")
+    assert load_resized(tmp_path / "ck").model.generation_config.eos_token_id == [2, 7]
+    assert load_model(str(tmp_path / "ck"), stream=True).model.generation_config.eos_token_id == [2, 7]
+
+
 def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
     """Opened streamed, only the final norm is in memory; a layer read from the source equals the
     whole load's, and goes back to meta when let go; the tables are read in chunks of rows, and

@@ -182,5 +182,10 @@ def test_builtin_targets():
     assert gguf.output_rows(512) == 1 and onnx.output_rows(512) == 512
     assert gguf.tied_output_bytes(10, 64, "F16") == 0
     assert {onnx.tied_output_bytes(10, 64, t) for t in onnx.types} == {0}  # one table in every dtype
+    # the free-space check counts llama.cpp's F32 input where the export writes one
+    assert not gguf.float32_first("F16", {3}) and not gguf.float32_first("Q8_0", {64, 96})
+    assert gguf.float32_first("Q8_0", {64, 72}) and gguf.float32_first("Q6_K", {256})
+    assert not any(onnx.float32_first(t, {3}) for t in onnx.types)
+    assert gguf.streamed_types() == gguf.types and onnx.streamed_types() == ("fp32", "fp16")
     with pytest.raises(UserError, match="GGUF type 'Q3' is not supported"):
         gguf.check_type("Q3")
