@@ -85,7 +85,7 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
                    help="keep the decoder layers on disk and read one at a time (safetensors in "
                         "their stored dtype, a GGUF tensor by tensor), writing the resized "
                         "checkpoint, the GGUF file and the ONNX data layer by layer; with "
-                        "--sparsity, and --target none, gguf, or onnx at fp32 / fp16, for now")
+                        "--sparsity, for now")
     g.add_argument("--max-rss", default=None, metavar="SIZE",
                    help="the most resident memory this run may take (8GiB); implies --stream, "
                         "refuses at the start, with the figure it needs, when that is less, and "

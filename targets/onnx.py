@@ -12,7 +12,9 @@ ONNX Runtime GenAI when every layer keeps the same KV heads (GenAI sizes one KV 
 
 Precisions: fp32; fp16 (weights, activations and KV cache in float16, logits in float32); int8 and
 int4 (weight-only MatMulNBits, symmetric, one scale per block of 32 inputs, int8 compute on CPU;
-the output layer and the embedding table at int8: onnx_quant.py).
+the output layer and the embedding table at int8: onnx_quant.py). Every dtype's weights are
+written to the data file as the graph is built (onnx_data.py), a streamed model's a layer at a
+time.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ from mosaic_export.model_io import LoadedModel
 from .base import Evaluation
 from .onnx_data import ExternalData
 from .onnx_graph import OPSET, build_model, check_exportable
-from .onnx_quant import quantize
-from .onnx_target import BITS, CONFIG_FILE, CONFIG_FORMAT, GENAI_CONFIG_FILE, MODEL_FILE, ONNX
+from .onnx_target import CONFIG_FILE, CONFIG_FORMAT, GENAI_CONFIG_FILE, MODEL_FILE, ONNX
 
 
 def check_dtype(dtype: str) -> str:
@@ -72,20 +73,13 @@ def model_config(loaded: LoadedModel, dtype: str, eos: list[int]) -> dict:
 
 
 def _write(loaded: LoadedModel, dtype: str, path: Path) -> None:
-    """model.onnx (the graph) + model.onnx.data (the weights). External data also lifts protobuf's
-    2 GiB limit, and ONNX Runtime then reads the weights without holding a second copy inside the
-    parsed graph while it loads: peak RSS measured 10-23% lower for SmolLM2 (BENCHMARKS.md).
-
-    fp32 and fp16 weights go to the data file as the graph is built (onnx_data.py: a streamed model
-    is written a layer at a time); int8 / int4 are made from the whole fp32 graph by onnxruntime's
-    quantizer, then saved."""
+    """model.onnx (the graph) + model.onnx.data (the weights), each weight written to the data
+    file as the graph is built (onnx_data.py: a streamed model is written a layer at a time).
+    External data also lifts protobuf's 2 GiB limit, and ONNX Runtime then reads the weights
+    without holding a second copy inside the parsed graph while it loads: peak RSS measured 10-23%
+    lower for SmolLM2 (BENCHMARKS.md)."""
     import onnx
 
-    if dtype in BITS:
-        proto = quantize(build_model(loaded, "fp32", share_output=False), dtype, loaded.shape.tied_embeddings)
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        return
     data = ExternalData(path.with_name(path.name + ".data"))
     try:
         proto = build_model(loaded, dtype, data=data)

@@ -41,27 +41,45 @@ class ExternalData:
         self._file.write(memoryview(array).cast("B"))  # the array's own buffer: no copy
         return self._pointer(name, array.shape, array.dtype, array.nbytes)
 
+    def rows_of(self, names: list[str], n: int, parts) -> list:
+        """Tensors of n rows each, made together a chunk of rows at a time (``parts``: per chunk,
+        one array per name, of that chunk's rows): each has its place in the file from the first
+        chunk on, and every chunk's rows go to theirs (positional writes)."""
+        protos, places, first = [], [], 0
+        self._file.flush()  # positional writes below go around the buffer
+        for arrays in parts:
+            if not protos:  # each tensor's shape and type from its first chunk
+                for name, a in zip(names, arrays, strict=True):
+                    row = a[0].nbytes if len(a) else 0
+                    places.append((self.offset, row))
+                    protos.append(self._pointer(name, (n, *a.shape[1:]), a.dtype, n * row))
+            for a, (start, row) in zip(arrays, places, strict=True):
+                self._put(a, start + first * row)
+            first += len(arrays[0])
+        if first != n or not protos:
+            raise ValueError(f"{', '.join(names)}: the chunks held {first} rows, expected {n}")
+        self._file.seek(self.offset)
+        return protos
+
     def rows(self, name: str, rows: Rows, dtype, transpose: bool = False):
         """A table written a chunk of rows at a time, in dtype; ``transpose``: stored as (columns,
         rows), each chunk's rows landing as a band of columns (positional writes)."""
         dtype = np.dtype(dtype)
+        if not transpose:
+            parts = ((chunk.detach().float().numpy().astype(dtype),) for chunk in rows.chunks())
+            return self.rows_of([name], rows.shape[0], parts)[0]
         n, width = rows.shape
         start, first = self.offset, 0
         self._file.flush()  # positional writes below go around the buffer
         for chunk in rows.chunks():
-            data = np.ascontiguousarray(chunk.detach().float().numpy().astype(dtype))
-            if transpose:  # row j of the stored matrix is column j of the table
-                band = np.ascontiguousarray(data.T)
-                for j in range(width):
-                    self._put(band[j], start + (j * n + first) * dtype.itemsize)
-            else:
-                self._put(data, start + first * width * dtype.itemsize)
-            first += data.shape[0]
+            band = np.ascontiguousarray(chunk.detach().float().numpy().T, dtype=dtype)
+            for j in range(width):  # row j of the stored matrix is column j of the table
+                self._put(band[j], start + (j * n + first) * dtype.itemsize)
+            first += band.shape[1]
         if first != n:
             raise ValueError(f"{name}: the chunks held {first} rows, expected {n}")
         self._file.seek(start + n * width * dtype.itemsize)
-        shape = (width, n) if transpose else (n, width)
-        return self._pointer(name, shape, dtype, n * width * dtype.itemsize, start)
+        return self._pointer(name, (width, n), dtype, n * width * dtype.itemsize, start)
 
     def _put(self, data: np.ndarray, offset: int) -> None:
         """data's bytes at offset (a short write, as on a full disk, is finished or raises)."""

@@ -7,7 +7,7 @@ model, here with every layer at its own query heads, KV heads and MLP width.
     GroupQueryAttention (com.microsoft): q / k / v (packed in one MatMul where the layer has no
         q / k norms), rotary inside (cos / sin tables of the layer's base), the causal mask, the
         layer's window, grouped heads, the KV cache in and out
-    MatMul, and MatMulNBits after weight-only quantization (onnx.py)
+    MatMul, and MatMulNBits and GatherBlockQuantized at int8 / int4 (weight-only: onnx_quant.py)
 
 The arithmetic is what transformers computes for the architecture (arch.ArchSpec): biases, q / k
 norms, Gemma's four norms, offset norm scales, scaled embeddings and GELU, per-layer rotary bases
@@ -27,7 +27,9 @@ from mosaic_export.errors import UserError
 from mosaic_export.model_io import LoadedModel
 from mosaic_export.weights import Rows, table_rows
 
+from . import onnx_quant
 from .onnx_data import ExternalData
+from .onnx_target import BITS
 
 OPSET = 17
 MS = "com.microsoft"  # ONNX Runtime's contrib operators
@@ -59,6 +61,16 @@ class _Graph:
         whole = torch.cat(list(rows.chunks())).numpy()
         return self.weight(name, (whole.T if transpose else whole).astype(dtype))
 
+    def tables(self, names: list[str], n: int, parts) -> list[str]:
+        """Tensors of n rows each, made together a chunk of rows at a time (``parts``: per chunk,
+        one array per name): to the data file as made, or joined whole where there is none."""
+        if self.data is not None:
+            self.initializers.extend(self.data.rows_of(names, n, parts))
+            return names
+        for name, whole in zip(names, (np.concatenate(p) for p in zip(*parts, strict=True)), strict=True):
+            self.weight(name, whole)
+        return names
+
     def ints(self, *values: int) -> str:
         key = ("i64", values)
         if key not in self._consts:
@@ -84,12 +96,15 @@ class _Graph:
 
 
 class _Decoder:
-    """The decoder's graph, piece by piece, in one dtype (logits in float32)."""
+    """The decoder's graph, piece by piece, in one dtype (logits in float32; int8 / int4: weights
+    only, activations in float32)."""
 
     def __init__(self, g: _Graph, loaded: LoadedModel, dtype: str):
         from onnx import TensorProto
 
         self.g, self.loaded, self.spec, self.fp16 = g, loaded, loaded.spec, dtype == "fp16"
+        self.bits = BITS.get(dtype)
+        self._output: tuple[str, str] | None = None  # int types: the output layer's codes, scales
         self.config = loaded.model.config
         self.np_float = np.float16 if self.fp16 else np.float32
         self.onnx_float = TensorProto.FLOAT16 if self.fp16 else TensorProto.FLOAT
@@ -108,7 +123,13 @@ class _Decoder:
     def linear(self, x: str, lins: list, name: str) -> str:
         """x times one or more projections packed side by side in one MatMul (+ their biases)."""
         w = torch.cat([lin.weight for lin in lins], 0)
-        y = self.g.op("MatMul", x, self.param(f"{name}.weight_t", w, transpose=True))
+        if self.bits:
+            packed, scales = onnx_quant.nbits(w.detach().float().numpy().T, self.bits)
+            codes = self.g.weight(f"{name}.weight_t_Q{self.bits}", packed)
+            y = onnx_quant.matmul_nbits(self.g, x, codes, self.g.weight(f"{name}.weight_t_scales", scales),
+                                        w.shape[1], w.shape[0], self.bits)
+        else:
+            y = self.g.op("MatMul", x, self.param(f"{name}.weight_t", w, transpose=True))
         if all(lin.bias is None for lin in lins):
             return y
         bias = torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
@@ -220,24 +241,35 @@ class _Decoder:
 
     def embed(self) -> str:
         """The token embeddings (Gemma: times sqrt(hidden), in the graph's dtype)."""
-        g, model = self.g, self.loaded.model
-        table = g.table("embed_tokens.weight", table_rows(model, self.loaded.weights, "input"), self.np_float)
-        hidden = g.op("Gather", table, "input_ids", axis=0)
+        g, model, shape = self.g, self.loaded.model, self.loaded.shape
+        rows = table_rows(model, self.loaded.weights, "input")
+        if self.bits:  # tied: the output layer's int8 matrix, made here and multiplied by in head
+            if shape.tied_embeddings:
+                self._output = onnx_quant.output_table(g, "lm_head.weight_t", rows)
+            hidden = onnx_quant.embedding(g, "input_ids", shape.hidden, self._output, rows)
+        else:
+            hidden = g.op("Gather", g.table("embed_tokens.weight", rows, self.np_float), "input_ids", axis=0)
         if self.spec.embed_scale:
             hidden = g.op("Mul", hidden, g.scalar(float(self.loaded.shape.hidden ** 0.5), self.np_float))
         return hidden
 
-    def head(self, residual: str, delta: str, share: bool) -> None:
-        """The final norm and the output layer: logits in float32. ``share``: a tied output layer
-        multiplies by the embedding table transposed in the graph (one copy of the table in the
-        file; GenAI's builder transposes it the other way, for the lookup), else by its own
-        transposed copy (what the int quantizer replaces)."""
+    def head(self, residual: str, delta: str) -> None:
+        """The final norm and the output layer: logits in float32. A tied output layer multiplies
+        by the embedding table transposed in the graph (one copy of the table in the file; GenAI's
+        builder transposes it the other way, for the lookup), an untied one by its own transposed
+        copy; at int8 / int4, by the output layer's int8 matrix (see embed)."""
         from onnx import TensorProto
 
         model, g = self.loaded.model, self.g
         h, _ = self.skip_norm(delta, residual, self.param("norm.weight", self.spec.norm_weight(
             model.get_submodule(self.spec.final_norm))))
-        if share and self.loaded.shape.tied_embeddings:  # ONNX Runtime folds the Transpose at load
+        if self.bits:
+            if self._output is None:
+                self._output = onnx_quant.output_table(g, "lm_head.weight_t",
+                                                       table_rows(model, self.loaded.weights, "output"))
+            shape, bits = self.loaded.shape, onnx_quant.OUTER_BITS
+            logits = onnx_quant.matmul_nbits(g, h, *self._output, shape.hidden, shape.vocab, bits)
+        elif self.loaded.shape.tied_embeddings:  # ONNX Runtime folds the Transpose at load
             logits = g.op("MatMul", h, g.op("Transpose", "embed_tokens.weight", perm=[1, 0]))
         else:
             output = table_rows(model, self.loaded.weights, "output")
@@ -264,9 +296,8 @@ class _Decoder:
         return inputs, outputs
 
 
-def build_model(loaded: LoadedModel, dtype: str = "fp32", share_output: bool = True,
-                data: ExternalData | None = None):
-    """The onnx.ModelProto of the loaded (resized) model, fp32 or fp16 (share_output: see head).
+def build_model(loaded: LoadedModel, dtype: str = "fp32", data: ExternalData | None = None):
+    """The onnx.ModelProto of the loaded (resized) model in dtype (fp32, fp16, int8, int4).
     With ``data`` its weights are written there as they are made (the proto points into it); a
     streamed model (its layers read one at a time) needs it."""
     from onnx import helper
@@ -281,7 +312,7 @@ def build_model(loaded: LoadedModel, dtype: str = "fp32", share_output: bool = T
     for i, (layer, dims) in enumerate(zip(spec.layer_list(model), loaded.layer_dims, strict=True)):
         with loaded.weights.held([(i, layer)]) if streamed else contextlib.nullcontext():
             residual, delta = d.layer(i, layer, dims, residual, delta)
-    d.head(residual, delta, share_output)
+    d.head(residual, delta)
     inputs, outputs = d.io()
     graph = helper.make_graph(g.nodes, "mosaic_export_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]

@@ -1,11 +1,15 @@
-"""Weight-only int8 / int4 for the ONNX graph (onnx_graph.py), in ONNX Runtime's own operators.
+"""Weight-only int8 / int4 for the ONNX graph (onnx_graph.py), in ONNX Runtime's own operators,
+quantized as the graph is built (so a streamed model is written a layer at a time):
 
-- Every decoder projection: MatMulNBits at the dtype's bits (onnxruntime's quantizer: symmetric,
-  one float32 scale per block of NBITS_BLOCK inputs; accuracy level 4 computes with int8
-  activations quantized per block, onnxruntime's fast CPU path). Chosen over quantize_dynamic,
-  whose one activation scale per tensor lost too much on SmolLM2 (BENCHMARKS.md).
+- Every decoder projection: MatMulNBits at the dtype's bits, made by onnxruntime's own kernels
+  (``quantize_matmul_4bits`` / ``8bits``, as its MatMulNBitsQuantizer calls them: symmetric, one
+  float32 scale per block of NBITS_BLOCK inputs, the same bytes: a test compares them); accuracy
+  level 4 computes with int8 activations quantized per block, onnxruntime's fast CPU path. Chosen
+  over quantize_dynamic, whose one activation scale per tensor lost too much on SmolLM2
+  (BENCHMARKS.md).
 - The output layer: MatMulNBits at OUTER_BITS (8) for int4 too, as llama.cpp's Q4_K_M keeps its
-  output at Q6_K: it is one matrix, and the most sensitive one.
+  output at Q6_K: it is one matrix, and the most sensitive one. Each of its columns (a vocabulary
+  row) is quantized alone, so it is made a chunk of vocabulary rows at a time.
 - The embedding table: GatherBlockQuantized at OUTER_BITS. Tied to the output layer, it reads the
   output layer's quantized matrix itself (one copy of the table, as GenAI's builder does for
   shared embeddings); untied, its own blocks, quantized here the same way (symmetric, blocks of
@@ -14,38 +18,35 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-from .onnx_graph import MS
-from .onnx_target import BITS, NBITS_BLOCK, OUTER_BITS
+from .onnx_target import NBITS_BLOCK, OUTER_BITS
 
-EMBED = "embed_tokens.weight"
-OUTPUT = "lm_head.weight_t"
-
-
-def quantize(proto, dtype: str, tied: bool):
-    """The fp32 graph with its weights quantized for dtype (int8 / int4)."""
-    head = next(n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] == OUTPUT)
-    proto = _matmul_nbits(proto, BITS[dtype], exclude=[head])
-    proto = _matmul_nbits(proto, OUTER_BITS, exclude=[])  # what is left: the output layer
-    _quantized_embedding(proto, tied)
-    return proto
+MS = "com.microsoft"  # ONNX Runtime's contrib operators
+ACCURACY_LEVEL = 4
 
 
-def _matmul_nbits(proto, bits: int, exclude: list[str]):
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def nbits(weight_t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight (K inputs x N outputs) as MatMulNBits stores it: packed codes (N, blocks,
+    blob) and float32 scales (N, blocks), blocks of NBITS_BLOCK along K (zero rows pad the last)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every node at INFO
-    try:
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=NBITS_BLOCK, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_exclude=exclude)
-        quantizer.process()
-    finally:
-        logging.getLogger().setLevel(level)
-    return quantizer.model.model
+    rows, cols = weight_t.shape
+    blocks, per_byte = -(-rows // NBITS_BLOCK), 8 // bits
+    padded = np.zeros((blocks * NBITS_BLOCK, cols), np.float32)
+    padded[:rows] = weight_t
+    packed = np.zeros((cols, blocks, -(-NBITS_BLOCK // per_byte)), np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), np.uint8)  # unused: symmetric
+    scales = np.zeros((cols, blocks), np.float32)
+    kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    kernel(packed, padded, scales, zero_points, NBITS_BLOCK, cols, rows, True)
+    return packed, scales
+
+
+def matmul_nbits(g, x: str, packed: str, scales: str, k: int, n: int, bits: int) -> str:
+    """x times a quantized weight (its initializers packed and scales)."""
+    return g.op("MatMulNBits", x, packed, scales, domain=MS, K=k, N=n, bits=bits, block_size=NBITS_BLOCK,
+                accuracy_level=ACCURACY_LEVEL)
 
 
 def block_quantize(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,43 +65,26 @@ def block_quantize(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray
     return codes.astype(np.uint8).reshape(rows, -1), scales.astype(np.float32)
 
 
-def _quantized_embedding(proto, tied: bool) -> None:
-    """Replace the float embedding lookup with GatherBlockQuantized (see the module's docstring)."""
-    from onnx import helper, numpy_helper
+def output_table(g, name: str, rows) -> tuple[str, str]:
+    """The output layer's table (weights.Rows, vocabulary x hidden) at OUTER_BITS, made a chunk of
+    vocabulary rows at a time: the names of its packed codes and scales."""
+    parts = (nbits(chunk.detach().float().numpy().T, OUTER_BITS) for chunk in rows.chunks())
+    return tuple(g.tables([f"{name}_Q{OUTER_BITS}", f"{name}_scales"], rows.shape[0], parts))
 
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    index, gather = next((i, n) for i, n in enumerate(graph.node)
-                         if n.op_type == "Gather" and n.input[0] == EMBED)
-    table = numpy_helper.to_array(inits[EMBED])
-    nodes = []
-    if tied:
-        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(OUTPUT))
-        weight, scales = head.input[1], head.input[2]
-        rows, blocks, blob = inits[weight].dims
-        shape = numpy_helper.from_array(np.array([rows, blocks * blob], np.int64), "embed_tokens.codes_shape")
-        graph.initializer.append(shape)
-        data = "embed_tokens.codes"
-        nodes.append(helper.make_node("Reshape", [weight, shape.name], [data], name="embed_tokens.Reshape"))
+
+def embedding(g, ids: str, width: int, tied: tuple[str, str] | None, rows) -> str:
+    """The embedded ids through GatherBlockQuantized: from the output layer's codes and scales
+    (``tied``), else from the table's own blocks (weights.Rows, made a chunk at a time)."""
+    if tied is not None:
+        packed, scales = tied
+        shape = g.ints(rows.shape[0], -(-width // NBITS_BLOCK) * NBITS_BLOCK)  # a code a byte
+        data = g.op("Reshape", packed, shape, outputs=["embed_tokens.codes"])
     else:
-        codes, block_scales = block_quantize(table, OUTER_BITS)
-        data, scales = "embed_tokens.codes", "embed_tokens.scales"
-        graph.initializer.extend([numpy_helper.from_array(codes, data),
-                                  numpy_helper.from_array(block_scales, scales)])
-    width = table.shape[1]
+        parts = (block_quantize(chunk.detach().float().numpy(), OUTER_BITS) for chunk in rows.chunks())
+        data, scales = g.tables(["embed_tokens.codes", "embed_tokens.scales"], rows.shape[0], parts)
     padded = -(-width // NBITS_BLOCK) * NBITS_BLOCK
-    out = gather.output[0] if padded == width else "embed_tokens.padded"
-    nodes.append(helper.make_node("GatherBlockQuantized", [data, gather.input[1], scales], [out], domain=MS,
-                                  name="embed_tokens.GatherBlockQuantized", bits=OUTER_BITS,
-                                  block_size=NBITS_BLOCK, gather_axis=0, quantize_axis=1))
-    if padded != width:
-        ends = numpy_helper.from_array(np.array([width], np.int64), "embed_tokens.width")
-        starts = numpy_helper.from_array(np.array([0], np.int64), "embed_tokens.start")
-        axes = numpy_helper.from_array(np.array([-1], np.int64), "embed_tokens.axis")
-        graph.initializer.extend([starts, ends, axes])
-        nodes.append(helper.make_node("Slice", [out, starts.name, ends.name, axes.name], [gather.output[0]],
-                                      name="embed_tokens.Slice"))
-    graph.node.remove(gather)
-    for offset, node in enumerate(nodes):
-        graph.node.insert(index + offset, node)
-    graph.initializer.remove(inits[EMBED])
+    hidden = g.op("GatherBlockQuantized", data, ids, scales, domain=MS, bits=OUTER_BITS,
+                  block_size=NBITS_BLOCK, gather_axis=0, quantize_axis=1)
+    if padded == width:
+        return hidden
+    return g.op("Slice", hidden, g.ints(0), g.ints(width), g.ints(-1))

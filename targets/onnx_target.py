@@ -37,9 +37,6 @@ class ONNX(Target):
     nominal_base = 96 * 2**20
     streams = True
 
-    def streamed_types(self) -> tuple[str, ...]:
-        return tuple(t for t in self.types if t not in BITS)  # onnxruntime's quantizer takes a whole graph
-
     def kv_bytes_per_value(self, type_: str) -> int:
         return 2 if type_ == "fp16" else 4  # the graph's activation dtype
 

@@ -169,6 +169,35 @@ def test_an_untied_embedding_is_quantized_on_its_own(tmp_path):
     assert np.abs(back.reshape(len(table), -1) - table).max() <= scales.max() / 2 + 1e-7
 
 
+def test_int_weights_are_onnxruntimes_own(tiny_model_dir, monkeypatch):
+    """The int4 projections are the blocks onnxruntime's MatMulNBitsQuantizer makes of the fp32
+    graph, byte for byte; the output layer's int8 matrix, made a chunk of vocabulary rows at a time,
+    is the whole table's."""
+    from mosaic_export.targets.onnx_graph import build_model
+    from mosaic_export.targets.onnx_quant import nbits
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from mosaic_export import weights
+
+    monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)  # the table in 50-row chunks
+    loaded = heterogeneous_model(tiny_model_dir)
+    quantizer = MatMulNBitsQuantizer(build_model(loaded, "fp32"), bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    theirs = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
+    ours = {t.name: numpy_helper.to_array(t) for t in build_model(loaded, "int4").graph.initializer}
+    projections = [name for name in theirs if name.endswith("_Q4")]
+    assert len(projections) == 5 * len(loaded.layer_dims)
+    for name in projections:
+        scales = name.removesuffix("_Q4") + "_scales"
+        assert np.array_equal(ours[name], theirs[name]) and np.array_equal(ours[scales], theirs[scales]), name
+    table = loaded.model.get_input_embeddings().weight.detach().numpy()
+    packed, scales = nbits(np.ascontiguousarray(table.T), 8)
+    assert np.array_equal(ours["lm_head.weight_t_Q8"], packed)
+    assert np.array_equal(ours["lm_head.weight_t_scales"], scales)
+
+
 def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--sparsity", "0.3", "--structured-fraction", "1",

@@ -186,6 +186,6 @@ def test_builtin_targets():
     assert not gguf.float32_first("F16", {3}) and not gguf.float32_first("Q8_0", {64, 96})
     assert gguf.float32_first("Q8_0", {64, 72}) and gguf.float32_first("Q6_K", {256})
     assert not any(onnx.float32_first(t, {3}) for t in onnx.types)
-    assert gguf.streamed_types() == gguf.types and onnx.streamed_types() == ("fp32", "fp16")
+    assert gguf.streamed_types() == gguf.types and onnx.streamed_types() == onnx.types
     with pytest.raises(UserError, match="GGUF type 'Q3' is not supported"):
         gguf.check_type("Q3")
