@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from .allocation import names as allocation_names
-from .plan import METHODS, STRUCTURED_SCORES, STRUCTURES, CalibrationSettings, PruneSettings
+from .plan import METHODS, STATE_DTYPES, STRUCTURED_SCORES, STRUCTURES, CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
 from .texts import HELDOUT
 
@@ -195,6 +195,10 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration sample (default: %(default)s)")
     p.add_argument("--seed", type=int, default=c.seed,
                    help="seed of the calibration sampling (default: %(default)s)")
+    p.add_argument("--calib-states", default=c.states, choices=STATE_DTYPES,
+                   help="the dtype the calibration hidden states are kept in between layers "
+                        "(in memory, or on disk when streamed); bfloat16 halves them, each layer "
+                        "still runs in float32 (default: %(default)s)")
 
 
 def _type_help(option: str) -> str:

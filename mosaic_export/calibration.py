@@ -114,10 +114,13 @@ class LayerStream:
     """Calibration activations flowing through the decoder, one layer at a time."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
-                 batch_size: int = 4, weights: LayerWeights | None = None):
+                 batch_size: int = 4, weights: LayerWeights | None = None, states: str = "float32"):
         """``weights``: a streamed model's (model_io.LoadedModel.weights): each layer is read
-        before its turn in ``layers`` and let go (or written, see LayerWeights.sink) after it."""
+        before its turn in ``layers`` and let go (or written, see LayerWeights.sink) after it.
+        ``states``: the dtype the hidden states are kept in between layers (plan.STATE_DTYPES);
+        a layer runs on them in float32."""
         self.model, self.spec, self.weights = model, spec, weights
+        self.dtype = getattr(torch, states)
         # per batch (B, T, hidden); a streamed model's on disk, in its run's work folder
         spill = weights.work if weights is not None else None
         self.hidden: list[torch.Tensor] | SpilledStates = SpilledStates(spill) if spill else []
@@ -130,7 +133,7 @@ class LayerStream:
 
         def catch(module, args, kwargs):
             if module is layers[0]:
-                self.hidden.append(args[0] if args else kwargs["hidden_states"])
+                self.hidden.append((args[0] if args else kwargs["hidden_states"]).to(self.dtype))
             extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             runs = self.kwargs.setdefault(_kind(module), [])
             # batches of the same length get the same mask and positions: held once
@@ -175,9 +178,9 @@ class LayerStream:
         replace them (the next layer's inputs), a batch at a time, so that both are never held
         whole; else each batch's output is dropped as soon as it is made."""
         for k, (h, kw) in enumerate(zip(self.hidden, self.kwargs[_kind(layer)], strict=True)):
-            out = layer(h, **kw)
+            out = layer(h.float(), **kw)
             if advance:
-                self.hidden[k] = out[0] if isinstance(out, tuple) else out
+                self.hidden[k] = (out[0] if isinstance(out, tuple) else out).to(self.dtype)
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: the next layer's inputs."""
@@ -229,24 +232,27 @@ class SpilledStates:
     def __init__(self, folder: Path):
         self.folder = Path(tempfile.mkdtemp(prefix="states-", dir=folder))
         self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[torch.dtype] = []
         weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def __len__(self) -> int:
         return len(self.shapes)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        data = np.fromfile(self.folder / f"{k}.bin", dtype=np.float32)
-        return torch.from_numpy(data).view(self.shapes[k])
+        data = torch.from_numpy(np.fromfile(self.folder / f"{k}.bin", dtype=np.uint8))
+        return data.view(self.dtypes[k]).view(self.shapes[k])
 
     def __setitem__(self, k: int, value: torch.Tensor) -> None:
-        value.detach().float().contiguous().numpy().tofile(self.folder / f"{k}.bin")
-        self.shapes[k] = tuple(value.shape)
+        """Its bytes as they are (any dtype: bfloat16 too, which numpy has not)."""
+        value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tofile(self.folder / f"{k}.bin")
+        self.shapes[k], self.dtypes[k] = tuple(value.shape), value.dtype
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[k] for k in range(len(self)))
 
     def append(self, value: torch.Tensor) -> None:
         self.shapes.append(tuple(value.shape))
+        self.dtypes.append(value.dtype)
         self[len(self.shapes) - 1] = value
 
 

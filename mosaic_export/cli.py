@@ -58,7 +58,8 @@ def _settings(args: argparse.Namespace, search: bool) -> PruneSettings:
         allocation=args.allocation, method=args.method, outlier_m=args.outlier_m, lam=args.lam,
         compensate=not args.no_compensate, structured_scores=args.structured_scores,
         structure=args.structure,
-        calibration=CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len, args.seed))
+        calibration=CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len, args.seed,
+                                        args.calib_states))
 
 
 def _recover(args: argparse.Namespace) -> RecoverSettings | None:

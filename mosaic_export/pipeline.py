@@ -58,7 +58,8 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
     cost meets the profile's budgets (with config.types, the joint search over types, structure
     and recovery: a JointResult)."""
     settings, plan = inputs.settings, inputs.plan
-    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights)
+    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights,
+                         settings.calibration.states)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
             raise UserError("the plan was made for a model of another shape: "
@@ -67,7 +68,8 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
     if measured is None:
         measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m, settings.measures_errors)
         del stream  # pass 2 starts again from the embeddings of the calibration samples
-        stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights)
+        stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights,
+                             settings.calibration.states)
     if not config.search:
         return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
     if config.types:

@@ -34,6 +34,7 @@ PLAN_FORMAT = "mosaic-export plan"
 PLAN_VERSION = 1
 METHODS = ("wanda", "sparsegpt")
 STRUCTURED_SCORES = ("activation", "magnitude")
+STATE_DTYPES = ("float32", "bfloat16", "float16")  # calibration hidden states between layers
 STRUCTURES = ("width", "blocks")  # heads and channels; whole attention blocks and layers
 MAX_SPARSITY = 0.95
 
@@ -44,6 +45,7 @@ class CalibrationSettings:
     n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
+    states: str = "float32"  # the dtype the hidden states are kept in between layers (STATE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class PruneSettings:
         c = self.calibration
         need(c.n_samples >= 1, f"--calib-samples must be at least 1, got {c.n_samples}")
         need(c.seq_len >= 2, f"--calib-seq-len must be at least 2 tokens, got {c.seq_len}")
+        need(c.states in STATE_DTYPES, f"--calib-states must be one of {', '.join(STATE_DTYPES)}, "
+             f"got '{c.states}'")
         return self
 
 

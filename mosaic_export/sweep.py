@@ -128,7 +128,8 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
     with torch_threads(config.threads):
         dense = load_stage(config, inputs, log)
         loaded = dense.loaded
-        stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size)
+        stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size,
+                             states=inputs.settings.calibration.states)
         measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m,
                            inputs.settings.measures_errors)
     return DensePass(measured, dense.perplexity, dense.counts["total"])

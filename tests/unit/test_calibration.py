@@ -55,3 +55,22 @@ def test_special_token_text_in_plain_text_is_text():
     assert eos in tok("a <eos> b", add_special_tokens=False).input_ids  # transformers' default
     ids = tokenize(tok, "a <eos> b").tolist()
     assert eos not in ids and tok.decode(ids) == "a <eos> b"
+
+
+def test_states_kept_in_a_smaller_dtype(tiny_model_dir):
+    """--calib-states bfloat16: the states between layers are bfloat16 (half the bytes), each layer
+    still runs in float32; the statistics move a little, not much."""
+    from mosaic_export.calibration import LayerStream
+    from mosaic_export.model_io import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    stats = {}
+    for states in ("float32", "bfloat16"):
+        stream = LayerStream(loaded.model, loaded.spec, ids, 1, states=states)
+        for _, layer in stream.layers("test"):
+            stats[states] = stream.statistics(layer, set(), advance=True)
+        assert {h.dtype for h in stream.hidden} == {getattr(torch, states)}
+    for group, s in stats["float32"].items():
+        other = stats["bfloat16"][group].sq_norm
+        assert not torch.equal(other, s.sq_norm) and torch.allclose(other, s.sq_norm, rtol=0.05), group

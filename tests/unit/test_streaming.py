@@ -69,7 +69,8 @@ def _run(model: Path, out: Path, *more: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("target", [["--target", "none"], ["--target", "gguf", "--quant", "Q8_0"],
+@pytest.mark.parametrize("target", [["--target", "none"], ["--target", "none", "--calib-states", "bfloat16"],
+                                    ["--target", "gguf", "--quant", "Q8_0"],
                                     ["--target", "onnx", "--dtype", "fp16"],
                                     ["--target", "onnx", "--dtype", "int4"]])
 def test_streamed_run_writes_the_same_plan_and_bytes(tiny_model_dir, tmp_path, target, monkeypatch):
@@ -258,6 +259,9 @@ def test_spilled_states_are_a_list_on_disk(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(states, values, strict=True))
     states[1] = values[1] * 2
     assert torch.equal(states[1], values[1] * 2) and torch.equal(states[0], values[0])
+    states[0] = values[0].bfloat16()  # --calib-states bfloat16: its bytes as they are
+    assert states[0].dtype == torch.bfloat16 and torch.equal(states[0], values[0].bfloat16())
+    assert (folder / "0.bin").stat().st_size == values[0].numel() * 2
     del states
     assert not folder.exists()
 
