@@ -42,7 +42,7 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     """Bytes a streamed run needs at its peak: resident once opened, and each phase's own (see
     the module's docstring); the need is the first plus the largest of the others."""
     from .calibration import first_of_kinds
-    from .weights import TABLE_CHUNK
+    from .weights import TABLE_CHUNK, chunk_rows
 
     shape = loaded.shape
     layer = shape.layer_params(shape.dense_dims) * FLOAT
@@ -60,9 +60,9 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
     # the layers before the first of the last kind, held to reach it (Gemma 3: 5), and their work
     before = first_of_kinds(loaded.spec.layer_list(loaded.model))[-1]
     catch = used + TABLE_CHUNK + (before * layer + inside if before else 0)
-    chunk_rows = max(1, TABLE_CHUNK // (shape.hidden * FLOAT))
+    rows = chunk_rows(shape.hidden)
     positions = windows * config.eval_seq_len
-    scoring = (TABLE_CHUNK + 3 * 128 * chunk_rows * FLOAT + config.eval_seq_len * shape.hidden * FLOAT
+    scoring = (TABLE_CHUNK + 3 * 128 * rows * FLOAT + config.eval_seq_len * shape.hidden * FLOAT
                + positions * (FLOAT + 8 + FLOAT + 8) + min(shape.vocab, positions) * shape.hidden * FLOAT)
     return {"resident once opened": resident_bytes(),
             "a calibration pass over one layer": 2 * layer + grams + states + inside,

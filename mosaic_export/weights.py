@@ -220,6 +220,11 @@ def table_module(model: nn.Module, which: str) -> nn.Module:
     return model.get_input_embeddings() if which == "input" or tied else model.get_output_embeddings()
 
 
+def chunk_rows(width: int) -> int:
+    """Rows of float32 of this width in one chunk of TABLE_CHUNK bytes (at least one)."""
+    return max(1, TABLE_CHUNK // (width * 4))
+
+
 def table_chunks(model: nn.Module, weights: LayerWeights | None, which: str,
                  wanted: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, float32 rows) of a table (``which``: see table_module), TABLE_CHUNK bytes at a
@@ -227,7 +232,7 @@ def table_chunks(model: nn.Module, weights: LayerWeights | None, which: str,
     files, so that the table is never held whole. ``wanted`` (row ids): only chunks with one."""
     weight = table_module(model, which).weight
     n, width = weight.shape
-    step = max(1, TABLE_CHUNK // (width * 4))
+    step = chunk_rows(width)
     name = weights.table_name(which) if weights is not None else None
     for start in range(0, n, step):
         stop = min(start + step, n)

@@ -42,7 +42,7 @@ from ..arch import (
 )
 from ..errors import UserError
 from ..model_io import LoadedModel
-from ..weights import TABLE_CHUNK, Rows, table_module, table_rows
+from ..weights import Rows, chunk_rows, table_module, table_rows
 from .base import Evaluation
 from .gguf_runner import quantize
 from .gguf_target import FLOAT_TYPES, GGUF, QUANT_TYPES
@@ -272,7 +272,7 @@ def _encoded(data: np.ndarray, dtype: str) -> np.ndarray:
 
 def _row_chunks(t: torch.Tensor) -> Rows:
     """A 2-D tensor as Rows of TABLE_CHUNK bytes of float32."""
-    step = max(1, TABLE_CHUNK // (t.shape[1] * 4))
+    step = chunk_rows(t.shape[1])
     return Rows(tuple(t.shape), lambda: (t[i:i + step] for i in range(0, t.shape[0], step)))
 
 

@@ -74,12 +74,9 @@ def test_direct_q8_0_is_llama_cpps(tiny_model_dir, tmp_path, heterogeneous, monk
     makes from the F32 one: the same metadata and the same bytes of every tensor (llama.cpp orders
     the tensors its own way). Tables and matrices are encoded 50 rows at a time here, as a large
     model's are."""
-    from mosaic_export.targets import gguf
-
     from mosaic_export import weights
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)
-    monkeypatch.setattr(gguf, "TABLE_CHUNK", 64 * 4 * 50)
     loaded = heterogeneous_model(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
     assert direct(loaded, "Q8_0") and not direct(loaded, "Q6_K")
     write_gguf(loaded, tmp_path / "f32.gguf", "F32")
