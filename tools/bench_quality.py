@@ -22,9 +22,10 @@ rows already there, so an interrupted benchmark resumes):
   (mosaic_export/baselines.py);
   at the headline only, magnitude
   ranking without compensation (the weakest, kept with that label);
-- the sweep runs the headline rows first (70% unstructured, 30% structured), then them again with
-  every other --seeds value, then the other points. With --eval-text-2, each swept model is
-  also scored on a second text (another domain).
+- the sweep runs the headline rows first (70% unstructured, 30% structured), then the
+  unstructured headline again with every other --seeds value, then the other points, structured
+  first (fewer rows). With --eval-text-2, each swept model is also scored on a second text
+  (another domain).
 
 The measure pass (POD and scores of the dense model) depends only on the calibration sample and
 M, so it runs once per (seed, M) and every plan is made from it; its time is added to each row's
@@ -67,9 +68,7 @@ FIELDS = ["stage", "suite", "label", "sparsity", "seed", "outlier_m", "lam", "re
           "perplexity_2", "top1_2", "eval_text_2"]
 
 # label -> settings that define the method (sparsity, seed, M, lambda are set per row)
-# layer+type (the authors' layer vector plus type offset) is left out of this run for time; its
-# earlier figures are in BENCHMARKS.md (tools/allocation_variants.py)
-ALLOCATIONS = ["uniform", "layer", "projection", "joint", "error"]
+ALLOCATIONS = ["uniform", "layer", "projection", "joint", "layer+type", "error"]
 COMPOSITE = "(c) composite (POD), activation-aware, comp."
 METHODS = {
     **{f"{a}+{m}": dict(allocation=a, method=m) for m in ("wanda", "sparsegpt") for a in ALLOCATIONS},
@@ -308,7 +307,8 @@ class Bench:
 
     def sweep(self, tuned: dict[str, tuple[float, float]]) -> None:
         """The headline rows (unstructured with SparseGPT, the goal's pruner; structured; then
-        unstructured with Wanda), then them with the other seeds, then the other points."""
+        unstructured with Wanda), then the unstructured headline with the other seeds, then the
+        other points, structured first."""
         seed, suites = self.args.seeds[0], self.args.suites
 
         def labels(suite: str, headline: bool = True) -> list[str]:
@@ -318,11 +318,10 @@ class Bench:
         first = [(s, lb) for s in suites for lb in labels(s)]
         for suite, label in sorted(first, key=lambda sl: "wanda" in sl[1]):
             self.run("sweep", label, HEADLINE[suite], seed, *self.knobs(label, tuned))
-        for s, suite in itertools.product(self.args.seeds[1:], suites):
-            for label in labels(suite):
-                if not label.startswith("magnitude"):  # weights only: every seed the same model
-                    self.run("sweep", label, HEADLINE[suite], s, *self.knobs(label, tuned))
-        for suite in suites:
+        for s in self.args.seeds[1:] if "unstructured" in suites else []:
+            for label in labels("unstructured"):
+                self.run("sweep", label, HEADLINE["unstructured"], s, *self.knobs(label, tuned))
+        for suite in sorted(suites, key=lambda s: s == "unstructured"):
             points = UNSTRUCTURED if suite == "unstructured" else STRUCTURED
             for sparsity in [p for p in points if p != HEADLINE[suite]]:
                 for label in labels(suite, headline=False):
