@@ -127,9 +127,10 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="how the target is spread over layers and projections: uniform (global), "
                         "layer (OWL), projection (OWL's rule per projection type, each type at the "
                         "target), joint (OWL's rule over all layer x type cells), layer+type (OWL's "
-                        "layer vector plus a per-type offset), error (each projection's ratio chosen "
-                        "from its measured output error at a ladder of ratios, least total error "
-                        "for the target; unstructured only); uniform keeps every layer at one "
+                        "layer vector plus a per-type offset), error (each projection's ratio, or each "
+                        "layer's heads and MLP channels, chosen from measured output errors at a "
+                        "ladder of levels: the least total error for the target; plans all "
+                        "unstructured or all structured); uniform keeps every layer at one "
                         "size, which a GGUF of qwen3 or gemma3 needs (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="unstructured pruner (default: %(default)s)")

@@ -55,17 +55,34 @@ def solve_levels(errors: np.ndarray, costs: np.ndarray, budget: int, allowed: np
     return levels[::-1]
 
 
+def integer_units(costs: np.ndarray) -> tuple[np.ndarray, int]:
+    """Non-negative integer costs divided by their gcd, so that the states are few and exact;
+    coarsened (rounded up) when that would make more than MAX_STATES states. Returns the costs in
+    units and the unit."""
+    costs = np.asarray(costs, dtype=np.int64)
+    g = int(np.gcd.reduce(costs.ravel())) or 1
+    scale = max(1, math.ceil(int((costs // g).max(axis=1).sum()) / MAX_STATES))
+    return -(-costs // (g * scale)), g * scale
+
+
 def parameter_units(counts: list[int], levels: int) -> tuple[np.ndarray, int]:
     """Integer costs (cells, levels) proportional to count x LADDER[level], and the divisor: in
-    units of gcd(counts) / ladder denominator, so exact; coarsened (rounded up) when that would
-    make more than MAX_STATES states."""
-    g = 0
-    for c in counts:
-        g = math.gcd(g, int(c))
-    per_step = np.array([int(c) // g for c in counts], dtype=np.int64)
-    scale = max(1, math.ceil(int(per_step.sum()) * (levels - 1) / MAX_STATES))
+    units of gcd(counts) / ladder denominator (integer_units)."""
     steps = np.arange(levels, dtype=np.int64)
-    return -(-(per_step[:, None] * steps[None, :]) // scale), g * scale
+    return integer_units(np.array(counts, dtype=np.int64)[:, None] * steps[None, :])
+
+
+def window(shares, target: float, spread: float) -> np.ndarray:
+    """Which levels (shares removed, ascending) lie within ``spread`` of the target, with the
+    levels just below and above the target always in."""
+    shares = np.asarray(shares, dtype=np.float64)
+    near = np.abs(shares - target) <= spread + 1e-12
+    below, above = np.flatnonzero(shares <= target + 1e-9), np.flatnonzero(shares >= target - 1e-9)
+    if below.size:
+        near[below[-1]] = True
+    if above.size:
+        near[above[0]] = True
+    return near
 
 
 def solve_ratios(errors: torch.Tensor, counts: torch.Tensor, target: float, spread: float) -> torch.Tensor:
@@ -77,9 +94,7 @@ def solve_ratios(errors: torch.Tensor, counts: torch.Tensor, target: float, spre
     costs, unit = parameter_units([int(c) for c in counts.tolist()], n_levels)
     total = float(counts.double().sum())
     budget = math.ceil(target * total / (unit * STEP) - 1e-9)
-    index = np.arange(n_levels)
-    near = np.abs(ladder - target) <= spread + 1e-12
-    near |= (np.floor(target / STEP + 1e-9) == index) | (np.ceil(target / STEP - 1e-9) == index)
+    near = window(ladder, target, spread)
     allowed = np.broadcast_to(near, errors.shape)
     reachable = int(costs[:, near].max(1).sum())  # less than budget only for a target above the
     # ladder's top (0.95): every cell then takes its highest level, and the caller's shift does the rest

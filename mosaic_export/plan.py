@@ -84,9 +84,13 @@ class PruneSettings:
         need(self.structured_scores in STRUCTURED_SCORES,
              f"structured scores must be one of {', '.join(STRUCTURED_SCORES)}, "
              f"got '{self.structured_scores}'")
-        need(not (self.measures_errors and self.structured_fraction > 0 and self.sparsity > 0),
-             f"allocation '{self.allocation}' chooses unstructured ratios from measured errors; "
-             "structured pruning (--structured-fraction above 0) needs another allocation")
+        need(not (self.measures_errors and 0 < self.structured_fraction < 1 and self.sparsity > 0),
+             f"allocation '{self.allocation}' measures its errors on the dense model: it allocates "
+             "all-unstructured or all-structured plans (--structured-fraction 0 or 1)")
+        need(not (self.measures_errors and self.structured_fraction > 0
+                  and self.structured_scores != "activation"),
+             f"allocation '{self.allocation}' measures heads and channels as the activation scores "
+             "rank them: it cannot go with --structured-scores magnitude")
         need(self.structure in STRUCTURES, f"structure must be one of {', '.join(STRUCTURES)}, "
              f"got '{self.structure}'")
         need(self.outlier_m > 0, f"outlier M must be positive, got {self.outlier_m}")

@@ -5,15 +5,20 @@ the rest is allocated as unstructured ratios per projection (allocation.py)."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .allocation import MAX_RATIO, allocate, fit_mean
 from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
 from .blocks import choose_blocks
 from .errors import UserError
+from .knapsack import integer_units, solve_levels, window
 from .plan import LayerPlan, Plan, PruneSettings, weight_count
 from .pod import LayerMeasurement
 from .prune.structured import choose_channels, choose_heads, head_options
+from .reconstruction import STRUCTURE_LADDER
 
 
 def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
@@ -80,40 +85,40 @@ def _structure(shape: ModelShape, pod: dict, measured: list[LayerMeasurement], s
         if any(m.block_scores is None for m in measured):
             raise UserError("whole-block removal needs Llama-like layers (one norm before each block)")
         return choose_blocks(shape, [m.block_scores for m in measured], removed_target)
-    return _structured_dims(shape, pod, settings, removed_target)
+    return _structured_dims(shape, pod, measured, settings, removed_target)
 
 
 def _group_params(shape: ModelShape, dims: LayerDims, group: tuple[str, ...]) -> int:
     return sum(shape.projection_params(p, dims) for p in group)
 
 
-def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
-                     removed_target: float) -> list[LayerDims]:
+def _structured_dims(shape: ModelShape, pod: dict, measured: list[LayerMeasurement],
+                     settings: PruneSettings, removed_target: float) -> list[LayerDims]:
     n, dense, align = shape.n_layers, shape.dense_dims, settings.alignment
     attn_dense, mlp_dense = _group_params(shape, dense, ATTENTION), _group_params(shape, dense, MLP)
     ratio = removed_target / (n * (attn_dense + mlp_dense))
     if ratio > MAX_RATIO:
         raise UserError(f"cannot remove {removed_target:.0f} parameters by structure: that is "
                         f"{ratio:.0%} of all projections")
-    group_ratios = allocate(
-        settings.allocation, ratio, settings.lam,
-        {g: torch.tensor(pod["group"][g]) for g in ("attn", "mlp")}, torch.tensor(pod["layer"]),
-        {"attn": torch.full((n,), float(attn_dense)), "mlp": torch.full((n,), float(mlp_dense))})
-
-    # Attention: the valid GQA layout nearest to each layer's ratio (ties: keep more).
     aligned_dense = (shape.n_head * shape.head_dim) % align == 0
     options = [(g, q) for g, q in head_options(shape.n_head, shape.n_kv)
                if (not aligned_dense or (g * q * shape.head_dim) % align == 0)
                and (g == shape.n_kv or not settings.keep_kv_heads)]
-    attn_dims = []
-    for i in range(n):
-        want = (1 - float(group_ratios["attn"][i])) * attn_dense
-        g, q = min(options, key=lambda o: (
-            abs(_group_params(shape, LayerDims(o[0] * o[1], o[0], dense.n_ff), ATTENTION) - want),
-            -o[0] * o[1], -o[0]))
-        attn_dims.append((g * q, g))
-    attn_removed = sum(attn_dense - _group_params(shape, LayerDims(h, kv, dense.n_ff), ATTENTION)
-                       for h, kv in attn_dims)
+    if settings.allocation == "error":
+        attn_dims, wanted_mlp = _error_groups(shape, measured, options, ratio, settings.lam)
+    else:
+        group_ratios = allocate(
+            settings.allocation, ratio, settings.lam,
+            {g: torch.tensor(pod["group"][g]) for g in ("attn", "mlp")}, torch.tensor(pod["layer"]),
+            {"attn": torch.full((n,), float(attn_dense)), "mlp": torch.full((n,), float(mlp_dense))})
+        # Attention: the valid GQA layout nearest to each layer's ratio (ties: keep more).
+        attn_dims = []
+        for i in range(n):
+            want = (1 - float(group_ratios["attn"][i])) * attn_dense
+            g, q = min(options, key=lambda o: (abs(_kept_attn(shape, o) - want), -o[0] * o[1], -o[0]))
+            attn_dims.append((g * q, g))
+        wanted_mlp = group_ratios["mlp"]
+    attn_removed = sum(attn_dense - _kept_attn(shape, (kv, h // kv if kv else 0)) for h, kv in attn_dims)
 
     # MLP: shift the allocated channel ratios together so the total lands on the target.
     mlp_removed_target = max(0.0, removed_target - attn_removed)
@@ -122,13 +127,54 @@ def _structured_dims(shape: ModelShape, pod: dict, settings: PruneSettings,
     if mlp_ratio > max_mlp_ratio:
         raise UserError(f"cannot remove {removed_target:.0f} parameters by structure with channel "
                         f"alignment {align}")
-    mlp_ratios = fit_mean(group_ratios["mlp"], torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
+    mlp_ratios = fit_mean(wanted_mlp, torch.ones(n), mlp_ratio, hi=max_mlp_ratio)
     units = [(1 - float(r)) * shape.n_ff / align for r in mlp_ratios]  # kept, in aligned blocks
     if settings.allocation == "uniform":  # one width for all: the layers keep one size
         kept_units = [min(max(1, round(units[0])), shape.n_ff // align)] * n
     else:
         kept_units = _round_preserving_sum(units, lo=1, hi=shape.n_ff // align)
     return [LayerDims(h, kv, u * align) for (h, kv), u in zip(attn_dims, kept_units, strict=True)]
+
+
+def _kept_attn(shape: ModelShape, option: tuple[int, int]) -> int:
+    """Attention parameters of a layer keeping (KV groups, query heads per group)."""
+    g, q = option
+    return _group_params(shape, LayerDims(g * q, g, shape.n_ff), ATTENTION)
+
+
+def _error_groups(shape: ModelShape, measured: list[LayerMeasurement], options: list[tuple[int, int]],
+                  ratio: float, spread: float) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The ``error`` rule for structure: one head layout and one MLP channel level per layer,
+    removing at least ``ratio`` of the projections' parameters at the least total relative error
+    (o's and down's, compensated, measured in pass 1; an exact knapsack), each cell within
+    ``spread`` of the ratio (the options just below and above it always allowed). Returns each
+    layer's (n_head, n_kv) and wanted MLP ratios; the caller lands the MLP on the target."""
+    if any(m.group_errors is None for m in measured):
+        raise UserError("allocation 'error' needs the measured errors of pass 1 (measure(errors=True))")
+    n, dense = shape.n_layers, shape.dense_dims
+    attn_dense, mlp_dense = _group_params(shape, dense, ATTENTION), _group_params(shape, dense, MLP)
+    every = head_options(shape.n_head, shape.n_kv)
+    attn_share = [1 - _kept_attn(shape, o) / attn_dense for o in options]
+    mlp_share = list(STRUCTURE_LADDER)
+    attn_cost = [attn_dense - _kept_attn(shape, o) for o in options]
+    mlp_cost = [int(round(s * shape.n_ff)) * (mlp_dense // shape.n_ff) for s in mlp_share]
+    width = max(len(options), len(mlp_share))
+    errors = np.zeros((2 * n, width))
+    costs = np.zeros((2 * n, width), dtype=np.int64)
+    allowed = np.zeros((2 * n, width), dtype=bool)
+    for i, m in enumerate(measured):
+        errors[i, :len(options)] = [m.group_errors["attn"][every.index(o)] for o in options]
+        errors[n + i, :len(mlp_share)] = m.group_errors["mlp"]
+    costs[:n, :len(options)] = attn_cost
+    costs[n:, :len(mlp_share)] = mlp_cost
+    allowed[:n, :len(options)] = window(attn_share, ratio, spread)
+    allowed[n:, :len(mlp_share)] = window(mlp_share, ratio, spread)
+    units, unit = integer_units(costs)
+    budget = math.ceil(ratio * n * (attn_dense + mlp_dense) / unit - 1e-9)
+    levels = solve_levels(errors, units, min(budget, int(np.where(allowed, units, 0).max(1).sum())),
+                          allowed)
+    attn = [(options[k][0] * options[k][1], options[k][0]) for k in levels[:n]]
+    return attn, torch.tensor([mlp_share[k] for k in levels[n:]], dtype=torch.float64)
 
 
 def _round_preserving_sum(values: list[float], lo: int, hi: int) -> list[int]:

@@ -8,7 +8,8 @@ to pruning; the allocation prunes it less.
 ``measure`` is pass 1 over the calibration data: the dense model, layer by layer, its outlier
 ratios (per projection, per layer, per attention / MLP group) and the activation-aware scores of
 its heads and channels, one LayerMeasurement a layer; with ``errors``, also each projection's
-relative output error at every ladder level (reconstruction.py, for the ``error`` allocation).
+relative output error at every ladder level, and o's and down's at every head layout and MLP
+channel level with compensation (reconstruction.py, for the ``error`` allocation).
 A plan is made from these (planner.py).
 """
 
@@ -23,7 +24,7 @@ from .arch import ATTENTION, INPUT_GROUP_OF, INPUT_GROUPS, MLP, PROJECTIONS, Arc
 from .blocks import block_energy
 from .calibration import LayerStream
 from .prune.structured import column_scores, head_scores, magnitude_channel_scores, magnitude_head_scores
-from .reconstruction import ladder_errors
+from .reconstruction import channel_errors, head_option_errors, ladder_errors
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,8 @@ class LayerMeasurement:
     head_scores: dict[str, torch.Tensor]  # per STRUCTURED_SCORES kind: (n_head,) per query head
     channel_scores: dict[str, torch.Tensor]  # per kind: (n_ff,) per MLP channel
     projection_errors: dict[str, list[float]] | None = None  # per projection, at each LADDER level
+    # "attn": o's error at each head_options layout; "mlp": down's at each STRUCTURE_LADDER level
+    group_errors: dict[str, list[float]] | None = None
     block_scores: dict[str, float] | None = None  # what each block writes (blocks.py); Llama-like only
 
 
@@ -70,19 +73,23 @@ def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
         scores = {p: wanda_scores(spec.projection(layer, p).weight,
                                   stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
         w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
+        heads = head_scores(w["o"], stats["o"].sq_norm, shape.head_dim)
+        channels = column_scores(w["down"], stats["down"].sq_norm)
         measured.append(LayerMeasurement(
             projection_outliers={p: outlier_ratio(scores[p], outlier_m) for p in PROJECTIONS},
             layer_outliers=outlier_ratio([scores[p] for p in PROJECTIONS], outlier_m),
             group_outliers={"attn": outlier_ratio([scores[p] for p in ATTENTION], outlier_m),
                             "mlp": outlier_ratio([scores[p] for p in MLP], outlier_m)},
-            head_scores={
-                "activation": head_scores(w["o"], stats["o"].sq_norm, shape.head_dim),
-                "magnitude": magnitude_head_scores(w["q"], w["o"], shape.head_dim)},
-            channel_scores={
-                "activation": column_scores(w["down"], stats["down"].sq_norm),
-                "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
+            head_scores={"activation": heads,
+                         "magnitude": magnitude_head_scores(w["q"], w["o"], shape.head_dim)},
+            channel_scores={"activation": channels,
+                            "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
             projection_errors={p: ladder_errors(w[p], stats[INPUT_GROUP_OF[p]].hessian, scores[p])
                                for p in PROJECTIONS} if errors else None,
+            group_errors={"attn": head_option_errors(w["o"], stats["o"].hessian, heads, shape.n_kv,
+                                                     shape.head_dim),
+                          "mlp": channel_errors(w["down"], stats["down"].hessian, channels)}
+            if errors else None,
             block_scores=energy.scores() if energy is not None else None,
         ))
     return measured

@@ -6,6 +6,12 @@ at each level is Wanda's (the lowest |W| * ||X|| per output row), so the error i
 mask before any update: SparseGPT's updates lower every level's error, so for SparseGPT the
 errors are a proxy (its own at 39 levels would cost 39 prunes). Errors are relative to the output's energy
 ||X W^T||^2 = sum((W H) * W), so that projections of different sizes and scales compare.
+
+The same for structure (``head_option_errors``, ``channel_errors``): removing query heads or MLP
+channels removes input columns of o or down, and the kept columns are compensated by least
+squares (prune.structured.compensate), so the error at each option is that of the compensated
+consumer, ||X W^T - X_K W'^T||^2, relative to the same energy. Heads and channels are taken in
+the order the plan takes them (choose_heads, choose_channels on the activation scores).
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from __future__ import annotations
 import torch
 
 from .knapsack import LADDER
+from .prune.structured import choose_channels, choose_heads, compensate, head_options
+
+STRUCTURE_LADDER = tuple(round(i * 0.05, 4) for i in range(20))  # MLP channels removed: 0 .. 0.95
 
 CHUNK_ELEMENTS = 2 ** 24  # weights per batched matmul (levels x out x in), ~64 MB in float32
 
@@ -38,3 +47,40 @@ def ladder_errors(weight: torch.Tensor, hessian: torch.Tensor, scores: torch.Ten
         e = ((d.view(-1, in_features) @ h).view_as(d) * d).sum((1, 2), dtype=torch.float64)
         errors.extend((e / energy).tolist())
     return errors
+
+
+@torch.no_grad()
+def removal_error(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> float:
+    """Relative output error of ``weight`` (out, in) reading only the ``keep`` inputs, compensated
+    by least squares as the plan does it (compensate); an empty ``keep`` loses the whole output."""
+    w = weight.float()
+    h = hessian.float()
+    energy = float(((w @ h) * w).sum().double())
+    if energy <= 0 or keep.numel() == w.shape[1]:
+        return 0.0
+    if keep.numel() == 0:
+        return 1.0
+    d = w.clone()
+    d[:, keep] -= compensate(w, h, keep).float()
+    return float(((d @ h) * d).sum().double()) / energy
+
+
+def head_option_errors(o_weight: torch.Tensor, o_hessian: torch.Tensor, scores: torch.Tensor,
+                       n_kv: int, head_dim: int) -> list[float]:
+    """Relative error of o at every head_options layout (kept KV groups, query heads per group)."""
+    errors = []
+    for groups, per_group in head_options(scores.numel(), n_kv):
+        heads = choose_heads(scores, n_kv, groups, per_group).q_heads
+        keep = (torch.tensor(heads).view(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
+        errors.append(removal_error(o_weight, o_hessian, keep))
+    return errors
+
+
+def channel_errors(down_weight: torch.Tensor, down_hessian: torch.Tensor,
+                   scores: torch.Tensor) -> list[float]:
+    """Relative error of down with each STRUCTURE_LADDER share of its channels removed."""
+    n_ff = scores.numel()
+    return [removal_error(down_weight, down_hessian,
+                          torch.tensor(choose_channels(scores, n_ff - int(round(level * n_ff))),
+                                       dtype=torch.long))
+            for level in STRUCTURE_LADDER]

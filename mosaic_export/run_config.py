@@ -87,9 +87,6 @@ def prepare(config: RunConfig) -> Inputs:
         settings = plan.settings
     if config.out is not None:
         check_output(config.out, config.force)
-    if config.search and settings.measures_errors:
-        raise UserError(f"--allocation {settings.allocation} chooses unstructured ratios; the budget "
-                        "search removes structure: use another allocation with a budget")
     if not 0 <= config.margin < 0.5:
         raise UserError(f"--margin must be in [0, 0.5), got {config.margin}")
     if config.eval_windows is not None and config.eval_windows < 0:

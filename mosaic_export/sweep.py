@@ -81,9 +81,6 @@ def _check(config: RunConfig, targets: list[float]) -> None:
         raise UserError(f"sweep targets must be in [0, 0.9], got {targets}")
     if config.eval_windows == 0:
         raise UserError("a sweep compares perplexity: --eval-windows cannot be 0")
-    if config.settings.measures_errors:
-        raise UserError(f"--allocation {config.settings.allocation} chooses unstructured ratios; a sweep "
-                        "removes structure: use another allocation")
 
 
 def make_jobs(config: RunConfig, targets: list[float], cpus: int | None = None) -> list[Job]:

@@ -8,20 +8,21 @@ rows already there, so an interrupted benchmark resumes):
 - timing: one dense forward pass over the calibration set against the whole prune (both passes,
   plan included) with Wanda scoring, and their ratio;
 - tune: M and lambda of every allocation with knobs (layer, projection, joint, layer+type) and
-  of the composite structured plan, chosen by perplexity on --tune-text (WikiText-2 valid) only:
-  lambda first (at M = 5), then M at the best lambda, 5 runs each; the `error` allocation has no M
-  (it reads no outliers) and gets its 5 runs on lambda alone;
+  of the composite structured plans, chosen by perplexity on --tune-text (WikiText-2 valid) only:
+  lambda first (at M = 5), then M at the best lambda, 5 runs each; the `error` allocation (also
+  the composite plan by errors) has no M (it reads no outliers) and gets its 5 runs on lambda;
 - unstructured: 50-80% sparsity, Wanda and SparseGPT, by allocation: uniform, layer (OWL),
   projection (OWL per type), joint (OWL over all cells), error (measured errors, knapsack);
   layer+type (the authors' layer vector plus type offset) at the headline sparsity only;
 - structured: 20-40% fewer decoder parameters, none recovered: (b) the same ratio in every
   layer, activation-aware scores and least-squares compensation; (c) composite projection
   pruning: POD allocation over layers and attention / MLP groups, activation-aware, compensated;
+  the same with the `error` allocation (each layer's head layout and MLP width chosen by the
+  measured, compensated output errors of o and down: planner._error_groups);
   whole blocks (mosaic_export/blocks.py: attention blocks and whole layers, the remainder below one
   block as unstructured Wanda zeros); FLAP-style (uniform and adaptive) and LLM-Pruner-style
-  (mosaic_export/baselines.py);
-  at the headline only, magnitude
-  ranking without compensation (the weakest, kept with that label);
+  (mosaic_export/baselines.py); at the headline only, magnitude ranking without compensation
+  (the weakest, kept with that label);
 - the sweep runs the headline rows first (70% unstructured, 30% structured), then the
   unstructured headline again with every other --seeds value, then the other points, structured
   first (fewer rows). With --eval-text-2, each swept model is also scored on a second text
@@ -70,12 +71,14 @@ FIELDS = ["stage", "suite", "label", "sparsity", "seed", "outlier_m", "lam", "re
 # label -> settings that define the method (sparsity, seed, M, lambda are set per row)
 ALLOCATIONS = ["uniform", "layer", "projection", "joint", "layer+type", "error"]
 COMPOSITE = "(c) composite (POD), activation-aware, comp."
+COMPOSITE_ERROR = "(c) composite, error allocation (measured, knapsack), comp."
 METHODS = {
     **{f"{a}+{m}": dict(allocation=a, method=m) for m in ("wanda", "sparsegpt") for a in ALLOCATIONS},
     "magnitude: uniform, weights only, no comp.": dict(
         allocation="uniform", structured_fraction=1.0, structured_scores="magnitude", compensate=False),
     "(b) uniform, activation-aware, comp.": dict(allocation="uniform", structured_fraction=1.0),
     COMPOSITE: dict(allocation="projection", structured_fraction=1.0),
+    COMPOSITE_ERROR: dict(allocation="error", structured_fraction=1.0),
     "whole blocks: attention / layers by residual energy": dict(allocation="uniform", structure="blocks",
                                                                 structured_fraction=1.0),
     "FLAP-style: fluctuation, uniform, bias comp.": dict(baseline="flap", structured_fraction=1.0),
@@ -88,7 +91,7 @@ HEADLINE_ONLY = {"layer+type+wanda", "layer+type+sparsegpt", "magnitude: uniform
 SUITE = {label: ("structured" if "structured_fraction" in kw else "unstructured")
          for label, kw in METHODS.items()}
 TUNED = {**{f"{a}+{m}": a for m in ("wanda", "sparsegpt") for a in ALLOCATIONS if a != "uniform"},
-         COMPOSITE: "composite"}
+         COMPOSITE: "composite", COMPOSITE_ERROR: "composite-error"}
 
 
 class Bench:
@@ -282,7 +285,8 @@ class Bench:
         TUNE_LAMBDA at the default M, then M over TUNE_M at that lambda (coordinate search)."""
         seed, best, d = self.args.seeds[0], {}, PruneSettings()
         tuned = [(f"{a}+wanda", HEADLINE["unstructured"]) for a in ALLOCATIONS if a != "uniform"]
-        for label, sparsity in tuned + [(COMPOSITE, HEADLINE["structured"])]:
+        structured = [(COMPOSITE, HEADLINE["structured"]), (COMPOSITE_ERROR, HEADLINE["structured"])]
+        for label, sparsity in structured + tuned:
             if TUNED[label] in self.args.fixed_knobs:  # tuned before, on the same grid
                 best[TUNED[label]] = self.args.fixed_knobs[TUNED[label]]
                 print(f"[tune] {label}: M, lambda {best[TUNED[label]]} given (--fixed-knobs)", flush=True)
@@ -417,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-windows", type=int, default=16)
     p.add_argument("--fixed-knobs", nargs="*", default=[], metavar="RULE=M,LAMBDA",
                    help="M and lambda of a rule tuned in an earlier run (rule: layer, projection, "
-                        "joint, layer+type, error or composite), used instead of tuning it again")
+                        "joint, layer+type, error, composite or composite-error), used instead of "
+                        "tuning it again")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--suites", nargs="+", default=["unstructured", "structured"],
                    choices=["unstructured", "structured"])

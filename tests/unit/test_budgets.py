@@ -108,6 +108,20 @@ def test_bad_budgets_fail_at_the_door(tiny_model_dir, profile, tmp_path, capsys,
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
 
 
+def test_search_with_the_error_allocation_meets_the_budget(tiny_model_dir, profile, tmp_path):
+    """The data-driven allocation under the search: the search picks the removal that meets the
+    memory budget by the cost model, the knapsack spreads it by the measured errors."""
+    budget = int(_dense_cost(tiny_model_dir).memory_bytes * 0.9)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--allocation", "error",
+                 "--max-memory", f"{budget}B", "--margin", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    found = report["cost"]["search"]["chosen"]
+    assert 0 < found["removed"] and report["cost"]["predicted"]["memory_bytes"] <= budget
+    plan = Plan.load(out / "plan.json")
+    assert plan.settings.allocation == "error" and plan.settings.structured_fraction == 1.0
+
+
 def test_explicit_sparsity_reports_budgets_without_search(tiny_model_dir, profile, tmp_path):
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.3",

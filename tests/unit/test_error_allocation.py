@@ -16,8 +16,9 @@ from mosaic_export.model_io import load_model
 from mosaic_export.plan import PruneSettings
 from mosaic_export.planner import make_plan
 from mosaic_export.pod import measure, wanda_scores
+from mosaic_export.prune.structured import compensate, head_options
 from mosaic_export.prune.wanda import wanda_mask
-from mosaic_export.reconstruction import ladder_errors
+from mosaic_export.reconstruction import STRUCTURE_LADDER, ladder_errors, removal_error
 from mosaic_export.texts import corpus
 
 NAMES = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -126,5 +127,56 @@ def test_error_plan_on_the_tiny_model(tiny_model_dir):
     plain = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0)
     with pytest.raises(ValueError, match="needs the measured errors"):
         make_plan(loaded.shape, loaded.source, plain, settings)
-    with pytest.raises(UserError, match="structured pruning"):
+    with pytest.raises(UserError, match="--structured-fraction 0 or 1"):
         PruneSettings(sparsity=0.3, structured_fraction=0.5, allocation="error").validate()
+    with pytest.raises(UserError, match="magnitude"):
+        PruneSettings(sparsity=0.3, structured_fraction=1, allocation="error",
+                      structured_scores="magnitude").validate()
+
+
+def test_removal_error_is_the_compensated_output_error():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 12, generator=g)
+    x = torch.randn(80, 12, generator=g) @ torch.randn(12, 12, generator=g)  # correlated inputs
+    h = x.T @ x
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    kept = compensate(w, h, keep)
+    expected = float(((x @ w.T - x[:, keep] @ kept.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    assert removal_error(w, h, keep) == pytest.approx(expected, rel=1e-3)
+    dropped = float(((x[:, 1:] @ w[:, 1:].T - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    assert 0 < removal_error(w, h, torch.arange(1, 12)) <= dropped  # compensation only helps
+    assert removal_error(w, h, torch.arange(12)) == 0.0
+    assert removal_error(w, h, torch.tensor([], dtype=torch.long)) == 1.0
+
+
+def structured_plan(loaded, measured, sparsity=0.3, lam=0.2):
+    settings = PruneSettings(sparsity=sparsity, structured_fraction=1.0, allocation="error", lam=lam)
+    return make_plan(loaded.shape, loaded.source, measured, settings.validate())
+
+
+def test_error_structure_lands_on_the_target_and_follows_the_errors(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
+    measured = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0,
+                       errors=True)
+    shape = loaded.shape
+    options = head_options(shape.n_head, shape.n_kv)
+    for m in measured:
+        assert len(m.group_errors["attn"]) == len(options)
+        assert m.group_errors["attn"][options.index((shape.n_kv, shape.n_head // shape.n_kv))] == 0.0
+        assert len(m.group_errors["mlp"]) == len(STRUCTURE_LADDER) and m.group_errors["mlp"][0] == 0.0
+    plan = structured_plan(loaded, measured)
+    assert plan.to_json() == structured_plan(loaded, measured).to_json()  # deterministic
+    p = plan.params()
+    assert 1 - p["decoder_nonzero"] / p["decoder_dense"] == pytest.approx(0.3, abs=0.005)
+    assert p["decoder_resized"] < p["decoder_dense"]
+
+    # Make every layer's MLP nearly free to cut but the first layer's very costly, and attention
+    # costly everywhere: the first layer keeps the widest MLP, and heads go last.
+    for i, m in enumerate(measured):
+        m.group_errors = {"attn": [0.0 if o == options[-1] else 1000.0 for o in options],
+                          "mlp": [level * (100.0 if i == 0 else 0.01) for level in STRUCTURE_LADDER]}
+    steered = structured_plan(loaded, measured, lam=0.3)
+    widths = [lp.dims.n_ff for lp in steered.layers]
+    assert widths[0] == max(widths) and widths[0] > min(widths)
+    assert all(lp.dims.n_head == shape.n_head for lp in steered.layers)

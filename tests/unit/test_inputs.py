@@ -189,16 +189,12 @@ def test_verify_malformed_manifest(tmp_path, capsys, manifest, match):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_error_allocation_and_blocks_are_refused_where_they_cannot_work(tiny_model_dir, tmp_path, capsys):
+def test_error_allocation_is_refused_where_it_cannot_work(tiny_model_dir, tmp_path, capsys):
     model = ["--model", str(tiny_model_dir)]
     _bad(tmp_path, capsys, *model, "--allocation", "error", "--structured-fraction", "0.5",
-         match="structured pruning (--structured-fraction above 0) needs another allocation")
-    from mosaic_export.plan import PruneSettings
-    from mosaic_export.run_config import RunConfig, prepare
-
-    with pytest.raises(UserError, match="the budget search removes structure"):
-        prepare(RunConfig(model=str(tiny_model_dir), search=True, target="gguf",
-                          settings=PruneSettings(allocation="error")))
+         match="all-unstructured or all-structured plans (--structured-fraction 0 or 1)")
+    _bad(tmp_path, capsys, *model, "--allocation", "error", "--structured-fraction", "1",
+         "--structured-scores", "magnitude", match="cannot go with --structured-scores magnitude")
 
 
 def test_a_model_with_removed_blocks_is_not_pruned_again(tiny_model_dir, tmp_path, capsys):
