@@ -12,7 +12,8 @@
 - ``error``: data-driven. Each projection's relative output error is measured on the calibration
   data at a ladder of ratios (reconstruction.py); one ratio per projection is chosen to remove the
   target's parameters at the least total error (an exact knapsack, knapsack.py), each within
-  lambda of the target. Needs the errors from the measure pass (unstructured ratios only).
+  lambda of the target. Needs the errors from the measure pass. For the structured part of a
+  plan the same rule picks each layer's head layout and MLP width (planner._error_groups).
 
 Rules are registered by name (``register``); a plan names the rule it was made with. A rule
 reads its evidence (outlier ratios; measured errors where the rule needs them) from ``Evidence``.

@@ -1,7 +1,8 @@
 """Planning: a Plan (plan.py) made from pass-1 measurements (pod.py) and the settings. The
 structured share is allocated over layers and over the attention / MLP groups, met per layer by
-the nearest valid GQA head layout and MLP channel counts shifted so the total lands on the target;
-the rest is allocated as unstructured ratios per projection (allocation.py)."""
+the nearest valid GQA head layout and MLP channel counts shifted so the total lands on the target
+(with the ``error`` rule, the head layouts and MLP widths of least measured error instead); the
+rest is allocated as unstructured ratios per projection (allocation.py)."""
 
 from __future__ import annotations
 
