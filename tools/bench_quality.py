@@ -23,10 +23,10 @@ rows already there, so an interrupted benchmark resumes):
   block as unstructured Wanda zeros); FLAP-style (uniform and adaptive) and LLM-Pruner-style
   (mosaic_export/baselines.py); at the headline only, magnitude ranking without compensation
   (the weakest, kept with that label);
-- the sweep runs the headline rows first (70% unstructured, 30% structured), then the
-  unstructured headline again with every other --seeds value, then the other points, structured
-  first (fewer rows). With --eval-text-2, each swept model is also scored on a second text
-  (another domain).
+- the sweep runs the headline rows first (70% unstructured, 30% structured), then the other
+  structured points (fewer rows), then the unstructured headline again with every other --seeds
+  value, then the other unstructured points. With --eval-text-2, each swept model is also scored
+  on a second text (another domain).
 
 The measure pass (POD and scores of the dense model) depends only on the calibration sample and
 M, so it runs once per (seed, M) and every plan is made from it; its time is added to each row's
@@ -311,26 +311,30 @@ class Bench:
 
     def sweep(self, tuned: dict[str, tuple[float, float]]) -> None:
         """The headline rows (unstructured with SparseGPT, the goal's pruner; structured; then
-        unstructured with Wanda), then the unstructured headline with the other seeds, then the
-        other points, structured first."""
+        unstructured with Wanda), then the other structured points (few rows), then the
+        unstructured headline with the other seeds, then the other unstructured points."""
         seed, suites = self.args.seeds[0], self.args.suites
 
         def labels(suite: str, headline: bool = True) -> list[str]:
             mine = [lb for lb in METHODS if SUITE[lb] == suite and (headline or lb not in HEADLINE_ONLY)]
             return sorted(mine, key=lambda lb: "wanda" in lb)  # SparseGPT first (the goal's pruner)
 
-        first = [(s, lb) for s in suites for lb in labels(s)]
-        for suite, label in sorted(first, key=lambda sl: "wanda" in sl[1]):
-            self.run("sweep", label, HEADLINE[suite], seed, *self.knobs(label, tuned))
-        for s in self.args.seeds[1:] if "unstructured" in suites else []:
-            for label in labels("unstructured"):
-                self.run("sweep", label, HEADLINE["unstructured"], s, *self.knobs(label, tuned))
-        for suite in sorted(suites, key=lambda s: s == "unstructured"):
+        def other_points(suite: str) -> None:
             points = UNSTRUCTURED if suite == "unstructured" else STRUCTURED
             for sparsity in [p for p in points if p != HEADLINE[suite]]:
                 for label in labels(suite, headline=False):
                     self.run("sweep", label, sparsity, seed, *self.knobs(label, tuned))
 
+        first = [(s, lb) for s in suites for lb in labels(s)]
+        for suite, label in sorted(first, key=lambda sl: "wanda" in sl[1]):
+            self.run("sweep", label, HEADLINE[suite], seed, *self.knobs(label, tuned))
+        if "structured" in suites:
+            other_points("structured")
+        if "unstructured" in suites:
+            for s in self.args.seeds[1:]:
+                for label in labels("unstructured"):
+                    self.run("sweep", label, HEADLINE["unstructured"], s, *self.knobs(label, tuned))
+            other_points("unstructured")
 
 def tables(rows: list[dict], dense: dict) -> str:
     """Markdown: perplexity (top-1) per method and point; mean +- half-range over seeds."""
