@@ -73,15 +73,15 @@ def parameter_units(counts: list[int], levels: int) -> tuple[np.ndarray, int]:
 
 
 def window(shares, target: float, spread: float) -> np.ndarray:
-    """Which levels (shares removed, ascending) lie within ``spread`` of the target, with the
-    levels just below and above the target always in."""
+    """Which levels (shares removed, in any order) lie within ``spread`` of the target, with the
+    levels nearest below and above the target always in."""
     shares = np.asarray(shares, dtype=np.float64)
     near = np.abs(shares - target) <= spread + 1e-12
-    below, above = np.flatnonzero(shares <= target + 1e-9), np.flatnonzero(shares >= target - 1e-9)
+    below, above = shares[shares <= target + 1e-9], shares[shares >= target - 1e-9]
     if below.size:
-        near[below[-1]] = True
+        near |= shares == below.max()
     if above.size:
-        near[above[0]] = True
+        near |= shares == above.min()
     return near
 
 

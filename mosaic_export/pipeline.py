@@ -66,7 +66,8 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
                             f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
         return plan, stream, None
     if measured is None:
-        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m, settings.measures_errors)
+        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m,
+                          settings.error_kinds(config.search))
         del stream  # pass 2 starts again from the embeddings of the calibration samples
         stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights,
                              settings.calibration.states)

@@ -65,8 +65,22 @@ class PruneSettings:
 
     @property
     def measures_errors(self) -> bool:
-        """Whether pass 1 must measure each projection's error at every ladder level."""
+        """Whether the allocation reads errors measured in pass 1 (see error_kinds)."""
         return self.allocation in NEEDS_ERRORS
+
+    def error_kinds(self, searched: bool = False) -> frozenset[str]:
+        """The errors pass 1 must measure (pod.measure): "projection", each projection's at every
+        ladder ratio, for a plan with an unstructured part; "structure", each layer's at every head
+        layout and MLP width, for a structured plan (a budget search or a sweep removes structure:
+        ``searched``)."""
+        if not self.measures_errors:
+            return frozenset()
+        kinds = set()
+        if not searched and self.structured_fraction < 1:
+            kinds.add("projection")
+        if (searched or self.structured_fraction > 0) and self.structure == "width":
+            kinds.add("structure")
+        return frozenset(kinds)
 
     def validate(self) -> PruneSettings:
         def need(ok: bool, message: str) -> None:
@@ -87,10 +101,12 @@ class PruneSettings:
         need(not (self.measures_errors and 0 < self.structured_fraction < 1 and self.sparsity > 0),
              f"allocation '{self.allocation}' measures its errors on the dense model: it allocates "
              "all-unstructured or all-structured plans (--structured-fraction 0 or 1)")
-        need(not (self.measures_errors and self.structured_fraction > 0
-                  and self.structured_scores != "activation"),
+        need(not (self.measures_errors and self.structured_scores != "activation"),
              f"allocation '{self.allocation}' measures heads and channels as the activation scores "
              "rank them: it cannot go with --structured-scores magnitude")
+        need(not (self.measures_errors and self.structure == "blocks"),
+             f"allocation '{self.allocation}' chooses heads and channels; whole blocks are chosen by "
+             "the energy they write (--structure blocks): use another allocation")
         need(self.structure in STRUCTURES, f"structure must be one of {', '.join(STRUCTURES)}, "
              f"got '{self.structure}'")
         need(self.outlier_m > 0, f"outlier M must be positive, got {self.outlier_m}")

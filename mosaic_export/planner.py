@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .allocation import MAX_RATIO, allocate, fit_mean
+from .allocation import MAX_RATIO, NEEDS_ERRORS, allocate, fit_mean
 from .arch import ATTENTION, MLP, PROJECTIONS, LayerDims, ModelShape
 from .blocks import choose_blocks
 from .errors import UserError
@@ -62,11 +62,13 @@ def make_plan(shape: ModelShape, source: str, measured: list[LayerMeasurement],
         if ratio_u > MAX_RATIO:
             raise UserError(f"sparsity {settings.sparsity} cannot be reached: the unstructured part "
                             f"would need {ratio_u:.1%} of the kept weights")
-        errors = None
+        errors, rule = None, settings.allocation
         if all(m.projection_errors is not None for m in measured):
             errors = {p: torch.tensor([m.projection_errors[p] for m in measured], dtype=torch.float64)
                       for p in PROJECTIONS}
-        ratios = allocate(settings.allocation, ratio_u, settings.lam,
+        elif rule in NEEDS_ERRORS and settings.structured_fraction == 1:
+            rule = "uniform"  # a structured plan's rounding remainder: its errors were not measured
+        ratios = allocate(rule, ratio_u, settings.lam,
                           {p: torch.tensor(pod["projection"][p]) for p in PROJECTIONS},
                           torch.tensor(pod["layer"]), weights, errors)
         for i, lp in enumerate(layers):  # a removed block's cells weigh nothing: no ratio
@@ -147,18 +149,23 @@ def _error_groups(shape: ModelShape, measured: list[LayerMeasurement], options: 
                   ratio: float, spread: float) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The ``error`` rule for structure: one head layout and one MLP channel level per layer,
     removing at least ``ratio`` of the projections' parameters at the least total relative error
-    (o's and down's, compensated, measured in pass 1; an exact knapsack), each cell within
-    ``spread`` of the ratio (the options just below and above it always allowed). Returns each
-    layer's (n_head, n_kv) and wanted MLP ratios; the caller lands the MLP on the target."""
+    (o's and down's, compensated, measured in pass 1; an exact knapsack), each cell's share removed
+    within ``spread`` of the ratio (the shares nearest below and above it always allowed). Returns
+    each layer's (n_head, n_kv) and wanted MLP ratios; the caller lands the MLP on the target."""
     if any(m.group_errors is None for m in measured):
-        raise UserError("allocation 'error' needs the measured errors of pass 1 (measure(errors=True))")
+        raise UserError("allocation 'error' needs the measured errors of pass 1 "
+                        "(measure with errors={'structure'})")
     n, dense = shape.n_layers, shape.dense_dims
     attn_dense, mlp_dense = _group_params(shape, dense, ATTENTION), _group_params(shape, dense, MLP)
     every = head_options(shape.n_head, shape.n_kv)
-    attn_share = [1 - _kept_attn(shape, o) / attn_dense for o in options]
-    mlp_share = list(STRUCTURE_LADDER)
+    # least removed first, so that the knapsack's ties go to the layout that keeps more
+    options = sorted(options, key=lambda o: (attn_dense - _kept_attn(shape, o), -o[0] * o[1], -o[0]))
     attn_cost = [attn_dense - _kept_attn(shape, o) for o in options]
-    mlp_cost = [int(round(s * shape.n_ff)) * (mlp_dense // shape.n_ff) for s in mlp_share]
+    attn_share = [c / attn_dense for c in attn_cost]
+    mlp_share = list(STRUCTURE_LADDER)
+    mlp_cost = [mlp_dense - _group_params(shape, LayerDims(dense.n_head, dense.n_kv,
+                                                           shape.n_ff - int(round(s * shape.n_ff))), MLP)
+                for s in mlp_share]
     width = max(len(options), len(mlp_share))
     errors = np.zeros((2 * n, width))
     costs = np.zeros((2 * n, width), dtype=np.int64)

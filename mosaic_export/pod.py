@@ -8,8 +8,9 @@ to pruning; the allocation prunes it less.
 ``measure`` is pass 1 over the calibration data: the dense model, layer by layer, its outlier
 ratios (per projection, per layer, per attention / MLP group) and the activation-aware scores of
 its heads and channels, one LayerMeasurement a layer; with ``errors``, also each projection's
-relative output error at every ladder level, and o's and down's at every head layout and MLP
-channel level with compensation (reconstruction.py, for the ``error`` allocation).
+relative output error at every ladder level ("projection"), and o's and down's at every head
+layout and MLP channel level with compensation ("structure"; reconstruction.py, for the ``error``
+allocation: PruneSettings.error_kinds says which).
 A plan is made from these (planner.py).
 """
 
@@ -63,13 +64,14 @@ class LayerMeasurement:
 
 @torch.no_grad()
 def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
-            outlier_m: float, errors: bool = False) -> list[LayerMeasurement]:
-    """Pass 1 over the dense model (with ``errors``, the ladder errors too: every input group's
-    Hessian is taken)."""
+            outlier_m: float, errors: frozenset[str] | set[str] = frozenset()) -> list[LayerMeasurement]:
+    """Pass 1 over the dense model; with ``errors`` ("projection", "structure"), those errors too
+    (every input group's Hessian is taken)."""
+    hessians = set(INPUT_GROUPS) if "projection" in errors else {"o", "down"} if errors else set()
     measured = []
     for _, layer in stream.layers("measure (dense)"):
         with block_energy(layer, spec) if spec.supports_blocks() else contextlib.nullcontext() as energy:
-            stats = stream.statistics(layer, set(INPUT_GROUPS) if errors else set(), advance=True)
+            stats = stream.statistics(layer, hessians, advance=True)
         scores = {p: wanda_scores(spec.projection(layer, p).weight,
                                   stats[INPUT_GROUP_OF[p]].norm) for p in PROJECTIONS}
         w = {p: spec.projection(layer, p).weight for p in PROJECTIONS}
@@ -85,11 +87,11 @@ def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
             channel_scores={"activation": channels,
                             "magnitude": magnitude_channel_scores(w["gate"], w["up"], w["down"])},
             projection_errors={p: ladder_errors(w[p], stats[INPUT_GROUP_OF[p]].hessian, scores[p])
-                               for p in PROJECTIONS} if errors else None,
+                               for p in PROJECTIONS} if "projection" in errors else None,
             group_errors={"attn": head_option_errors(w["o"], stats["o"].hessian, heads, shape.n_kv,
                                                      shape.head_dim),
                           "mlp": channel_errors(w["down"], stats["down"].hessian, channels)}
-            if errors else None,
+            if "structure" in errors else None,
             block_scores=energy.scores() if energy is not None else None,
         ))
     return measured

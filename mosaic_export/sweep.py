@@ -128,7 +128,7 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
         stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size,
                              states=inputs.settings.calibration.states)
         measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m,
-                           inputs.settings.measures_errors)
+                           inputs.settings.error_kinds(searched=True))  # a sweep removes structure
     return DensePass(measured, dense.perplexity, dense.counts["total"])
 
 

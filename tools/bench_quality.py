@@ -108,7 +108,7 @@ class Bench:
         if args.eval_text_2:
             self.eval2_ids = windows(tokenize(tok, corpus(args.eval_text_2)), args.seq_len,
                                      args.eval_windows_2, args.eval_text_2)
-        self.measured: dict[tuple[int, float, bool], tuple[list, float]] = {}
+        self.measured: dict[tuple[int, float, frozenset[str]], tuple[list, float]] = {}
         self.csv = args.out / "results.csv"
         self.rows = list(csv.DictReader(self.csv.open())) if self.csv.exists() else []
         if self.csv.exists() and next(csv.reader(self.csv.open()), []) != FIELDS:
@@ -118,20 +118,21 @@ class Bench:
         return sample_windows(self.calib_tokens, self.args.calib_samples, self.args.seq_len, seed,
                               source=self.args.calib_text)
 
-    def measurements(self, seed: int, outlier_m: float, errors: bool = False):
-        """Pass 1 at (seed, M), with the ladder errors when asked (a pass with errors serves the
-        rules without them too; their rows are charged the time of a pass without errors where
-        one was made, else the pass with errors)."""
-        if not errors and (seed, outlier_m, True) in self.measured:
-            return self.measured[(seed, outlier_m, True)][0], self.measured.get(
-                (seed, outlier_m, False), (None, self.measured[(seed, outlier_m, True)][1]))[1]
-        key = (seed, outlier_m, errors)
-        if key not in self.measured:
-            t0 = time.perf_counter()
-            stream = LayerStream(self.loaded.model, self.loaded.spec, self.calibration(seed), 1)
-            result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m, errors)
-            self.measured[key] = (result, time.perf_counter() - t0)
-        return self.measured[key]
+    def measurements(self, seed: int, outlier_m: float, errors: frozenset[str] = frozenset()):
+        """Pass 1 at (seed, M) with the errors asked (PruneSettings.error_kinds); a pass made with
+        more errors serves a row that asks fewer when the row's own pass was not made, and the row
+        is charged that pass's time."""
+        own = self.measured.get((seed, outlier_m, errors))
+        if own is not None:
+            return own
+        for (s, m, kinds), made in self.measured.items():
+            if (s, m) == (seed, outlier_m) and kinds >= errors:
+                return made
+        t0 = time.perf_counter()
+        stream = LayerStream(self.loaded.model, self.loaded.spec, self.calibration(seed), 1)
+        result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m, errors)
+        self.measured[(seed, outlier_m, errors)] = (result, time.perf_counter() - t0)
+        return self.measured[(seed, outlier_m, errors)]
 
     def done(self, stage: str, label: str, sparsity: float, seed: int, m: float, lam: float) -> dict | None:
         for r in self.rows:
@@ -195,7 +196,7 @@ class Bench:
                                  calibration=CalibrationSettings(self.args.calib_text,
                                                                  self.args.calib_samples,
                                                                  self.args.seq_len, seed)).validate()
-        measured, measure_s = self.measurements(seed, m, settings.measures_errors)
+        measured, measure_s = self.measurements(seed, m, settings.error_kinds())
         t0 = time.perf_counter()
         plan = make_plan(shape, self.loaded.source, measured, settings)
         apply_plan(LayerStream(model, spec, calib, 1), spec, plan)

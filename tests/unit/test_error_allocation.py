@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mosaic_export.allocation import allocate
+from mosaic_export.arch import ATTENTION, MLP, LayerDims
 from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.errors import UserError
-from mosaic_export.knapsack import LADDER, STEP, parameter_units, solve_levels, solve_ratios
+from mosaic_export.knapsack import LADDER, STEP, parameter_units, solve_levels, solve_ratios, window
 from mosaic_export.model_io import load_model
 from mosaic_export.plan import PruneSettings
 from mosaic_export.planner import make_plan
@@ -67,6 +68,14 @@ def test_parameter_units_are_exact_in_gcd_units():
     assert costs.tolist() == [[0, 3, 6], [0, 1, 2], [0, 8, 16]]
 
 
+def test_window_takes_the_nearest_levels_in_any_order():
+    shares = [0.83, 0.75, 0.5, 0.33, 0.25, 0.0, 0.67]
+    assert window(shares, 0.3, 0.02).tolist() == [False, False, False, True, True, False, False]
+    assert window(shares, 0.3, 0.25).tolist() == [False, False, True, True, True, False, False]
+    assert window(sorted(shares), 0.5, 0.0).tolist() == [False, False, False, True, False, False, False]
+    assert window([0.0, 0.5], 0.97, 0.01).tolist() == [False, True]  # above the top: the top
+
+
 def test_ratios_meet_the_budget_and_stay_near_the_target():
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([300.0, 100, 800, 800, 300])
@@ -114,8 +123,9 @@ def test_error_plan_on_the_tiny_model(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
     measured = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0,
-                       errors=True)
+                       errors={"projection"})
     assert all(len(m.projection_errors[p]) == len(LADDER) for m in measured for p in NAMES)
+    assert all(m.group_errors is None for m in measured)  # only what the plan needs
     settings = PruneSettings(sparsity=0.6, allocation="error", lam=0.15)
     plan = make_plan(loaded.shape, loaded.source, measured, settings)
     again = make_plan(loaded.shape, loaded.source, measured, settings)
@@ -157,19 +167,33 @@ def structured_plan(loaded, measured, sparsity=0.3, lam=0.2):
 def test_error_structure_lands_on_the_target_and_follows_the_errors(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
+    settings = PruneSettings(sparsity=0.3, structured_fraction=1.0, allocation="error")
+    assert settings.error_kinds() == {"structure"} and PruneSettings(allocation="error").error_kinds(
+        searched=True) == {"structure"} and PruneSettings(allocation="error").error_kinds() == {"projection"}
     measured = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0,
-                       errors=True)
+                       errors=settings.error_kinds())
+    assert all(m.projection_errors is None for m in measured)
     shape = loaded.shape
     options = head_options(shape.n_head, shape.n_kv)
     for m in measured:
         assert len(m.group_errors["attn"]) == len(options)
         assert m.group_errors["attn"][options.index((shape.n_kv, shape.n_head // shape.n_kv))] == 0.0
         assert len(m.group_errors["mlp"]) == len(STRUCTURE_LADDER) and m.group_errors["mlp"][0] == 0.0
-    plan = structured_plan(loaded, measured)
-    assert plan.to_json() == structured_plan(loaded, measured).to_json()  # deterministic
+    plan = structured_plan(loaded, measured, lam=0.1)
+    assert plan.to_json() == structured_plan(loaded, measured, lam=0.1).to_json()  # deterministic
     p = plan.params()
     assert 1 - p["decoder_nonzero"] / p["decoder_dense"] == pytest.approx(0.3, abs=0.005)
-    assert p["decoder_resized"] < p["decoder_dense"]
+    assert p["decoder_resized"] <= p["decoder_dense"] * 0.705  # by structure, not by zeros
+    def group(h, kv, names):
+        return sum(shape.projection_params(q, LayerDims(h, kv, shape.n_ff)) for q in names)
+
+    attn_dense = group(shape.n_head, shape.n_kv, ATTENTION)
+    ratio = 0.3 * shape.layer_params(shape.dense_dims) / (attn_dense + group(shape.n_head, shape.n_kv, MLP))
+    allowed = window([1 - group(g * q, g, ATTENTION) / attn_dense for g, q in options], ratio, 0.1)
+    inside = {options[i] for i in np.flatnonzero(allowed)}
+    assert len(inside) < len(options)  # lambda leaves some layouts out
+    for lp in plan.layers:  # every head layout within lambda of the target, or the nearest
+        assert (lp.dims.n_kv, lp.dims.n_head // lp.dims.n_kv) in inside
 
     # Make every layer's MLP nearly free to cut but the first layer's very costly, and attention
     # costly everywhere: the first layer keeps the widest MLP, and heads go last.
