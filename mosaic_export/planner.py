@@ -121,7 +121,8 @@ def _structured_dims(shape: ModelShape, pod: dict, measured: list[LayerMeasureme
             g, q = min(options, key=lambda o: (abs(_kept_attn(shape, o) - want), -o[0] * o[1], -o[0]))
             attn_dims.append((g * q, g))
         wanted_mlp = group_ratios["mlp"]
-    attn_removed = sum(attn_dense - _kept_attn(shape, (kv, h // kv if kv else 0)) for h, kv in attn_dims)
+    attn_removed = sum(attn_dense - _group_params(shape, LayerDims(h, kv, dense.n_ff), ATTENTION)
+                       for h, kv in attn_dims)
 
     # MLP: shift the allocated channel ratios together so the total lands on the target.
     mlp_removed_target = max(0.0, removed_target - attn_removed)

@@ -66,7 +66,8 @@ class LayerMeasurement:
 def measure(stream: LayerStream, spec: ArchSpec, shape: ModelShape,
             outlier_m: float, errors: frozenset[str] | set[str] = frozenset()) -> list[LayerMeasurement]:
     """Pass 1 over the dense model; with ``errors`` ("projection", "structure"), those errors too
-    (every input group's Hessian is taken)."""
+    (the Hessians they need are taken: every input group's for "projection", o's and down's for
+    "structure")."""
     hessians = set(INPUT_GROUPS) if "projection" in errors else {"o", "down"} if errors else set()
     measured = []
     for _, layer in stream.layers("measure (dense)"):

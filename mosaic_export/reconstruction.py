@@ -20,6 +20,7 @@ import torch
 
 from .knapsack import LADDER
 from .prune.structured import choose_channels, choose_heads, compensate, head_options
+from .resize import expand_heads
 
 STRUCTURE_LADDER = tuple(round(i * 0.05, 4) for i in range(20))  # MLP channels removed: 0 .. 0.95
 
@@ -32,7 +33,7 @@ def ladder_errors(weight: torch.Tensor, hessian: torch.Tensor, scores: torch.Ten
     Wanda scores (out, in) of the weight (pod.wanda_scores)."""
     w = weight.float()
     h = hessian.float()
-    energy = float(((w @ h) * w).sum().double())
+    energy = _energy(w, h)
     if energy <= 0:
         return [0.0] * len(LADDER)
     out_features, in_features = w.shape
@@ -55,14 +56,19 @@ def removal_error(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tenso
     by least squares as the plan does it (compensate); an empty ``keep`` loses the whole output."""
     w = weight.float()
     h = hessian.float()
-    energy = float(((w @ h) * w).sum().double())
+    energy = _energy(w, h)
     if energy <= 0 or keep.numel() == w.shape[1]:
         return 0.0
     if keep.numel() == 0:
         return 1.0
     d = w.clone()
     d[:, keep] -= compensate(w, h, keep).float()
-    return float(((d @ h) * d).sum().double()) / energy
+    return _energy(d, h) / energy
+
+
+def _energy(w: torch.Tensor, h: torch.Tensor) -> float:
+    """||X W^T||^2 = sum((W H) * W) for H = X^T X."""
+    return float(((w @ h) * w).sum().double())
 
 
 def head_option_errors(o_weight: torch.Tensor, o_hessian: torch.Tensor, scores: torch.Tensor,
@@ -71,8 +77,7 @@ def head_option_errors(o_weight: torch.Tensor, o_hessian: torch.Tensor, scores: 
     errors = []
     for groups, per_group in head_options(scores.numel(), n_kv):
         heads = choose_heads(scores, n_kv, groups, per_group).q_heads
-        keep = (torch.tensor(heads).view(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
-        errors.append(removal_error(o_weight, o_hessian, keep))
+        errors.append(removal_error(o_weight, o_hessian, expand_heads(heads, head_dim)))
     return errors
 
 
