@@ -142,6 +142,8 @@ def test_error_plan_on_the_tiny_model(tiny_model_dir):
     with pytest.raises(UserError, match="magnitude"):
         PruneSettings(sparsity=0.3, structured_fraction=1, allocation="error",
                       structured_scores="magnitude").validate()
+    with pytest.raises(UserError, match="--structure blocks"):
+        PruneSettings(sparsity=0.3, structured_fraction=1, allocation="error", structure="blocks").validate()
 
 
 def test_removal_error_is_the_compensated_output_error():
