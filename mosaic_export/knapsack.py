@@ -19,17 +19,22 @@ LADDER = tuple(round(i * STEP, 4) for i in range(int(round(0.95 / STEP)) + 1))  
 MAX_STATES = 2_000_000  # above this, costs are coarsened (rounded up) to fit
 
 
-def solve_levels(errors: np.ndarray, costs: np.ndarray, budget: int, allowed: np.ndarray) -> list[int]:
+def solve_levels(errors: np.ndarray, costs: np.ndarray, budget: int, allowed: np.ndarray,
+                 cap: bool = False) -> list[int]:
     """Levels (one per cell) with total cost >= budget and the least total error.
 
     errors: (cells, levels) float; costs: (cells, levels) non-negative integers; allowed: (cells,
     levels) bool. Ties go to the smaller total cost, then (backtracking from the last cell) to
     the lower level in later cells.
-    Raises ValueError when even the most costly allowed levels miss the budget.
+    When even the most costly allowed levels miss the budget: with ``cap``, the budget becomes
+    what they remove (every cell at its costliest allowed level; the caller makes up the rest);
+    without, ValueError.
     """
     costs = np.asarray(costs, dtype=np.int64)
     errors = np.where(allowed, np.asarray(errors, dtype=np.float64), np.inf)
     top = int(np.where(allowed, costs, 0).max(axis=1).sum())
+    if cap:
+        budget = min(budget, top)
     if budget > top:
         raise ValueError(f"the budget {budget} exceeds the most the allowed levels remove ({top})")
     best = np.full(top + 1, np.inf)
@@ -96,7 +101,6 @@ def solve_ratios(errors: torch.Tensor, counts: torch.Tensor, target: float, spre
     budget = math.ceil(target * total / (unit * STEP) - 1e-9)
     near = window(ladder, target, spread)
     allowed = np.broadcast_to(near, errors.shape)
-    reachable = int(costs[:, near].max(1).sum())  # less than budget only for a target above the
-    # ladder's top (0.95): every cell then takes its highest level, and the caller's shift does the rest
-    levels = solve_levels(errors.double().numpy(), costs, min(budget, reachable), allowed)
+    # capped only for a target above the ladder's top (0.95): the caller's shift does the rest
+    levels = solve_levels(errors.double().numpy(), costs, budget, allowed, cap=True)
     return torch.tensor(ladder[levels], dtype=torch.float64)

@@ -180,8 +180,7 @@ def _error_groups(shape: ModelShape, measured: list[LayerMeasurement], options: 
     allowed[n:, :len(mlp_share)] = window(mlp_share, ratio, spread)
     units, unit = integer_units(costs)
     budget = math.ceil(ratio * n * (attn_dense + mlp_dense) / unit - 1e-9)
-    levels = solve_levels(errors, units, min(budget, int(np.where(allowed, units, 0).max(1).sum())),
-                          allowed)
+    levels = solve_levels(errors, units, budget, allowed, cap=True)  # capped: the MLP landing does the rest
     attn = [(options[k][0] * options[k][1], options[k][0]) for k in levels[:n]]
     return attn, torch.tensor([mlp_share[k] for k in levels[n:]], dtype=torch.float64)
 

@@ -62,6 +62,15 @@ def test_knapsack_refuses_an_unreachable_budget():
         solve_levels(np.zeros((2, 3)), np.array([[0, 1, 2], [0, 1, 2]]), 5, np.ones((2, 3), bool))
 
 
+def test_knapsack_caps_an_unreachable_budget_at_the_costliest_allowed_levels():
+    allowed = np.ones((2, 3), bool)
+    allowed[0, 2] = False
+    costs = np.array([[0, 1, 2], [0, 1, 2]])
+    assert solve_levels(np.zeros((2, 3)), costs, 5, allowed, cap=True) == [1, 2]
+    # a reachable budget is untouched by the cap
+    assert solve_levels(np.array([[0, 1, 9], [0, 2, 3]]), costs, 2, allowed, cap=True) == [1, 1]
+
+
 def test_parameter_units_are_exact_in_gcd_units():
     costs, unit = parameter_units([331776, 110592, 884736], 3)
     assert unit == 110592
