@@ -381,6 +381,12 @@ def tables(rows: list[dict], dense: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _rule(label: str) -> str:
+    """The allocation rule of an unstructured label ("layer+type+wanda" -> "layer+type"); other
+    labels are their own rule."""
+    return label.rsplit("+", 1)[0] if label.endswith(("+wanda", "+sparsegpt")) else label
+
+
 def plot(rows: list[dict], dense: dict, path: Path) -> None:
     import matplotlib
 
@@ -389,7 +395,10 @@ def plot(rows: list[dict], dense: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, suite in zip(axes, ("unstructured", "structured"), strict=True):
-        for label in [lb for lb in METHODS if SUITE[lb] == suite]:
+        labels = [lb for lb in METHODS if SUITE[lb] == suite]
+        # one colour per rule, the pruner by line style (12 unstructured lines, 10 default colours)
+        rules = list(dict.fromkeys(_rule(lb) for lb in labels))
+        for label in labels:
             mine = [r for r in rows if r["stage"] == "sweep" and r["label"] == label]
             if not mine:
                 continue
@@ -397,7 +406,8 @@ def plot(rows: list[dict], dense: dict, path: Path) -> None:
             xs = [float(r["removed"]) * 100 for r in mine if int(r["seed"]) == seed0]
             ys = [float(r["perplexity"]) for r in mine if int(r["seed"]) == seed0]
             xs, ys = zip(*sorted(zip(xs, ys, strict=True)), strict=True)
-            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "sparsegpt" in label else "-")
+            ax.plot(xs, ys, marker="o", label=label, color=f"C{rules.index(_rule(label))}",
+                    linestyle="--" if "sparsegpt" in label else "-")
         ax.axhline(float(dense["perplexity"]), color="gray", linewidth=0.8, label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("removed decoder parameters (%)")
