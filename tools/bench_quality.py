@@ -382,9 +382,9 @@ def tables(rows: list[dict], dense: dict) -> str:
 
 
 def _rule(label: str) -> str:
-    """The allocation rule of an unstructured label ("layer+type+wanda" -> "layer+type"); other
-    labels are their own rule."""
-    return label.rsplit("+", 1)[0] if label.endswith(("+wanda", "+sparsegpt")) else label
+    """A line's colour key: an unstructured label's allocation rule (both pruners share it); a
+    structured label is its own."""
+    return METHODS[label]["allocation"] if SUITE[label] == "unstructured" else label
 
 
 def plot(rows: list[dict], dense: dict, path: Path) -> None:
@@ -407,7 +407,7 @@ def plot(rows: list[dict], dense: dict, path: Path) -> None:
             ys = [float(r["perplexity"]) for r in mine if int(r["seed"]) == seed0]
             xs, ys = zip(*sorted(zip(xs, ys, strict=True)), strict=True)
             ax.plot(xs, ys, marker="o", label=label, color=f"C{rules.index(_rule(label))}",
-                    linestyle="--" if "sparsegpt" in label else "-")
+                    linestyle="--" if METHODS[label].get("method") == "sparsegpt" else "-")
         ax.axhline(float(dense["perplexity"]), color="gray", linewidth=0.8, label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("removed decoder parameters (%)")
