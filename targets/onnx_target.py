@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..arch import GGUF_MODEL_NAMES
 from ..errors import UserError
+from ..names import GGUF_MODEL_NAMES
 from .base import Target
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
