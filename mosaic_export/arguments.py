@@ -4,9 +4,12 @@ evaluation, recovery. Shared by the main command, plan and sweep (cli.py)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from .allocation import names as allocation_names
+from .measure import rounds
+from .measure.rounds import Policy
 from .plan import METHODS, STATE_DTYPES, STRUCTURED_SCORES, STRUCTURES, CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
 from .texts import HELDOUT
@@ -27,7 +30,12 @@ commands:
                                    OUT/onnx-DTYPE/), run it here, and write OUT/ with the
                                    checkpoint, plan.json, report.json, report.md, plots,
                                    manifest.json and an app README; print the summary and
-                                   the budgets (predicted, measured, met or missed)
+                                   the budgets: predicted, and measured in interleaved rounds
+                                   (median, 95% interval; a relative budget as the ratio to
+                                   the dense model measured beside it): met, missed or
+                                   undecided. Exit status 3 when a budget measured on a
+                                   profile of this machine is missed beyond its interval
+                                   (OUT is written all the same), 2 on an error, else 0
   mosaic-export plan [options]     dry run: print the plan (and the search) and parameter
                                    counts; writes nothing unless --write-plan FILE is given
   mosaic-export profiles           list the built-in hardware profiles
@@ -72,10 +80,39 @@ def build_parser(prog: str = "mosaic-export", plan_only: bool = False) -> argpar
         p.add_argument("--write-plan", type=Path, default=None, help="write the plan to this file")
         return p
     _add_output(p)
+    add_measurement(p, rounds.VERDICT_POLICY)
     _add_memory(p)
     _add_recovery(p)
     _add_cluster(p)
     return p
+
+
+def add_measurement(p: argparse.ArgumentParser, policy: Policy) -> None:
+    """How speed and memory are measured (measure/rounds.py): the rounds' time cap and precision."""
+    g = p.add_argument_group("measurement (interleaved rounds, each run in a fresh process)")
+    g.add_argument("--rounds", type=int, default=policy.least, metavar="N",
+                   help="rounds at least (default: %(default)s); a verdict needs 5 (a 94%% interval): "
+                        "with fewer, every budget is undecided. (The joint search's dense runs take "
+                        "one round, then more within the time cap)")
+    g.add_argument("--measure-time", type=float, default=policy.max_seconds, metavar="SECONDS",
+                   help="time cap of each set of rounds: after --rounds rounds, no round is started "
+                        "that would end past it (default: %(default)g)")
+    g.add_argument("--precision", type=fraction, default=policy.precision, metavar="FRACTION",
+                   help="rounds stop early once every figure's 95%% interval is within this fraction "
+                        "of its median (default: %(default)g)")
+
+
+def measurement_policy(args: argparse.Namespace, base: Policy) -> Policy:
+    """The rounds policy the arguments ask for (base's least and most rounds)."""
+    from .errors import UserError
+
+    if not args.measure_time >= 0:
+        raise UserError(f"--measure-time: expected seconds >= 0, got {args.measure_time:g}")
+    if not 0 < args.precision < 1:
+        raise UserError(f"--precision: expected a fraction in (0, 1), got {args.precision:g}")
+    if not 1 <= args.rounds <= base.most:
+        raise UserError(f"--rounds: expected 1 to {base.most}, got {args.rounds}")
+    return replace(base, max_seconds=args.measure_time, precision=args.precision, least=args.rounds)
 
 
 def _add_memory(p: argparse.ArgumentParser) -> None:
@@ -87,9 +124,11 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
                         "checkpoint, the GGUF file and the ONNX data layer by layer; with "
                         "--sparsity, for now")
     g.add_argument("--max-rss", default=None, metavar="SIZE",
-                   help="the most resident memory this run may take (8GiB); implies --stream, "
-                        "refuses at the start, with the figure it needs, when that is less, and "
-                        "maps each large buffer on its own (less memory, more time)")
+                   help="the most resident memory this run and its runtime child processes may take "
+                        "together (8GiB); implies --stream, refuses at the start, with the figure it "
+                        "needs, when that is less, holds each child to what is left (a memory cgroup "
+                        "where the system allows), stops the run cleanly with the figure if the sum "
+                        "goes over, and maps each large buffer on its own (less memory, more time)")
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:

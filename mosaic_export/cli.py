@@ -17,8 +17,9 @@ import argparse
 import signal
 import sys
 
-from .arguments import build_parser, fraction
+from .arguments import build_parser, fraction, measurement_policy
 from .errors import UserError
+from .measure import rounds
 from .plan import CalibrationSettings, PruneSettings
 from .recover import RecoverSettings
 from .units import parse_bytes
@@ -46,7 +47,8 @@ def _config(args: argparse.Namespace):
                       resume=args.resume, device=args.device, types=_types(args, search, target),
                       ray=args.ray, ray_cpus=args.ray_cpus, retries=args.retries,
                       stream=args.stream or args.max_rss is not None,
-                      max_rss=parse_bytes(args.max_rss) if args.max_rss is not None else None)
+                      max_rss=parse_bytes(args.max_rss) if args.max_rss is not None else None,
+                      policy=measurement_policy(args, rounds.VERDICT_POLICY))
     return RunConfig(**fields)
 
 
@@ -168,8 +170,23 @@ def cmd_run(argv: list[str]) -> int:
     if config.ray:
         prepare(replace(config, out=None))  # the inputs, then the cluster, before any work
     with cluster.joined(config):
-        run(config)
-    return 0
+        report = run(config)
+    return verdict_exit(report)
+
+
+def verdict_exit(report: dict) -> int:
+    """The exit status of the main command: verdict.MISSED_EXIT when a budget measured on this
+    machine (a local profile) was missed beyond its interval, else 0; the last line names the
+    budgets missed, or undecided."""
+    from .verdict import outcome
+
+    cost = report.get("cost") or {}
+    if not cost.get("profile_local") or "measured" not in cost:
+        return 0
+    code, line = outcome(cost["measured"]["verdicts"])
+    if line:
+        print(f"mosaic-export: {line}", file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def _quiet_libraries() -> None:

@@ -249,9 +249,11 @@ def _done(ray, pending: dict, failures: dict):
 def measure_type(model: str | None, target: str, type_: str, probe_text: str,
                  evaluation: Evaluation) -> Finished:
     """On a worker: the dense model exported at type_ and run in its runtime on the probe text
-    (quality.measure_types, for one type); its benchmark result."""
+    (quality.measure_types, for one type): one run, its benchmark result. (Each worker measures
+    one type beside other tasks: rounds interleaved with other types' runs are not possible
+    there, so a cluster's dense runs are one run each, and do not anchor the cost model.)"""
+    from .benchmarks import export_format
     from .costmodel import Format
-    from .detect import export_format
     from .model_io import load_model
 
     t0 = time.perf_counter()
@@ -259,8 +261,9 @@ def measure_type(model: str | None, target: str, type_: str, probe_text: str,
         probe = Path(tmp) / "probe.txt"
         probe.write_text(probe_text, encoding="utf-8")
         loaded = load_model(model)
-        path, benchmark = export_format(loaded, Format(target, type_), Path(tmp) / f"dense-{type_}")
-        result = benchmark(path, **replace(evaluation, eval_text=str(probe)).benchmark_options())
+        fmt = Format(target, type_)
+        path = export_format(loaded, fmt, Path(tmp) / f"dense-{type_}")
+        result = fmt.spec.benchmark(path, **replace(evaluation, eval_text=str(probe)).benchmark_options())
     return Finished(result, machine_label(), time.perf_counter() - t0)
 
 

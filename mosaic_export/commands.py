@@ -29,52 +29,101 @@ def cmd_profiles() -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    from .arguments import add_measurement, measurement_policy
+    from .measure import rounds
+
     p = argparse.ArgumentParser(prog="mosaic-export bench",
                                 description="Benchmark a GGUF file in llama.cpp or an ONNX folder in "
-                                            "ONNX Runtime, in a fresh process: load time, prefill and "
-                                            "decode tokens/s, peak RSS, file size, perplexity.")
+                                            "ONNX Runtime in interleaved rounds, each run in a fresh "
+                                            "process: prefill and decode tokens/s, time to first token "
+                                            "and peak RSS as medians with 95% intervals, file size, "
+                                            "perplexity (scored once). With --against, both models in "
+                                            "the same rounds, and their ratios.")
     p.add_argument("model", type=Path, help="a .gguf file, or a folder written by --target onnx (or "
                                             "its model.onnx); dense ones too, for comparison")
+    p.add_argument("--against", type=Path, default=None, metavar="MODEL",
+                   help="a second model measured in the same rounds: the ratios model / this one")
     p.add_argument("--eval-text", default=HELDOUT,
                    help="perplexity text: 'builtin-heldout' or a file (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="512-token windows to score; 0 skips, -1 all (default: %(default)s)")
+    p.add_argument("--context", type=int, default=None,
+                   help="the KV cache sized and filled to this many tokens before peak RSS is read "
+                        "(default: the prompt and the generated tokens)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--provider", default=None,
                    help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_measurement(p, rounds.BENCH_POLICY)
     a = p.parse_args(argv)
-    kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
-              eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
-    from .targets import registered
-
-    found = [(t, path) for t in registered() if (path := t.reads(a.model)) is not None]
-    if not found:
-        raise UserError(f"{a.model}: expected a .gguf file or an ONNX folder written by mosaic-export")
-    target, path = found[0]
-    if "execution_provider" in target.profile_keys:  # only a runtime with execution providers
-        kw["provider"] = a.provider
-    r = target.benchmark(path, **kw)
-    rows = [("file", f"{a.model} ({r['file_bytes'] / 2**20:.1f} MiB)"),
-            ("load", f"{r['load_s']:.2f} s"),
-            ("prefill", f"{r['prefill']['tokens_per_s']:.1f} tokens/s ({r['prefill']['tokens']} tokens)"),
-            ("decode", f"{r['decode']['tokens_per_s']:.1f} tokens/s ({r['decode']['tokens']} tokens)"),
-            ("peak RSS", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")]
-    if "perplexity" in r:
-        pp = r["perplexity"]
-        rows.append(("perplexity", f"{pp['perplexity']:.3f} ({pp['text']}, {pp['n_predicted']} tokens)"))
+    policy = measurement_policy(a, rounds.BENCH_POLICY)
+    models = {"model": _bench_target(a.model)} | ({"against": _bench_target(a.against)} if a.against else {})
+    m = _bench_rounds(models, a, policy)
+    rows = _bench_rows(m, models, "against" if a.against else None)
     for k, v in rows:
-        print(f"{k:<10} {v}")
+        print(f"{k:<22} {v}")
+    print(m.summary())
     if a.json:
-        a.json.write_text(json.dumps(r, indent=1) + "\n")
+        a.json.write_text(json.dumps({name: m.to_dict(name) | {"first_run": m.runs[name][0]}
+                                      for name in models}, indent=1) + "\n")
     return 0
 
 
+def _bench_target(path: Path):
+    """(the target that reads path, the artifact to run)."""
+    from .targets import registered
+
+    found = [(t, artifact) for t in registered() if (artifact := t.reads(path)) is not None]
+    if not found:
+        raise UserError(f"{path}: expected a .gguf file or an ONNX folder written by mosaic-export")
+    return found[0]
+
+
+def _bench_rounds(models: dict, a: argparse.Namespace, policy):
+    from .measure.rounds import interleaved
+
+    def runner(target, path):
+        kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+                  context=a.context)
+        if "execution_provider" in target.profile_keys:  # only a runtime with execution providers
+            kw["provider"] = a.provider
+        first = dict(eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
+        return lambda r: target.benchmark(path, **kw, **(first if r == 0 else {"eval_windows": 0}))
+
+    runs = {name: runner(*tp) for name, tp in models.items()}
+    return interleaved(runs, policy, "against" if "against" in models else None)
+
+
+def _bench_rows(m, models: dict, reference: str | None) -> list[tuple[str, str]]:
+    """The printed table: each model's figures (median [interval]), and the ratios."""
+    def iv(name, metric, fmt):
+        return m.figure(name, metric).text(fmt)
+
+    rows = []
+    for name, (_, path) in models.items():
+        first = m.runs[name][0]
+        rows += [(f"{name}", f"{path} ({first['file_bytes'] / 2**20:.1f} MiB)"),
+                 ("  prefill tokens/s", iv(name, "prefill", lambda v: f"{v:.1f}")),
+                 ("  decode tokens/s", iv(name, "decode", lambda v: f"{v:.1f}")),
+                 ("  time to first token", iv(name, "ttft", lambda v: f"{v * 1e3:.0f} ms")),
+                 ("  peak RSS", iv(name, "memory", lambda v: f"{v / 2**20:.1f} MiB")
+                  + f" at {first['context']} tokens")]
+        if "perplexity" in first:
+            pp = first["perplexity"]
+            rows.append(("  perplexity",
+                         f"{pp['perplexity']:.3f} ({pp['text']}, {pp['n_predicted']} tokens)"))
+    if reference is not None:
+        for metric in ("decode", "prefill", "ttft", "memory"):
+            rows.append((f"model / against {metric}", m.ratio("model", metric).text(lambda v: f"{v:.3f}")))
+    return rows
+
+
 def cmd_profile(argv: list[str]) -> int:
+    from .arguments import add_measurement, measurement_policy
     from .costmodel import Format
-    from .detect import DetectRequest, detect
+    from .detect import POLICY, DetectRequest, detect
     from .targets import get, names
 
     p = argparse.ArgumentParser(
@@ -82,9 +131,11 @@ def cmd_profile(argv: list[str]) -> int:
         description="Measure this machine (memory bandwidth, matmul throughput, and the runtime's "
                     "decode, prefill and memory on the model at a few widths) and write a profile "
                     "for it. The main command, given that profile, checks its measured figures "
-                    "against the budgets. Each width runs 3 to 5 times; figures that are not "
-                    "trustworthy (a narrower model slower, runs that disagree, other work on the "
-                    "machine) are not written without --force: run it on an idle machine.")
+                    "against the budgets. The widths run in interleaved rounds, each in a fresh "
+                    "process; every figure is written as a median with its 95% interval and the "
+                    "number of rounds. A noisy or busy machine gives wider intervals and a warning, "
+                    "never a refusal; figures no fit can use (a narrower model slower beyond the "
+                    "intervals) are refused.")
     p.add_argument("action", choices=("detect",))
     p.add_argument("--out", type=Path, required=True, help="the profile file to write (.toml)")
     p.add_argument("--model", default=None, help="model to calibrate on (default: SmolLM2-135M)")
@@ -98,10 +149,8 @@ def cmd_profile(argv: list[str]) -> int:
                    help="profile whose budgets the new one starts with (default: %(default)s)")
     p.add_argument("--context", type=int, default=None, help="the budget's context length")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing file; also write measurements that are not trustworthy "
-                        "(a narrower model measured slower, runs that disagree, a busy machine), with "
-                        "the warning printed and written into the file as # WARNING: lines")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    add_measurement(p, POLICY)
     a = p.parse_args(argv)
     runtime = Format(a.target, getattr(a, get(a.target).option))
     formats = [runtime]
@@ -115,7 +164,8 @@ def cmd_profile(argv: list[str]) -> int:
         f.spec.check_type(f.name)
     if a.context is not None and a.context < 1:
         raise UserError(f"--context: expected a positive number of tokens, got {a.context}")
-    detect(DetectRequest(a.out, formats, runtime, a.budgets_from, a.model, a.context, a.threads, a.force))
+    detect(DetectRequest(a.out, formats, runtime, a.budgets_from, a.model, a.context, a.threads, a.force,
+                         measurement_policy(a, POLICY)))
     print(f"wrote {a.out}; use it with: mosaic-export --profile {a.out}")
     return 0
 

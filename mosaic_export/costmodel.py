@@ -196,16 +196,24 @@ class Observation:
     prefill_tokens_per_s: float
     peak_rss_bytes: float  # with the context full
     context: int
+    # each figure's interval as a fraction of it (stats.Interval.half_width): decode, prefill,
+    # memory; the fit weighs each figure by it. None: all alike
+    spread: tuple[float, float, float] | None = None
+
+
+SPREAD_FLOOR = 0.005  # an interval narrower than this weighs no more than this (one run, a rounding)
 
 
 def fit(shape: ModelShape, fmt: Format, observations: list[Observation],
         tensor_types: dict[str, str] | None = None) -> Calibration:
     """Least-squares fit of the efficiency terms to runs of a few model sizes:
     decode seconds/token against bytes read, prefill seconds against FLOPs, peak RSS (less the
-    analytic KV cache and buffers) against weight bytes."""
+    analytic KV cache and buffers) against weight bytes; each point weighed by one over the square
+    of its interval's half-width (Observation.spread), so a figure measured tightly counts more."""
     if len(observations) < 2:
         raise UserError("calibration needs runs of at least two model sizes")
     dec, pre, mem = [], [], []
+    weighs: list[list[float]] = [[], [], []]  # each point's weight, per line fitted
     position = PROMPT_TOKENS + GEN_TOKENS // 2
     for o in observations:
         w = weights(shape, o.dims, fmt, tensor_types)
@@ -214,20 +222,26 @@ def fit(shape: ModelShape, fmt: Format, observations: list[Observation],
                     PROMPT_TOKENS / o.prefill_tokens_per_s))
         mem.append((w.total, o.peak_rss_bytes - kv_bytes(shape, o.dims, fmt, o.context)
                     - buffer_bytes(shape, o.dims, fmt, o.context)))
-    d0, d1 = _line(dec)
-    p0, p1 = _line(pre)
-    m0, m1 = _line(mem)
+        for i, rel in enumerate(o.spread or (1.0, 1.0, 1.0)):  # absolute error: rel x the figure
+            figure = (dec[-1][1], pre[-1][1], o.peak_rss_bytes)[i]
+            weighs[i].append(1 / (max(rel, SPREAD_FLOOR) * figure) ** 2)
+    d0, d1 = _line(dec, weighs[0])
+    p0, p1 = _line(pre, weighs[1])
+    m0, m1 = _line(mem, weighs[2])
     return Calibration(d0, 1 / d1, p0, 1 / p1, m0, m1, "measured")
 
 
-def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Intercept and slope of y = a + b x, with a >= 0 and b > 0 (through the origin when the
-    free fit's intercept is negative: a runtime has no negative overhead)."""
+def _line(points: list[tuple[float, float]], weights: list[float] | None = None) -> tuple[float, float]:
+    """Intercept and slope of y = a + b x by weighted least squares, with a >= 0 and b > 0
+    (through the origin when the free fit's intercept is negative: a runtime has no negative
+    overhead)."""
     x = np.array([p[0] for p in points], dtype=np.float64)
     y = np.array([p[1] for p in points], dtype=np.float64)
-    a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
+    w = np.sqrt(np.asarray(weights, dtype=np.float64)) if weights is not None else np.ones_like(x)
+    w = w / w.max()
+    a, b = np.linalg.lstsq(np.stack([w, w * x], 1), w * y, rcond=None)[0]
     if a < 0 or b <= 0:
-        a, b = 0.0, float((x @ y) / (x @ x))
+        a, b = 0.0, float(((w * x) @ (w * y)) / ((w * x) @ (w * x)))
     return float(a), float(b)
 
 

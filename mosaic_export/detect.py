@@ -7,24 +7,23 @@ plan would have), exported and run in the runtime with the context full; the cos
 efficiency terms are fitted to those runs (costmodel.fit). The profile is marked ``local``: the
 main command then checks the measured figures against its budgets.
 
-Trust: each width runs ROUNDS to MAX_ROUNDS times and the fit takes the fastest run (the least
-disturbed); every width's runs go into the file as comments. A narrower model measured slower
-than a wider one, runs that disagree, or a machine busy with other work (other processes' share
-of the CPU time, the hypervisor's steal) make the figures untrustworthy: detect then refuses to
-write them unless forced, and a forced file carries ``# WARNING:`` lines.
+The widths are measured in interleaved rounds (benchmarks.measure, measure/rounds.py): every
+figure is the median over rounds with its confidence interval, written into the file with the
+number of rounds, and the fit weighs each figure by its interval. A noisy machine gives wider
+intervals, never a refusal: what is refused is a set of figures no fit can use whatever the
+noise (a narrower model slower than a wider one beyond their intervals). A busy machine (other
+processes' share of the CPU time, the hypervisor's steal) and intervals still wide at the time
+cap are warnings, printed and written into the file.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,27 +31,21 @@ import numpy as np
 import torch
 
 from .arch import LayerDims, ModelShape
-from .costmodel import Calibration, Format, Observation, fit
+from .benchmarks import export_format, measure
+from .costmodel import Calibration, Format, Observation, fit, predict
 from .errors import UserError
+from .measure.rounds import Measurement, Policy
+from .measure.stats import Interval
 from .model_io import LoadedModel, load_model
 from .process import proc_bytes
 from .profile import Budgets, load_profile
 from .resize import leading, resize_model
-from .trust import (
-    WidthRuns,
-    machine_check,
-    rate_text,
-    read_cpu_times,
-    sanity_problems,
-    settled,
-    spread,
-    width_text,
-)
+from .trust import machine_check, rate_text, read_cpu_times, width_text
 from .units import format_bytes
 
 WIDTHS = (1.0, 0.7, 0.4)  # stand-in model sizes, as a fraction of each layer's heads and channels
-ROUNDS = 3  # runs per size at least; the calibration fits the fastest (the least disturbed)
-MAX_ROUNDS = 5  # runs per size at most, while the two fastest decode or prefill figures disagree
+# The rounds: 3 at least, then until every interval is within +-5% or the time cap.
+POLICY = Policy(precision=0.05, max_seconds=120.0, least=3)
 
 QUIET_S = 2.0
 
@@ -101,123 +94,138 @@ def shrink(loaded: LoadedModel, dims: LayerDims) -> None:
     resize_model(loaded, [leading(now, dims) for now in loaded.layer_dims])
 
 
-def run_format(loaded: LoadedModel, fmt: Format, work: Path, context: int,
-               threads: int | None, rounds: int = 1) -> dict:
-    """Export the model in the format and benchmark it with the context full; with rounds > 1,
-    the run with the fastest decode (the least disturbed by other load on a shared machine)."""
-    runs = run_rounds(loaded, fmt, work, context, threads, rounds, rounds)
-    return max(runs, key=lambda r: r["decode"]["tokens_per_s"])
-
-
-def export_format(loaded: LoadedModel, fmt: Format, work: Path) -> tuple[Path, Callable[..., dict]]:
-    """Export the model in the format into work; the file (or folder) and its runtime's benchmark."""
-    target = fmt.spec
-    path = work / target.artifact_name(fmt.name)
-    work.mkdir(parents=True, exist_ok=True)
-    target.export(loaded, path, fmt.name)
-    return path, target.benchmark
-
-
-def interleaved_rounds(runs: dict[Hashable, Callable[[], dict]], least: int = ROUNDS,
-                       most: int = MAX_ROUNDS) -> dict[Hashable, list[dict]]:
-    """Run every benchmark once per round, round after round, so that a slow spell of a shared
-    machine hits every size alike instead of one; a benchmark stops after ``least`` rounds once
-    its two fastest decode figures agree and its two fastest prefill figures too (``settled``):
-    both are fitted and both are judged; after ``most`` rounds in any case."""
-    results: dict[Hashable, list[dict]] = {key: [] for key in runs}
-    for _ in range(most):
-        for key, run in runs.items():
-            done = results[key]
-            if len(done) >= least and all(settled([r[m]["tokens_per_s"] for r in done])
-                                          for m in ("decode", "prefill")):
-                continue
-            done.append(run())
-    return results
-
-
-def run_rounds(loaded: LoadedModel, fmt: Format, work: Path, context: int, threads: int | None,
-               least: int = ROUNDS, most: int = MAX_ROUNDS) -> list[dict]:
-    """Export the model in the format and benchmark it ``least`` to ``most`` times, stopping once
-    the two fastest decode figures agree, and the two fastest prefill figures (``settled``);
-    every run's result."""
-    path, benchmark = export_format(loaded, fmt, work)
-    try:
-        return interleaved_rounds({fmt.key: lambda: benchmark(
-            path, threads=threads, eval_text=None, eval_windows=0, context=context)}, least, most)[fmt.key]
-    finally:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-# --- trust: repeated runs, plausible figures, an idle machine -----------------------------------
+# --- the widths in interleaved rounds -------------------------------------------------------------
 
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class WidthFigures:
+    """One stand-in size measured in rounds: each figure's median and interval."""
+
+    width: float
+    dims: LayerDims
+    decode: Interval  # tokens/s
+    prefill: Interval  # tokens/s
+    memory: Interval  # peak RSS bytes with the context full
+    context: int
+
+
 @dataclass
 class FormatCalibration:
     fmt: Format
     calibration: Calibration
-    observations: list[Observation]  # the fastest runs at each width: what was fitted
-    widths: list[WidthRuns] = field(default_factory=list)  # every run at each width
+    observations: list[Observation]  # the medians at each width, with their intervals: what was fitted
+    widths: list[WidthFigures] = field(default_factory=list)
+    predicted: list[tuple[float, float, float]] = field(default_factory=list)  # the fit's decode,
+    # prefill and memory at each width
 
 
 def calibrate(model: str | None, formats: list[Format], context: int, threads: int | None = None,
-              log=print) -> list[FormatCalibration]:
-    """Run each format at each width of WIDTHS (ROUNDS to MAX_ROUNDS times) and fit its
-    cost-model terms to the fastest decode and prefill at each width."""
+              policy: Policy = POLICY, log=print) -> tuple[list[FormatCalibration], Measurement]:
+    """Run each format at each width of WIDTHS in interleaved rounds (benchmarks.measure) and fit
+    its cost-model terms to the median decode, prefill and peak memory at each width, each
+    weighed by its interval. Also the rounds themselves (for the checks on them)."""
     loaded = load_model(model)
     shape = loaded.shape
     for fmt in formats:
         fmt.spec.check_exportable(loaded)
     align = max(f.spec.alignment(f.name) for f in formats)
     types = {f.key: f.spec.tensor_types(loaded, f.name) for f in formats}
-    runs: dict[str, list[Observation]] = {f.key: [] for f in formats}
-    widths: dict[str, list[WidthRuns]] = {f.key: [] for f in formats}
+    sizes = {width: standin_dims(shape, width, align) for width in WIDTHS}
     with tempfile.TemporaryDirectory(prefix="mosaic-detect-") as tmp:
-        sizes, benches = {}, {}
+        files = {}
         for width in WIDTHS:  # every size exported first, then measured in interleaved rounds
-            sizes[width] = standin_dims(shape, width, align)
             shrink(loaded, sizes[width])
             for fmt in formats:
-                path, benchmark = export_format(loaded, fmt, Path(tmp) / f"width-{width}")
-                benches[(fmt.key, width)] = functools.partial(
-                    benchmark, path, threads=threads, eval_text=None, eval_windows=0, context=context)
+                files[key(fmt, width)] = (fmt, export_format(loaded, fmt, Path(tmp) / f"width-{width}"))
         del loaded
-        t0 = time.perf_counter()
-        log(f"  {len(benches)} sizes, measured in turn, {ROUNDS} to {MAX_ROUNDS} rounds")
-        measured = interleaved_rounds(benches)
-    for (key, width), rs in measured.items():
-        dims = sizes[width]
-        w = WidthRuns(width, tuple(r["decode"]["tokens_per_s"] for r in rs),
-                      tuple(r["prefill"]["tokens_per_s"] for r in rs))
-        r = max(rs, key=lambda r: r["decode"]["tokens_per_s"])
-        runs[key].append(Observation([dims] * shape.n_layers, max(w.decode), max(w.prefill),
-                                     r["peak_rss_bytes"], r["context"]))
-        widths[key].append(w)
-        log(f"  {key:<12} width {width:.1f} ({dims.n_head} heads, {dims.n_ff} channels):"
-            f" decode {rate_text(max(w.decode))} tokens/s, prefill {rate_text(max(w.prefill))} tokens/s"
-            f" (fastest of {len(rs)} runs; spread {spread(w.decode):.0%}, "
-            f"{spread(w.prefill):.0%}), peak RSS {format_bytes(r['peak_rss_bytes'])} at "
-            f"{r['context']} tokens")
-    log(f"  measured in {time.perf_counter() - t0:.0f} s")
-    return [FormatCalibration(f, fit(shape, f, runs[f.key], types[f.key]), runs[f.key], widths[f.key])
-            for f in formats]
+        log(f"  {len(files)} sizes, measured in interleaved rounds ({policy.least} at least, until "
+            f"every interval is within +-{policy.precision:.0%} or {policy.max_seconds:.0f} s)")
+        m = measure(files, policy, context, threads, reference=key(formats[0], WIDTHS[0]), log=log)
+    out = []
+    for f in formats:
+        widths = [WidthFigures(w, sizes[w], m.figure(key(f, w), "decode"), m.figure(key(f, w), "prefill"),
+                               m.figure(key(f, w), "memory"), m.runs[key(f, w)][0]["context"])
+                  for w in WIDTHS]
+        for w in widths:
+            log(f"  {f.key:<12} {width_line(w)}")
+        observations = [Observation([w.dims] * shape.n_layers, w.decode.median, w.prefill.median,
+                                    w.memory.median, w.context,
+                                    (w.decode.half_width, w.prefill.half_width, w.memory.half_width))
+                        for w in widths]
+        calibration = fit(shape, f, observations, types[f.key])
+        predicted = [predict(shape, o.dims, f, calibration, o.context, types[f.key]) for o in observations]
+        out.append(FormatCalibration(f, calibration, observations, widths, [
+            (p.decode_tokens_per_s, p.prefill_tokens_per_s, p.memory_bytes) for p in predicted]))
+    return out, m
+
+
+def key(fmt: Format, width: float) -> str:
+    """A width's name in the rounds: 'gguf:Q8_0 at 0.7'."""
+    return f"{fmt.key} at {width_text(width)}"
+
+
+def width_line(w: WidthFigures) -> str:
+    """'width 0.7 (6 heads, 1088 channels), 4 rounds: decode 150 [145, 156] tokens/s, ...'."""
+    def rate(iv: Interval) -> str:
+        return iv.text(rate_text)
+
+    return (f"width {width_text(w.width)} ({w.dims.n_head} heads, {w.dims.n_ff} channels), "
+            f"{w.decode.n} rounds: decode {rate(w.decode)} tokens/s, prefill {rate(w.prefill)} "
+            f"tokens/s, peak RSS {w.memory.text(lambda v: f'{v / 2**20:.1f}')} MiB at {w.context} "
+            f"tokens ({w.decode.confidence:.0%} intervals)")
+
+
+REFUSE_ROUNDS = 3  # a narrower model slower in every one of at least this many rounds is refused
+
+
+def unusable(m: Measurement, formats: list[Format]) -> list[str]:
+    """Figures no fit can use, beyond their intervals: a narrower model slower than a wider one
+    (their ratio, taken within each round, below 1 over its whole interval, of REFUSE_ROUNDS rounds
+    or more: one slow run is noise), decode and prefill."""
+    if m.rounds < REFUSE_ROUNDS:
+        return []
+    problems = []
+    for f in formats:
+        for i, wide in enumerate(WIDTHS):
+            for narrow in WIDTHS[i + 1:]:
+                for metric in ("decode", "prefill"):
+                    r = m.ratio(key(f, narrow), metric, against=key(f, wide))
+                    if r.high < 1:
+                        problems.append(
+                            f"{f.key} {metric} at width {width_text(narrow)} is slower than at width "
+                            f"{width_text(wide)} beyond the interval: their ratio is "
+                            f"{r.text(lambda v: f'{v:.3f}')} over {r.n} rounds, and a narrower model "
+                            "reads fewer weights")
+    return problems
+
+
+def wide_warning(m: Measurement) -> str | None:
+    """One line when some intervals stayed wider than the precision at the time cap."""
+    wide = m.wide()
+    if not wide or m.stopped == "precise":
+        return None
+    widest = max(wide, key=lambda name: m.intervals()[name].half_width)
+    return (f"after {m.rounds} rounds ({m.seconds:.0f} s, the time cap) {len(wide)} of "
+            f"{len(m.intervals())} intervals are wider than +-{m.precision:.0%} (the widest, {widest}: "
+            f"+-{m.intervals()[widest].half_width:.0%}); the fit weighs each figure by its interval: "
+            "a quieter machine or a longer --measure-time narrows them")
 
 
 def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float, flops: float,
-                 calibrations: list[FormatCalibration], note: str, problems: Sequence[str] = ()) -> str:
-    """The profile file: this machine's figures, its runtime, budgets, and the calibration;
-    ``problems`` (why the figures are not trustworthy: written anyway) as ``# WARNING:`` lines."""
+                 calibrations: list[FormatCalibration], note: str, warnings: Sequence[str] = ()) -> str:
+    """The profile file: this machine's figures, its runtime, budgets, and the calibration with the
+    figures it was fitted to (medians and intervals, as comments); ``warnings`` as ``# WARNING:``
+    lines."""
     rt = f'{runtime.spec.option} = "{runtime.name}"'
-    warning = ["# WARNING: written with --force although the measurements are not trustworthy:",
-               *(f"# WARNING: - {p}" for p in problems)] if problems else []
     lines = [
         f"# Written by `mosaic-export profile detect` on {platform.node() or 'this machine'}"
         f" ({platform.machine()}).",
         f"# {note}",
-        *warning,
+        *(f"# WARNING: {w}" for w in warnings),
         f'name = "{name}"',
         f'description = "this machine, measured: {os.cpu_count()} threads, '
         f'{format_bytes(memory_total())}"',
@@ -246,10 +254,9 @@ def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float,
         k = c.calibration
         lines += [
             "",
-            f"# fitted to the fastest run at each of {len(c.observations)} widths: decode tokens/s "
-            + ", ".join(f"{o.decode_tokens_per_s:.1f}" for o in c.observations)
-            + "; peak RSS " + ", ".join(format_bytes(o.peak_rss_bytes) for o in c.observations),
-            *spread_comments(c.widths),
+            f"# fitted to the medians at {len(c.widths)} widths, each weighed by its interval:",
+            *(f"#   {width_line(w)}" for w in c.widths),
+            *fit_comments(c),
             f'[calibration."{c.fmt.key}"]',
             f'decode_overhead = "{k.decode_overhead_s * 1e3:.4f}ms"',
             f'bandwidth = "{k.bandwidth / 1e9:.3f}GB/s"',
@@ -261,19 +268,23 @@ def profile_toml(name: str, runtime: Format, budgets: Budgets, bandwidth: float,
     return "\n".join(lines) + "\n"
 
 
-def spread_comments(widths: Sequence[WidthRuns]) -> list[str]:
-    """Comment lines: each width's runs, fastest / median / spread of decode and prefill tokens/s."""
-    def figures(values: Sequence[float]) -> str:
-        return f"{rate_text(max(values))} / {rate_text(statistics.median(values))} / {spread(values):.1%}"
-
-    return [f"#   width {width_text(w.width)}, {len(w.decode)} runs: decode {figures(w.decode)}, "
-            f"prefill {figures(w.prefill)} (fastest / median / spread)" for w in widths]
+def fit_comments(c: FormatCalibration) -> list[str]:
+    """What the fitted terms predict at each width, and which figures that puts inside their interval."""
+    out = []
+    for w, (decode, prefill, memory) in zip(c.widths, c.predicted, strict=True):
+        inside = [name for name, iv, v in (("decode", w.decode, decode), ("prefill", w.prefill, prefill),
+                                           ("memory", w.memory, memory)) if iv.low <= v <= iv.high]
+        out.append(f"#   the fit at width {width_text(w.width)}: decode {rate_text(decode)}, prefill "
+                   f"{rate_text(prefill)} tokens/s, peak RSS {memory / 2**20:.1f} MiB (inside the "
+                   f"interval: {', '.join(inside) or 'none'})")
+    return out
 
 
 @dataclass(frozen=True)
 class DetectRequest:
     """What `profile detect` is asked: the file, the formats to calibrate (the profile's runtime
-    among them), the profile whose budgets it starts with, the model, context and threads."""
+    among them), the profile whose budgets it starts with, the model, context and threads, and
+    when the rounds stop."""
 
     out: Path
     formats: list[Format]
@@ -282,15 +293,16 @@ class DetectRequest:
     model: str | None = None
     context: int | None = None
     threads: int | None = None
-    force: bool = False  # replace the file; write figures that are not trustworthy, with warnings
+    force: bool = False  # replace an existing file
+    policy: Policy = POLICY
 
 
 def detect(request: DetectRequest, log=print, warn=_warn) -> str:
-    """Measure this machine and write the profile to ``request.out``; returns its text.
-    Untrustworthy figures (busy_reasons, sanity_problems) are a UserError, or with ``force`` a
-    warning, printed and written into the file."""
-    out, force = request.out, request.force
-    if out.exists() and not force:
+    """Measure this machine and write the profile to ``request.out``; returns its text. A busy
+    machine and intervals still wide at the time cap are warnings (printed, and written into
+    the file); figures no fit can use (unusable) are a UserError."""
+    out = request.out
+    if out.exists() and not request.force:
         raise UserError(f"{out} exists; pass --force to replace it")
     if not out.resolve().parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.resolve().parent} does not exist")
@@ -301,25 +313,26 @@ def detect(request: DetectRequest, log=print, warn=_warn) -> str:
     quiet = read_cpu_times()
     time.sleep(QUIET_S)
     start = read_cpu_times()
-    problems = machine_check("before measuring", quiet, start)
-    if problems and not force:  # nothing measured now could be written
-        raise _untrustworthy(problems, warn)
+    warnings = machine_check("before measuring", quiet, start)
     log("measuring memory bandwidth and matmul throughput")
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     log(f"  memory bandwidth {bandwidth / 1e9:.2f} GB/s, float32 matmul {flops / 1e9:.1f} GFLOPS")
     log(f"calibrating {', '.join(f.key for f in request.formats)} at widths "
         f"{', '.join(map(str, WIDTHS))}, context {budgets.context}")
-    calibrations = calibrate(request.model, request.formats, budgets.context, request.threads, log)
-    problems += machine_check("while measuring", start, read_cpu_times())
-    for c in calibrations:
-        problems += sanity_problems(c.widths, c.fmt.key)
-    if problems and not force:
-        raise _untrustworthy(problems, warn)
+    calibrations, m = calibrate(request.model, request.formats, budgets.context, request.threads,
+                                request.policy, log)
+    problems = unusable(m, request.formats)
     if problems:
-        warn("warning: the measurements are not trustworthy; writing them anyway (--force):\n"
-             + "\n".join(f"  - {p}" for p in problems))
+        raise UserError("profile detect: figures no cost model can be fitted to: " + "; ".join(problems)
+                        + ". Something other than noise slows the narrower model (a runtime fallback, "
+                        "thermal throttling): check it with `mosaic-export bench` on the widths, then "
+                        "run detect again")
+    warnings += machine_check("while measuring", start, read_cpu_times())
+    warnings += [w for w in (wide_warning(m),) if w]
+    for w in warnings:
+        warn(f"mosaic-export: warning: {w}")
     text = profile_toml(out.stem, request.runtime, budgets, bandwidth, flops, calibrations,
-                        f"Budgets from profile '{base.name}'.", problems)
+                        f"Budgets from profile '{base.name}'. {m.summary()}.", warnings)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -330,11 +343,3 @@ def detect(request: DetectRequest, log=print, warn=_warn) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return text
-
-
-def _untrustworthy(problems: list[str], warn) -> UserError:
-    """Warn with every problem; the error that refuses to write the profile."""
-    warn("warning: the measurements are not trustworthy:\n" + "\n".join(f"  - {p}" for p in problems))
-    more = f"; and {len(problems) - 1} more, listed above" if len(problems) > 1 else ""
-    return UserError(f"profile detect: the measurements are not trustworthy ({problems[0]}{more}); "
-                     "rerun on an idle machine, or pass --force to write them anyway")

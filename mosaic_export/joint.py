@@ -31,7 +31,7 @@ from .plan import PruneSettings
 from .pod import LayerMeasurement
 from .profile import Budgets
 from .quality import OVERSHOOT, QualityModel, StructureProbe, log_error, share_points
-from .search import Candidate, SearchResult, search
+from .search import Candidate, SearchResult, make_pricing, search
 
 if TYPE_CHECKING:
     import torch
@@ -274,7 +274,6 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
     the dense model at each type in its runtime; pruned copies only where pruning could win),
     the choice."""
     from .costmodel import Format, anchored
-    from .pipeline import make_pricing
     from .process import machine_label
     from .quality import PROBE_WINDOWS
 
@@ -308,6 +307,8 @@ def joint_search(config: RunConfig, loaded: LoadedModel, measured, settings: Pru
             t: {"perplexity": r["perplexity"]["perplexity"], "file_bytes": r["file_bytes"],
                 "peak_rss_bytes": r["peak_rss_bytes"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
                 "prefill_tokens_per_s": r["prefill"]["tokens_per_s"],
+                "rounds": (r.get("measured") or {}).get("rounds", 1),
+                "rounds_seconds": (r.get("measured") or {}).get("seconds"),
                 "machine": r.get("machine", here)} for t, r in dense_runs.items()},
         "structure_alignment": align, "structure_levels_planned": levels,
         "recovered": [list(r) for r in recovered] if recovered else None})
@@ -321,6 +322,7 @@ def _dense_probe(config: RunConfig, loaded: LoadedModel, context: int, log=print
     """The probe windows (from the end of the evaluation text), the dense float32 model's
     perplexity on them, and the dense model exported at every type and run in its runtime."""
     from .evaluate import perplexity
+    from .measure.rounds import JOINT_POLICY
     from .quality import measure_types, probe_evaluation, write_probe
     from .texts import HELDOUT
 
@@ -337,7 +339,10 @@ def _dense_probe(config: RunConfig, loaded: LoadedModel, context: int, log=print
             params = sum(p.numel() for p in loaded.model.parameters())
             dense_runs = cluster.measure_types(config, params, path, evaluation, log)
         else:
-            dense_runs = measure_types(loaded, config.target, list(config.types), work, evaluation, log=log)
+            policy = replace(JOINT_POLICY, max_seconds=config.rounds.max_seconds,
+                             precision=config.rounds.precision)
+            dense_runs = measure_types(loaded, config.target, list(config.types), work, evaluation, policy,
+                                       log)
     return text, probe, reference, dense_runs
 
 

@@ -20,17 +20,32 @@ torch, the tokenizer, the final norm) and, on top, the largest of what its phase
 - checking parity with a runtime (not for ``--target none``): PyTorch's logits over the parity
   window (a calibration sample) and the runtime's, read back from its child process.
 
-``run_needs`` adds these up from the model's sizes; BENCHMARKS.md compares the estimate with
-measured runs.
+``run_needs`` adds these up from the model's sizes, and ``check_max_rss`` takes the largest
+phase on top of what is resident once opened; BENCHMARKS.md compares the estimate with measured
+runs. Beside them it counts what is outside this process, since --max-rss holds the whole
+process tree (measure/tree.py):
+
+- a runtime child beside this process (the export's parity check and the rounds that measure
+  it): the dense model's predicted peak in the format (the pruned one is smaller) with the
+  parity window's logits twice (the runtime's, and ours read back), MARGIN more for the cost
+  model's error; beside it this process holds its resident set and our logits;
+- a GGUF source read directly (no converted copy in the cache): its file mapped, page by page;
+- without --max-rss (no buffer mapped on its own), the heap's fragmentation: up to the largest
+  phase again (measured: 565.5 MiB against 493.4 estimated for the phases alone, SmolLM2 streamed).
+
+Each estimate also carries SLACK (the interpreter's and the allocator's own growth, which no
+phase names).
 """
 
 from __future__ import annotations
 
 from .errors import UserError
-from .process import proc_bytes
+from .process import peak_rss_bytes, proc_bytes
 from .units import format_bytes
 
 FLOAT = 4
+MARGIN = 0.1  # a runtime child's predicted peak, raised by this share for the cost model's error
+SLACK = 0.05  # every estimate raised by this share
 
 
 def resident_bytes() -> int:
@@ -74,13 +89,43 @@ def run_needs(loaded, settings, config, windows: int) -> dict[str, int]:
             * shape.hidden * FLOAT}
 
 
-def check_max_rss(config, loaded, settings, windows: int) -> int:
-    """The bytes the run needs (``windows``: the perplexity windows); refused, before any work,
-    when --max-rss is less (with the figure)."""
+def runtime_need(config, loaded, settings, pricing) -> dict[str, int]:
+    """Bytes held beside this process's phases while a runtime child runs (see the module's
+    docstring): the child's, and this process's logits for the parity check. Nothing for
+    --target none."""
+    if config.target is None or pricing is None:
+        return {}
+    shape = loaded.shape
+    logits = settings.calibration.seq_len * shape.vocab * FLOAT
+    child = pricing.cost([shape.dense_dims] * shape.n_layers).memory_bytes
+    return {"a runtime child": int(child * (1 + MARGIN)) + 2 * logits, "our parity logits": logits}
+
+
+def estimate(config, loaded, settings, windows: int, pricing=None) -> tuple[int, dict[str, int]]:
+    """The peak the process tree of this run may reach: what is resident once opened (or the
+    high-water mark so far, when higher), and the larger of the largest phase (fragmentation
+    included without --max-rss) and a runtime child with what this process holds beside it; a
+    GGUF source's mapped file on top, and SLACK. Returns (the bytes, the parts)."""
     parts = run_needs(loaded, settings, config, windows)
-    need = parts["resident once opened"] + max(v for k, v in parts.items() if k != "resident once opened")
+    resident = max(parts.pop("resident once opened"), peak_rss_bytes())
+    largest = max(parts.values())
+    if config.max_rss is None:  # large buffers served from the heap, which fragments
+        parts["heap fragmentation (no --max-rss)"] = largest
+    child = runtime_need(config, loaded, settings, pricing)
+    source = getattr(loaded.weights, "source", None)
+    mapped = loaded.gguf_file.stat().st_size if type(source).__name__ == "GGUFSource" else 0
+    own = largest + parts.get("heap fragmentation (no --max-rss)", 0)
+    need = (resident + max(own, sum(child.values())) + mapped) * (1 + SLACK)
+    return int(need), {"resident once opened": resident, **parts, **child,
+                       **({"the GGUF source, mapped": mapped} if mapped else {})}
+
+
+def check_max_rss(config, loaded, settings, windows: int, pricing=None) -> int:
+    """The bytes the run's process tree needs (``windows``: the perplexity windows); refused,
+    before any work, when --max-rss is less (with the figure)."""
+    need, parts = estimate(config, loaded, settings, windows, pricing)
     if config.max_rss is not None and need > config.max_rss:
         detail = "; ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
         raise UserError(f"--max-rss {format_bytes(config.max_rss)} is less than this run needs, about "
-                        f"{format_bytes(need)} (resident once opened, and the largest phase: {detail})")
+                        f"{format_bytes(need)} (this process and its runtime children: {detail})")
     return need

@@ -19,18 +19,24 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 
+def _ours(manifest: Path) -> bool:
+    """Whether a manifest.json is one this tool wrote (it carries manifest_version)."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "manifest_version" in data
+
+
 def is_tool_output(folder: Path) -> bool:
-    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv and runs that
-    have manifests)."""
+    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv and runs, each
+    with a manifest.json of ours)."""
     from .deploy import MANIFEST
 
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        if isinstance(manifest, dict) and "manifest_version" in manifest:
-            return True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    return (folder / "sweep.csv").is_file() and any(folder.glob(f"*/{MANIFEST}"))
+    if _ours(folder / MANIFEST):
+        return True
+    runs = list(folder.glob(f"*/{MANIFEST}"))
+    return (folder / "sweep.csv").is_file() and bool(runs) and all(_ours(m) for m in runs)
 
 
 def check_replaceable(out: Path) -> None:

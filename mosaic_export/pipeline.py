@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, benchmarks
 from .calibration import LayerStream, calibration_ids, tokenize
 from .checkpoint import reload_check, reload_shapes, save_checkpoint
 from .costmodel import Format, Pricing
@@ -30,6 +30,7 @@ from .deploy import finalize
 from .errors import UserError
 from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_check, joint_search
+from .measure.tree import MemoryLimit, active, limited
 from .memory import check_max_rss
 from .model_io import LoadedModel, decoder_counts, load_model
 from .outputs import TMP_INFIX, check_free_space, write_outputs
@@ -43,10 +44,11 @@ from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
 from .report import log_summary, write_markdown
 from .run_config import Inputs, RunConfig, check_lengths, prepare
-from .search import SearchResult, cost_section, measured_figures, resolve_budgets, search, search_summary
+from .search import SearchResult, cost_section, make_pricing, resolve_budgets, search, search_summary
 from .targets.base import Evaluation
 from .texts import corpus
 from .units import format_bytes
+from .verdict import measured_section
 
 
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
@@ -79,20 +81,6 @@ def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
     found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing,
                    config.margin)
     return found.chosen.plan, stream, found
-
-
-def make_pricing(profile: Profile, fmt: Format, loaded: LoadedModel, strict: bool = True) -> Pricing:
-    """The cost model for this model in the format on the profile's device (GGUF: the types
-    llama.cpp's quantizer will choose, read from a stand-in file). A budget context longer than
-    the model's is an error when budgets drive the run (``strict``), else priced at the model's."""
-    fmt.spec.check_exportable(loaded)
-    context = profile.budgets.context
-    longest = getattr(loaded.model.config, "max_position_embeddings", None) or context
-    if context > longest and strict:
-        raise UserError(f"a context of {context} tokens is longer than the model's maximum of "
-                        f"{longest}")
-    types = fmt.spec.tensor_types(loaded, fmt.name)
-    return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), min(context, longest), types)
 
 
 def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
@@ -180,11 +168,13 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
     # a streamed run's work: its calibration states, the layers a pass writes (clean_stale finds it)
     work = Path(tempfile.mkdtemp(prefix=f".{config.out.name}{TMP_INFIX}{os.getpid()}-layers-",
                                  dir=config.out.resolve().parent)) if config.stream else None
-    # under --max-rss the resident set kept to what is held, at some speed (process.py)
-    with torch_threads(config.threads), large_buffers_mapped(config.max_rss is not None):
+    # under --max-rss the resident set kept to what is held, at some speed (process.py), and the
+    # whole process tree (this process and its runtime children) held to the limit (measure/tree.py)
+    with torch_threads(config.threads), large_buffers_mapped(config.max_rss is not None), \
+            limited(config.max_rss, armed=False) as watch:  # armed once the door's estimate passed
         try:
             dense = load_stage(config, inputs, log, shared, work)
-            reports = _prune_and_write(config, inputs, dense, log, shared)
+            reports = _prune_and_write(config, inputs, dense, log, shared, watch)
         finally:  # with what was not moved into the checkpoint
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -193,7 +183,7 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
 
 
 def _prune_and_write(config: RunConfig, inputs: Inputs, dense: Dense, log,
-                     shared: DensePass | None) -> list[dict]:
+                     shared: DensePass | None, watch: MemoryLimit | None = None) -> list[dict]:
     pruned = prune_stage(config, inputs, dense, log, shared)
     recovered = recover_stage(config, dense, pruned, log)
     reports = []
@@ -201,6 +191,8 @@ def _prune_and_write(config: RunConfig, inputs: Inputs, dense: Dense, log,
     def build(folder: Path) -> None:
         exported = export_stage(config, dense, pruned, folder, log)
         reports.append(make_report(config, inputs, dense, pruned, recovered, exported))
+        if watch is not None:  # the process tree's peak, sampled, up to the report
+            reports[0]["memory"].update(tree_peak_bytes=watch.peak, max_rss_bytes=watch.limit)
         bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
 
     write_outputs(config.out, config.force, build, log)
@@ -237,9 +229,11 @@ def load_stage(config: RunConfig, inputs: Inputs, log=print, shared: DensePass |
         eval_ids = windows(tokenize(loaded.tokenizer, corpus(config.eval_text)),
                            config.eval_seq_len, config.eval_windows, config.eval_text)
     windows_n = 0 if eval_ids is None else len(eval_ids)
-    need = check_max_rss(config, loaded, inputs.settings, windows_n) if loaded.weights is not None else None
+    need = check_max_rss(config, loaded, inputs.settings, windows_n, pricing) if loaded.weights else None
     if need is not None:
         log(f"streamed: the decoder layers read from disk one at a time; {format_bytes(need)} needed")
+    if active() is not None:  # --max-rss: enforced from here on
+        active().arm()
     calib = calibration_ids(loaded, inputs.settings, recovery_state_dir(config.out), config.device)
     ppl = shared.perplexity if shared else _perplexity(config, loaded, eval_ids, "dense")
     return Dense(loaded, profile, pricing, decoder_counts(loaded), eval_ids, calib, ppl, load_s, need)
@@ -287,8 +281,9 @@ def recover_stage(config: RunConfig, dense: Dense, pruned: Pruned, log=print) ->
 
 
 def export_stage(config: RunConfig, dense: Dense, pruned: Pruned, folder: Path, log=print) -> Exported:
-    """The checkpoint (reloaded and compared), the runtime file (checked against PyTorch and
-    benchmarked), the budgets against the prediction and the measurement."""
+    """The checkpoint (reloaded and compared), the runtime file (checked against PyTorch, its
+    perplexity scored), then measured in rounds beside the dense model (and the neighbour plan),
+    and the budgets judged on those rounds."""
     loaded, fmt, pricing = dense.loaded, pruned.fmt, pruned.pricing
     save_checkpoint(loaded, folder / "model")
     if loaded.weights is None:
@@ -298,21 +293,43 @@ def export_stage(config: RunConfig, dense: Dense, pruned: Pruned, folder: Path, 
     runtime = None
     if config.target is not None:
         target = fmt.spec
-        evaluation = Evaluation(config.eval_text, config.eval_windows, config.eval_seq_len,
-                                pricing.context, config.threads)
+        evaluation = Evaluation(config.eval_text, config.eval_windows, config.eval_seq_len, None,
+                                config.threads)  # its speed and memory: the rounds below
         runtime = target.deploy(loaded, folder / target.artifact_name(fmt.name), fmt.name, dense.calib[0],
                                 dense.profile.runtime, evaluation, log)
     cost = None
     if pricing is not None:
-        found = pruned.found
-        cost = cost_section(dense.profile, pricing, pruned.plan, found,
-                            (runtime or {}).get("benchmark"), config.margin)
-        if config.check_neighbour and found is not None and found.neighbour is not None:
-            log(f"measuring the plan with 5% less pruning ({found.neighbour.target:.0%})")
-            cost["neighbour_measured"] = measure_neighbour(config, dense.profile, pricing,
-                                                           found.neighbour.plan, folder)
+        cost = cost_section(dense.profile, pricing, pruned.plan, pruned.found, config.margin)
+    if runtime is not None:
+        m = measure_built(config, dense, pruned, folder / fmt.spec.artifact_name(fmt.name), log)
+        runtime["measured"] = m.to_dict("plan")
+        if cost is not None:
+            budgets = dense.profile.budgets
+            cost["measured"] = measured_section(budgets, m, "plan")
+            cost["measured"]["reference_format"] = m.reference and (dense.pricing or pruned.pricing).fmt.key
+            if "neighbour" in m.runs:
+                cost["neighbour_measured"] = {"removed": pruned.found.neighbour.plan.removed(),
+                                              **measured_section(budgets, m, "neighbour")}
     measured = joint_check(pruned.joint, runtime, dense.perplexity) if pruned.joint else None
     return Exported(reload, runtime, cost, measured, peak_rss_bytes())
+
+
+def measure_built(config: RunConfig, dense: Dense, pruned: Pruned, built: Path, log=print):
+    """The built file in its runtime, in interleaved rounds, with: the dense model in the format
+    relative budgets are relative to (the profile's, whatever type was built) as the reference
+    (the built file when it is that model), and the plan with 5% less pruning with --check-neighbour."""
+    found, fmt = pruned.found, pruned.fmt
+    relative = bool(dense.profile.budgets.relative)
+    ref_fmt = dense.pricing.fmt if dense.pricing is not None else fmt
+    others: dict = {}
+    is_dense = pruned.counts["decoder"] == pruned.plan.params()["decoder_dense"] and ref_fmt == fmt
+    if relative and not is_dense:
+        others["dense"] = (ref_fmt, None)
+    if config.check_neighbour and found is not None and found.neighbour is not None:
+        others["neighbour"] = (fmt, found.neighbour.plan)
+    reference = "dense" if "dense" in others else ("plan" if relative else None)
+    return benchmarks.measure_beside(config, fmt, built, others, reference,
+                                     pruned.pricing.context if pruned.pricing else None, log)
 
 
 def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
@@ -381,20 +398,3 @@ def _perplexity(config: RunConfig, loaded: LoadedModel, eval_ids: torch.Tensor |
         return None
     return perplexity(loaded.model, eval_ids, config.eval_text, desc=f"perplexity ({which})",
                       streamed=loaded if loaded.weights is not None else None)
-
-
-def measure_neighbour(config: RunConfig, profile: Profile, pricing: Pricing, plan: Plan,
-                      work: Path) -> dict:
-    """The dense model cut to the plan's structure (sizes are what cost), exported and run in the
-    runtime like the chosen plan; its measured figures against the budgets."""
-    from .detect import run_format
-    from .prune.apply import resize_to_plan
-
-    loaded = load_model(config.model)
-    resize_to_plan(loaded, plan)
-    with tempfile.TemporaryDirectory(prefix=".neighbour-", dir=work) as tmp:  # removed with work
-        bench = run_format(loaded, pricing.fmt, Path(tmp), pricing.context, config.threads)
-    del loaded
-    figures, checks = measured_figures(bench, profile.budgets)
-    return {"removed": plan.removed(), **figures,
-            "budgets": [c.__dict__ | {"text": c.describe()} for c in checks]}

@@ -73,13 +73,16 @@ def cost_plot(cost: dict, path: Path) -> None:
                     label=f"predicted ({basis})")
         chosen = found["chosen"]["removed"] if found else cost.get("removed", 0.0)
         ax.plot([chosen], [pred[key] / scale], "s", color="tab:blue", ms=8, label="this plan, predicted")
-        if "measured" in cost:
-            m = cost["measured"]["memory_bytes" if key == "memory_bytes" else key]
-            ax.plot([chosen], [m / scale], "*", color="tab:red", ms=12, label="this plan, measured here")
-        n = cost.get("neighbour_measured")
-        if n:
-            ax.plot([n["removed"]], [n[key] / scale], "*", color="tab:orange", ms=10,
-                    label="5% less pruning, measured here")
+        metric = {"memory_bytes": "memory", "decode_tokens_per_s": "decode"}[key]
+        for m, x, color, text in ((cost.get("measured"), chosen, "tab:red", "this plan"),
+                                  (cost.get("neighbour_measured"), None, "tab:orange", "5% less pruning")):
+            if m:  # the median over rounds, its 95% interval as the bar
+                iv = m["figures"][metric]
+                x = m["removed"] if x is None else x
+                ax.errorbar([x], [iv["median"] / scale], yerr=[[(iv["median"] - iv["low"]) / scale],
+                                                               [(iv["high"] - iv["median"]) / scale]],
+                            fmt="*", color=color, ms=11, capsize=4,
+                            label=f"{text}, measured here ({m['rounds']} rounds)")
         for b in cost["predicted_budgets"]:
             if b["name"] == budget:
                 ax.axhline(b["limit"] / scale, color="gray", ls="--", label="budget")

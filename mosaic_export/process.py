@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .measure import tree
 
 
 def proc_bytes(path: str, key: str) -> int | None:
@@ -175,12 +176,23 @@ def run_child(module: str, args: list[str], runtime: str, what: str, name: str) 
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--json", str(out)]
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        limit = tree.active()  # under --max-rss: the child held to what the limit leaves it
+        if limit is not None:
+            limit.adopt(proc.pid)
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         crashed = signal_name(proc.returncode)
         if crashed is not None:
+            if limit is not None and limit.killed(proc.pid):
+                raise limit.error()
             raise RuntimeCrash(f"{runtime} crashed ({crashed}) while {what} {name}", crashed)
         if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            lines = (stderr or stdout).strip().splitlines()
             tail = lines[-1] if lines else f"exit code {proc.returncode}, no output"
             raise UserError(f"{runtime} could not run {name} ({what}): "
                             f"{tail.removeprefix('mosaic-export: error: ')}")

@@ -177,24 +177,29 @@ def probe_evaluation(text: str, context: int, threads: int | None = None,
     return Evaluation(text, n_windows, PROBE_SEQ_LEN, context, threads)
 
 
-def measure_types(loaded, target: str, types: list[str], work, evaluation, log=print) -> dict:
-    """The dense model exported at each type and run in its runtime (a fresh process each):
-    {type: benchmark result}, the probe perplexity under "perplexity"; speed and memory are
-    measured with the context full, as for any built model. ``evaluation``: the probe's text
-    and windows (probe_evaluation), the context and threads (targets.base.Evaluation)."""
+def measure_types(loaded, target: str, types: list[str], work, evaluation, policy=None, log=print) -> dict:
+    """The dense model exported at each type and run in its runtime, the types in interleaved
+    rounds (benchmarks.measure; the first round also scores the probe): {type: its first run, with
+    speed and memory as medians over the rounds (benchmarks.median_run)}; speed and memory are
+    measured with the context full, as for any built model. ``evaluation``: the probe's text and
+    windows (probe_evaluation), the context and threads (targets.base.Evaluation); ``policy``: the
+    rounds' (measure.rounds.JOINT_POLICY by default: the first round, then more while the time cap
+    allows)."""
     from pathlib import Path
 
+    from .benchmarks import export_format, measure, median_run
     from .costmodel import Format
-    from .detect import export_format
+    from .measure.rounds import JOINT_POLICY
 
-    out = {}
-    for t in types:
-        folder = Path(work) / f"dense-{t}"
-        path, benchmark = export_format(loaded, Format(target, t), folder)
-        out[t] = benchmark(path, **evaluation.benchmark_options())
-        p = out[t]["perplexity"]["perplexity"]
-        log(f"  dense {t}: probe perplexity {p:.3f}, {out[t]['file_bytes'] / 2**20:.1f} MiB, "
-            f"decode {out[t]['decode']['tokens_per_s']:.1f} tokens/s")
+    files = {t: (Format(target, t), export_format(loaded, Format(target, t), Path(work) / f"dense-{t}"))
+             for t in types}
+    m = measure(files, policy or JOINT_POLICY, evaluation.context, evaluation.threads, first=evaluation,
+                log=log)
+    out = {t: median_run(m, t) for t in types}
+    for t, r in out.items():
+        log(f"  dense {t}: probe perplexity {r['perplexity']['perplexity']:.3f}, "
+            f"{r['file_bytes'] / 2**20:.1f} MiB, decode {m.figure(t, 'decode').text(lambda v: f'{v:.1f}')} "
+            "tokens/s")
     return out
 
 

@@ -24,6 +24,10 @@ FIGURES = (("memory_bytes", "peak memory", "max_memory_bytes", "<=", format_byte
            ("ttft_s", "time to first token", "max_ttft_s", "<=", "{:.2f} s".format))
 
 
+METRIC = {"memory_bytes": "memory", "decode_tokens_per_s": "decode", "prefill_tokens_per_s": "prefill",
+          "ttft_s": "ttft"}  # a FIGURES key -> the measurement's figure (measure/rounds.py)
+
+
 def is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
@@ -50,20 +54,27 @@ def figures_table(budgets, cost) -> list[str]:
     cost = cost if isinstance(cost, dict) else {}
     predicted, measured = ({} if not isinstance(cost.get(k), dict) else cost[k]
                            for k in ("predicted", "measured"))
+    intervals = measured.get("figures") if isinstance(measured.get("figures"), dict) else {}
     rows = []
     for key, label, budget_key, op, fmt in FIGURES:
         budget = budgets.get(budget_key) if budget_key else None
+        seen = fmt(measured[key]) if is_number(measured.get(key)) else "-"
+        iv = intervals.get(METRIC[key])
+        if seen != "-" and isinstance(iv, dict) and is_number(iv.get("low")) and is_number(iv.get("high")):
+            seen += f" [{fmt(iv['low'])}, {fmt(iv['high'])}]"
         cells = [f"{op} {fmt(budget)}" if is_number(budget) else "-",
-                 *(fmt(d[key]) if is_number(d.get(key)) else "-" for d in (predicted, measured))]
+                 fmt(predicted[key]) if is_number(predicted.get(key)) else "-", seen]
         if any(c != "-" for c in cells):
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     context = predicted.get("context") or budgets.get("context")
     note = [f"Peak memory with {context} tokens of context.", ""] if is_number(context) else []
+    rounds = measured.get("rounds")
+    where = (f"measured on the build machine (median [95% interval], {rounds} rounds)"
+             if is_number(rounds) else "measured on the build machine")
     return ["## Budgets and figures", "", *note,
-            "| figure | budget | predicted | measured on the build machine |", "|---|---|---|---|",
-            *rows, ""]
+            f"| figure | budget | predicted | {where} |", "|---|---|---|---|", *rows, ""]
 
 
 def run_section(fmt: dict) -> list[str]:

@@ -93,25 +93,43 @@ def basis_text(basis: str, short: bool = False) -> str:
 
 
 def budget_table(cost: dict) -> str:
-    """Each budget: its limit, the predicted figure and, when measured here, the measured one."""
+    """Each budget: its limit, the predicted figure and, when measured here, the measured median
+    with its interval (and the ratio to the dense model measured beside it, for a relative budget)
+    and the verdict: met, MISSED or undecided (the interval straddles the budget)."""
     local = cost["profile_local"]
-    measured = {c["name"]: c for c in cost.get("measured_budgets", [])}
+    measured = {v["name"]: v for v in (cost.get("measured") or {}).get("verdicts", [])}
     basis = basis_text(cost["basis"], short=True)
+    rounds = (cost.get("measured") or {}).get("rounds")
     rows = [("budget", f"predicted ({basis})",
-             "measured here" + ("" if local else " (not the profile's device)"), "verdict")]
+             (f"measured here, median [95% interval] over {rounds} rounds" if rounds else "measured here")
+             + ("" if local else " (not the profile's device)"), "verdict")]
     for c in cost["predicted_budgets"]:
         m = measured.get(c["name"])
-        if local and m is not None:
-            verdict = "met" if m["met"] else "MISSED"
+        if m is not None and local:
+            verdict = {"met": "met", "missed": "MISSED", "undecided": "undecided"}[m["status"]]
         else:
             verdict = ("met" if c["met"] else "MISSED") + " (predicted)"
-        rows.append((f"{LABELS[c['name']]} {OPS[c['name']]} {format_value(c['name'], c['limit'])}",
-                     format_value(c["name"], c["value"]),
-                     format_value(c["name"], m["value"]) if m else "-", verdict))
+        budget = f"{LABELS[c['name']]} {OPS[c['name']]} {format_value(c['name'], c['limit'])}"
+        if m is not None and m["factor"] is not None and m["ratio"] is not None:
+            budget += f" ({m['factor']:g}x the dense model's)"
+        rows.append((budget, format_value(c["name"], c["value"]), _measured_text(c["name"], m), verdict))
     if len(rows) == 1:
         return "no budgets set"
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:<{w[3]}}" for a, b, c, d in rows)
+
+
+def _measured_text(name: str, verdict: dict | None) -> str:
+    """'145.7 tokens/s [140.1, 150.2]', with ' = 1.21x [1.18, 1.26] dense' for a relative budget."""
+    if verdict is None:
+        return "-"
+    iv = verdict["figure"]
+    text = (f"{format_value(name, iv['median'])} [{format_value(name, iv['low']).split()[0]}, "
+            f"{format_value(name, iv['high']).split()[0]}]")
+    r = verdict.get("ratio")
+    if r is not None:
+        text += f" = {r['median']:.3f}x [{r['low']:.3f}, {r['high']:.3f}] dense"
+    return text
 
 
 def pareto(points: list[tuple[float, float]], larger_is_better: bool) -> list[int]:
@@ -159,12 +177,12 @@ def joint_section(joint: dict) -> list[str]:
               f"type's change + the structural change x (1 - the share recovery closes), each "
               f"measured on {probe['windows']} windows from the end of {Path(probe['text']).name} (dense, "
               f"PyTorch float32: {q['reference']:.3f}).", "",
-              "| type | dense probe perplexity (runtime) | change | file (MiB) | decode tokens/s |",
-              "|---|---|---|---|---|"]
+              "| type | dense probe perplexity (runtime) | change | file (MiB) | decode tokens/s "
+              "(median of its rounds) |", "|---|---|---|---|---|"]
     for t, d in q["type_deltas"].items():
         r = probe["dense_runs"][t]
         lines.append(f"| {t} | {r['perplexity']:.3f} | {d:+.4f} | {r['file_bytes'] / 2**20:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} |")
+                     f"{r['decode_tokens_per_s']:.1f} ({r.get('rounds', 1)}) |")
     machines = sorted({r["machine"] for r in probe["dense_runs"].values() if "machine" in r})
     if machines:
         lines += ["", "Where the dense runs were measured: " + "; ".join(
@@ -215,8 +233,12 @@ def write_markdown(report: dict, folder: Path) -> None:
         lines += built[0].report_notes(built[1])
     relative = (report.get("budgets") or {}).get("relative") or {}
     if relative:
-        lines += ["Budgets given relative to the dense model's predicted figures: "
-                  + ", ".join(f"{name} {factor:g}x" for name, factor in relative.items()) + ".", ""]
+        measured = (report.get("cost") or {}).get("measured") or {}
+        judged = (f" They were judged on the ratio to the dense model in {measured['reference_format']}, "
+                  "measured in the same rounds as the built model." if measured.get("reference_format")
+                  else "")
+        lines += ["Budgets given relative to the dense model (the search: to its predicted figures): "
+                  + ", ".join(f"{name} {factor:g}x" for name, factor in relative.items()) + "." + judged, ""]
     if report.get("recovery"):
         lines += recovery_section(report["recovery"], report.get("perplexity") or {})
     if report.get("joint"):
@@ -247,8 +269,9 @@ def budgets_section(cost: dict) -> list[str]:
             lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}" for b in n["budgets"]]
             m = cost.get("neighbour_measured")
             if m:
-                lines += ["", "That plan built and run here (`--check-neighbour`), measured:", ""]
-                lines += [f"- {b['text']}: {'met' if b['met'] else '**missed**'}" for b in m["budgets"]]
+                lines += ["", f"That plan built and run here (`--check-neighbour`), in the same "
+                          f"{m['rounds']} rounds as the chosen plan, measured:", ""]
+                lines += [f"- {v['text'].replace(': missed', ': **missed**')}" for v in m["verdicts"]]
         else:
             lines += ["", "The dense model already meets every budget: nothing was pruned."]
         lines.append("")
@@ -282,6 +305,6 @@ def log_summary(report: dict, out: Path, log=print) -> None:
         log(budget_table(report["cost"]))
         n = report["cost"].get("neighbour_measured")
         if n:
-            log(f"with 5% less pruning ({n['removed']:.1%} removed), measured here: "
-                + "; ".join(f"{b['text']}: {'met' if b['met'] else 'MISSED'}" for b in n["budgets"]))
+            log(f"with 5% less pruning ({n['removed']:.1%} removed), measured in the same rounds: "
+                + "; ".join(v["text"] for v in n["verdicts"]))
     log(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")

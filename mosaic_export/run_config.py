@@ -10,6 +10,8 @@ from pathlib import Path
 from . import targets
 from .costmodel import Format
 from .errors import UserError
+from .measure import rounds as measure_rounds
+from .measure.rounds import Policy
 from .model_io import LoadedModel, is_resized_checkpoint
 from .outputs import check_output
 from .plan import Plan, PruneSettings
@@ -56,7 +58,15 @@ class RunConfig:
     # Models bigger than memory: the decoder layers read from disk one at a time (weights.py),
     # and the most resident memory the run may take (checked against memory.run_needs)
     stream: bool = False
-    max_rss: int | None = None
+    max_rss: int | None = None  # the whole process tree's: this process and its runtime children
+    # How speed and memory are measured: interleaved rounds, their time cap and precision (None:
+    # measure.rounds.VERDICT_POLICY)
+    policy: Policy | None = None
+
+    @property
+    def rounds(self) -> Policy:
+        """The rounds policy of this run's measurements."""
+        return self.policy or measure_rounds.VERDICT_POLICY
 
 
 @dataclass(frozen=True)

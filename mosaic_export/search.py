@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .arch import ModelShape
-from .costmodel import Cost, Pricing
+from .costmodel import Cost, Format, Pricing
 from .errors import Infeasible, UserError
 from .plan import Plan, PruneSettings
 from .planner import make_plan
@@ -179,17 +179,6 @@ def _largest_target(at: Callable[[float], Candidate]) -> Candidate:
     raise Infeasible("this model cannot be pruned by structure at all with this alignment")
 
 
-def measured_figures(bench: dict, budgets) -> tuple[dict, list]:
-    """A runtime benchmark's figures (TTFT: the prefill plus one decode step) and each budget
-    against them."""
-    decode = bench["decode"]["tokens_per_s"]
-    ttft = bench["prefill"]["seconds"] + 1 / decode
-    figures = {"memory_bytes": bench["peak_rss_bytes"], "decode_tokens_per_s": decode,
-               "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"], "ttft_s": ttft,
-               "context": bench["context"]}
-    return figures, check_budgets(budgets, bench["peak_rss_bytes"], decode, ttft)
-
-
 def search_summary(found: SearchResult) -> str:
     c = found.chosen
     if c.target == 0:
@@ -204,8 +193,8 @@ def search_summary(found: SearchResult) -> str:
 
 
 def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchResult | None,
-                 bench: dict | None, margin: float = 0.0) -> dict:
-    """Predicted and (on this machine) measured figures, each budget against them."""
+                 margin: float = 0.0) -> dict:
+    """Predicted figures, each budget against them (what was measured: verdict.measured_section)."""
     cost = pricing.cost([lp.dims for lp in plan.layers])
     b = profile.budgets
     section = {"format": pricing.fmt.key, "basis": cost.basis, "profile_local": profile.local,
@@ -213,9 +202,6 @@ def cost_section(profile: Profile, pricing: Pricing, plan: Plan, found: SearchRe
                "calibration": pricing.calibration.to_dict(), "predicted": cost.to_dict(),
                "predicted_budgets": [c.__dict__ for c in cost_checks(b, cost)],
                "search": found.to_dict() if found else None, "margin": margin}
-    if bench is not None:
-        section["measured"], checks = measured_figures(bench, b)
-        section["measured_budgets"] = [c.__dict__ for c in checks]
     return section
 
 
@@ -240,3 +226,17 @@ def resolve_budgets(profile: Profile, pricing: Pricing | None, log=None) -> Prof
         log(f"budgets relative to the dense model ({pricing.fmt.key}, {dense.basis} prediction): "
             + "; ".join(f"{name} {factor:g}x = {absolute[name]}" for name, factor in relative.items()))
     return resolved
+
+
+def make_pricing(profile: Profile, fmt: Format, loaded, strict: bool = True) -> Pricing:
+    """The cost model for this model in the format on the profile's device (GGUF: the types
+    llama.cpp's quantizer will choose, read from a stand-in file). A budget context longer than
+    the model's is an error when budgets drive the run (``strict``), else priced at the model's."""
+    fmt.spec.check_exportable(loaded)
+    context = profile.budgets.context
+    longest = getattr(loaded.model.config, "max_position_embeddings", None) or context
+    if context > longest and strict:
+        raise UserError(f"a context of {context} tokens is longer than the model's maximum of "
+                        f"{longest}")
+    types = fmt.spec.tensor_types(loaded, fmt.name)
+    return Pricing(loaded.shape, fmt, profile.calibration_for(fmt), min(context, longest), types)

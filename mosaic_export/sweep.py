@@ -228,15 +228,17 @@ def _save(path: Path, record: dict) -> None:
 
 
 def _row(job: Job, report: dict, record: dict) -> dict:
-    bench = report[job.config.target]["benchmark"]
+    """A run's row: its perplexity, and its speed and memory as medians over its rounds."""
+    section = report[job.config.target]
+    figures = section["measured"]["figures"]
     p, cost = report["params"], report.get("cost", {})
     return {"type": report["format"]["type"],
             "target": job.target, "removed": 1 - p["pruned"]["decoder"] / p["dense"]["decoder"],
             "perplexity": report["perplexity"]["pruned"]["perplexity"],
-            "memory_bytes": bench["peak_rss_bytes"],
-            "decode_tokens_per_s": bench["decode"]["tokens_per_s"],
-            "prefill_tokens_per_s": bench["prefill"]["tokens_per_s"],
-            "file_bytes": bench["file_bytes"],
+            "memory_bytes": figures["memory"]["median"],
+            "decode_tokens_per_s": figures["decode"]["median"],
+            "prefill_tokens_per_s": figures["prefill"]["median"],
+            "file_bytes": section["benchmark"]["file_bytes"],
             "predicted_memory_bytes": cost.get("predicted", {}).get("memory_bytes"),
             "predicted_decode_tokens_per_s": cost.get("predicted", {}).get("decode_tokens_per_s"),
             "machine": record["machine"], "attempts": record["attempts"]}

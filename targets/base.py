@@ -185,16 +185,22 @@ class Target(ABC):
         return None
 
     def summary_rows(self, section: dict) -> list[tuple[str, str, str]]:
-        """Rows (figure, dense, pruned) for the run's summary table; the runtime's figures."""
-        b = section["benchmark"]
-        return [(f"{self.engine} prefill / decode tokens/s", "",
-                 f"{b['prefill']['tokens_per_s']:.1f} / {b['decode']['tokens_per_s']:.1f}"),
-                (f"{self.engine} peak RSS", "", _bytes(b["peak_rss_bytes"]))] + (
-            [(f"{self.engine} perplexity", "", f"{b['perplexity']['perplexity']:.3f}")]
-            if "perplexity" in b else [])
+        """Rows (figure, dense, pruned) for the run's summary table; the runtime's figures: speed
+        and memory as medians over the rounds with their 95% intervals (section["measured"])."""
+        b, m = section["benchmark"], section.get("measured")
+        rows = []
+        if m:
+            f = m["figures"]
+            rounds = "1 round" if m["rounds"] == 1 else f"{m['rounds']} rounds"
+            rows = [(f"{self.engine} decode tokens/s ({rounds})", "",
+                     _interval(f["decode"], "{:.1f}")),
+                    (f"{self.engine} prefill tokens/s", "", _interval(f["prefill"], "{:.1f}")),
+                    (f"{self.engine} peak RSS", "", _interval(f["memory"], "{:.1f}", 2**20) + " MiB")]
+        return rows + ([(f"{self.engine} perplexity", "", f"{b['perplexity']['perplexity']:.3f}")]
+                       if "perplexity" in b else [])
 
 
-def _bytes(n: float) -> str:
-    from ..units import format_bytes
-
-    return format_bytes(n)
+def _interval(iv: dict, fmt: str, scale: float = 1.0) -> str:
+    """'145.7 [140.1, 150.2]': a median and its interval."""
+    return (f"{fmt.format(iv['median'] / scale)} [{fmt.format(iv['low'] / scale)}, "
+            f"{fmt.format(iv['high'] / scale)}]")

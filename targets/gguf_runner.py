@@ -306,12 +306,13 @@ def quantize_in_process(src: Path, dst: Path, quant: str, threads: int = 0) -> N
                         + " | ".join(tail))
 
 
-def quantize(src: Path, dst: Path, quant: str) -> dict:
-    """quantize_in_process in a child process: llama.cpp maps the float file into memory and
-    reads all of it, which would count in this process's resident set (a model's whole float32
-    size). The child's peak RSS is returned."""
+def quantize(src: Path, dst: Path, quant: str, name: str | None = None) -> dict:
+    """quantize_in_process in a child process, like every call into llama.cpp: it maps the float
+    file into memory and reads all of it, which would count in this process's resident set (a
+    model's whole float32 size), and a crash is reported by name ("llama.cpp crashed (SIGSEGV)
+    while quantizing to NAME"), not the end of this process. The child's peak RSS is returned."""
     return run_child(MODULE, [str(src), "--job", "quantize", "--out", str(dst), "--quant", quant],
-                     "llama.cpp", JOBS["quantize"], Path(dst).name)
+                     "llama.cpp", JOBS["quantize"], name or Path(dst).name)
 
 
 def main(argv: list[str] | None = None) -> int:

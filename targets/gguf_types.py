@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..model_io import LoadedModel
 from .gguf import FLOAT_TYPES, check_type, tensor_types, tensors, write_gguf
-from .gguf_runner import quantize_in_process
+from .gguf_runner import quantize
 
 # llama.cpp's substitutes when a row length is not a multiple of the wanted type's block
 # (tensor_type_fallback in llama-quant.cpp); F16 when the substitute does not fit either.
@@ -29,7 +29,8 @@ def intended_types(loaded: LoadedModel, quant: str) -> dict[str, str]:
     work = Path(tempfile.mkdtemp(prefix=".gguf-types-"))
     try:
         write_gguf(loaded, work / "standin.gguf", "F32", standin=True)
-        quantize_in_process(work / "standin.gguf", work / "q.gguf", quant)
+        quantize(work / "standin.gguf", work / "q.gguf", quant,  # in a child, as every llama.cpp call
+                 f"{quant} the stand-in file that tells each tensor's type")
         return {name: t for name, (t, _) in tensor_types(work / "q.gguf").items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)

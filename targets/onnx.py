@@ -203,6 +203,11 @@ def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tens
         raise UserError(f"the {dtype} ONNX model disagrees with PyTorch: greedy next token agrees at "
                         f"{check['top1_agreement']:.1%} of {check['positions']} positions "
                         f"(floor for {dtype}: {MIN_AGREEMENT[dtype]:.0%})")
+    genai = check["genai"]
+    if genai.get("checked") and not genai["identical"]:
+        raise UserError(f"ONNX Runtime GenAI disagrees with ONNX Runtime on {folder.name}: its greedy "
+                        f"tokens differ from ours at token {genai['first_difference']} "
+                        f"({genai['tokens']} compared)")
     check["min_agreement"] = MIN_AGREEMENT[dtype]
     used = available_provider(provider)
     bench = benchmark(folder, provider=used, **evaluation.benchmark_options())

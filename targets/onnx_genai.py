@@ -1,6 +1,6 @@
-"""An exported ONNX folder in ONNX Runtime GenAI (the `onnxruntime-genai` package, an optional extra:
-`pip install -e '.[genai]'`): what an app that ships ONNX LLMs runs. Greedy generation (checked
-against our own runner at export), and speed and memory measured the runtime's way in a fresh
+"""An exported ONNX folder in ONNX Runtime GenAI (the `onnxruntime-genai` package, installed with
+mosaic-export): what an app that ships ONNX LLMs runs. Greedy generation (checked against our own
+runner at export: a difference fails the build), and speed and memory measured the runtime's way in a fresh
 process, for our folders and for the GenAI model builder's alike:
 
     python -m mosaic_export.targets.onnx_genai FOLDER [--json OUT] [--prompt-tokens N] [--gen-tokens N]
@@ -83,7 +83,8 @@ def check(folder: Path, prompt: list[int], ours: list[int], threads: int | None)
     if not (Path(folder) / GENAI_CONFIG_FILE).is_file():
         return {"checked": False, "reason": "the layers' KV heads differ (plan with --kv-heads keep)"}
     if not available():
-        return {"checked": False, "reason": "onnxruntime-genai is not installed (pip install -e '.[genai]')"}
+        return {"checked": False, "reason": "not run: onnxruntime-genai is not installed here (the main "
+                "install brings it where the platform has a wheel; pip install onnxruntime-genai)"}
     eos = json.loads((Path(folder) / CONFIG_FILE).read_text())["eos_token_ids"]
     theirs = greedy(folder, prompt, len(ours), threads)
     same = [a == b for a, b in zip(ours, theirs, strict=False)]  # GenAI may stop early

@@ -43,6 +43,24 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(autouse=True)
+def one_round(request, monkeypatch):
+    """Runs on tiny models in this process measure one round (no time cap): the rounds, their
+    intervals and verdicts are what tests/unit/test_measure.py tests, with injected series, and
+    the integration tests run the CLI in subprocesses with the real defaults. A test marked
+    ``real_rounds`` keeps them."""
+    from dataclasses import replace
+
+    from mosaic_export import detect
+    from mosaic_export.measure import rounds
+
+    if request.node.get_closest_marker("real_rounds"):
+        return
+    for name in ("VERDICT_POLICY", "BENCH_POLICY", "JOINT_POLICY"):
+        monkeypatch.setattr(rounds, name, replace(getattr(rounds, name), least=1, max_seconds=0.0))
+    monkeypatch.setattr(detect, "POLICY", replace(detect.POLICY, least=1, max_seconds=0.0))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache_folder(tmp_path_factory):
     """GGUF conversions (mosaic_export/gguf_cache.py) cached for this session only, not in the

@@ -1,6 +1,7 @@
-"""profile detect's trust checks: repeated runs and their spread, implausible figures, a busy
-machine, and the refusal to write untrustworthy figures without --force. No runtime is run: the
-benchmarks are canned."""
+"""profile detect: the widths measured in interleaved rounds (canned here: no runtime is run),
+every figure written as a median with its interval and the number of rounds, a noisy or busy
+machine warned about and never refused, figures no fit can use (a narrower model slower beyond
+the intervals) refused."""
 
 from __future__ import annotations
 
@@ -10,73 +11,22 @@ import pytest
 
 from mosaic_export import detect
 from mosaic_export.cli import main
+from mosaic_export.costmodel import _line
+from mosaic_export.measure.rounds import interleaved
 from mosaic_export.profile import load_profile
-from mosaic_export.trust import (
-    CpuTimes,
-    WidthRuns,
-    busy_reasons,
-    cpu_shares,
-    parse_cpu_line,
-    read_cpu_times,
-    sanity_problems,
-    settled,
-    spread,
-)
+from mosaic_export.trust import CpuTimes, busy_reasons, cpu_shares, parse_cpu_line, read_cpu_times
 
-# The issue: llama.cpp Q8_0 decode on a busy 2-core VM, smaller measured slower.
-ISSUE = [WidthRuns(1.0, (24.9,), (300.0,)), WidthRuns(0.7, (9.8,), (400.0,)),
-         WidthRuns(0.4, (10.4,), (600.0,))]
-
-
-def test_spread_is_the_range_over_the_median():
-    assert spread([10.0, 12.0, 11.0]) == pytest.approx(2 / 11)
-    assert spread([24.9, 12.0, 24.0]) == pytest.approx(12.9 / 24.0)
-    assert spread([7.0]) == 0.0 and spread([]) == 0.0
-
-
-def test_runs_settle_when_the_two_fastest_agree():
-    assert settled([20.0, 10.0, 19.5])  # 2.5% apart; the slow run does not matter
-    assert not settled([20.0, 18.0, 10.0])  # 10% apart
-    assert not settled([20.0])
-
-
-def test_sanity_flags_the_issues_figures():
-    problems = sanity_problems(ISSUE, "gguf:Q8_0")
-    decode = [p for p in problems if " decode " in p]
-    assert len(decode) == 2, problems  # 0.7 and 0.4 against 1.0; 0.4 against 0.7 is fine
-    assert any("width 0.7 (9.8 tokens/s) is slower than at width 1.0 (24.9 tokens/s)" in p
-               for p in decode)
-    assert any("width 0.4 (10.4 tokens/s) is slower than at width 1.0 (24.9 tokens/s)" in p
-               for p in decode)
-    assert all(p.startswith("gguf:Q8_0 ") for p in problems)
-    assert not [p for p in problems if "prefill" in p]  # prefill was monotone
-
-
-def test_sanity_passes_a_monotone_set_within_the_tolerance():
-    runs = [WidthRuns(1.0, (24.9, 24.5, 24.0), (300.0, 290.0, 295.0)),
-            WidthRuns(0.7, (31.0, 30.2, 30.8), (410.0, 400.0, 405.0)),
-            WidthRuns(0.4, (30.0, 29.8, 29.9), (640.0, 600.0, 620.0))]  # 3% under 0.7: noise
-    assert sanity_problems(runs) == []
-
-
-def test_sanity_flags_unstable_runs_and_slower_prefill():
-    runs = [WidthRuns(1.0, (24.9, 12.0, 11.9), (300.0, 300.0, 300.0)),
-            WidthRuns(0.7, (31.0, 30.5, 30.8), (250.0, 240.0, 245.0))]
-    problems = sanity_problems(runs)
-    assert any("decode at width 1.0: the two fastest runs differ by 52% (24.9, 12.0, 11.9 tokens/s; "
-               "limit 10%)" in p for p in problems), problems
-    assert any("prefill at width 0.7 (250 tokens/s) is slower than at width 1.0 (300 tokens/s)" in p
-               for p in problems), problems
-    assert len(problems) == 2
+pytestmark = pytest.mark.real_rounds  # detect's own rounds policy (3 at least), on a fake clock
 
 
 def test_busy_reasons_from_other_processes_steal_and_load():
     assert busy_reasons("while measuring", 0.05, 0.01, 1.2, 2) == []
     (others,) = busy_reasons("while measuring", 0.40, 0.0, 2.6, 2)
-    assert "other processes took 40% of the CPU time while measuring (limit 25%" in others
+    assert "other processes took 40% of the CPU time while measuring (over 25%" in others
+    assert others.endswith("the intervals are wider for it")
     assert "load average 2.60 on 2 CPUs" in others
     (steal,) = busy_reasons("before measuring", 0.0, 0.08)
-    assert "took 8% of the CPU time before measuring (steal; limit 5%)" in steal
+    assert "took 8% of the CPU time before measuring (steal, over 5%)" in steal
     assert len(busy_reasons("while measuring", 0.5, 0.2)) == 2
     # No /proc/stat: the load average less this process, per CPU.
     (load,) = busy_reasons("before measuring", None, None, 2.5, 2)  # (2.5 - 1) / 2 = 0.75
@@ -106,69 +56,30 @@ def test_proc_stat_cpu_line(tmp_path):
     assert read_cpu_times(str(tmp_path / "missing")) is None
 
 
-def test_interleaved_rounds_take_turns():
-    """Every size once per round, in turn; a size stops once settled after the least rounds."""
-    order = []
-    figures = {"a": iter([20.0, 19.8, 19.9, 1.0, 1.0]), "b": iter([10.0, 20.0, 15.0, 19.5, 5.0])}
+def _canned(monkeypatch, decodes: dict[float, list[float]], busy: dict[str, list[str]] | None = None,
+            seconds: float = 10.0):
+    """detect with canned rounds: each width's decode tokens/s round by round (prefill 10x, peak
+    RSS by the width), canned device figures and machine checks (``busy``: reasons by
+    "before"/"while"); each run takes ``seconds`` on a fake clock."""
+    clock = [0.0]
 
-    def run(key):
-        def go():
-            order.append(key)
-            return {"decode": {"tokens_per_s": next(figures[key])}, "prefill": {"tokens_per_s": 100.0}}
-        return go
+    def measure(files, policy, context, threads=None, reference=None, first=None, log=None):
+        def runner(width):
+            values = iter(decodes[width])
 
-    out = detect.interleaved_rounds({"a": run("a"), "b": run("b")}, least=3, most=5)
-    assert order == ["a", "b", "a", "b", "a", "b", "b"]
-    assert [r["decode"]["tokens_per_s"] for r in out["b"]] == [10.0, 20.0, 15.0, 19.5]
+            def run(r):
+                clock[0] += seconds
+                d = next(values)
+                return {"decode": {"tokens_per_s": d},
+                        "prefill": {"tokens_per_s": 10 * d, "tokens": 512, "seconds": 51.2 / d},
+                        "peak_rss_bytes": 100e6 * (1 + width), "context": 64}
+            return run
 
-
-def test_interleaved_rounds_wait_for_prefill_too():
-    """Decode settled after three rounds, prefill not (its two fastest 10% apart): more rounds
-    until prefill's two fastest agree as well; both are fitted and both are judged."""
-    prefills = iter([100.0, 90.0, 80.0, 99.0, 50.0])
-
-    def go():
-        return {"decode": {"tokens_per_s": 20.0}, "prefill": {"tokens_per_s": next(prefills)}}
-
-    out = detect.interleaved_rounds({"a": go}, least=3, most=5)["a"]
-    assert [r["prefill"]["tokens_per_s"] for r in out] == [100.0, 90.0, 80.0, 99.0]
-
-
-def test_run_rounds_stops_when_settled(monkeypatch, tmp_path):
-    """At least ROUNDS runs; then on until the two fastest decode (and prefill) figures agree,
-    MAX_ROUNDS at most."""
-    import mosaic_export.targets.onnx as onnx_target
-    import mosaic_export.targets.onnx_runner as onnx_runner
-
-    def runs_of(decodes):
-        figures = iter(decodes)
-        monkeypatch.setattr(onnx_target, "export", lambda loaded, path, dtype: path.mkdir())
-        monkeypatch.setattr(onnx_runner, "benchmark", lambda path, **kw: {
-            "decode": {"tokens_per_s": next(figures)}, "prefill": {"tokens_per_s": 100.0}})
-        rs = detect.run_rounds(None, detect.Format("onnx", "fp32"), tmp_path, 64, None)
-        assert not (tmp_path / "onnx-fp32").exists()  # the export is removed
-        return [r["decode"]["tokens_per_s"] for r in rs]
-
-    assert runs_of([20.0, 19.8, 19.9, 5.0, 5.0]) == [20.0, 19.8, 19.9]
-    assert runs_of([10.0, 20.0, 15.0, 19.5, 5.0]) == [10.0, 20.0, 15.0, 19.5]
-    assert runs_of([10.0, 20.0, 15.0, 17.0, 12.0, 99.0]) == [10.0, 20.0, 15.0, 17.0, 12.0]
-
-
-def _canned(monkeypatch, widths: list[WidthRuns], busy: dict[str, list[str]] | None = None):
-    """detect with canned benchmark runs (one WidthRuns per width, in WIDTHS order), canned
-    device figures and machine checks (``busy``: reasons by "before"/"while")."""
-    def interleaved_rounds(runs, least=3, most=5):
-        out = {}
-        for key, w in zip(runs, widths, strict=True):  # keys: (format, width) in WIDTHS order
-            assert key[1] == w.width
-            rss = 100e6 * (1 + w.width)
-            out[key] = [{"decode": {"tokens_per_s": d}, "prefill": {"tokens_per_s": p},
-                         "peak_rss_bytes": rss, "context": 64}
-                        for d, p in zip(w.decode, w.prefill, strict=True)]
-        return out
+        runs = {k: runner(float(k.split(" at ")[1])) for k in files}
+        return interleaved(runs, policy, reference, clock=lambda: clock[0], log=log)
 
     busy = busy or {}
-    monkeypatch.setattr(detect, "interleaved_rounds", interleaved_rounds)
+    monkeypatch.setattr(detect, "measure", measure)
     monkeypatch.setattr(detect, "memory_bandwidth", lambda: 10e9)
     monkeypatch.setattr(detect, "matmul_flops", lambda: 50e9)
     monkeypatch.setattr(detect, "QUIET_S", 0.0)
@@ -180,59 +91,72 @@ def _detect(tiny_model_dir: Path, out: Path, *more: str) -> int:
                  "--context", "64", "--out", str(out), *more])
 
 
-def test_untrustworthy_figures_are_refused_without_force(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    issue = [WidthRuns(w.width, (w.decode[0], w.decode[0] * 0.98, w.decode[0] * 0.99),
-                       (w.prefill[0],) * 3) for w in ISSUE]
-    _canned(monkeypatch, issue)
-    out = tmp_path / "me.toml"
-    assert _detect(tiny_model_dir, out) == 2
-    err = capsys.readouterr().err
-    assert "warning: the measurements are not trustworthy:" in err
-    assert "onnx:fp32 decode at width 0.7 (9.8 tokens/s) is slower than at width 1.0 (24.9 tokens/s)" in err
-    assert ("error: profile detect: the measurements are not trustworthy (onnx:fp32 decode at width 0.7"
-            in err)
-    assert "and 1 more, listed above); rerun on an idle machine, or pass --force to write them anyway" in err
-    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+# The issue's runs: spreads of 15-40% between runs of one width on an idle machine.
+NOISY = {1.0: [74.8, 101.0, 80.2, 88.8, 82.3, 95.0, 70.1, 99.0],
+         0.7: [120.0, 150.0, 110.0, 141.0, 99.0, 130.0, 144.0, 105.0],
+         0.4: [580.0, 945.0, 781.0, 772.0, 816.0, 700.0, 900.0, 640.0]}
 
 
-def test_force_writes_untrustworthy_figures_with_a_warning(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _canned(monkeypatch, ISSUE, busy={"while": ["other processes took 60% of the CPU time while measuring"]})
+def test_noisy_figures_are_written_with_intervals_never_refused(tiny_model_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    _canned(monkeypatch, NOISY)
     out = tmp_path / "me.toml"
-    assert _detect(tiny_model_dir, out, "--force") == 0
-    err = capsys.readouterr().err
-    assert "writing them anyway (--force)" in err and "other processes took 60%" in err
+    assert _detect(tiny_model_dir, out, "--measure-time", "150") == 0
+    captured = capsys.readouterr()
+    # 3 widths x 10 s a round: 3 rounds at least, then while the next round ends within 150 s
+    assert ("3 measured in 5 rounds, 150 s (stopped: time cap); 10 of 15 intervals (94%) still wider "
+            "than +-5%") in captured.out
+    assert "width 1.0 (4 heads, 96 channels), 5 rounds: decode 82.3 [74.8, 101] tokens/s" in captured.out
+    (warning,) = [line for line in captured.err.splitlines() if "warning" in line]
+    assert "after 5 rounds (150 s, the time cap)" in warning and "intervals are wider than +-5%" in warning
     text = out.read_text()
-    assert "# WARNING: written with --force although the measurements are not trustworthy:" in text
-    assert "# WARNING: - other processes took 60% of the CPU time while measuring" in text
-    assert "# WARNING: - onnx:fp32 decode at width 0.7 (9.8 tokens/s) is slower" in text
-    p = load_profile(str(out))  # the warning is comments: the file loads
+    assert "#   width 0.7 (2 heads, 67 channels), 5 rounds: decode 120 [99.0, 150] tokens/s" in text
+    assert "(94% intervals)" in text and "# WARNING: after 5 rounds" in text
+    assert "#   the fit at width 1.0: decode" in text
+    p = load_profile(str(out))  # the figures and the warnings are comments: the file loads
     assert p.local and p.calibration_for(detect.Format("onnx", "fp32")).basis == "measured"
 
 
-def test_busy_machine_is_refused_before_measuring(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _canned(monkeypatch, [])  # no run may be asked for
-    monkeypatch.setattr(detect, "machine_check", lambda when, a, b: [
-        f"the hypervisor took 9% of the CPU time {when} (steal; limit 5%)"])
-    assert _detect(tiny_model_dir, tmp_path / "me.toml") == 2
+def test_a_narrower_model_slower_beyond_the_intervals_is_refused(tiny_model_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    slower = {1.0: [100.0, 101.0, 99.0, 100.5, 99.5], 0.7: [80.0, 81.0, 79.0, 80.5, 79.5],
+              0.4: [300.0, 301.0, 299.0, 300.5, 299.5]}
+    _canned(monkeypatch, slower)
+    assert _detect(tiny_model_dir, tmp_path / "me.toml", "--measure-time", "0") == 2
     err = capsys.readouterr().err
-    assert ("not trustworthy (the hypervisor took 9% of the CPU time before measuring (steal; limit 5%)); "
-            "rerun on an idle machine" in err)
-    assert list(tmp_path.iterdir()) == []
+    assert ("profile detect: figures no cost model can be fitted to: onnx:fp32 decode at width 0.7 is "
+            "slower than at width 1.0 beyond the interval: their ratio is 0.800 [0.798, 0.802] over 3 "
+            "rounds" in err)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
 
 
-def test_trustworthy_figures_are_written_with_their_spread(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _canned(monkeypatch, [WidthRuns(1.0, (24.9, 24.0, 24.5), (300.0, 290.0, 280.0)),
-                          WidthRuns(0.7, (31.0, 30.0, 30.8), (410.0, 400.0, 405.0)),
-                          WidthRuns(0.4, (40.0, 39.5, 39.0), (600.0, 590.0, 595.0))])
+def test_overlapping_figures_are_not_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """0.7 measured slower than 1.0 in one round, faster in others: noise, not a refusal."""
+    _canned(monkeypatch, {1.0: [100.0, 90.0, 110.0], 0.7: [95.0, 120.0, 125.0], 0.4: [300.0, 290.0, 310.0]})
+    assert _detect(tiny_model_dir, tmp_path / "me.toml", "--measure-time", "0") == 0
+
+
+def test_a_busy_machine_is_a_warning(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    busy = {"before": ["the hypervisor took 9% of the CPU time before measuring (steal, over 5%): other "
+                       "virtual machines share these CPUs, and the intervals are wider for it"],
+            "while": ["other processes took 60% of the CPU time while measuring"]}
+    _canned(monkeypatch, {w: [v] * 3 for w, v in ((1.0, 100.0), (0.7, 130.0), (0.4, 200.0))}, busy)
     out = tmp_path / "me.toml"
-    assert _detect(tiny_model_dir, out) == 0
-    captured = capsys.readouterr()
-    assert "not trustworthy" not in captured.err
-    assert "decode 24.9 tokens/s, prefill 300 tokens/s (fastest of 3 runs; spread 4%, 7%)" in captured.out
+    assert _detect(tiny_model_dir, out, "--measure-time", "0") == 0
+    err = capsys.readouterr().err
+    assert "warning: the hypervisor took 9%" in err and "warning: other processes took 60%" in err
     text = out.read_text()
-    assert "WARNING" not in text
-    assert "#   width 1.0, 3 runs: decode 24.9 / 24.5 / 3.7%, prefill 300 / 290 / 6.9%" in text
-    assert "#   width 0.4, 3 runs: decode 40.0 / 39.5 / 2.5%" in text
-    # fitted to the fastest of each width's runs
-    assert "decode tokens/s 24.9, 31.0, 40.0" in text
+    assert "# WARNING: the hypervisor took 9% of the CPU time before measuring" in text
+    assert "# WARNING: other processes took 60% of the CPU time while measuring" in text
     load_profile(str(out))
+
+
+def test_the_fit_weighs_each_figure_by_its_interval():
+    """Three points on y = 5 + 2x, the last one off by +3: with equal weights it pulls the line;
+    measured with an interval 100x wider than the others (a weight 1e-4 as large), it barely
+    moves it."""
+    points = [(1.0, 7.0), (2.0, 9.0), (3.0, 14.0)]
+    a, b = _line(points)
+    assert (a, b) == (pytest.approx(3.0), pytest.approx(2.5 + 1.0))
+    a, b = _line(points, [1.0, 1.0, 1e-4])
+    assert (a, b) == (pytest.approx(5.0, abs=0.01), pytest.approx(2.0, abs=0.01))

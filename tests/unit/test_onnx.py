@@ -211,7 +211,8 @@ def test_cli_target_onnx_and_bench(tiny_model_dir, tmp_path):
     assert o["benchmark"]["perplexity"]["n_predicted"] == 2 * 63
     assert main(["bench", str(out / "onnx-fp32" / "model.onnx"), "--eval-windows", "0",
                  "--prompt-tokens", "16", "--gen-tokens", "4", "--json", str(tmp_path / "b.json")]) == 0
-    assert json.loads((tmp_path / "b.json").read_text())["prefill"]["tokens"] == 16
+    bench = json.loads((tmp_path / "b.json").read_text())["model"]
+    assert bench["first_run"]["prefill"]["tokens"] == 16 and bench["rounds"] == len(bench["runs"]) >= 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -56,6 +56,28 @@ def test_parity_records_the_genai_check(folders):
     assert result["genai"]["checked"] and result["genai"]["identical"], result["genai"]
 
 
+def test_a_genai_disagreement_fails_the_build(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """GenAI's greedy tokens differing from our runner's is a parity failure: exit 2, nothing written."""
+    from mosaic_export.targets import onnx_runner
+
+    real = onnx_runner.logits_and_greedy
+
+    def disagreeing(*args, **kwargs):
+        logits, ours, genai = real(*args, **kwargs)
+        assert genai["checked"] and genai["identical"]  # the real check passed; now it does not
+        return logits, ours, {**genai, "identical": False, "first_difference": 3}
+
+    monkeypatch.setattr(onnx_runner, "logits_and_greedy", disagreeing)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--sparsity", "0.25", "--structured-fraction", "1",
+                 "--target", "onnx", "--calib-samples", "2", "--calib-seq-len", "32", "--eval-windows", "1",
+                 "--eval-seq-len", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("ONNX Runtime GenAI disagrees with ONNX Runtime on onnx-fp32: its greedy tokens differ from "
+            "ours at token 3") in err
+    assert not out.exists()
+
+
 def test_genai_refuses_a_folder_whose_kv_heads_differ(tiny_model_dir, tmp_path):
     from mosaic_export.errors import UserError
     from tests.conftest import heterogeneous_model

@@ -52,6 +52,30 @@ def test_a_failure_names_the_file_and_the_childs_own_line():
         run_child("tests.crashing_child", ["fail"], "llama.cpp", "benchmarking", "model-Q8_0.gguf")
 
 
+def test_a_crash_of_the_quantizer_child_is_named(tiny_model_dir, monkeypatch):
+    """llama.cpp's quantizer runs in a child like every llama.cpp call (here: reading the types a
+    quantized GGUF will hold); its crash is reported by name, not the end of this process."""
+    from mosaic_export.targets.gguf_types import intended_types
+
+    from mosaic_export.model_io import load_model
+
+    monkeypatch.setattr(gguf_runner, "MODULE", "tests.crashing_child")
+    monkeypatch.setenv("CRASHING_CHILD_MODE", "segv")
+    with pytest.raises(RuntimeCrash) as e:
+        intended_types(load_model(str(tiny_model_dir)), "Q4_K_M")
+    assert str(e.value) == ("llama.cpp crashed (SIGSEGV) while quantizing to Q4_K_M the stand-in file that "
+                            "tells each tensor's type")
+
+
+def test_the_runtime_children_import_no_torch():
+    """The runners measure the runtime's own memory and start fast: no torch in them."""
+    code = ("import sys, mosaic_export.targets.gguf_runner, mosaic_export.targets.onnx_runner, "
+            "mosaic_export.targets.onnx_genai; print(sorted(m for m in ('torch', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def _dead(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -182,6 +206,19 @@ def test_force_refuses_a_folder_that_is_not_an_output(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--force will not replace" in err and "not an output folder" in err
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_force_refuses_a_sweep_folder_whose_runs_are_not_ours(tiny_model_dir, tmp_path, capsys):
+    """A folder with sweep.csv is a sweep only when every run's manifest.json is one of ours."""
+    out = tmp_path / "sweep"
+    (out / "r0.10").mkdir(parents=True)
+    (out / "sweep.csv").write_text("type,target\n")
+    (out / "r0.10" / "manifest.json").write_text('{"name": "someone else\'s package"}')
+    assert main(_cli(tiny_model_dir, out, "--sparsity", "0.2", "--target", "none", "--force")) == 2
+    assert "not an output folder of mosaic-export" in capsys.readouterr().err
+    assert (out / "r0.10" / "manifest.json").is_file()
+    (out / "r0.10" / "manifest.json").write_text('{"manifest_version": 1}')  # a run of ours
+    assert outputs.is_tool_output(out)
 
 
 def test_force_refuses_the_current_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,90 @@
+"""Built models measured in their runtime: exported in a format, then run in interleaved rounds
+(measure/rounds.py), each run in a fresh process. Every speed or memory figure of the tool comes
+from here: profile detect's widths, the joint search's dense types, the chosen plan against the
+dense model (the verdict), the neighbour plan, `mosaic-export bench`, the tools.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .costmodel import Format
+from .measure.rounds import Measurement, Policy, interleaved
+
+if TYPE_CHECKING:
+    from .model_io import LoadedModel
+    from .plan import Plan
+    from .run_config import RunConfig
+    from .targets.base import Evaluation
+
+
+def export_format(loaded: LoadedModel, fmt: Format, work: Path) -> Path:
+    """Export the model in the format into ``work``; the file (or folder) written."""
+    target = fmt.spec
+    path = work / target.artifact_name(fmt.name)
+    work.mkdir(parents=True, exist_ok=True)
+    target.export(loaded, path, fmt.name)
+    return path
+
+
+def runner(fmt: Format, path: Path, context: int | None, threads: int | None,
+           first: Evaluation | None = None, **options) -> Callable[[int], dict]:
+    """A candidate of measure.rounds.interleaved: round r runs the format's benchmark of ``path``
+    in a fresh process with the context full; with ``first``, the first round also scores its
+    perplexity (after the timed part, so its figures are like the others')."""
+    plain = functools.partial(fmt.spec.benchmark, path, threads=threads, context=context,
+                              eval_text=None, eval_windows=0, **options)
+
+    def run(r: int) -> dict:
+        if r == 0 and first is not None:
+            return fmt.spec.benchmark(path, **{**first.benchmark_options(), "context": context}, **options)
+        return plain()
+
+    return run
+
+
+def measure(files: dict[Hashable, tuple[Format, Path]], policy: Policy, context: int | None,
+            threads: int | None = None, reference: Hashable | None = None,
+            first: Evaluation | None = None, log=None) -> Measurement:
+    """Every file in its runtime, in interleaved rounds (ratios against ``reference``)."""
+    runs = {key: runner(fmt, path, context, threads, first) for key, (fmt, path) in files.items()}
+    return interleaved(runs, policy, reference, log=log)
+
+
+def median_run(m: Measurement, key: Hashable) -> dict:
+    """A candidate's first run (its perplexity, file size, ...) with its speed and memory replaced
+    by the medians over the rounds, and the rounds' intervals under "measured"."""
+    first = dict(m.runs[key][0])
+    decode, prefill, memory = (m.figure(key, metric).median for metric in ("decode", "prefill", "memory"))
+    first["decode"] = {**first["decode"], "tokens_per_s": decode}
+    first["prefill"] = {**first["prefill"], "tokens_per_s": prefill,
+                        "seconds": first["prefill"]["tokens"] / prefill}
+    first["peak_rss_bytes"] = memory
+    first["measured"] = m.to_dict(key)
+    return first
+
+
+def measure_beside(config: RunConfig, fmt: Format, built: Path, others: dict[str, tuple[Format, Plan | None]],
+                   reference: str | None, context: int | None, log=print) -> Measurement:
+    """The built file ("plan", in ``fmt``) and, beside it in the same rounds, the source model cut
+    to each of ``others``' plans (None: the dense model itself; sizes are what cost), exported in
+    its format into a temporary folder; ratios against ``reference``."""
+    from .model_io import load_model
+    from .prune.apply import resize_to_plan
+
+    files = {"plan": (fmt, built)}
+    with tempfile.TemporaryDirectory(prefix=".measure-", dir=built.parent) as tmp:
+        for name, (other, plan) in others.items():
+            log(f"exporting the {'dense model' if plan is None else name + ' plan'} as {other.key}, to "
+                "measure beside the plan")
+            loaded = load_model(config.model, stream=config.stream)
+            if plan is not None:
+                resize_to_plan(loaded, plan)
+            files[name] = (other, export_format(loaded, other, Path(tmp) / name))
+            del loaded
+        log(f"measuring {', '.join(files)} in interleaved rounds")
+        return measure(files, config.rounds, context, config.threads, reference, log=log)

@@ -1,0 +1,71 @@
+"""--max-rss as a limit on the whole process tree (mosaic_export/measure/tree.py): children are
+counted, a child that would take the tree over the limit is stopped, and the run stops cleanly
+with the figure, nothing written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mosaic_export.cli import main
+from mosaic_export.measure import tree
+from mosaic_export.measure.tree import MemoryLimit, MemoryLimitExceeded, rss_bytes
+from mosaic_export.process import run_child
+from mosaic_export.units import format_bytes
+
+MIB = 2**20
+
+
+def test_the_tree_counts_the_children():
+    """A child holding 120 MiB is counted in the tree's peak on top of this process."""
+    own = rss_bytes(os.getpid())
+    with MemoryLimit(own + 2048 * MIB) as watch:
+        assert run_child("tests.crashing_child", ["eat", "--mib", "120"], "x", "testing", "y") == {"ok": True}
+    assert watch.exceeded is None
+    assert watch.peak >= own + 120 * MIB
+    assert len(watch.peak_each) == 2  # this process and the child
+
+
+@pytest.mark.parametrize("cgroups", [False, True], ids=["watched", "cgroup where the system allows"])
+def test_a_child_over_the_limit_stops_the_run_with_the_figure(cgroups):
+    own = rss_bytes(os.getpid())
+    limit = own + 150 * MIB
+    with pytest.raises(MemoryLimitExceeded) as e, MemoryLimit(limit, use_cgroups=cgroups):
+        run_child("tests.crashing_child", ["eat", "--mib", "400"], "x", "testing", "y")
+    message = str(e.value)
+    assert "over" in message and "--max-rss" in message and message.endswith("; stopped, nothing was written")
+    assert tree.active() is None  # the limit ends with its block
+
+
+def test_this_process_over_the_limit_is_stopped():
+    """The watch interrupts this process itself when it grows past the limit."""
+    own = rss_bytes(os.getpid())
+    with pytest.raises(MemoryLimitExceeded, match="held .* over --max-rss"), MemoryLimit(own + 100 * MIB):
+        held = []
+        for _ in range(60):  # up to 600 MiB, 10 MiB at a time, touched
+            held.append(bytearray(10 * MIB))
+            for i in range(0, 10 * MIB, 4096):
+                held[-1][i] = 1
+    del held
+
+
+def test_a_run_over_the_limit_stops_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A --max-rss the door lets through (its estimate is made small here) that this process and
+    its llama.cpp child cannot keep together: the run stops with the figure, exit 2, and writes
+    nothing."""
+    from mosaic_export import memory
+
+    monkeypatch.setattr(memory, "estimate", lambda *a, **k: (1, {"a phase": 1}))
+    out = tmp_path / "out"
+    limit = rss_bytes(os.getpid()) // MIB + 20  # this process now, and 20 MiB: a llama.cpp child needs more
+    code = main(["--model", str(tiny_model_dir), "--sparsity", "0.3", "--structured-fraction", "1",
+                 "--target", "gguf", "--quant", "F32", "--calib-samples", "2", "--calib-seq-len", "32",
+                 "--eval-windows", "0", "--max-rss", f"{limit}MiB", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err  # progress bars, then one error line
+    assert err.count("mosaic-export: error: ") == 1
+    line = err.split("mosaic-export: error: ")[1].strip()
+    assert f"--max-rss {format_bytes(limit * MIB)}" in line
+    assert line.endswith("; stopped, nothing was written")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
