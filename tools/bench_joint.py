@@ -4,14 +4,20 @@ against every row.
 
     python tools/bench_joint.py --profile bench/costmodel/this-machine.toml \\
         --calib-text ../shared/data/wikitext-2/valid.txt --eval-text ../shared/data/wikitext-2/test.txt \\
-        --eval-windows 32 --recover-tokens 32768 --json bench/joint/table.json
+        --eval-windows 32 --recover-tokens 32768 [--rounds 5] [--measure-time 60] \\
+        --json bench/joint/table.json
 
 Rows: the dense model at each of --types; the model pruned by structure (POD composite plan,
 compensated, at the type's channel alignment) at each of --levels for each of --pruned-types,
 as pruned and after recovery (distillation from the dense model on --recover-text). Each row is
-exported by mosaic-export, run in a fresh llama.cpp process with the context full (peak RSS at
---context tokens, decode and prefill tokens/s after a 512-token prompt) and scored on the same
---eval-windows windows of --eval-text.
+exported by mosaic-export and kept; then all rows are measured in one set of interleaved rounds
+(mosaic_export.benchmarks.measure), each run in a fresh llama.cpp process with the context full
+(peak RSS at --context tokens, decode and prefill tokens/s after a 512-token prompt), the rows in
+turn and in the reverse order on the next round. A row's speed and memory are the medians over the
+rounds, with their 95% order-statistic intervals under "intervals" (the rounds go on past --rounds
+until every interval is within --precision of its median, or until --measure-time would be
+passed); the first round also scores each row on the same --eval-windows windows of --eval-text.
+The dense probe perplexities at each type are scored once (one run each, no rounds).
 
 The prediction is the joint search's (mosaic_export/quality.py), built as the main command builds
 it, on the probe (8 windows from the end of the evaluation text, disjoint from the first
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -35,14 +42,16 @@ from pathlib import Path
 
 import torch
 from mosaic_export.targets import get as get_target
-from mosaic_export.targets.gguf import export
-from mosaic_export.targets.gguf_runner import benchmark
+from mosaic_export.targets.base import Evaluation
 
+from mosaic_export import benchmarks
+from mosaic_export.arguments import add_measurement, measurement_policy
 from mosaic_export.calibration import LayerStream, tokenize
 from mosaic_export.costmodel import Format
 from mosaic_export.evaluate import perplexity, windows
+from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy
 from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids, make_pricing
+from mosaic_export.pipeline import calibration_ids
 from mosaic_export.plan import CalibrationSettings, PruneSettings
 from mosaic_export.pod import measure
 from mosaic_export.profile import load_profile
@@ -61,6 +70,7 @@ from mosaic_export.quality import (
 )
 from mosaic_export.recover import RecoverSettings, training_windows
 from mosaic_export.report import pareto
+from mosaic_export.search import make_pricing
 from mosaic_export.texts import corpus
 
 
@@ -81,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rescore", type=Path, default=None,
                    help="recompute the predictions, errors and fronts of a table this tool wrote "
                         "(after a change to the quality model), in place; measures nothing")
+    add_measurement(p, BENCH_POLICY)
     a = p.parse_args(argv)
     if a.rescore:
         return finish(json.loads(a.rescore.read_text()), a.rescore)
+    policy = measurement_policy(a, BENCH_POLICY)
     t_start = time.perf_counter()
 
     dense = load_model(a.model)
@@ -108,27 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         text, probe = write_probe(a.eval_text, dense.tokenizer, work)
         reference = perplexity(dense.model, probe, str(text), desc="probe (dense)").perplexity
         print(f"dense PyTorch: {a.eval_text} {dense_eval:.3f}, probe {reference:.3f}", flush=True)
-        probes = measure_types(dense, "gguf", a.types, work / "probe", probe_evaluation(str(text), a.context))
+        # the probe perplexities only: one run of each type, no rounds (its speeds are not used)
+        probes = measure_types(dense, "gguf", a.types, work / "probe", probe_evaluation(str(text), a.context),
+                               policy=Policy(max_seconds=0.0, least=1, most=1))
         type_deltas = {t: math.log(r["perplexity"]["perplexity"] / reference) for t, r in probes.items()}
+        shutil.rmtree(work / "probe", ignore_errors=True)  # the rows' files are exported again, below
+        files: dict[int, tuple[Format, Path]] = {}  # row index -> its exported file, measured at the end
 
         def row(loaded, type_: str, removed: float, recovered: bool, probe_ppl: float | None,
                 extra: dict | None = None) -> dict:
-            path = work / f"m-{type_}.gguf"
-            export(loaded, path, type_)
-            r = benchmark(path, eval_text=a.eval_text, eval_windows=a.eval_windows, context=a.context)
-            path.unlink()
+            fmt = Format("gguf", type_)
+            files[len(rows)] = (fmt, benchmarks.export_format(loaded, fmt, work / "rows" / str(len(rows))))
             cost = pricings[type_].cost(loaded.layer_dims)
-            out = {"type": type_, "removed": removed, "recovered": recovered,
-                   "file_bytes": r["file_bytes"], "peak_rss_bytes": r["peak_rss_bytes"],
-                   "context": r["context"], "decode_tokens_per_s": r["decode"]["tokens_per_s"],
-                   "prefill_tokens_per_s": r["prefill"]["tokens_per_s"],
-                   "perplexity": r["perplexity"]["perplexity"], "probe_perplexity": probe_ppl,
+            out = {"type": type_, "removed": removed, "recovered": recovered, "probe_perplexity": probe_ppl,
                    "predicted_memory_bytes": cost.memory_bytes,
                    "predicted_decode_tokens_per_s": cost.decode_tokens_per_s, **(extra or {})}
-            print(f"{type_:<7} {removed:6.1%} {'recovered' if recovered else '':<9} "
-                  f"{out['file_bytes'] / 2**20:7.1f} MiB  RSS {out['peak_rss_bytes'] / 2**20:6.1f} MiB  "
-                  f"decode {out['decode_tokens_per_s']:6.1f}  prefill {out['prefill_tokens_per_s']:6.0f}  "
-                  f"perplexity {out['perplexity']:.3f}", flush=True)
+            print(f"{type_:<7} {removed:6.1%} {'recovered' if recovered else '':<9} exported", flush=True)
             rows.append(out)
             return out
 
@@ -149,14 +156,48 @@ def main(argv: list[str] | None = None) -> int:
                         if recover else None)
             measure_structure(dense, spec, recovery, visit=visit)
 
+        print(f"measuring {len(files)} rows in llama.cpp, in interleaved rounds (the first also scores "
+              f"{a.eval_windows} windows of {a.eval_text})", flush=True)
+        m = benchmarks.measure(files, policy, a.context, first=Evaluation(a.eval_text, a.eval_windows),
+                               log=print)
+        for i, out in enumerate(rows):
+            take_medians(out, m, i)
+
     quality = QualityModel(reference, type_deltas, probe={
         "text": a.eval_text, "from": "the end of the text", "structure_alignment": finest})
     out = {"model": dense.source, "calib_text": a.calib_text, "eval_text": a.eval_text,
            "eval_windows": eval_ids.shape[0], "context": a.context, "profile": a.profile,
            "recover": None if recover is None else {"tokens": recover.tokens, "text": recover.text},
            "dense_pytorch_perplexity": dense_eval, "quality": quality.to_dict(),
-           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start, "rows": rows}
+           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start,
+           "measurement": {"rounds": m.rounds, "seconds": m.seconds, "stopped": m.stopped,
+                           "summary": m.summary()},
+           "rows": rows}
     return finish(out, a.json)
+
+
+# row key -> the Measurement's metric, and how it is shown
+FIGURES = {"decode_tokens_per_s": ("decode", "{:.1f}", 1.0),
+           "prefill_tokens_per_s": ("prefill", "{:.0f}", 1.0),
+           "peak_rss_bytes": ("memory", "{:.1f}", 2**20)}
+
+
+def take_medians(out: dict, m: Measurement, key: int) -> None:
+    """A row's measured figures: its file, its speed and memory as the medians over the rounds
+    (each one's 95% interval under "intervals") and the perplexity the first round scored."""
+    first = m.runs[key][0]
+    out.update(file_bytes=first["file_bytes"], context=first["context"], rounds=m.rounds,
+               perplexity=first["perplexity"]["perplexity"], intervals={})
+    shown = {}
+    for name, (metric, fmt, scale) in FIGURES.items():
+        iv = m.figure(key, metric)
+        out[name] = iv.median
+        out["intervals"][name] = iv.to_dict()
+        shown[name] = iv.text(lambda v, fmt=fmt, scale=scale: fmt.format(v / scale))
+    print(f"{out['type']:<7} {out['removed']:6.1%} {'recovered' if out['recovered'] else '':<9} "
+          f"{out['file_bytes'] / 2**20:7.1f} MiB  RSS {shown['peak_rss_bytes']} MiB  "
+          f"decode {shown['decode_tokens_per_s']}  prefill {shown['prefill_tokens_per_s']}  "
+          f"perplexity {out['perplexity']:.3f}", flush=True)
 
 
 def quality_of(out: dict) -> QualityModel:
@@ -204,16 +245,27 @@ def finish(out: dict, path: Path | None) -> int:
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as markdown; measured figures as "median [low, high]" (95% interval over the
+    interleaved rounds) where the row has its intervals (tables written before: the median alone)."""
     lines = ["| model | file (MiB) | peak RSS (MiB) | decode tokens/s | prefill tokens/s | perplexity | "
              "predicted | front (memory, speed) |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict, key: str) -> str:
+        _, fmt, scale = FIGURES[key]
+        iv = r.get("intervals", {}).get(key)
+        if iv is None or iv["n"] == 1:
+            return fmt.format(r[key] / scale)
+        return f"{fmt.format(iv['median'] / scale)} [{fmt.format(iv['low'] / scale)}, " \
+               f"{fmt.format(iv['high'] / scale)}]"
+
     for r in rows:
         name = f"dense {r['type']}" if r["removed"] == 0 else \
             f"{r['type']}, {r['removed']:.1%} removed" + (", recovered" if r["recovered"] else "")
         front = ", ".join(n for n, k in (("memory", "peak_rss_bytes"), ("speed", "decode_tokens_per_s"))
                           if r[f"front_{k}"])
         pred = f"{r['predicted_perplexity']:.2f}" if r["predicted_perplexity"] else "-"
-        lines.append(f"| {name} | {r['file_bytes'] / 2**20:.1f} | {r['peak_rss_bytes'] / 2**20:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
+        lines.append(f"| {name} | {r['file_bytes'] / 2**20:.1f} | {cell(r, 'peak_rss_bytes')} | "
+                     f"{cell(r, 'decode_tokens_per_s')} | {cell(r, 'prefill_tokens_per_s')} | "
                      f"{r['perplexity']:.2f} | {pred} | {front} |")
     return "\n".join(lines)
 

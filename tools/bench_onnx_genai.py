@@ -1,36 +1,52 @@
 """Our ONNX export against ONNX Runtime GenAI's model builder, and against llama.cpp, in one run.
 
     python tools/bench_onnx_genai.py --builder-python /tmp/bvenv/bin/python --out bench/onnx_genai \
-        [--model MODEL] [--dtypes fp32 int4] [--rounds 3] [--threads 2] [--eval-windows 16]
+        [--model MODEL] [--dtypes fp32 int4] [--rounds 5] [--measure-time 60] [--precision 0.05] \
+        [--threads 2] [--eval-windows 16]
 
 1. The builder: the dense model is saved as a transformers folder and given, offline, to
    `python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p DTYPE -e cpu` (its defaults).
    The builder needs a newer transformers than this project pins, so it runs in its own venv
    (--builder-python; `pip install torch==2.13.0 transformers onnxruntime-genai onnx onnx-ir`).
 2. Ours: the same model exported by mosaic-export's ONNX target at the same dtype.
-3. Both folders run in ONNX Runtime GenAI (targets/onnx_genai.py), alternately, each run in a fresh
-   process: load, prefill of a 512-token prompt, 128 greedy decode steps; medians of the rounds.
+3. Both folders run in ONNX Runtime GenAI (targets/onnx_genai.py) in interleaved rounds
+   (mosaic_export.measure.rounds.interleaved, the builder's folder the reference), each run in a
+   fresh process: load, prefill of a 512-token prompt, 128 greedy decode steps.
 4. With --gguf Q4_K_M (default): our int4 folder in ONNX Runtime (targets/onnx_runner.py) against
-   llama.cpp's Q4_K_M of the same model, alternately: decode tokens/s, peak RSS and perplexity on
-   the first --eval-windows windows of 512 tokens of --eval-text.
+   llama.cpp's Q4_K_M of the same model, in interleaved rounds (mosaic_export.benchmarks.measure,
+   llama.cpp the reference): decode tokens/s and peak RSS, and perplexity on the first
+   --eval-windows windows of 512 tokens of --eval-text, scored in the first round.
 
-Writes OUT/results.json and OUT/table.md, and prints the table.
+Each round runs every candidate once, in turn and in the reverse order on the next round, so that
+machine noise hits them alike. Every speed and memory figure is the median over the rounds with
+its 95% order-statistic interval, "median [low, high]"; each ratio (ours / builder, ours /
+llama.cpp) is taken within each round, its median and interval over the rounds. The rounds go on
+past --rounds until every interval is within --precision of its median, or until --measure-time
+would be passed. Writes OUT/results.json and OUT/table.md, and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-from mosaic_export.targets import get, onnx, onnx_genai, onnx_runner
+from mosaic_export.targets import onnx, onnx_genai
+from mosaic_export.targets.base import Evaluation
 
+from mosaic_export import benchmarks
+from mosaic_export.arguments import add_measurement, measurement_policy
+from mosaic_export.costmodel import Format
+from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy, interleaved
 from mosaic_export.model_io import load_model
 from mosaic_export.units import format_bytes
+
+OURS_INT4 = "ours int4 (ONNX Runtime)"
 
 
 def build_with_builder(python: str, checkpoint: Path, out: Path, dtype: str) -> Path:
@@ -55,61 +71,62 @@ def nbits_settings(folder: Path) -> list:
     return sorted(found)
 
 
-def median_of(runs: list[dict], *keys: str) -> float:
-    def get_key(r):
-        for k in keys:
-            r = r[k]
-        return r
-    return statistics.median(get_key(r) for r in runs)
+def genai_run(name: str, folder: Path, threads: int | None) -> Callable[[int], dict]:
+    """A candidate of the rounds: round r runs the folder once in ONNX Runtime GenAI (a fresh process)."""
+    def run(r: int) -> dict:
+        d = onnx_genai.benchmark(folder, threads=threads)
+        print(f"  round {r + 1} {name}: decode {d['decode']['tokens_per_s']:.1f} tok/s, prefill "
+              f"{d['prefill']['tokens_per_s']:.0f} tok/s, RSS {format_bytes(d['peak_rss_bytes'])}",
+              flush=True)
+        return d
+
+    return run
 
 
-def alternate(measure, folders: dict[str, Path], rounds: int) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {name: [] for name in folders}
-    for r in range(rounds):
-        for name, folder in folders.items():
-            runs[name].append(measure(folder))
-            d = runs[name][-1]
-            rss = format_bytes(d["peak_rss_bytes"])
-            print(f"  round {r + 1} {name}: decode {d['decode']['tokens_per_s']:.1f} tok/s, prefill "
-                  f"{d['prefill']['tokens_per_s']:.0f} tok/s, RSS {rss}", flush=True)
-    return runs
+def one(v: float) -> str:
+    return f"{v:.1f}"
 
 
-def builder_rows(dtype: str, runs: dict[str, list[dict]]) -> list[str]:
+def mib(v: float) -> str:
+    return f"{v / 2**20:.1f}"
+
+
+def three(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def builder_rows(dtype: str, m: Measurement) -> list[str]:
+    """The table's rows of one dtype: our figures and the builder's (medians and intervals) and
+    ours / builder (the per-round ratio's median and interval); the files' sizes (fixed)."""
     rows = []
-    for figure, keys, fmt in (("decode tokens/s", ("decode", "tokens_per_s"), "{:.1f}"),
-                              ("prefill tokens/s (512)", ("prefill", "tokens_per_s"), "{:.0f}"),
-                              ("peak RSS", ("peak_rss_bytes",), None),
-                              ("files", ("file_bytes",), None)):
-        ours, theirs = median_of(runs["ours"], *keys), median_of(runs["builder"], *keys)
-        show = (lambda v: format_bytes(v)) if fmt is None else fmt.format  # noqa: E731
-        rows.append(f"| {dtype} | {figure} | {show(ours)} | {show(theirs)} | {ours / theirs:.3f} |")
+    for figure, metric, show in (("decode tokens/s", "decode", one),
+                                 ("prefill tokens/s (512)", "prefill", lambda v: f"{v:.0f}"),
+                                 ("peak RSS (MiB)", "memory", mib)):
+        ours, theirs = m.figure("ours", metric), m.figure("builder", metric)
+        rows.append(f"| {dtype} | {figure} | {ours.text(show)} | {theirs.text(show)} | "
+                    f"{m.ratio('ours', metric).text(three)} |")
+    ours, theirs = (m.runs[k][0]["file_bytes"] for k in ("ours", "builder"))
+    rows.append(f"| {dtype} | files | {format_bytes(ours)} | {format_bytes(theirs)} | {ours / theirs:.3f} |")
     return rows
 
 
-def vs_llama(loaded, work: Path, ours: Path, quant: str, rounds: int, threads: int | None,
-             eval_text: str, windows: int) -> tuple[dict, list[str]]:
-    gguf = get("gguf")
-    path = work / f"model-{quant}.gguf"
-    gguf.export(loaded, path, quant)
-    options = dict(threads=threads, eval_text=eval_text, eval_windows=windows)
-    measures = {"ours int4 (ONNX Runtime)": lambda f: onnx_runner.benchmark(f, **options),
-                f"llama.cpp {quant}": lambda f: gguf.benchmark(f, **options)}
-    files = {"ours int4 (ONNX Runtime)": ours, f"llama.cpp {quant}": path}
-    runs: dict[str, list[dict]] = {name: [] for name in files}
-    for r in range(rounds):
-        for name in files:
-            runs[name].append(measures[name](files[name]))
-            d = runs[name][-1]
-            print(f"  round {r + 1} {name}: decode {d['decode']['tokens_per_s']:.1f} tok/s, "
-                  f"RSS {format_bytes(d['peak_rss_bytes'])}, perplexity {d['perplexity']['perplexity']:.3f}",
-                  flush=True)
-    rows = ["| | decode tokens/s | peak RSS | files | perplexity |", "|---|---|---|---|---|"]
-    for name, rs in runs.items():
-        rss, size = format_bytes(median_of(rs, "peak_rss_bytes")), format_bytes(rs[0]["file_bytes"])
-        rows.append(f"| {name} | {median_of(rs, 'decode', 'tokens_per_s'):.1f} | {rss} | {size} | "
-                    f"{rs[0]['perplexity']['perplexity']:.3f} |")
-    return runs, rows
+def vs_llama(loaded, work: Path, ours: Path, quant: str, policy: Policy, threads: int | None,
+             eval_text: str, windows: int) -> tuple[Measurement, list[str]]:
+    """Our int4 folder in ONNX Runtime against llama.cpp's ``quant`` of the model, in interleaved
+    rounds (llama.cpp the reference; the first round also scores the perplexity)."""
+    fmt, theirs = Format("gguf", quant), f"llama.cpp {quant}"
+    files = {OURS_INT4: (Format("onnx", "int4"), ours),
+             theirs: (fmt, benchmarks.export_format(loaded, fmt, work / f"llama-{quant}"))}
+    m = benchmarks.measure(files, policy, None, threads, reference=theirs,
+                           first=Evaluation(eval_text, windows, threads=threads), log=print)
+    rows = [f"| | decode tokens/s | peak RSS (MiB) | files | perplexity | decode / {theirs} |",
+            "|---|---|---|---|---|---|"]
+    for name, rs in m.runs.items():
+        ratio = "-" if name == theirs else m.ratio(name, "decode").text(three)
+        rows.append(f"| {name} | {m.figure(name, 'decode').text(one)} | "
+                    f"{m.figure(name, 'memory').text(mib)} | {format_bytes(rs[0]['file_bytes'])} | "
+                    f"{rs[0]['perplexity']['perplexity']:.3f} | {ratio} |")
+    return m, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,19 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--builder-python", required=True, help="a python with onnxruntime-genai's builder")
     p.add_argument("--model", default=None, help="the dense model (default: the built-in SmolLM2)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gguf", default="Q4_K_M", help="llama.cpp type to hold our int4 against ('' : skip)")
     p.add_argument("--eval-text", default="../shared/data/wikitext-2/test.txt")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--out", type=Path, required=True)
+    add_measurement(p, BENCH_POLICY)
     a = p.parse_args(argv)
+    policy = measurement_policy(a, BENCH_POLICY)
 
     if not onnx_genai.available():
-        raise SystemExit("onnxruntime-genai is not installed here (pip install -e '.[genai]')")
+        raise SystemExit("onnxruntime-genai is not installed here (pip install onnxruntime-genai)")
     loaded = load_model(a.model)
-    results: dict = {"model": loaded.source, "threads": a.threads, "rounds": a.rounds, "builder": {}}
-    rows = ["| dtype | figure | ours | builder | ours / builder |", "|---|---|---|---|---|"]
+    results: dict = {"model": loaded.source, "threads": a.threads, "rounds": policy.least,
+                     "policy": asdict(policy), "builder": {}}
+    rows = ["Median [95% interval] over interleaved rounds; ratios taken within each round.", "",
+            "| dtype | figure | ours | builder | ours / builder |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint = work / "dense-hf"
@@ -143,16 +163,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dtype}: exported; MatMulNBits ours {nbits_settings(folders[dtype]['ours'])}, "
                   f"builder {nbits_settings(folders[dtype]['builder'])}", flush=True)
         for dtype in a.dtypes:
-            print(f"{dtype}: ours and the builder's in ONNX Runtime GenAI", flush=True)
-            runs = alternate(lambda f: onnx_genai.benchmark(f, threads=a.threads), folders[dtype], a.rounds)
-            results["builder"][dtype] = {"runs": runs, "nbits": {k: nbits_settings(f) for k, f in
-                                                                 folders[dtype].items()}}
-            rows += builder_rows(dtype, runs)
+            print(f"{dtype}: ours and the builder's in ONNX Runtime GenAI, in interleaved rounds", flush=True)
+            m = interleaved({name: genai_run(name, f, a.threads) for name, f in folders[dtype].items()},
+                            policy, reference="builder", log=print)
+            results["builder"][dtype] = {"runs": m.runs, "nbits": {k: nbits_settings(f) for k, f in
+                                                                   folders[dtype].items()},
+                                         "measured": {k: m.to_dict(k) for k in m.runs}}
+            rows += builder_rows(dtype, m)
         table = "\n".join(rows)
         if a.gguf and "int4" in a.dtypes:
-            print(f"our int4 against llama.cpp {a.gguf}", flush=True)
-            results["llama"], llama_rows = vs_llama(loaded, work, folders["int4"]["ours"], a.gguf, a.rounds,
-                                                    a.threads, a.eval_text, a.eval_windows)
+            print(f"our int4 against llama.cpp {a.gguf}, in interleaved rounds", flush=True)
+            m, llama_rows = vs_llama(loaded, work, folders["int4"]["ours"], a.gguf, policy, a.threads,
+                                     a.eval_text, a.eval_windows)
+            results["llama"] = m.runs
+            results["llama_measured"] = {k: m.to_dict(k) for k in m.runs}
             table += "\n\n" + "\n".join(llama_rows)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
