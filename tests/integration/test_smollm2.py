@@ -150,8 +150,8 @@ def test_budget_search_end_to_end(tmp_path):
     # measured in rounds beside the dense model (the budget is relative to it), in the same rounds
     measured = cost["measured"]
     assert measured["context"] == 2048 and measured["reference"] == "dense" and measured["rounds"] >= 5
-    (verdict,) = measured["verdicts"]
-    assert verdict["name"] == "max_memory" and verdict["factor"] == 0.95
+    verdict = {v["name"]: v for v in measured["verdicts"]}["max_memory"]  # (and the profile's own)
+    assert verdict["factor"] == 0.95
     ratio = verdict["ratio"]
     assert ratio["low"] <= ratio["median"] <= ratio["high"] < 1  # smaller than the dense model, measured
     assert verdict["status"] == ("met" if ratio["high"] <= 0.95 else "missed" if ratio["low"] > 0.95
