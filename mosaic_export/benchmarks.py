@@ -6,7 +6,6 @@ dense model (the verdict), the neighbour plan, `mosaic-export bench`, the tools.
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -32,17 +31,18 @@ def export_format(loaded: LoadedModel, fmt: Format, work: Path) -> Path:
 
 
 def runner(fmt: Format, path: Path, context: int | None, threads: int | None,
-           first: Evaluation | None = None, **options) -> Callable[[int], dict]:
+           first: Evaluation | None = None, fill_rounds: int = 1, **options) -> Callable[[int], dict]:
     """A candidate of measure.rounds.interleaved: round r runs the format's benchmark of ``path``
-    in a fresh process with the context full; with ``first``, the first round also scores its
+    in a fresh process. The first ``fill_rounds`` rounds fill the KV cache to ``context`` after
+    the decode (the peak memory with the context full: measured there); later rounds time
+    prefill and decode alone, the cache sized the same (a third of the time: more rounds for the
+    speed figures, which are the noisy ones). With ``first``, the first round also scores the
     perplexity (after the timed part, so its figures are like the others')."""
-    plain = functools.partial(fmt.spec.benchmark, path, threads=threads, context=context,
-                              eval_text=None, eval_windows=0, **options)
-
     def run(r: int) -> dict:
+        fill = {"context": context, "no_fill": r >= fill_rounds}
         if r == 0 and first is not None:
-            return fmt.spec.benchmark(path, **{**first.benchmark_options(), "context": context}, **options)
-        return plain()
+            return fmt.spec.benchmark(path, **{**first.benchmark_options(), **fill}, **options)
+        return fmt.spec.benchmark(path, threads=threads, eval_text=None, eval_windows=0, **fill, **options)
 
     return run
 
@@ -50,8 +50,10 @@ def runner(fmt: Format, path: Path, context: int | None, threads: int | None,
 def measure(files: dict[Hashable, tuple[Format, Path]], policy: Policy, context: int | None,
             threads: int | None = None, reference: Hashable | None = None,
             first: Evaluation | None = None, log=None) -> Measurement:
-    """Every file in its runtime, in interleaved rounds (ratios against ``reference``)."""
-    runs = {key: runner(fmt, path, context, threads, first) for key, (fmt, path) in files.items()}
+    """Every file in its runtime, in interleaved rounds (ratios against ``reference``); memory is
+    measured in the policy's least rounds, speed in every round (runner)."""
+    runs = {key: runner(fmt, path, context, threads, first, policy.least)
+            for key, (fmt, path) in files.items()}
     return interleaved(runs, policy, reference, log=log)
 
 

@@ -44,8 +44,9 @@ from .trust import machine_check, rate_text, read_cpu_times, width_text
 from .units import format_bytes
 
 WIDTHS = (1.0, 0.7, 0.4)  # stand-in model sizes, as a fraction of each layer's heads and channels
-# The rounds: 3 at least, then until every interval is within +-5% or the time cap.
-POLICY = Policy(precision=0.05, max_seconds=120.0, least=3)
+# The rounds: 3 at least (the context filled: memory is measured in them), then speed-only
+# rounds until every interval is within +-5% or 90 s have passed.
+POLICY = Policy(precision=0.05, max_seconds=90.0, least=3)
 
 QUIET_S = 2.0
 

@@ -36,19 +36,22 @@ class Evaluation:
     threads: int | None = None
     prompt_tokens: int = 512
     gen_tokens: int = 128
+    # fill the KV cache to ``context`` after the decode, for the peak memory with the context full;
+    # a run that only times prefill and decode skips it (the cache is still sized for ``context``)
+    fill: bool = True
 
     def benchmark_options(self) -> dict:
         """The runners' benchmark keywords (their command line: --eval-windows -1 is all)."""
         return dict(threads=self.threads, context=self.context,
                     eval_text=self.eval_text if self.eval_windows != 0 else None,
                     eval_windows=-1 if self.eval_windows is None else self.eval_windows,
-                    eval_seq_len=self.eval_seq_len)
+                    eval_seq_len=self.eval_seq_len, no_fill=not self.fill)
 
     @classmethod
     def from_args(cls, a) -> Evaluation:
         """From a runner's parsed command line."""
         return cls(a.eval_text, None if a.eval_windows == -1 else a.eval_windows, a.eval_seq_len,
-                   a.context, a.threads, a.prompt_tokens, a.gen_tokens)
+                   a.context, a.threads, a.prompt_tokens, a.gen_tokens, not a.no_fill)
 
 
 class Target(ABC):

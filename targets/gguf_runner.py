@@ -172,7 +172,7 @@ def measure(path: Path, evaluation: Evaluation, safe: bool = False) -> dict:
         t0 = time.perf_counter()
         llm.eval([int(np.argmax(_last_logits(llm)))])
         steps.append(time.perf_counter() - t0)
-    fill = text[len(prompt):len(prompt) + n_ctx - llm.n_tokens]
+    fill = text[len(prompt):len(prompt) + n_ctx - llm.n_tokens] if evaluation.fill else []
     for start in range(0, len(fill), CHUNK):
         llm.eval(fill[start:start + CHUNK])
     result = {
@@ -180,7 +180,7 @@ def measure(path: Path, evaluation: Evaluation, safe: bool = False) -> dict:
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
-        "context": llm.n_tokens,
+        "context": llm.n_tokens, "filled": evaluation.fill,
         # High-water mark of this process (llama.cpp, numpy, no torch) after prefill, decode and
         # filling the context, before the perplexity pass, whose all-position logits would
         # dominate it.
@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--no-fill", action="store_true",
+                   help="bench: time prefill and decode only; the cache is sized for --context, not filled")
     p.add_argument("--ids", type=Path, default=None, help="parity: a JSON list of token ids")
     p.add_argument("--reference", type=Path, default=None, help="parity: reference logits (.npy)")
     p.add_argument("--text-file", type=Path, default=None, help="parity: text to tokenize")

@@ -161,7 +161,8 @@ def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVID
         logits, past = decoder.forward(np.asarray([[int(np.argmax(logits[0, -1]))]]), past)
         steps.append(time.perf_counter() - t0)
     n_tokens = len(prompt) + evaluation.gen_tokens
-    fill = text[len(prompt):len(prompt) + max(0, (evaluation.context or 0) - n_tokens)]
+    target = (evaluation.context or 0) if evaluation.fill else 0
+    fill = text[len(prompt):len(prompt) + max(0, target - n_tokens)]
     for start in range(0, len(fill), CHUNK):
         logits, past = decoder.forward(np.asarray([fill[start:start + CHUNK]]), past)
         n_tokens += len(fill[start:start + CHUNK])
@@ -172,7 +173,7 @@ def measure(folder: Path, evaluation: Evaluation, provider: str = DEFAULT_PROVID
         "load_s": load_s,
         "prefill": {"tokens": len(prompt), "seconds": prefill_s, "tokens_per_s": len(prompt) / prefill_s},
         "decode": decode_rates(steps),
-        "context": n_tokens,
+        "context": n_tokens, "filled": evaluation.fill,
         "peak_rss_bytes": peak_rss_bytes(),  # before the perplexity pass and its full-window logits
     }
     del past, logits
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--no-fill", action="store_true", help="time prefill and decode only: no KV cache fill")
     p.add_argument("--job", choices=("bench", "parity"), default="bench")
     p.add_argument("--ids", type=Path, default=None, help="parity: a JSON list of token ids")
     p.add_argument("--logits", type=Path, default=None, help="parity: where to save the logits (.npy)")

@@ -38,11 +38,11 @@ def readme_line(readme: Path) -> str:
     raise SystemExit(f"{readme}: no main line (an indented `python3 -m venv ... profile detect ...`)")
 
 
-def rounds_cost(clone: Path, report: dict | None) -> dict:
+def rounds_cost(keep: Path, report: dict | None) -> dict:
     """Seconds the rounds took: profile detect's (from the profile's note line), the joint search's
     dense runs and the built model's rounds (from the report)."""
     out: dict = {}
-    profile = clone / "this-machine.toml"
+    profile = keep / "this-machine.toml"
     if profile.is_file():
         found = re.search(r"measured in (\d+) rounds?, (\d+) s", profile.read_text())
         if found:
@@ -73,17 +73,15 @@ def run_once(line: str, clone: Path, keep: Path, hog: bool) -> dict:
             beside.wait()
     seconds = time.time() - t0
     out = clone / "out"
-    for name in KEEP:
-        if (out / name).is_file():
-            shutil.copy2(out / name, keep / name)
-    if (clone / "this-machine.toml").is_file():
-        shutil.copy2(clone / "this-machine.toml", keep / "this-machine.toml")
+    for path in [*(out / name for name in KEEP), clone / "this-machine.toml"]:
+        if path.is_file() and path.stat().st_mtime >= t0:  # written by this run, not an earlier one
+            shutil.copy2(path, keep / path.name)
     report = json.loads((keep / "report.json").read_text()) if (keep / "report.json").is_file() else None
     record = {"line": line, "exit": proc.returncode, "seconds": seconds, "hog": hog,
               "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
               "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True,
                                        text=True).stdout.strip(),
-              "rounds_cost": rounds_cost(clone, report)}
+              "rounds_cost": rounds_cost(keep, report)}
     (keep / "run.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
 

@@ -29,12 +29,14 @@ METRICS = {
 }
 
 
-def figures(result: dict) -> dict[str, float]:
+def figures(result: dict) -> dict[str, float | None]:
     """A runtime benchmark's figures (targets' benchmark(): decode, prefill, peak RSS); the time to
-    first token is the prefill of the prompt plus one decode step."""
+    first token is the prefill of the prompt plus one decode step. The peak memory only of a run
+    that filled its context ("filled", true unless said otherwise): else None."""
     decode = result["decode"]["tokens_per_s"]
+    memory = float(result["peak_rss_bytes"]) if result.get("filled", True) else None
     return {"decode": decode, "prefill": result["prefill"]["tokens_per_s"],
-            "ttft": result["prefill"]["seconds"] + 1 / decode, "memory": float(result["peak_rss_bytes"])}
+            "ttft": result["prefill"]["seconds"] + 1 / decode, "memory": memory}
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,10 @@ class Policy:
 
 
 # The main command's measurement of the built model beside the dense one (and the neighbour):
-# 5 rounds at least, enough for a 94% interval that decides a verdict (stats.DECIDES), then on
-# until every interval is within +-5% or two minutes have passed.
-VERDICT_POLICY = Policy(precision=0.05, max_seconds=120.0, least=5)
+# 5 rounds at least, enough for a 94% interval that decides a verdict (stats.DECIDES), with the
+# context filled (memory is measured in them), then speed-only rounds until every interval is
+# within +-5% or 150 s have passed.
+VERDICT_POLICY = Policy(precision=0.05, max_seconds=150.0, least=5)
 
 
 # `mosaic-export bench`: a model on its own (or against another), as many rounds as a minute allows.
@@ -89,6 +92,11 @@ class Measurement:
         return min(len(r) for r in self.runs.values())
 
     def values(self, key: Hashable, metric: str) -> list[float]:
+        """The candidate's figure in each round that measured it."""
+        return [v for v in self.per_round(key, metric) if v is not None]
+
+    def per_round(self, key: Hashable, metric: str) -> list[float | None]:
+        """The candidate's figure round by round; None where a round did not measure it."""
         return [figures(r)[metric] for r in self.runs[key]]
 
     def figure(self, key: Hashable, metric: str) -> Interval:
@@ -101,8 +109,9 @@ class Measurement:
         against = self.reference if against is None else against
         if against is None:
             raise ValueError("no reference was measured")
-        mine, ref = self.values(key, metric), self.values(against, metric)
-        return median_interval([a / b for a, b in zip(mine, ref, strict=False)], self.confidence)
+        mine, ref = self.per_round(key, metric), self.per_round(against, metric)
+        pairs = [a / b for a, b in zip(mine, ref, strict=False) if a is not None and b is not None]
+        return median_interval(pairs, self.confidence)
 
     def intervals(self) -> dict[str, Interval]:
         """Every figure and ratio the stopping rule watches, by name ("key decode", "key/ref decode")."""
@@ -140,6 +149,7 @@ class Measurement:
     def to_dict(self, key: Hashable) -> dict:
         """One candidate's figures and ratios as intervals, with the rounds they came from."""
         out = {"rounds": self.rounds, "seconds": self.seconds, "stopped": self.stopped,
+               "memory_rounds": len(self.values(key, "memory")),
                "figures": {m: self.figure(key, m).to_dict() for m in METRICS},
                "runs": [figures(r) for r in self.runs[key]]}
         if self.reference is not None and key != self.reference:

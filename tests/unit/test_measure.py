@@ -193,3 +193,45 @@ def test_a_miss_exits_with_its_own_status_and_names_the_budget(capsys):
     assert verdict_exit(report(missed, local=False)) == 0  # measured here, but not on the profile's device
     assert verdict_exit(report(straddled)) == 0
     assert "undecided" in capsys.readouterr().out
+
+
+def test_memory_from_the_filled_rounds_speed_from_every_round():
+    """Rounds after the first ones time prefill and decode only (the cache not filled): their
+    peak memory is no figure, their speed is; ratios pair only rounds that measured both."""
+    clock = Clock(1.0)
+
+    def plan(decodes, memories):
+        return series([dict(result(d, memory=mem), filled=mem is not None)
+                       for d, mem in zip(decodes, memories, strict=True)], clock)
+
+    runs = {"plan": plan([120, 121, 119, 122, 118, 120], [4e8, 4e8, None, None, None, None]),
+            "dense": plan([100, 101, 99, 102, 98, 100], [5e8, 5e8, None, None, None, None])}
+    m = interleaved(runs, Policy(least=6, most=6, max_seconds=1e9), "dense", clock=clock)
+    assert m.figure("plan", "decode").n == 6 and m.figure("plan", "memory").n == 2
+    assert m.ratio("plan", "memory").n == 2 and m.ratio("plan", "memory").median == pytest.approx(0.8)
+    assert m.to_dict("plan")["memory_rounds"] == 2
+
+
+def test_benchmarks_fill_the_context_in_the_least_rounds_only(monkeypatch, tmp_path):
+    """benchmarks.measure: the policy's least rounds fill the KV cache (memory), later ones time
+    prefill and decode only; the first round also scores perplexity when asked."""
+    from mosaic_export.targets import gguf_target
+    from mosaic_export.targets.base import Evaluation
+
+    from mosaic_export import benchmarks
+    from mosaic_export.costmodel import Format
+
+    calls = []
+
+    def benchmark(self, path, **options):
+        calls.append(options)
+        return dict(result(100.0), filled=not options["no_fill"])
+
+    monkeypatch.setattr(gguf_target.GGUF, "benchmark", benchmark)
+    fmt = Format("gguf", "Q8_0")
+    m = benchmarks.measure({"a": (fmt, tmp_path / "a.gguf")}, Policy(least=2, most=4, max_seconds=1e9),
+                           2048, first=Evaluation("builtin-heldout", 4))
+    assert m.rounds == 4  # steady figures, but 4 rounds are too few for a 95% interval: the most
+    assert [c["no_fill"] for c in calls] == [False, False, True, True]
+    assert all(c["context"] == 2048 for c in calls)
+    assert calls[0]["eval_windows"] == 4 and all(c["eval_windows"] == 0 for c in calls[1:])
