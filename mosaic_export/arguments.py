@@ -91,16 +91,17 @@ def add_measurement(p: argparse.ArgumentParser, policy: Policy) -> None:
     """How speed and memory are measured (measure/rounds.py): the rounds' time cap and precision."""
     g = p.add_argument_group("measurement (interleaved rounds, each run in a fresh process)")
     g.add_argument("--rounds", type=int, default=policy.least, metavar="N",
-                   help="rounds at least, each filling the context before the peak memory is read; "
-                        "later rounds time prefill and decode only (default: %(default)s). A verdict "
-                        "needs 5 (a 94%% interval): with fewer, every budget is undecided. (The joint "
+                   help="rounds at least (default: %(default)s); these fill the context before the "
+                        "peak memory is read, later rounds time prefill and decode only. A verdict "
+                        "needs an interval of 5 rounds (94%%): with fewer, memory budgets stay "
+                        "undecided, and speed ones until the time cap allows 5 rounds. (The joint "
                         "search's dense runs take one round, then more within the time cap)")
     g.add_argument("--measure-time", type=float, default=policy.max_seconds, metavar="SECONDS",
                    help="time cap of each set of rounds: after --rounds rounds, no round is started "
                         "that would end past it (default: %(default)g)")
     g.add_argument("--precision", type=fraction, default=policy.precision, metavar="FRACTION",
-                   help="rounds stop early once every figure's 95%% interval is within this fraction "
-                        "of its median (default: %(default)g)")
+                   help="rounds stop early, after 6 at least, once every figure's 95%% interval is "
+                        "within this fraction of its median (default: %(default)g)")
 
 
 def measurement_policy(args: argparse.Namespace, base: Policy) -> Policy:

@@ -6,6 +6,7 @@ dense model (the verdict), the neighbour plan, `mosaic-export bench`, the tools.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -49,10 +50,11 @@ def runner(fmt: Format, path: Path, context: int | None, threads: int | None,
 
 def measure(files: dict[Hashable, tuple[Format, Path]], policy: Policy, context: int | None,
             threads: int | None = None, reference: Hashable | None = None,
-            first: Evaluation | None = None, log=None) -> Measurement:
+            first: Evaluation | None = None, log=None, **options) -> Measurement:
     """Every file in its runtime, in interleaved rounds (ratios against ``reference``); memory is
-    measured in the policy's least rounds, speed in every round (runner)."""
-    runs = {key: runner(fmt, path, context, threads, first, policy.least)
+    measured in the policy's least rounds, speed in every round, the perplexity (``first``) in the
+    first (runner); ``options``: more benchmark() options for every run (an execution provider)."""
+    runs = {key: runner(fmt, path, context, threads, first, policy.least, **options)
             for key, (fmt, path) in files.items()}
     return interleaved(runs, policy, reference, log=log)
 
@@ -70,23 +72,45 @@ def median_run(m: Measurement, key: Hashable) -> dict:
     return first
 
 
-def measure_beside(config: RunConfig, fmt: Format, built: Path, others: dict[str, tuple[Format, Plan | None]],
-                   reference: str | None, context: int | None, log=print) -> Measurement:
-    """The built file ("plan", in ``fmt``) and, beside it in the same rounds, the source model cut
-    to each of ``others``' plans (None: the dense model itself; sizes are what cost), exported in
-    its format into a temporary folder; ratios against ``reference``."""
+def measure_beside(config: RunConfig, built: tuple[Format, Path],
+                   others: dict[str, tuple[Format, Plan | Path | None]], reference: str | None,
+                   context: int | None, first: Evaluation | None = None, options: dict | None = None,
+                   log=print) -> Measurement:
+    """The built file ("plan": its format and path) and, beside it in the same rounds, each of
+    ``others``: a file already exported (a Path), or the source model cut to a plan (None: the
+    dense model itself; sizes are what cost) exported in its format into a temporary folder;
+    ratios against ``reference``; the built file's perplexity scored in the first round
+    (``first``: the evaluation)."""
     from .model_io import load_model
     from .prune.apply import resize_to_plan
 
-    files = {"plan": (fmt, built)}
-    with tempfile.TemporaryDirectory(prefix=".measure-", dir=built.parent) as tmp:
-        for name, (other, plan) in others.items():
-            log(f"exporting the {'dense model' if plan is None else name + ' plan'} as {other.key}, to "
+    files = {"plan": built}
+    with tempfile.TemporaryDirectory(prefix=".measure-", dir=built[1].parent) as tmp:
+        for name, (fmt, plan) in others.items():
+            if isinstance(plan, Path):
+                files[name] = (fmt, plan)
+                continue
+            log(f"exporting the {'dense model' if plan is None else name + ' plan'} as {fmt.key}, to "
                 "measure beside the plan")
             loaded = load_model(config.model, stream=config.stream)
             if plan is not None:
                 resize_to_plan(loaded, plan)
-            files[name] = (other, export_format(loaded, other, Path(tmp) / name))
+            files[name] = (fmt, export_format(loaded, fmt, Path(tmp) / name))
             del loaded
         log(f"measuring {', '.join(files)} in interleaved rounds")
-        return measure(files, config.rounds, context, config.threads, reference, log=log)
+        runs = {key: runner(fmt, path, context, config.threads, first if key == "plan" else None,
+                            config.rounds.least, **(options or {})) for key, (fmt, path) in files.items()}
+        return interleaved(runs, config.rounds, reference, log=log)
+
+
+def export_reference(config: RunConfig, loaded: LoadedModel, fmt: Format, relative: bool) -> Path | None:
+    """The dense model in the format relative budgets are relative to, exported beside OUT before
+    anything is pruned (no second copy of the model held later), in a temporary folder the run
+    removes (``.OUT.tmp-PID-reference-*``); None without a relative budget or a target."""
+    from .outputs import TMP_INFIX
+
+    if not relative or config.target is None or config.out is None:
+        return None
+    out = config.out.resolve()
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}{os.getpid()}-reference-", dir=out.parent))
+    return export_format(loaded, fmt, folder)

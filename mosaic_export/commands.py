@@ -82,17 +82,21 @@ def _bench_target(path: Path):
 
 
 def _bench_rounds(models: dict, a: argparse.Namespace, policy):
+    """The models in interleaved rounds (benchmarks.runner: the first --rounds rounds fill the
+    context when --context is given, the first scores the perplexity)."""
+    from .benchmarks import runner
+    from .costmodel import Format
     from .measure.rounds import interleaved
+    from .targets.base import Evaluation
 
-    def runner(target, path):
-        kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
-                  context=a.context)
+    first = Evaluation(a.eval_text if a.eval_windows else None, a.eval_windows, threads=a.threads)
+    runs = {}
+    for name, (target, path) in models.items():
+        kw = dict(prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens)
         if "execution_provider" in target.profile_keys:  # only a runtime with execution providers
             kw["provider"] = a.provider
-        first = dict(eval_text=a.eval_text if a.eval_windows else None, eval_windows=a.eval_windows)
-        return lambda r: target.benchmark(path, **kw, **(first if r == 0 else {"eval_windows": 0}))
-
-    runs = {name: runner(*tp) for name, tp in models.items()}
+        runs[name] = runner(Format(target.name, target.default_type), path, a.context, a.threads, first,
+                            policy.least, **kw)
     return interleaved(runs, policy, "against" if "against" in models else None)
 
 

@@ -182,3 +182,25 @@ def _entry(data, key: str, kind, where: str):
     if not isinstance(data[key], kind) or isinstance(data[key], bool):
         raise UserError(f"{where}: '{key}' has the wrong type ({type(data[key]).__name__})")
     return data[key]
+
+
+def bundle(report: dict, plan, folder: Path, parity_ids: list[int]) -> None:
+    """The plan, the plots, report.md and report.json, then the app README and the manifest."""
+    from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
+    from .process import peak_rss_bytes
+    from .report import write_markdown
+
+    plan.save(folder / "plan.json")
+    pod_heatmap(plan, folder / "pod.png")
+    if "cost" in report:
+        cost_plot(report["cost"], folder / "cost.png")
+    if "recovery" in report:
+        recovery_plot(report["recovery"], folder / "recovery.png")
+    if "joint" in report:
+        front_plot(report["joint"], folder / "front.png")
+    memory = report["memory"]  # the whole run's high-water mark, taken again once all work is done
+    memory["peak_rss_bytes"] = peak_rss_bytes()
+    memory["peak_rss_over_fp32_model"] = memory["peak_rss_bytes"] / memory["dense_fp32_bytes"]
+    write_markdown(report, folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    finalize(folder, report, parity_ids)  # README.md, then manifest.json over all

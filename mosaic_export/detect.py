@@ -35,7 +35,7 @@ from .benchmarks import export_format, measure
 from .costmodel import Calibration, Format, Observation, fit, predict
 from .errors import UserError
 from .measure.rounds import Measurement, Policy
-from .measure.stats import Interval
+from .measure.stats import DECIDES, Interval
 from .model_io import LoadedModel, load_model
 from .process import proc_bytes
 from .profile import Budgets, load_profile
@@ -172,30 +172,25 @@ def key(fmt: Format, width: float) -> str:
 def width_line(w: WidthFigures) -> str:
     """'width 0.7 (6 heads, 1088 channels), 4 rounds: decode 150 [145, 156] tokens/s, ...'."""
     def rate(iv: Interval) -> str:
-        return iv.text(rate_text)
+        return f"{iv.text(rate_text)} ({iv.confidence:.0%})"
 
     return (f"width {width_text(w.width)} ({w.dims.n_head} heads, {w.dims.n_ff} channels), "
             f"{w.decode.n} rounds: decode {rate(w.decode)} tokens/s, prefill {rate(w.prefill)} "
-            f"tokens/s, peak RSS {w.memory.text(lambda v: f'{v / 2**20:.1f}')} MiB at {w.context} "
-            f"tokens ({w.decode.confidence:.0%} intervals)")
-
-
-REFUSE_ROUNDS = 3  # a narrower model slower in every one of at least this many rounds is refused
+            f"tokens/s, peak RSS {w.memory.text(lambda v: f'{v / 2**20:.1f}')} MiB "
+            f"({w.memory.confidence:.0%}, {w.memory.n} rounds) at {w.context} tokens")
 
 
 def unusable(m: Measurement, formats: list[Format]) -> list[str]:
     """Figures no fit can use, beyond their intervals: a narrower model slower than a wider one
-    (their ratio, taken within each round, below 1 over its whole interval, of REFUSE_ROUNDS rounds
-    or more: one slow run is noise), decode and prefill."""
-    if m.rounds < REFUSE_ROUNDS:
-        return []
+    (their ratio, taken within each round, below 1 over its whole interval, an interval that can
+    decide: stats.DECIDES, 5 rounds), decode and prefill."""
     problems = []
     for f in formats:
         for i, wide in enumerate(WIDTHS):
             for narrow in WIDTHS[i + 1:]:
                 for metric in ("decode", "prefill"):
                     r = m.ratio(key(f, narrow), metric, against=key(f, wide))
-                    if r.high < 1:
+                    if r.high < 1 and r.confidence >= DECIDES:
                         problems.append(
                             f"{f.key} {metric} at width {width_text(narrow)} is slower than at width "
                             f"{width_text(wide)} beyond the interval: their ratio is "

@@ -28,15 +28,20 @@ def _ours(manifest: Path) -> bool:
     return isinstance(data, dict) and "manifest_version" in data
 
 
+SWEEP_FILES = ("sweep.csv", "sweep.json", "pareto.png", "report.md")  # what a sweep writes beside its runs
+
+
 def is_tool_output(folder: Path) -> bool:
-    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv and runs, each
-    with a manifest.json of ours)."""
+    """A folder this tool wrote: a manifest.json of ours, or a sweep (sweep.csv, and nothing but
+    the sweep's own files and runs, each run a folder with a manifest.json of ours)."""
     from .deploy import MANIFEST
 
     if _ours(folder / MANIFEST):
         return True
-    runs = list(folder.glob(f"*/{MANIFEST}"))
-    return (folder / "sweep.csv").is_file() and bool(runs) and all(_ours(m) for m in runs)
+    entries = list(folder.iterdir())
+    runs = [p for p in entries if p.is_dir()]
+    return ((folder / "sweep.csv").is_file() and bool(runs) and all(_ours(p / MANIFEST) for p in runs)
+            and all(p.is_dir() or p.name in SWEEP_FILES for p in entries))
 
 
 def check_replaceable(out: Path) -> None:

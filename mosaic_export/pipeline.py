@@ -10,7 +10,6 @@ under a temporary name beside it and moved into place only when complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -26,7 +25,7 @@ from . import __version__, benchmarks
 from .calibration import LayerStream, calibration_ids, tokenize
 from .checkpoint import reload_check, reload_shapes, save_checkpoint
 from .costmodel import Format, Pricing
-from .deploy import finalize
+from .deploy import bundle
 from .errors import UserError
 from .evaluate import Perplexity, perplexity, windows
 from .joint import JointResult, joint_check, joint_search
@@ -36,13 +35,12 @@ from .model_io import LoadedModel, decoder_counts, load_model
 from .outputs import TMP_INFIX, check_free_space, write_outputs
 from .plan import Plan
 from .planner import layers_may_differ, make_plan
-from .plots import cost_plot, front_plot, pod_heatmap, recovery_plot
 from .pod import measure
 from .process import large_buffers_mapped, peak_rss_bytes, torch_threads
 from .profile import Profile
 from .prune.apply import apply_plan
 from .recover import recover_model, recovery_state_dir
-from .report import log_summary, write_markdown
+from .report import log_summary
 from .run_config import Inputs, RunConfig, check_lengths, prepare
 from .search import SearchResult, cost_section, make_pricing, resolve_budgets, search, search_summary
 from .targets.base import Evaluation
@@ -115,6 +113,7 @@ class Dense:
     perplexity: Perplexity | None
     load_s: float
     need_bytes: int | None = None  # a streamed run: the peak memory.run_needs expects
+    reference: Path | None = None  # the dense model in the format of relative budgets, exported
 
 
 @dataclass(frozen=True)
@@ -172,12 +171,17 @@ def run(config: RunConfig, log=print, shared: DensePass | None = None) -> dict:
     # whole process tree (this process and its runtime children) held to the limit (measure/tree.py)
     with torch_threads(config.threads), large_buffers_mapped(config.max_rss is not None), \
             limited(config.max_rss, armed=False) as watch:  # armed once the door's estimate passed
+        dense = None
         try:
             dense = load_stage(config, inputs, log, shared, work)
+            if dense.pricing is not None:  # measured beside the build, for relative budgets
+                dense = dataclasses.replace(dense, reference=benchmarks.export_reference(
+                    config, dense.loaded, dense.pricing.fmt, bool(dense.profile.budgets.relative)))
             reports = _prune_and_write(config, inputs, dense, log, shared, watch)
         finally:  # with what was not moved into the checkpoint
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
+            for folder in (work, dense and dense.reference and dense.reference.parent):
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
     log_summary(reports[0], config.out, log)
     return reports[0]
 
@@ -293,20 +297,20 @@ def export_stage(config: RunConfig, dense: Dense, pruned: Pruned, folder: Path, 
     runtime = None
     if config.target is not None:
         target = fmt.spec
-        evaluation = Evaluation(config.eval_text, config.eval_windows, config.eval_seq_len, None,
-                                config.threads)  # its speed and memory: the rounds below
         runtime = target.deploy(loaded, folder / target.artifact_name(fmt.name), fmt.name, dense.calib[0],
-                                dense.profile.runtime, evaluation, log)
+                                dense.profile.runtime, Evaluation(None, 0, threads=config.threads), log)
     cost = None
     if pricing is not None:
         cost = cost_section(dense.profile, pricing, pruned.plan, pruned.found, config.margin)
     if runtime is not None:
-        m = measure_built(config, dense, pruned, folder / fmt.spec.artifact_name(fmt.name), log)
-        runtime["measured"] = m.to_dict("plan")
+        evaluation = Evaluation(config.eval_text, config.eval_windows, config.eval_seq_len, pricing.context,
+                                config.threads)  # the perplexity, scored in the first round
+        m = measure_built(config, dense, pruned, folder / fmt.spec.artifact_name(fmt.name), evaluation, log)
+        runtime["benchmark"], runtime["measured"] = benchmarks.median_run(m, "plan"), m.to_dict("plan")
         if cost is not None:
             budgets = dense.profile.budgets
             cost["measured"] = measured_section(budgets, m, "plan")
-            cost["measured"]["reference_format"] = m.reference and (dense.pricing or pruned.pricing).fmt.key
+            cost["measured"]["reference_format"] = m.reference and (dense.pricing or pricing).fmt.key
             if "neighbour" in m.runs:
                 cost["neighbour_measured"] = {"removed": pruned.found.neighbour.plan.removed(),
                                               **measured_section(budgets, m, "neighbour")}
@@ -314,22 +318,24 @@ def export_stage(config: RunConfig, dense: Dense, pruned: Pruned, folder: Path, 
     return Exported(reload, runtime, cost, measured, peak_rss_bytes())
 
 
-def measure_built(config: RunConfig, dense: Dense, pruned: Pruned, built: Path, log=print):
-    """The built file in its runtime, in interleaved rounds, with: the dense model in the format
-    relative budgets are relative to (the profile's, whatever type was built) as the reference
-    (the built file when it is that model), and the plan with 5% less pruning with --check-neighbour."""
+def measure_built(config: RunConfig, dense: Dense, pruned: Pruned, built: Path, evaluation: Evaluation,
+                  log=print):
+    """The built file in its runtime, in interleaved rounds (its perplexity in the first), with:
+    the dense model in the format relative budgets are relative to (the profile's, whatever type
+    was built; exported before pruning) as the reference (the built file when it is that model),
+    and the plan with 5% less pruning with --check-neighbour."""
     found, fmt = pruned.found, pruned.fmt
     relative = bool(dense.profile.budgets.relative)
     ref_fmt = dense.pricing.fmt if dense.pricing is not None else fmt
     others: dict = {}
     is_dense = pruned.counts["decoder"] == pruned.plan.params()["decoder_dense"] and ref_fmt == fmt
     if relative and not is_dense:
-        others["dense"] = (ref_fmt, None)
+        others["dense"] = (ref_fmt, dense.reference)
     if config.check_neighbour and found is not None and found.neighbour is not None:
         others["neighbour"] = (fmt, found.neighbour.plan)
     reference = "dense" if "dense" in others else ("plan" if relative else None)
-    return benchmarks.measure_beside(config, fmt, built, others, reference,
-                                     pruned.pricing.context if pruned.pricing else None, log)
+    return benchmarks.measure_beside(config, (fmt, built), others, reference, evaluation.context, evaluation,
+                                     fmt.spec.measure_options(dense.profile.runtime), log)
 
 
 def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
@@ -373,24 +379,6 @@ def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
     if exported.cost is not None:
         report["cost"] = exported.cost
     return report
-
-
-def bundle(report: dict, plan: Plan, folder: Path, parity_ids: list[int]) -> None:
-    """The plan, the plots, report.md and report.json, then the app README and the manifest."""
-    plan.save(folder / "plan.json")
-    pod_heatmap(plan, folder / "pod.png")
-    if "cost" in report:
-        cost_plot(report["cost"], folder / "cost.png")
-    if "recovery" in report:
-        recovery_plot(report["recovery"], folder / "recovery.png")
-    if "joint" in report:
-        front_plot(report["joint"], folder / "front.png")
-    memory = report["memory"]  # the whole run's high-water mark, taken again once all work is done
-    memory["peak_rss_bytes"] = peak_rss_bytes()
-    memory["peak_rss_over_fp32_model"] = memory["peak_rss_bytes"] / memory["dense_fp32_bytes"]
-    write_markdown(report, folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    finalize(folder, report, parity_ids)  # README.md, then manifest.json over all
 
 
 def _perplexity(config: RunConfig, loaded: LoadedModel, eval_ids: torch.Tensor | None, which: str):

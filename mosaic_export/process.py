@@ -178,18 +178,20 @@ def run_child(module: str, args: list[str], runtime: str, what: str, name: str) 
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         limit = tree.active()  # under --max-rss: the child held to what the limit leaves it
-        if limit is not None:
-            limit.adopt(proc.pid)
         try:
+            if limit is not None:
+                limit.adopt(proc.pid)
             stdout, stderr = proc.communicate()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            stopped = limit is not None and limit.ended(proc.pid, (proc.returncode or 0) < 0)
         crashed = signal_name(proc.returncode)
+        if stopped:
+            raise limit.error()
         if crashed is not None:
-            if limit is not None and limit.killed(proc.pid):
-                raise limit.error()
             raise RuntimeCrash(f"{runtime} crashed ({crashed}) while {what} {name}", crashed)
         if proc.returncode != 0:
             lines = (stderr or stdout).strip().splitlines()

@@ -71,7 +71,7 @@ def figures_table(budgets, cost) -> list[str]:
     context = predicted.get("context") or budgets.get("context")
     note = [f"Peak memory with {context} tokens of context.", ""] if is_number(context) else []
     rounds = measured.get("rounds")
-    where = (f"measured on the build machine (median [95% interval], {rounds} rounds)"
+    where = (f"measured on the build machine (median [interval], {rounds} rounds)"
              if is_number(rounds) else "measured on the build machine")
     return ["## Budgets and figures", "", *note,
             f"| figure | budget | predicted | {where} |", "|---|---|---|---|", *rows, ""]

@@ -101,7 +101,8 @@ def budget_table(cost: dict) -> str:
     basis = basis_text(cost["basis"], short=True)
     rounds = (cost.get("measured") or {}).get("rounds")
     rows = [("budget", f"predicted ({basis})",
-             (f"measured here, median [95% interval] over {rounds} rounds" if rounds else "measured here")
+             (f"measured here over {rounds} rounds: median [interval] (its confidence)" if rounds
+              else "measured here")
              + ("" if local else " (not the profile's device)"), "verdict")]
     for c in cost["predicted_budgets"]:
         m = measured.get(c["name"])
@@ -120,16 +121,16 @@ def budget_table(cost: dict) -> str:
 
 
 def _measured_text(name: str, verdict: dict | None) -> str:
-    """'145.7 tokens/s [140.1, 150.2]', with ' = 1.21x [1.18, 1.26] dense' for a relative budget."""
+    """'145.7 tokens/s [140.1 tokens/s, 150.2 tokens/s] (94%)', with ' = 1.21x [1.18, 1.26] dense'
+    for a relative budget (the interval its verdict is judged on, with its confidence)."""
     if verdict is None:
         return "-"
-    iv = verdict["figure"]
-    text = (f"{format_value(name, iv['median'])} [{format_value(name, iv['low']).split()[0]}, "
-            f"{format_value(name, iv['high']).split()[0]}]")
-    r = verdict.get("ratio")
+    iv, r = verdict["figure"], verdict.get("ratio")
+    text = (f"{format_value(name, iv['median'])} [{format_value(name, iv['low'])}, "
+            f"{format_value(name, iv['high'])}]")
     if r is not None:
-        text += f" = {r['median']:.3f}x [{r['low']:.3f}, {r['high']:.3f}] dense"
-    return text
+        return text + f" = {r['median']:.3f}x [{r['low']:.3f}, {r['high']:.3f}] dense ({r['confidence']:.0%})"
+    return text + f" ({iv['confidence']:.0%})"
 
 
 def pareto(points: list[tuple[float, float]], larger_is_better: bool) -> list[int]:

@@ -67,8 +67,8 @@ class Verdict:
 
 def verdicts(budgets: Budgets, m: Measurement, key: Hashable) -> list[Verdict]:
     """Each budget that is set against candidate ``key`` of the measurement: a relative budget on
-    the ratio to the reference (the dense model, measured in the same rounds) when there is one,
-    else on the figure against the absolute limit."""
+    the ratio to the reference (the dense model, measured in the same rounds), an absolute one on
+    the figure against its limit."""
     out = []
     for name, (metric, at_most) in FIGURE.items():
         limit = getattr(budgets, FIELDS[name])
@@ -76,7 +76,10 @@ def verdicts(budgets: Budgets, m: Measurement, key: Hashable) -> list[Verdict]:
             continue
         figure = m.figure(key, metric)
         factor = budgets.relative.get(name)
-        if factor is not None and m.reference is not None:
+        if factor is not None:
+            if m.reference is None:
+                raise ValueError(f"a relative budget ({name} {factor:g}x) needs the dense model measured "
+                                 "in the same rounds")
             ratio = m.ratio(key, metric)
             out.append(Verdict(name, limit, factor, figure, ratio, judge(ratio, factor, at_most)))
         else:

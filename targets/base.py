@@ -37,7 +37,8 @@ class Evaluation:
     prompt_tokens: int = 512
     gen_tokens: int = 128
     # fill the KV cache to ``context`` after the decode, for the peak memory with the context full;
-    # a run that only times prefill and decode skips it (the cache is still sized for ``context``)
+    # a run that only times prefill and decode skips it (llama.cpp still sizes its cache for
+    # ``context``; ONNX Runtime's grows with the tokens)
     fill: bool = True
 
     def benchmark_options(self) -> dict:
@@ -142,14 +143,25 @@ class Target(ABC):
 
     @abstractmethod
     def benchmark(self, path: Path, **options) -> dict:
-        """Run the artifact in its runtime (a fresh process): file_bytes, decode and prefill
-        tokens/s, peak_rss_bytes, context, and perplexity when an eval_text is given."""
+        """Run the artifact in its runtime once (a fresh process): file_bytes, decode and prefill
+        tokens/s, peak_rss_bytes, context, and perplexity when an eval_text is given. Options:
+        Evaluation.benchmark_options() and measure_options(); with ``no_fill`` the KV cache is not
+        filled to ``context`` after the decode, and the result says so ("filled": false: its
+        peak memory is not the figure with the context full). The tool measures in rounds of
+        such runs (benchmarks.py)."""
+
+    def measure_options(self, runtime: RuntimeSpec | None) -> dict:
+        """benchmark() options the profile's runtime asks for (an execution provider), for every
+        run of the rounds; none by default."""
+        return {}
 
     @abstractmethod
     def deploy(self, loaded: LoadedModel, path: Path, type_: str, parity_ids: torch.Tensor,
                runtime: RuntimeSpec, evaluation: Evaluation, log) -> dict:
-        """Export, check parity with PyTorch (UserError under the type's floor), benchmark: the
-        report's section for this target (holding "parity" and "benchmark")."""
+        """Export and check the artifact against PyTorch (UserError under the type's floor;
+        ``evaluation``: the threads): the report's section for this target, holding "parity".
+        Its speed, memory and perplexity are measured next, in rounds (the pipeline adds them
+        under "benchmark" and "measured")."""
 
     # --- the deployable folder (readme.py, verify.py, generate.py) -----------------------------
 

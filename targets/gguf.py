@@ -377,10 +377,9 @@ def check_parity(quant: str, parity: dict, name: str, source_ids: list[int] | No
 
 def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor,
            evaluation: Evaluation) -> dict:
-    """Export, load it back in llama.cpp, compare with PyTorch (logits and tokenizer ids), benchmark
-    it in a fresh process."""
+    """Export, load it back in llama.cpp, compare with PyTorch (logits and tokenizer ids)."""
     from ..evaluate import forward_model
-    from .gguf_runner import benchmark, next_token_agreement
+    from .gguf_runner import next_token_agreement
 
     check = export(loaded, path, quant)
     probe = tokenizer_probe()
@@ -392,7 +391,5 @@ def deploy(loaded: LoadedModel, path: Path, quant: str, parity_ids: torch.Tensor
     parity.pop("source_text_ids", None)
     parity["tokenizer_probe"] = tokenizer
     parity["min_agreement"] = MIN_AGREEMENT[quant]
-    bench = benchmark(path, **evaluation.benchmark_options())
     return {"file": path.name, "arch": gguf_arch(loaded), "type": quant,
-            "tensor_types": check.summary(), "fallbacks": check.fallbacks,
-            "parity": parity, "benchmark": bench}
+            "tensor_types": check.summary(), "fallbacks": check.fallbacks, "parity": parity}

@@ -81,7 +81,7 @@ class GGUF(Target):
     def deploy(self, loaded, path: Path, type_: str, parity_ids, runtime, evaluation, log) -> dict:
         from .gguf import deploy
 
-        log(f"exporting GGUF {type_} and running it in llama.cpp")
+        log(f"exporting GGUF {type_} and checking it in llama.cpp")
         return deploy(loaded, path, type_, parity_ids, evaluation)
 
     def manifest_format(self, section: dict) -> dict:

@@ -191,8 +191,9 @@ def parity(loaded: LoadedModel, folder: Path, ids: torch.Tensor, gen_tokens: int
 
 def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tensor,
            evaluation: Evaluation, provider: str | None = None) -> dict:
-    """Export, compare with PyTorch in ONNX Runtime, benchmark in a fresh process."""
-    from .onnx_runner import available_provider, benchmark
+    """Export, compare with PyTorch in ONNX Runtime (and ONNX Runtime GenAI, where the folder is
+    for it)."""
+    from .onnx_runner import available_provider
 
     export(loaded, folder, dtype)
     check = parity(loaded, folder, parity_ids, threads=evaluation.threads)
@@ -203,14 +204,19 @@ def deploy(loaded: LoadedModel, folder: Path, dtype: str, parity_ids: torch.Tens
         raise UserError(f"the {dtype} ONNX model disagrees with PyTorch: greedy next token agrees at "
                         f"{check['top1_agreement']:.1%} of {check['positions']} positions "
                         f"(floor for {dtype}: {MIN_AGREEMENT[dtype]:.0%})")
-    genai = check["genai"]
-    if genai.get("checked") and not genai["identical"]:
-        raise UserError(f"ONNX Runtime GenAI disagrees with ONNX Runtime on {folder.name}: its greedy "
-                        f"tokens differ from ours at token {genai['first_difference']} "
-                        f"({genai['tokens']} compared)")
+    genai_agrees(check["genai"], folder.name, check["greedy_tokens"])
     check["min_agreement"] = MIN_AGREEMENT[dtype]
-    used = available_provider(provider)
-    bench = benchmark(folder, provider=used, **evaluation.benchmark_options())
-    return {"folder": folder.name, "dtype": dtype, "opset": OPSET, "provider": used,
-            "genai": (folder / GENAI_CONFIG_FILE).is_file(),
-            "provider_wanted": provider, "parity": check, "benchmark": bench}
+    return {"folder": folder.name, "dtype": dtype, "opset": OPSET, "provider": available_provider(provider),
+            "genai": (folder / GENAI_CONFIG_FILE).is_file(), "provider_wanted": provider, "parity": check}
+
+
+def genai_agrees(genai: dict, name: str, wanted: int) -> None:
+    """A UserError when ONNX Runtime GenAI checked the folder and its greedy tokens are not ours:
+    a different token, or a stop short of ``wanted`` tokens without an end-of-sequence token."""
+    if not genai.get("checked") or genai["identical"]:
+        return
+    if genai["first_difference"] is not None:
+        raise UserError(f"ONNX Runtime GenAI disagrees with ONNX Runtime on {name}: its greedy tokens "
+                        f"differ from ours at token {genai['first_difference']} ({genai['tokens']} compared)")
+    raise UserError(f"ONNX Runtime GenAI disagrees with ONNX Runtime on {name}: it stopped after "
+                    f"{genai['tokens']} of {wanted} greedy tokens, without an end-of-sequence token")

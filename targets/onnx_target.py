@@ -74,6 +74,12 @@ class ONNX(Target):
 
         return benchmark(path, **options)
 
+    def measure_options(self, runtime) -> dict:
+        from .onnx_runner import available_provider
+
+        wanted = runtime.execution_provider if runtime is not None and runtime.target == self.name else None
+        return {"provider": available_provider(wanted)}
+
     def deploy(self, loaded, path: Path, type_: str, parity_ids, runtime, evaluation, log) -> dict:
         from .onnx import deploy
         from .onnx_runner import available_provider
@@ -81,7 +87,7 @@ class ONNX(Target):
         wanted = runtime.execution_provider if runtime.target == self.name else None
         if wanted and available_provider(wanted) != wanted:
             log(f"ONNX Runtime here has no {wanted}; benchmarking on {available_provider(wanted)}")
-        log(f"exporting ONNX {type_} and running it in ONNX Runtime")
+        log(f"exporting ONNX {type_} and checking it in ONNX Runtime")
         return deploy(loaded, path, type_, parity_ids, evaluation, provider=wanted)
 
     def manifest_format(self, section: dict) -> dict:

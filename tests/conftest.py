@@ -43,22 +43,35 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_round(request, monkeypatch):
-    """Runs on tiny models in this process measure one round (no time cap): the rounds, their
-    intervals and verdicts are what tests/unit/test_measure.py tests, with injected series, and
-    the integration tests run the CLI in subprocesses with the real defaults. A test marked
-    ``real_rounds`` keeps them."""
+REAL_POLICIES: dict = {}  # the product's rounds policies, kept by one_round
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_round():
+    """Runs on tiny models in this process measure one round (no time cap), in module-scoped
+    fixtures too: the rounds, their intervals and verdicts are what tests/unit/test_measure.py
+    tests, with injected series, and the integration tests run the CLI in subprocesses with the
+    real defaults. A test marked ``real_rounds`` gets the real policies back (real_rounds)."""
     from dataclasses import replace
 
     from mosaic_export import detect
     from mosaic_export.measure import rounds
 
+    patch = pytest.MonkeyPatch()
+    for module, name in ((rounds, "VERDICT_POLICY"), (rounds, "BENCH_POLICY"), (rounds, "JOINT_POLICY"),
+                         (detect, "POLICY")):
+        REAL_POLICIES[module, name] = getattr(module, name)
+        patch.setattr(module, name, replace(getattr(module, name), least=1, max_seconds=0.0))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def real_rounds(request, monkeypatch):
+    """The product's rounds policies for a test marked ``real_rounds``."""
     if request.node.get_closest_marker("real_rounds"):
-        return
-    for name in ("VERDICT_POLICY", "BENCH_POLICY", "JOINT_POLICY"):
-        monkeypatch.setattr(rounds, name, replace(getattr(rounds, name), least=1, max_seconds=0.0))
-    monkeypatch.setattr(detect, "POLICY", replace(detect.POLICY, least=1, max_seconds=0.0))
+        for (module, name), policy in REAL_POLICIES.items():
+            monkeypatch.setattr(module, name, policy)
 
 
 @pytest.fixture(scope="session", autouse=True)

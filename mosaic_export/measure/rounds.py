@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .stats import CONFIDENCE, Interval, least_values, median_interval
 
@@ -70,8 +70,9 @@ BENCH_POLICY = Policy(precision=0.05, max_seconds=60.0, least=5)
 
 
 # The joint search's dense runs, one per type: the first round (which also scores each type's
-# perplexity on the probe), then more while the time cap allows.
-JOINT_POLICY = Policy(precision=0.05, max_seconds=120.0, least=1)
+# perplexity on the probe and fills the context), then speed-only rounds while the time cap
+# allows (the run's --measure-time and --precision replace these two).
+JOINT_POLICY = Policy(precision=0.05, max_seconds=150.0, least=1)
 
 
 @dataclass
@@ -85,7 +86,6 @@ class Measurement:
     confidence: float = CONFIDENCE
     metrics: tuple[str, ...] = ("decode", "prefill", "memory")
     precision: float = 0.05
-    errors: list[str] = field(default_factory=list)
 
     @property
     def rounds(self) -> int:
@@ -128,8 +128,10 @@ class Measurement:
         return [name for name, iv in self.intervals().items() if iv.half_width > self.precision]
 
     def precise(self) -> bool:
-        """Every interval within the precision, at the confidence aimed for."""
-        return all(iv.half_width <= self.precision and iv.confidence >= self.confidence
+        """Every interval within the precision, at the confidence aimed for; a figure no longer
+        measured (the peak memory, after the rounds that fill the context) by its width alone."""
+        return all(iv.half_width <= self.precision
+                   and (iv.confidence >= self.confidence or iv.n < self.rounds)
                    for iv in self.intervals().values())
 
     def summary(self) -> str:
@@ -180,7 +182,10 @@ def interleaved(runs: dict[Hashable, Callable[[int], dict]], policy: Policy = Po
         if done >= policy.least and done >= full and m.precise():
             m.stopped = "precise"
             break
-        if done >= policy.least and now - start + (now - began) > policy.max_seconds:
+        # the next round's length: the last one's; the first round past the least ones is of
+        # another kind (benchmarks.runner: no context fill), so it is started while time is left
+        expected = now - began if done > policy.least else 0.0
+        if done >= policy.least and now - start + expected > policy.max_seconds:
             m.stopped = "time cap"
             break
     if log is not None:

@@ -48,10 +48,6 @@ class Interval:
         return Interval(self.median * factor, self.low * factor, self.high * factor, self.n,
                         self.confidence)
 
-    def inverse(self) -> Interval:
-        """The interval of 1 / the figure (a rate from a time): order statistics map through."""
-        return Interval(1 / self.median, 1 / self.high, 1 / self.low, self.n, self.confidence)
-
     def text(self, fmt=lambda v: f"{v:.4g}") -> str:
         """'131.2 [125.0, 138.4]' (the median, then the interval); '131.2 (one run)' for one value."""
         if self.n == 1:

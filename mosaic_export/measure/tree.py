@@ -71,84 +71,100 @@ def tree_rss(pid: int | None = None) -> tuple[int, dict[int, int]]:
 
 
 class _Cgroups:
-    """Memory cgroups for children, where this process may make them (v1 or v2); else none."""
+    """Memory cgroups for children, where this process may make them (v1, or v2 with the memory
+    controller delegated to its children); else none. One group a child, removed when it ends."""
 
-    def __init__(self):
-        self.base, self.limit_file = _cgroup_base()
-        self.made: list[Path] = []
+    def __init__(self, base: tuple[Path | None, str] | None = None):
+        self.base, self.limit_file = base if base is not None else cgroup_base()
+        self.limits: dict[int, int] = {}  # each confined child's limit, as applied
+
+    def _group(self, pid: int) -> Path:
+        return self.base / f"mosaic-{os.getpid()}-{pid}"
 
     def confine(self, pid: int, limit: int) -> bool:
         """Put the process into a new cgroup limited to ``limit`` bytes; False where not possible."""
         if self.base is None:
             return False
-        group = self.base / f"mosaic-{os.getpid()}-{pid}"
+        group = self._group(pid)
         try:
             group.mkdir()
-            self.made.append(group)
             (group / self.limit_file).write_text(str(max(limit, 1 << 20)))
             (group / "cgroup.procs").write_text(str(pid))
         except OSError:
+            with contextlib.suppress(OSError):
+                group.rmdir()
             return False
+        self.limits[pid] = max(limit, 1 << 20)
         return True
 
     def oom_killed(self, pid: int) -> bool:
         """Whether the kernel killed something in the child's cgroup for memory."""
-        if self.base is None:
+        if pid not in self.limits:
             return False
-        group = self.base / f"mosaic-{os.getpid()}-{pid}"
-        for name, key in (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")):
-            with contextlib.suppress(OSError, ValueError):
-                for line in (group / name).read_text().splitlines():
-                    if line.startswith(key + " ") and int(line.split()[1]) > 0:
+        for name in ("memory.events", "memory.oom_control"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in (self._group(pid) / name).read_text().splitlines():
+                    if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
                         return True
         return False
 
+    def release(self, pid: int) -> None:
+        """Remove the group of a child that has ended."""
+        if self.limits.pop(pid, None) is not None:
+            with contextlib.suppress(OSError):
+                self._group(pid).rmdir()
+
     def remove(self) -> None:
-        for group in self.made:
-            with contextlib.suppress(OSError):
-                group.rmdir()
-        self.made.clear()
+        for pid in list(self.limits):
+            self.release(pid)
 
 
-def _cgroup_base() -> tuple[Path | None, str]:
+def cgroup_base(proc_cgroup: str | None = None,
+                root: Path = Path("/sys/fs/cgroup")) -> tuple[Path | None, str]:
     """This process's memory cgroup folder, if it may make groups under it: (folder, the limit
-    file's name), or (None, "")."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None, ""
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):  # v1
-            candidates = [(Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes")]
-        elif controllers == "":  # v2: the memory controller must be delegated to the children
-            folder = Path("/sys/fs/cgroup") / path.lstrip("/")
-            with contextlib.suppress(OSError):
-                if "memory" in (folder / "cgroup.subtree_control").read_text().split():
-                    candidates = [(folder, "memory.max")]
-                else:
-                    continue
+    file's name: memory.limit_in_bytes for v1, memory.max for v2), or (None, ""). ``proc_cgroup``:
+    the text of /proc/self/cgroup (read when None)."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None, ""
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "memory" in controllers.split(","):  # v1: the memory hierarchy
+            folder, limit_file = root / "memory" / path.lstrip("/"), "memory.limit_in_bytes"
+            usable = (folder / limit_file).exists()
+        elif controllers == "":  # v2: children get memory.max only where memory is delegated
+            folder, limit_file = root / path.lstrip("/"), "memory.max"
+            try:
+                usable = "memory" in (folder / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                usable = False
         else:
             continue
-        for folder, limit_file in candidates:
-            if (folder / limit_file).exists() and os.access(folder, os.W_OK):
-                return folder, limit_file
+        if usable and os.access(folder, os.W_OK):
+            return folder, limit_file
     return None, ""
 
 
 class MemoryLimit:
     """Hold this process and its children to ``limit`` bytes together while the block runs (see
-    the module's docstring); ``peak`` is the largest sum seen. Install from the main thread."""
+    the module's docstring); ``peak`` is the largest sum seen. Install from the main thread.
+    Not ``armed``: the peak is watched, the limit enforced only once arm() is called."""
 
     def __init__(self, limit: int, poll_s: float = POLL_S, use_cgroups: bool = True, armed: bool = True):
         self.limit, self.poll_s = limit, poll_s
-        self.armed = armed  # enforced (else the peak is only watched, until arm())
+        self.armed = armed
         self.peak, self.peak_each = 0, {}
         self.exceeded: str | None = None  # the message, once over the limit
         self._cgroups = _Cgroups() if use_cgroups else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous = None
+        self._closing = False
 
     def arm(self) -> None:
         """Enforce the limit from now on (a run arms it once its estimate passed the door)."""
@@ -160,17 +176,22 @@ class MemoryLimit:
         return self.limit - rss_bytes(os.getpid())
 
     def adopt(self, pid: int) -> bool:
-        """A child just started: confine it to child_limit() where cgroups allow (True if so)."""
-        return self._cgroups is not None and self._cgroups.confine(pid, self.child_limit())
+        """A child just started: once armed, confine it to child_limit() where cgroups allow (True
+        if so). Before (the door's checks) it is only watched."""
+        return self.armed and self._cgroups is not None and self._cgroups.confine(pid, self.child_limit())
 
-    def killed(self, pid: int) -> bool:
-        """Whether a child that died by a signal was stopped for memory (by the watch or its cgroup)."""
-        if self._cgroups is not None and self._cgroups.oom_killed(pid):
+    def ended(self, pid: int, killed: bool) -> bool:
+        """A child ended (``killed``: by a signal): its group removed; whether it was stopped for
+        memory (by the watch or its cgroup)."""
+        stopped = False
+        if killed and self._cgroups is not None and self._cgroups.oom_killed(pid):
             if self.exceeded is None:
-                self.exceeded = (f"a runtime process went over the {format_bytes(self.child_limit())} "
-                                 f"that --max-rss {format_bytes(self.limit)} leaves it beside this process")
-            return True
-        return self.exceeded is not None
+                self.exceeded = (f"a runtime process went over the {format_bytes(self._cgroups.limits[pid])} "
+                                 f"that --max-rss {format_bytes(self.limit)} left it beside this process")
+            stopped = True
+        if self._cgroups is not None:
+            self._cgroups.release(pid)
+        return stopped or (killed and self.exceeded is not None)
 
     def error(self) -> MemoryLimitExceeded:
         return MemoryLimitExceeded(f"{self.exceeded}; stopped, nothing was written")
@@ -189,37 +210,44 @@ class MemoryLimit:
                 if pid != os.getpid():
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
-            if self._previous is not None:  # the main thread stops at its next instruction
-                signal.pthread_kill(threading.main_thread().ident, LIMIT_SIGNAL)
+            if self._previous is not None and not self._closing:  # the main thread stops at its next
+                signal.pthread_kill(threading.main_thread().ident, LIMIT_SIGNAL)  # instruction
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             self._sample()
 
     def _on_signal(self, signum, frame):
-        if self.exceeded is not None:
+        if self.exceeded is not None and not self._closing:
             raise self.error()
 
     def __enter__(self) -> MemoryLimit:
         global _ACTIVE
         if threading.current_thread() is threading.main_thread():  # else: children stopped, no signal
             self._previous = signal.signal(LIMIT_SIGNAL, self._on_signal)
-        self._sample()
         self._thread = threading.Thread(target=self._watch, name="max-rss watch", daemon=True)
         self._thread.start()
         _ACTIVE = self
+        self._sample()
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop the watch (a signal it sent now does nothing), restore the handler, remove the
+        groups: all of it, whatever is raised meanwhile."""
         global _ACTIVE
+        self._closing = True
         _ACTIVE = None
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._previous is not None:
-            signal.signal(LIMIT_SIGNAL, self._previous)
-        if self._cgroups is not None:
-            self._cgroups.remove()
+        try:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            try:
+                if self._previous is not None:
+                    signal.signal(LIMIT_SIGNAL, self._previous)
+            finally:
+                if self._cgroups is not None:
+                    self._cgroups.remove()
 
 
 _ACTIVE: MemoryLimit | None = None

@@ -132,7 +132,8 @@ def test_budget_search_end_to_end(tmp_path):
     budget = int(dense * 0.95)
     out = tmp_path / "budget"
     cmd = [sys.executable, "-m", "mosaic_export", "--max-memory", "0.95x", "--margin", "0", *SMALL[2:],
-           "--quant", "Q8_0", "--out", str(out)]  # the type fixed: the search varies structure only
+           "--quant", "Q8_0", "--measure-time", "0",  # the type fixed: the search varies structure only;
+           "--out", str(out)]  # the real rounds, the 5 that fill the context and decide a verdict
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, FAULT_ENV: "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the least that meets every budget" in proc.stdout

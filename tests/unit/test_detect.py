@@ -70,9 +70,9 @@ def _canned(monkeypatch, decodes: dict[float, list[float]], busy: dict[str, list
             def run(r):
                 clock[0] += seconds
                 d = next(values)
-                return {"decode": {"tokens_per_s": d},
+                return {"decode": {"tokens_per_s": d},  # the context filled in the least rounds
                         "prefill": {"tokens_per_s": 10 * d, "tokens": 512, "seconds": 51.2 / d},
-                        "peak_rss_bytes": 100e6 * (1 + width), "context": 64}
+                        "peak_rss_bytes": 100e6 * (1 + width), "context": 64, "filled": r < policy.least}
             return run
 
         runs = {k: runner(float(k.split(" at ")[1])) for k in files}
@@ -104,14 +104,16 @@ def test_noisy_figures_are_written_with_intervals_never_refused(tiny_model_dir, 
     assert _detect(tiny_model_dir, out, "--measure-time", "150") == 0
     captured = capsys.readouterr()
     # 3 widths x 10 s a round: 3 rounds at least, then while the next round ends within 150 s
-    assert ("3 measured in 5 rounds, 150 s (stopped: time cap); 10 of 15 intervals (94%) still wider "
-            "than +-5%") in captured.out
-    assert "width 1.0 (4 heads, 96 channels), 5 rounds: decode 82.3 [74.8, 101] tokens/s" in captured.out
+    assert ("3 measured in 5 rounds, 150 s (stopped: time cap); 10 of 15 intervals (75%) still wider "
+            "than +-5%") in captured.out  # 75%: memory, measured in the 3 rounds that fill the context
+    assert ("width 1.0 (4 heads, 96 channels), 5 rounds: decode 82.3 [74.8, 101] (94%) tokens/s, prefill "
+            "823 [748, 1010] (94%) tokens/s, peak RSS 190.7 [190.7, 190.7] MiB (75%, 3 rounds) at 64 "
+            "tokens") in captured.out
     (warning,) = [line for line in captured.err.splitlines() if "warning" in line]
     assert "after 5 rounds (150 s, the time cap)" in warning and "intervals are wider than +-5%" in warning
     text = out.read_text()
-    assert "#   width 0.7 (2 heads, 67 channels), 5 rounds: decode 120 [99.0, 150] tokens/s" in text
-    assert "(94% intervals)" in text and "# WARNING: after 5 rounds" in text
+    assert "#   width 0.7 (2 heads, 67 channels), 5 rounds: decode 120 [99.0, 150] (94%) tokens/s" in text
+    assert "# WARNING: after 5 rounds" in text
     assert "#   the fit at width 1.0: decode" in text
     p = load_profile(str(out))  # the figures and the warnings are comments: the file loads
     assert p.local and p.calibration_for(detect.Format("onnx", "fp32")).basis == "measured"
@@ -122,12 +124,18 @@ def test_a_narrower_model_slower_beyond_the_intervals_is_refused(tiny_model_dir,
     slower = {1.0: [100.0, 101.0, 99.0, 100.5, 99.5], 0.7: [80.0, 81.0, 79.0, 80.5, 79.5],
               0.4: [300.0, 301.0, 299.0, 300.5, 299.5]}
     _canned(monkeypatch, slower)
-    assert _detect(tiny_model_dir, tmp_path / "me.toml", "--measure-time", "0") == 2
+    assert _detect(tiny_model_dir, tmp_path / "me.toml", "--measure-time", "0", "--rounds", "5") == 2
     err = capsys.readouterr().err
     assert ("profile detect: figures no cost model can be fitted to: onnx:fp32 decode at width 0.7 is "
-            "slower than at width 1.0 beyond the interval: their ratio is 0.800 [0.798, 0.802] over 3 "
+            "slower than at width 1.0 beyond the interval: their ratio is 0.800 [0.798, 0.802] over 5 "
             "rounds" in err)
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+
+
+def test_too_few_rounds_to_decide_are_not_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The same narrower-slower figures over 3 rounds (a 75% interval): not enough to refuse."""
+    _canned(monkeypatch, {1.0: [100.0, 101.0, 99.0], 0.7: [80.0, 81.0, 79.0], 0.4: [300.0, 301.0, 299.0]})
+    assert _detect(tiny_model_dir, tmp_path / "me.toml", "--measure-time", "0") == 0
 
 
 def test_overlapping_figures_are_not_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):

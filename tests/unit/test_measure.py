@@ -3,6 +3,7 @@ a fake clock: no real timing in any of these tests."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -235,3 +236,82 @@ def test_benchmarks_fill_the_context_in_the_least_rounds_only(monkeypatch, tmp_p
     assert [c["no_fill"] for c in calls] == [False, False, True, True]
     assert all(c["context"] == 2048 for c in calls)
     assert calls[0]["eval_windows"] == 4 and all(c["eval_windows"] == 0 for c in calls[1:])
+
+
+def test_rounds_stop_when_precise_though_memory_was_measured_in_the_first_rounds_only():
+    """Memory measured in 2 filled rounds (a 50% interval that cannot grow) does not keep the
+    rounds going: once the speed figures are within 5% at 95%, they stop."""
+    clock = Clock(1.0)
+    results = [dict(result(100.0 + (i % 3) * 0.5, memory=4e8), filled=i < 2) for i in range(20)]
+    m = interleaved({"a": series(results, clock)}, Policy(least=2, max_seconds=1e9), clock=clock)
+    assert m.stopped == "precise" and m.rounds == 6
+    assert m.figure("a", "memory").n == 2
+
+
+def test_the_built_model_is_measured_beside_the_reference_its_budgets_need(monkeypatch, tmp_path):
+    """pipeline.measure_built: a relative budget brings the dense model in the profile's format
+    (exported before pruning) as the reference; a build that is that model is its own reference;
+    without a relative budget, no reference; --check-neighbour adds the neighbour plan."""
+    from types import SimpleNamespace
+
+    from mosaic_export.targets.base import Evaluation
+
+    from mosaic_export import benchmarks, pipeline
+    from mosaic_export.costmodel import Format
+
+    calls = []
+    monkeypatch.setattr(benchmarks, "measure_beside", lambda *a: calls.append(a) or a)
+    q8, q6 = Format("gguf", "Q8_0"), Format("gguf", "Q6_K")
+    reference = tmp_path / "dense.gguf"
+
+    def built(relative: bool, fmt: Format, pruned: bool, neighbour: bool = False):
+        profile = SimpleNamespace(budgets=Budgets(None, 2048, 110.0, None,
+                                                  relative={"min_tokens_per_s": 1.1} if relative else {}),
+                                  runtime=None)
+        dense = SimpleNamespace(profile=profile, pricing=SimpleNamespace(fmt=q8), reference=reference)
+        plan = SimpleNamespace(params=lambda: {"decoder_dense": 100})
+        found = SimpleNamespace(neighbour=SimpleNamespace(plan="neighbour plan")) if neighbour else None
+        done = SimpleNamespace(found=found, fmt=fmt, plan=plan, counts={"decoder": 70 if pruned else 100})
+        config = SimpleNamespace(check_neighbour=neighbour)
+        pipeline.measure_built(config, dense, done, tmp_path / "built", Evaluation(None, 0, context=2048))
+        return calls[-1]
+
+    _, (fmt, _), others, ref, context, *_ = built(True, q6, True)
+    assert fmt == q6 and others == {"dense": (q8, reference)} and ref == "dense" and context == 2048
+    _, _, others, ref, *_ = built(True, q8, False)  # the dense Q8_0 itself: its own reference
+    assert others == {} and ref == "plan"
+    _, _, others, ref, *_ = built(True, q6, False)  # dense, but another type than the budgets'
+    assert set(others) == {"dense"} and ref == "dense"
+    _, _, others, ref, *_ = built(False, q6, True, neighbour=True)
+    assert others == {"neighbour": (q6, "neighbour plan")} and ref is None
+
+
+def test_a_measured_miss_exits_3_and_the_folder_is_written(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The main command on a profile of this machine whose build misses a budget beyond its
+    interval (the rounds canned: the built model at 40 tokens/s in every round): exit 3, OUT
+    written with the verdict in report.json and report.md, the miss named in the last line."""
+    from mosaic_export import pipeline
+    from mosaic_export.cli import main
+    from tests.unit.test_budgets import FAST, PROFILE
+
+    clock = Clock(1.0)
+    canned = interleaved({"plan": series([40.0, 40.5, 39.5, 40.2, 39.8], clock)},
+                         Policy(least=5, most=5, max_seconds=1e9), clock=clock)
+    for r in canned.runs["plan"]:
+        r.update(file_bytes=1000, context=64)
+    canned.runs["plan"][0]["perplexity"] = {"perplexity": 300.0, "text": "builtin-heldout",
+                                            "n_predicted": 126, "n_windows": 2}
+    monkeypatch.setattr(pipeline, "measure_built", lambda *a, **k: canned)
+    profile = tmp_path / "tiny.toml"
+    profile.write_text(PROFILE.replace('name = "tiny-device"', 'name = "tiny-device"\nlocal = true'))
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.2",
+                 "--structured-fraction", "1", "--min-tokens-per-s", "100", "--out", str(out)])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("mosaic-export: budget missed beyond its interval: decode >= 100.0 tokens/s: "
+                       "40.0 tokens/s [39.5 tokens/s, 40.5 tokens/s]: missed")
+    report = json.loads((out / "report.json").read_text())
+    (v,) = report["cost"]["measured"]["verdicts"]
+    assert v["status"] == "missed" and v["figure"]["n"] == 5
+    assert "MISSED" in (out / "report.md").read_text() and (out / "manifest.json").is_file()

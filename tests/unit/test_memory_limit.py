@@ -69,3 +69,39 @@ def test_a_run_over_the_limit_stops_cleanly(tiny_model_dir, tmp_path, monkeypatc
     assert f"--max-rss {format_bytes(limit * MIB)}" in line
     assert line.endswith("; stopped, nothing was written")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_cgroup_base_reads_v1_and_v2_and_says_none_elsewhere(tmp_path):
+    """/proc/self/cgroup's lines: v1's memory hierarchy, v2's unified one where memory is
+    delegated to the children; none where the folder is missing, not delegated, or unreadable."""
+    from mosaic_export.measure.tree import cgroup_base
+
+    v1 = tmp_path / "memory" / "job"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_base("4:memory:/job\n0::/\n", tmp_path) == (v1, "memory.limit_in_bytes")
+    v2 = tmp_path / "svc"
+    v2.mkdir()
+    (v2 / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    assert cgroup_base("0::/svc\n", tmp_path) == (v2, "memory.max")
+    (v2 / "cgroup.subtree_control").write_text("cpu pids\n")  # memory not delegated
+    assert cgroup_base("0::/svc\n", tmp_path) == (None, "")
+    assert cgroup_base("0::/not-here\n", tmp_path) == (None, "")  # the folder not visible: no crash
+    assert cgroup_base("garbage\n1:cpu:/x\n", tmp_path) == (None, "")
+
+
+def test_children_are_confined_where_the_system_allows(tmp_path):
+    """Where this process may make memory cgroups (root in most containers, cgroup v1 here), an
+    armed limit puts each child into one and removes it when the child ends; before arming, a
+    child is only watched."""
+    from mosaic_export.measure.tree import cgroup_base
+
+    base, _ = cgroup_base()
+    own = rss_bytes(os.getpid())
+    with MemoryLimit(own + 2048 * MIB, armed=False) as watch:
+        assert not watch.adopt(os.getpid())  # not armed: nothing confined
+        watch.arm()
+        run_child("tests.crashing_child", ["ok"], "x", "testing", "y")
+        assert watch._cgroups.limits == {}  # the child's group went with it
+    if base is not None:
+        assert not list(base.glob(f"mosaic-{os.getpid()}-*"))

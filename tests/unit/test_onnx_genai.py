@@ -78,6 +78,17 @@ def test_a_genai_disagreement_fails_the_build(tiny_model_dir, tmp_path, monkeypa
     assert not out.exists()
 
 
+def test_a_genai_stop_short_of_our_tokens_fails_with_its_own_message():
+    from mosaic_export.targets.onnx import genai_agrees
+
+    from mosaic_export.errors import UserError
+
+    genai_agrees({"checked": False, "reason": "not for GenAI"}, "onnx-fp32", 64)  # nothing to say
+    genai_agrees({"checked": True, "identical": True, "tokens": 64, "first_difference": None}, "f", 64)
+    with pytest.raises(UserError, match="it stopped after 10 of 64 greedy tokens, without an end-of-seq"):
+        genai_agrees({"checked": True, "identical": False, "tokens": 10, "first_difference": None}, "f", 64)
+
+
 def test_genai_refuses_a_folder_whose_kv_heads_differ(tiny_model_dir, tmp_path):
     from mosaic_export.errors import UserError
     from tests.conftest import heterogeneous_model

@@ -72,8 +72,7 @@ class Checkpoint(Target):
         log(f"writing the checkpoint target to {path.name}")
         self.export(loaded, path, type_)
         parity = self._parity(loaded, path, parity_ids)
-        return {"folder": path.name, "dtype": type_, "parity": parity,
-                "benchmark": self.benchmark(path, context=evaluation.context or 64)}
+        return {"folder": path.name, "dtype": type_, "parity": parity}
 
     @torch.no_grad()
     def _parity(self, loaded, folder, ids):
