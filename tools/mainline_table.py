@@ -58,6 +58,9 @@ def table(folder: Path) -> list[str]:
              "| run | minutes | exit | rounds' seconds: detect / joint / verdict | rounds | plan (budgets) | "
              "memory verdict | decode verdict |", "|---|---|---|---|---|---|---|---|"]
     for run_dir in sorted(folder.glob("run-*"), key=lambda p: int(p.name.split("-")[1])):
+        if not (run_dir / "run.json").is_file():
+            lines.append(f"| {run_dir.name} | stopped before it ended (no run.json) | | | | | | |")
+            continue
         run = json.loads((run_dir / "run.json").read_text())
         report_file = run_dir / "report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else None
