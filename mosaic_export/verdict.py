@@ -52,11 +52,14 @@ class Verdict:
     def measured_text(self) -> str:
         text = self.figure.text(lambda v: format_value(self.name, v))
         if self.ratio is not None:
-            text += f" = {self.ratio.text(lambda v: f'{v:.3f}')}x the dense model"
+            r = self.ratio
+            spread = "(one run)" if r.n == 1 else f"[{r.low:.3f}, {r.high:.3f}]"
+            text += f" = {r.median:.3f}x {spread} the dense model's"
         return text
 
     def describe(self) -> str:
-        """'decode 145.7 tokens/s [140.1 tokens/s, 150.2 tokens/s] = 1.214 [...]x ... (budget ...): met'."""
+        """'decode >= 1.1x the dense model's: 145.7 tokens/s [140.1 tokens/s, 150.2 tokens/s] =
+        1.214x [1.160, 1.262] the dense model's: met' (on one line)."""
         return f"{self.budget_text()}: {self.measured_text()}: {self.status}"
 
     def to_dict(self) -> dict:

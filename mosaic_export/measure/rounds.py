@@ -146,7 +146,8 @@ class Measurement:
         else:
             rest = f"; every interval ({reached:.0%}) within +-{self.precision:.0%}"
         rounds = "1 round" if self.rounds == 1 else f"{self.rounds} rounds"
-        return f"{len(self.runs)} measured in {rounds}, {self.seconds:.0f} s (stopped: {self.stopped}){rest}"
+        return (f"{len(self.runs)} candidates measured in {rounds}, {self.seconds:.0f} s "
+                f"(stopped: {self.stopped}){rest}")
 
     def to_dict(self, key: Hashable) -> dict:
         """One candidate's figures and ratios as intervals, with the rounds they came from."""
