@@ -1,3 +1,5 @@
 """mosaic-export: fit decoder-only LLMs to devices by composite projection pruning."""
 
-__version__ = "0.1.0"
+from mosaic_export.core.version import __version__
+
+__all__ = ["__version__"]

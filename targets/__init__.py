@@ -9,8 +9,10 @@ validation, the cost model, the pipeline and the deployable folder then offer it
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .base import Target
+from mosaic_export.core.errors import UserError
+from mosaic_export.targets.base import Target
+from mosaic_export.targets.gguf.target import GGUF
+from mosaic_export.targets.onnx.target import ONNX
 
 _REGISTRY: dict[str, Target] = {}
 _TYPE_OPTIONS = ("quant", "dtype")  # the CLI options (and profile keys) that name a type
@@ -56,9 +58,6 @@ def registered() -> tuple[Target, ...]:
 
 
 def _register_builtins() -> None:
-    from .gguf_target import GGUF
-    from .onnx_target import ONNX
-
     register(GGUF())
     register(ONNX())
 

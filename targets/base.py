@@ -12,15 +12,23 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from ..errors import UserError
+from mosaic_export.core.errors import UserError
+
+CHUNK = 512  # tokens per prefill call (llama.cpp's n_ubatch; the ONNX runner's chunk)
 
 if TYPE_CHECKING:
     import torch
 
-    from ..model_io import LoadedModel
-    from ..profile import RuntimeSpec
+    from mosaic_export.model.folder import LoadedModel
+
+
+class Runtime(Protocol):
+    """The runtime a profile names (decide.profile.RuntimeSpec): what a target reads of it."""
+
+    target: str
+    execution_provider: str | None
 
 
 @dataclass(frozen=True)
@@ -150,14 +158,14 @@ class Target(ABC):
         peak memory is not the figure with the context full). The tool measures in rounds of
         such runs (benchmarks.py)."""
 
-    def measure_options(self, runtime: RuntimeSpec | None) -> dict:
+    def measure_options(self, runtime: Runtime | None) -> dict:
         """benchmark() options the profile's runtime asks for (an execution provider), for every
         run of the rounds; none by default."""
         return {}
 
     @abstractmethod
     def deploy(self, loaded: LoadedModel, path: Path, type_: str, parity_ids: torch.Tensor,
-               runtime: RuntimeSpec, evaluation: Evaluation, log) -> dict:
+               runtime: Runtime, evaluation: Evaluation, log) -> dict:
         """Export and check the artifact against PyTorch (UserError under the type's floor;
         ``evaluation``: the threads): the report's section for this target, holding "parity".
         Its speed, memory and perplexity are measured next, in rounds (the pipeline adds them

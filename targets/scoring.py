@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import UserError
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.texts import corpus
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -37,3 +38,10 @@ def window_perplexity(logits_of: Callable[[list[int]], np.ndarray], tokens: list
     count = n * (seq_len - 1)
     return {"perplexity": math.exp(total / count), "nll": total / count, "top1": correct / count,
             "n_windows": n, "seq_len": seq_len, "n_predicted": count}
+
+
+def text_ids(tok, source: str) -> list[int]:
+    """The token ids of a text (texts.corpus) as plain text: a special token's text in it is text."""
+
+    tok.encode_special_tokens = True
+    return tok.encode(corpus(source), add_special_tokens=False).ids

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_export.texts import builtin_text
+from mosaic_export.core.texts import builtin_text
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -54,8 +54,8 @@ def one_round():
     real defaults. A test marked ``real_rounds`` gets the real policies back (real_rounds)."""
     from dataclasses import replace
 
-    from mosaic_export import detect
     from mosaic_export.measure import rounds
+    from mosaic_export.run import detect
 
     patch = pytest.MonkeyPatch()
     for module, name in ((rounds, "VERDICT_POLICY"), (rounds, "BENCH_POLICY"), (rounds, "JOINT_POLICY"),
@@ -78,7 +78,7 @@ def real_rounds(request, monkeypatch):
 def gguf_cache_folder(tmp_path_factory):
     """GGUF conversions (mosaic_export/gguf_cache.py) cached for this session only, not in the
     home folder; the CLI's child processes inherit the setting."""
-    from mosaic_export.gguf_cache import ENV
+    from mosaic_export.model.gguf_cache import ENV
 
     patch = pytest.MonkeyPatch()
     patch.setenv(ENV, str(tmp_path_factory.mktemp("gguf-cache")))
@@ -97,8 +97,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def heterogeneous_model(tiny_model_dir):
     """The tiny model with layers of different head counts and MLP widths."""
-    from mosaic_export.model_io import load_model
-    from mosaic_export.resize import resize_layer
+    from mosaic_export.model.load import load_model
+    from mosaic_export.model.resize import resize_layer
 
     loaded = load_model(str(tiny_model_dir))
     layers = loaded.spec.layer_list(loaded.model)

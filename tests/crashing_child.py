@@ -1,4 +1,4 @@
-"""A stand-in runtime child for tests of mosaic_export.process.run_child.
+"""A stand-in runtime child for tests of mosaic_export.measure.process.run_child.
 
     python -m tests.crashing_child MODE [--pid-file F] [--mib N] --json OUT
     CRASHING_CHILD_MODE=MODE python -m tests.crashing_child ANY ARGUMENTS --json OUT
@@ -25,7 +25,7 @@ MODES = ("segv", "fail", "ok", "sleep", "eat")
 
 
 def main() -> int:
-    from mosaic_export.process import die_with_parent
+    from mosaic_export.measure.process import die_with_parent
 
     die_with_parent()
     p = argparse.ArgumentParser()

@@ -16,14 +16,14 @@ import argparse
 import copy
 import sys
 
-from mosaic_export.calibration import LayerStream, sample_windows, tokenize
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import CalibrationSettings, PruneSettings
-from mosaic_export.planner import make_plan
-from mosaic_export.pod import measure
-from mosaic_export.prune.apply import apply_plan
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import CalibrationSettings, PruneSettings
+from mosaic_export.method.planner import make_plan
+from mosaic_export.method.pod import measure
+from mosaic_export.method.prune.apply import apply_plan
+from mosaic_export.model.load import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ For each removal target (structured, POD allocation, the format's channel alignm
 made from one calibration pass, the model is resized to it (the kept heads and channels; weight
 values do not change a runtime's cost, so no compensation or fine pruning is done) and exported.
 Then every plan of every format is measured in one set of interleaved rounds
-(mosaic_export.benchmarks.measure), each run in a fresh process of its runtime with the context
+(mosaic_export.decide.benchmarks.measure), each run in a fresh process of its runtime with the context
 full (the profile's budget context): each round runs every file in turn, in the reverse order on
 the next round, so that a slow spell of the machine hits every plan alike. The measured figures
 are medians over the rounds with their 95% order-statistic intervals (``*_meas_low``,
@@ -31,19 +31,19 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from mosaic_export import benchmarks
-from mosaic_export.arguments import add_measurement, measurement_policy
-from mosaic_export.calibration import LayerStream
-from mosaic_export.costmodel import Format
+from mosaic_export.cli.arguments import add_measurement, measurement_policy
+from mosaic_export.decide import benchmarks
+from mosaic_export.decide.costmodel import Format
+from mosaic_export.decide.profile import load_profile
+from mosaic_export.decide.search import make_pricing
 from mosaic_export.measure.rounds import BENCH_POLICY
-from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids
-from mosaic_export.plan import CalibrationSettings, PruneSettings
-from mosaic_export.planner import make_plan
-from mosaic_export.pod import measure
-from mosaic_export.profile import load_profile
-from mosaic_export.prune.apply import resize_to_plan
-from mosaic_export.search import make_pricing
+from mosaic_export.method.calibration import LayerStream
+from mosaic_export.method.plan import CalibrationSettings, PruneSettings
+from mosaic_export.method.planner import make_plan
+from mosaic_export.method.pod import measure
+from mosaic_export.method.prune.apply import resize_to_plan
+from mosaic_export.method.windows import calibration_ids
+from mosaic_export.model.load import load_model
 
 # result column -> (the Measurement's metric, the prediction's column)
 MEASURED = {"decode_meas": ("decode", "decode_pred"), "rss_meas": ("memory", "rss_pred"),

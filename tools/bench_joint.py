@@ -11,7 +11,7 @@ Rows: the dense model at each of --types; the model pruned by structure (POD com
 compensated, at the type's channel alignment) at each of --levels for each of --pruned-types,
 as pruned and after recovery (distillation from the dense model on --recover-text). Each row is
 exported by mosaic-export and kept; then all rows are measured in one set of interleaved rounds
-(mosaic_export.benchmarks.measure), each run in a fresh llama.cpp process with the context full
+(mosaic_export.decide.benchmarks.measure), each run in a fresh llama.cpp process with the context full
 (peak RSS at --context tokens, decode and prefill tokens/s after a 512-token prompt), the rows in
 turn and in the reverse order on the next round. A row's speed and memory are the medians over the
 rounds, with their 95% order-statistic intervals under "intervals" (the rounds go on past --rounds
@@ -41,21 +41,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from mosaic_export.targets import get as get_target
-from mosaic_export.targets.base import Evaluation
 
-from mosaic_export import benchmarks
-from mosaic_export.arguments import add_measurement, measurement_policy
-from mosaic_export.calibration import LayerStream, tokenize
-from mosaic_export.costmodel import Format
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy
-from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids
-from mosaic_export.plan import CalibrationSettings, PruneSettings
-from mosaic_export.pod import measure
-from mosaic_export.profile import load_profile
-from mosaic_export.quality import (
+from mosaic_export.bundle.report import pareto
+from mosaic_export.cli.arguments import add_measurement, measurement_policy
+from mosaic_export.core.texts import corpus
+from mosaic_export.decide import benchmarks
+from mosaic_export.decide.costmodel import Format
+from mosaic_export.decide.profile import load_profile
+from mosaic_export.decide.quality import (
     ProbeRecovery,
     QualityModel,
     StructureProbe,
@@ -68,10 +61,17 @@ from mosaic_export.quality import (
     structure_points,
     write_probe,
 )
-from mosaic_export.recover import RecoverSettings, training_windows
-from mosaic_export.report import pareto
-from mosaic_export.search import make_pricing
-from mosaic_export.texts import corpus
+from mosaic_export.decide.search import make_pricing
+from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy
+from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import CalibrationSettings, PruneSettings
+from mosaic_export.method.pod import measure
+from mosaic_export.method.recover import RecoverSettings, training_windows
+from mosaic_export.method.windows import calibration_ids
+from mosaic_export.model.load import load_model
+from mosaic_export.targets import get as get_target
+from mosaic_export.targets.base import Evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,11 +39,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from mosaic_export.targets import gguf
-
-from mosaic_export.arguments import add_measurement, measurement_policy
+from mosaic_export.cli.arguments import add_measurement, measurement_policy
 from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy, interleaved
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf import writer as gguf
 
 QUANTS = ("Q8_0", "Q4_K_M")
 AMX_MNEMONICS = ("ldtilecfg", "tdpbssd", "tdpbf16ps", "tileloadd")
@@ -91,7 +90,7 @@ def bench(path: Path, safe: bool, pythonpath: Path | None, threads: int | None) 
         env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{env.get('PYTHONPATH', '')}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "mosaic_export.targets.gguf_runner", str(path), "--job", "bench",
+        cmd = [sys.executable, "-m", "mosaic_export.targets.gguf.runner", str(path), "--job", "bench",
                "--context", "2048", "--eval-windows", "0", "--json", str(out)]
         if safe:
             cmd.append("--safe")

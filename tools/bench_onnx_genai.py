@@ -13,7 +13,7 @@
    (mosaic_export.measure.rounds.interleaved, the builder's folder the reference), each run in a
    fresh process: load, prefill of a 512-token prompt, 128 greedy decode steps.
 4. With --gguf Q4_K_M (default): our int4 folder in ONNX Runtime (targets/onnx_runner.py) against
-   llama.cpp's Q4_K_M of the same model, in interleaved rounds (mosaic_export.benchmarks.measure,
+   llama.cpp's Q4_K_M of the same model, in interleaved rounds (mosaic_export.decide.benchmarks.measure,
    llama.cpp the reference): decode tokens/s and peak RSS, and perplexity on the first
    --eval-windows windows of 512 tokens of --eval-text, scored in the first round.
 
@@ -36,15 +36,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from mosaic_export.targets import onnx, onnx_genai
-from mosaic_export.targets.base import Evaluation
-
-from mosaic_export import benchmarks
-from mosaic_export.arguments import add_measurement, measurement_policy
-from mosaic_export.costmodel import Format
+from mosaic_export.cli.arguments import add_measurement, measurement_policy
+from mosaic_export.core.units import format_bytes
+from mosaic_export.decide import benchmarks
+from mosaic_export.decide.costmodel import Format
 from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy, interleaved
-from mosaic_export.model_io import load_model
-from mosaic_export.units import format_bytes
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.base import Evaluation
+from mosaic_export.targets.onnx import genai as onnx_genai
+from mosaic_export.targets.onnx import writer as onnx
 
 OURS_INT4 = "ours int4 (ONNX Runtime)"
 

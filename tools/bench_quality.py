@@ -47,16 +47,16 @@ import time
 from pathlib import Path
 
 import torch
+from baselines import BASELINES
 
-from mosaic_export.baselines import BASELINES
-from mosaic_export.calibration import LayerStream, sample_windows, tokenize
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import CalibrationSettings, PruneSettings
-from mosaic_export.planner import make_plan
-from mosaic_export.pod import measure
-from mosaic_export.prune.apply import apply_plan
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import CalibrationSettings, PruneSettings
+from mosaic_export.method.planner import make_plan
+from mosaic_export.method.pod import measure
+from mosaic_export.method.prune.apply import apply_plan
+from mosaic_export.model.load import load_model
 
 UNSTRUCTURED = [0.5, 0.6, 0.7, 0.8]
 STRUCTURED = [0.2, 0.3, 0.4]
@@ -206,7 +206,7 @@ class Bench:
         """lm-evaluation-harness tasks on one pruned model, appended to OUT/zero_shot.jsonl."""
         import json
 
-        from mosaic_export.zero_shot import zero_shot
+        from zero_shot import zero_shot
 
         for r in zero_shot(model, self.loaded.tokenizer, self.args.lm_eval_tasks, self.args.lm_eval_limit):
             print(f"[zero-shot] {key['label']} {key['sparsity']:.0%}: {r['task']}: "

@@ -6,7 +6,7 @@
 
 The model is pruned once by the plan (as ``mosaic-export --plan`` does); each budget then starts
 again from a copy of that pruned model and distils it from the dense one with the default
-settings (``mosaic_export.recover``), the learning-rate schedule sized to that budget: each point
+settings (``mosaic_export.method.recover``), the learning-rate schedule sized to that budget: each point
 is what ``--recover --recover-tokens N`` gives, not a checkpoint of one long run. Budget 0 is the
 pruned model. Wall time is the distillation's alone (not the evaluation's), on this machine.
 """
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from mosaic_export.calibration import LayerStream, tokenize
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids
-from mosaic_export.plan import Plan
-from mosaic_export.process import peak_rss_bytes
-from mosaic_export.prune.apply import apply_plan
-from mosaic_export.recover import RecoverSettings, distill, training_windows
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.measure.process import peak_rss_bytes
+from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import Plan
+from mosaic_export.method.prune.apply import apply_plan
+from mosaic_export.method.recover import RecoverSettings, distill, training_windows
+from mosaic_export.method.windows import calibration_ids
+from mosaic_export.model.load import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

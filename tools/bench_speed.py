@@ -5,7 +5,7 @@
         [--rounds 5] [--measure-time 60] [--precision 0.05]
 
 Both models are exported to the same GGUF type or ONNX dtype, then measured in interleaved rounds
-(mosaic_export.benchmarks.measure, the dense model the reference): each round runs both, each in a
+(mosaic_export.decide.benchmarks.measure, the dense model the reference): each round runs both, each in a
 fresh runtime process (llama.cpp or ONNX Runtime), in turn and in the reverse order on the next
 round, so machine noise hits both alike. Every figure is the median over the rounds with its 95%
 order-statistic interval (the confidence reached is stated when too few rounds reach 95%); each
@@ -26,13 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets import get, names
-
-from mosaic_export.arguments import add_measurement, measurement_policy
-from mosaic_export.benchmarks import export_format, measure
-from mosaic_export.costmodel import Format
+from mosaic_export.cli.arguments import add_measurement, measurement_policy
+from mosaic_export.decide.benchmarks import export_format, measure
+from mosaic_export.decide.costmodel import Format
 from mosaic_export.measure.rounds import BENCH_POLICY
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
+from mosaic_export.targets import get, names
 
 NAMES = ("dense", "pruned")
 

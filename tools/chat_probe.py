@@ -1,4 +1,4 @@
-"""The chat probe (mosaic_export.chat_probe) on several GGUF files: 20 short questions with one
+"""The chat probe (mosaic_export.method.chat_probe) on several GGUF files: 20 short questions with one
 expected word each, asked greedily through llama.cpp with each file's chat template.
 
     python tools/chat_probe.py dense=/tmp/dense-q8/model-Q8_0.gguf pruned=OUT/model-Q8_0.gguf ... \
@@ -12,9 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from mosaic_export.chat_probe import QUESTIONS, probe_gguf
+from mosaic_export.method.chat_probe import MAX_TOKENS, QUESTIONS, score
+from mosaic_export.targets.gguf.runner import run_llama
+from mosaic_export.targets.gguf.table import GENERATE_CONTEXT
+
+
+def probe_gguf(path: Path, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> dict:
+    """Ask the questions to a GGUF file in llama.cpp (in a child process), greedily, with the
+    file's chat template and the context `mosaic-export run` uses."""
+    with tempfile.TemporaryDirectory(prefix="mosaic-probe-") as tmp:
+        prompts = Path(tmp) / "prompts.json"
+        prompts.write_text(json.dumps([q for q, _ in QUESTIONS]))
+        out = run_llama("generate", Path(path), prompts=prompts, max_tokens=max_tokens,
+                        threads=threads, context=GENERATE_CONTEXT)
+    return score(out["texts"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets.gguf import export, gguf_arch
-from mosaic_export.targets.gguf_runner import _llama, next_token_agreement
-
-from mosaic_export.calibration import tokenize
-from mosaic_export.model_io import load_model
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import tokenize
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf.runner import _llama, next_token_agreement
+from mosaic_export.targets.gguf.writer import export, gguf_arch
 
 
 def main(argv: list[str] | None = None) -> int:

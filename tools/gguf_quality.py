@@ -14,10 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets.gguf import export
-from mosaic_export.targets.gguf_runner import benchmark
-
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf.runner import benchmark
+from mosaic_export.targets.gguf.writer import export
 
 
 def main(argv: list[str] | None = None) -> int:

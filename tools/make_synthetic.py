@@ -46,8 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_size(text: str) -> int:
-    from mosaic_export.errors import UserError
-    from mosaic_export.units import parse_bytes
+    from mosaic_export.core.errors import UserError
+    from mosaic_export.core.units import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -171,7 +171,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mosaic_export.model_io import load_tokenizer
+    from mosaic_export.model.load import load_tokenizer
 
     a = arguments(argv)
     tokenizer = load_tokenizer(a.tokenizer)

@@ -19,13 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets.onnx import export, parity
-from mosaic_export.targets.onnx_runner import benchmark
-
-from mosaic_export.calibration import tokenize
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.onnx.runner import benchmark
+from mosaic_export.targets.onnx.writer import export, parity
 
 
 def main(argv: list[str] | None = None) -> int:

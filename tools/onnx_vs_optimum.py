@@ -3,8 +3,8 @@
     # once, in a separate venv (optimum-onnx pins its own transformers):
     python3.11 -m venv /tmp/optvenv && /tmp/optvenv/bin/pip install torch==2.13.0 && \\
         /tmp/optvenv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers==4.57.6" accelerate
-    python -c "from pathlib import Path; from mosaic_export.model_io import load_model; \\
-        from mosaic_export.checkpoint import save_checkpoint; \\
+    python -c "from pathlib import Path; from mosaic_export.model.load import load_model; \\
+        from mosaic_export.model.checkpoint import save_checkpoint; \\
         save_checkpoint(load_model(None), Path('/tmp/dense_hf'))"
     HF_HUB_OFFLINE=1 /tmp/optvenv/bin/optimum-cli export onnx --model /tmp/dense_hf \\
         --task text-generation-with-past /tmp/optimum_onnx
@@ -25,12 +25,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from mosaic_export.targets.onnx import export
-from mosaic_export.targets.onnx_runner import OnnxDecoder
 
-from mosaic_export.calibration import tokenize
-from mosaic_export.model_io import load_model
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import tokenize
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.onnx.runner import OnnxDecoder
+from mosaic_export.targets.onnx.writer import export
 
 
 class ForeignDecoder(OnnxDecoder):

@@ -17,23 +17,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mosaic_export.targets import gguf, onnx
-from mosaic_export.targets.gguf_runner import next_token_agreement
-
-from mosaic_export.model_io import load_model
-from mosaic_export.pipeline import calibration_ids
-from mosaic_export.plan import PruneSettings
+from mosaic_export.method.plan import PruneSettings
+from mosaic_export.method.windows import calibration_ids
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf import table as gguf_table
+from mosaic_export.targets.gguf import writer as gguf
+from mosaic_export.targets.gguf.runner import next_token_agreement
+from mosaic_export.targets.onnx import writer as onnx
 
 
 def agreements(loaded, ids, with_onnx: bool) -> dict[str, dict]:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in gguf.TYPES:
+        for quant in gguf_table.TYPES:
             path = Path(tmp) / f"m-{quant}.gguf"
             gguf.export(loaded, path, quant)
             r = next_token_agreement(loaded.model, path, ids)
             path.unlink()
-            out[f"gguf {quant}"] = {"agreement": r["top1_agreement"], "floor": gguf.MIN_AGREEMENT[quant],
+            floor = gguf_table.MIN_AGREEMENT[quant]
+            out[f"gguf {quant}"] = {"agreement": r["top1_agreement"], "floor": floor,
                                     "max_abs_logit_diff": r["max_abs_logit_diff"]}
             print(f"  gguf {quant:<7} {r['top1_agreement']:.1%}", flush=True)
         if with_onnx:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from .stats import CONFIDENCE, Interval, least_values, median_interval
+from mosaic_export.measure.stats import CONFIDENCE, Interval, least_values, median_interval
 
 # A figure of a benchmark result: how to read it, and whether more is better.
 METRICS = {

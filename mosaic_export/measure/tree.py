@@ -22,8 +22,8 @@ import signal
 import threading
 from pathlib import Path
 
-from ..errors import UserError
-from ..units import format_bytes
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.units import format_bytes
 
 POLL_S = 0.05
 LIMIT_SIGNAL = signal.SIGUSR1

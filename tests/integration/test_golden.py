@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def _sha(data) -> str:
 def fingerprints(out) -> dict[str, str]:
     """sha256 of the plan's per-layer kept heads, KV heads, channels and ratios; of the whole plan
     (but the model's path on this machine) with floats to 6 significant digits; of the Q8_0 GGUF."""
-    from mosaic_export.targets.gguf import export
+    from mosaic_export.targets.gguf.writer import export
 
     plan = json.loads((out / "plan.json").read_text())
     plan["model"].pop("source")

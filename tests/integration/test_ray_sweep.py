@@ -58,8 +58,8 @@ def sequential(sweep_args, tmp_path_factory):
 
 def _artifacts(out: Path) -> dict[str, str]:
     """sha256 of every file of every run but those that carry timings or measurements (the
-    report, its plots and the README and manifest made from it)."""
-    varying = {"report.json", "report.md", "README.md", "manifest.json", "cost.png"}
+    report, its plots and the README and manifest made from it; run.toml, which names the folder)."""
+    varying = {"report.json", "report.md", "README.md", "manifest.json", "cost.png", "run.toml"}
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.glob("r*/**/*")) if p.is_file() and p.name not in varying}
 
@@ -141,7 +141,7 @@ def test_a_run_no_node_can_take_is_refused_before_the_dense_pass(ray_cluster, sw
 def test_joint_search_measures_each_type_on_the_cluster(ray_cluster, tiny_model_dir, sweep_args, tmp_path):
     """The joint search's dense runs (one per type) as Ray tasks: the same measured quality and
     the same choice as on this machine, each run labelled with the machine it ran on."""
-    from mosaic_export.model_io import load_model
+    from mosaic_export.model.load import load_model
     from tests.unit.test_joint import FAST as JOINT_FAST
     from tests.unit.test_joint import _pricings
 

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from mosaic_export.calibration import tokenize
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import Plan
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import Plan
+from mosaic_export.model.load import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +82,8 @@ def test_unstructured_projection_wanda(tmp_path):
 def test_structured_gguf_parity_and_q8(structured, tmp_path):
     """The heterogeneous model as F32 GGUF (arch deci) in stock llama.cpp agrees with PyTorch on the
     greedy next token at 512 positions; its Q8_0 file has no fallback tensor and loads."""
-    from mosaic_export.targets.gguf import export, gguf_arch
-    from mosaic_export.targets.gguf_runner import next_token_agreement
+    from mosaic_export.targets.gguf.runner import next_token_agreement
+    from mosaic_export.targets.gguf.writer import export, gguf_arch
 
     out, _, _ = structured
     loaded = load_model(str(out / "model"))
@@ -102,7 +102,7 @@ def test_structured_gguf_parity_and_q8(structured, tmp_path):
 def test_structured_onnx_parity_and_generation(structured, tmp_path):
     """The heterogeneous model in ONNX Runtime: fp32 logits within 1e-3 of PyTorch at 512 positions,
     64 greedy tokens with the KV cache identical to transformers' generate; int8 stays close."""
-    from mosaic_export.targets.onnx import export, parity
+    from mosaic_export.targets.onnx.writer import export, parity
 
     out, _, _ = structured
     loaded = load_model(str(out / "model"))
@@ -119,11 +119,10 @@ def test_budget_search_end_to_end(tmp_path):
     between it and a 40% pruned one's) on a machine where llama.cpp's fast path crashes (simulated:
     every llama.cpp child run without the safe setting kills itself with SIGSEGV): it prunes the
     least that fits, exports Q8_0, falls back to the safe setting, measures, and OUT verifies."""
-    from mosaic_export.targets.gguf_runner import FAULT_ENV
-
-    from mosaic_export.costmodel import Format
-    from mosaic_export.profile import load_profile
-    from mosaic_export.search import make_pricing
+    from mosaic_export.decide.costmodel import Format
+    from mosaic_export.decide.profile import load_profile
+    from mosaic_export.decide.search import make_pricing
+    from mosaic_export.targets.gguf.runner import FAULT_ENV
 
     loaded = load_model()
     pricing = make_pricing(load_profile("laptop-cpu"), Format("gguf", "Q8_0"), loaded)
@@ -177,9 +176,9 @@ def test_joint_search_chooses_the_type_and_predicts_its_quality(tmp_path):
     Q4_K_M) until the measured change rules Q8_0 out or predicts it, takes the candidate with the
     best predicted perplexity, builds it, and its predicted perplexity is within 10% of what
     llama.cpp measures."""
-    from mosaic_export.costmodel import Format
-    from mosaic_export.profile import load_profile
-    from mosaic_export.search import make_pricing
+    from mosaic_export.decide.costmodel import Format
+    from mosaic_export.decide.profile import load_profile
+    from mosaic_export.decide.search import make_pricing
 
     loaded = load_model()
     pricing = make_pricing(load_profile("laptop-cpu"), Format("gguf", "Q4_K_M"), loaded)

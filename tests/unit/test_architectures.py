@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from mosaic_export.targets.gguf import export as export_gguf
-from mosaic_export.targets.gguf import gguf_arch
-from mosaic_export.targets.gguf_runner import _llama
 
-from mosaic_export.arch import LayerDims
 from mosaic_export.cli import main
-from mosaic_export.fused import UNFUSED_AS
-from mosaic_export.model_io import load_model
-from mosaic_export.resize import leading, resize_model
+from mosaic_export.model.arch import LayerDims
+from mosaic_export.model.fused import UNFUSED_AS
+from mosaic_export.model.load import load_model
+from mosaic_export.model.resize import leading, resize_model
+from mosaic_export.targets.gguf.runner import _llama
+from mosaic_export.targets.gguf.writer import export as export_gguf
+from mosaic_export.targets.gguf.writer import gguf_arch
 from tests.conftest import TINY, tiny_tokenizer
 
 # Each architecture's tiny config: what sets it apart from Llama is switched on.
@@ -141,8 +141,8 @@ def test_fused_projections_split_on_load_compute_the_same(tmp_path):
 def test_layer_stream_gives_each_kind_of_layer_its_own_mask():
     """Calibration runs layer by layer on inputs captured once: Gemma's full-attention layers must
     get their own mask, not the sliding layers' (64 tokens, window 24)."""
-    from mosaic_export.arch import arch_for
-    from mosaic_export.calibration import LayerStream
+    from mosaic_export.method.calibration import LayerStream
+    from mosaic_export.model.arch import arch_for
 
     model = tiny_arch_model("gemma3")
     ids = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
@@ -164,8 +164,8 @@ VARIANTS = [("gemma3", dict(query_pre_attn_scalar=24)), ("mistral", dict(sliding
 
 @pytest.mark.parametrize(("arch", "overrides"), VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_onnx_computes_config_variants(tmp_path, arch, overrides):
-    from mosaic_export.targets.onnx import export as export_onnx
-    from mosaic_export.targets.onnx_runner import OnnxDecoder
+    from mosaic_export.targets.onnx.runner import OnnxDecoder
+    from mosaic_export.targets.onnx.writer import export as export_onnx
 
     config_cls, model_cls, extra = ARCHS[arch]
     ARCHS[arch] = (config_cls, model_cls, {**extra, **overrides})
@@ -189,19 +189,17 @@ def test_onnx_computes_config_variants(tmp_path, arch, overrides):
         steps.append(step)
     assert np.abs(np.concatenate(steps, 1) - logits).max() < 1e-4
     if arch == "gemma3":
-        from mosaic_export.targets.gguf import check_exportable
-
-        from mosaic_export.errors import UserError
+        from mosaic_export.core.errors import UserError
+        from mosaic_export.targets.gguf.writer import check_exportable
 
         with pytest.raises(UserError, match="query_pre_attn_scalar"):
             check_exportable(loaded)
 
 
 def test_an_activation_the_exporters_do_not_compute_is_refused(tmp_path):
-    from mosaic_export.targets.gguf import check_exportable as gguf_check
-    from mosaic_export.targets.onnx_graph import check_exportable as onnx_check
-
-    from mosaic_export.errors import UserError
+    from mosaic_export.core.errors import UserError
+    from mosaic_export.targets.gguf.writer import check_exportable as gguf_check
+    from mosaic_export.targets.onnx.graph import check_exportable as onnx_check
     from tests.conftest import tiny_model
 
     tiny_model(hidden_act="gelu").save_pretrained(tmp_path, safe_serialization=True)

@@ -8,30 +8,24 @@ import json
 import numpy as np
 import pytest
 import torch
-from mosaic_export.targets.gguf import export as gguf_export
-from mosaic_export.targets.gguf import gguf_arch
-from mosaic_export.targets.gguf_runner import _llama
-from mosaic_export.targets.onnx import export as onnx_export
-from mosaic_export.targets.onnx_runner import OnnxDecoder
+from baselines import adaptive_dims, flap_adaptive_prune, flap_prune, llm_pruner_prune, uniform_dims
 
-from mosaic_export.arch import LayerDims
-from mosaic_export.baselines import (
-    adaptive_dims,
-    flap_adaptive_prune,
-    flap_prune,
-    llm_pruner_prune,
-    uniform_dims,
-)
-from mosaic_export.blocks import choose_blocks
-from mosaic_export.calibration import LayerStream, sample_windows, tokenize
-from mosaic_export.checkpoint import load_resized, save_checkpoint
-from mosaic_export.model_io import decoder_counts, load_model
-from mosaic_export.plan import Plan, PruneSettings
-from mosaic_export.planner import make_plan
-from mosaic_export.pod import measure
-from mosaic_export.prune.apply import apply_plan
-from mosaic_export.resize import resize_layer
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.blocks import choose_blocks
+from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.plan import Plan, PruneSettings
+from mosaic_export.method.planner import make_plan
+from mosaic_export.method.pod import measure
+from mosaic_export.method.prune.apply import apply_plan
+from mosaic_export.model.arch import LayerDims
+from mosaic_export.model.checkpoint import load_resized, save_checkpoint
+from mosaic_export.model.load import decoder_counts, load_model
+from mosaic_export.model.resize import resize_layer
+from mosaic_export.targets.gguf.runner import _llama
+from mosaic_export.targets.gguf.writer import export as gguf_export
+from mosaic_export.targets.gguf.writer import gguf_arch
+from mosaic_export.targets.onnx.runner import OnnxDecoder
+from mosaic_export.targets.onnx.writer import export as onnx_export
 
 IDS = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(0))
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from mosaic_export.cli import main
-from mosaic_export.costmodel import Calibration, Format, Pricing
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import Plan
+from mosaic_export.decide.costmodel import Calibration, Format, Pricing
+from mosaic_export.method.plan import Plan
+from mosaic_export.model.load import load_model
 
 # A profile for ONNX fp32 with a closed-form calibration: no runtime overheads, weights resident
 # once, 1 GB/s. Not local: the verdicts are the predictions'.
@@ -155,7 +155,7 @@ def test_sweep_writes_runs_csv_and_pareto_front(tiny_model_dir, profile, tmp_pat
 
 
 def test_pareto_front():
-    from mosaic_export.sweep import pareto
+    from mosaic_export.run.sweep import pareto
 
     # (memory, perplexity): the third is worse on both than the second
     assert pareto([(100, 10.0), (80, 12.0), (90, 13.0), (60, 20.0)], larger_is_better=False) == [0, 1, 3]
@@ -172,7 +172,7 @@ def built(tiny_model_dir, profile, tmp_path_factory):
 
 
 def test_manifest_lists_every_file_and_verify_passes(built, capsys):
-    from mosaic_export.deploy import sha256
+    from mosaic_export.bundle.deploy import sha256
 
     manifest = json.loads((built / "manifest.json").read_text())
     files = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()}
@@ -192,8 +192,9 @@ def test_same_inputs_same_files(built, tiny_model_dir, profile, tmp_path):
     assert main(["--model", str(tiny_model_dir), "--profile", str(profile), *FAST, "--sparsity", "0.3",
                  "--structured-fraction", "1", "--out", str(out)]) == 0
     first, second = (json.loads((o / "manifest.json").read_text())["files"] for o in (built, out))
-    # Every file is byte-identical but those holding measured figures (timings, speed, memory).
-    measured = {"report.json", "report.md", "README.md", "cost.png"}
+    # Every file is byte-identical but those holding measured figures (timings, speed, memory) and
+    # run.toml, which names its own OUT.
+    measured = {"report.json", "report.md", "README.md", "cost.png", "run.toml"}
     assert set(first) == set(second)
     assert {k: v for k, v in first.items() if k not in measured} == \
         {k: v for k, v in second.items() if k not in measured}
@@ -225,7 +226,7 @@ def test_run_generates_deterministically(built, capsys):
 
 
 def test_profile_detect_writes_a_calibrated_local_profile(tiny_model_dir, tmp_path, capsys):
-    from mosaic_export.profile import load_profile
+    from mosaic_export.decide.profile import load_profile
 
     out = tmp_path / "me.toml"
     # --force: the tiny model's widths cost about the same, so on a shared machine its figures may

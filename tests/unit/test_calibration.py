@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mosaic_export.calibration import sample_windows
-from mosaic_export.errors import UserError
-from mosaic_export.texts import corpus, read_text
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.texts import corpus, read_text
+from mosaic_export.method.calibration import sample_windows
 
 
 def test_jsonl_and_text(tmp_path):
@@ -47,7 +47,7 @@ def test_windows_are_seeded():
 def test_special_token_text_in_plain_text_is_text():
     """WikiText writes "<unk>", a special token of Gemma's vocabulary; llama.cpp and ONNX Runtime
     read plain text as text, so the PyTorch side must too, or perplexities are not comparable."""
-    from mosaic_export.calibration import tokenize
+    from mosaic_export.method.calibration import tokenize
     from tests.conftest import tiny_tokenizer
 
     tok = tiny_tokenizer(320)
@@ -60,8 +60,8 @@ def test_special_token_text_in_plain_text_is_text():
 def test_states_kept_in_a_smaller_dtype(tiny_model_dir):
     """--calib-states bfloat16: the states between layers are bfloat16 (half the bytes), each layer
     still runs in float32; the statistics move a little, not much."""
-    from mosaic_export.calibration import LayerStream
-    from mosaic_export.model_io import load_model
+    from mosaic_export.method.calibration import LayerStream
+    from mosaic_export.model.load import load_model
 
     loaded = load_model(str(tiny_model_dir))
     ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,6 @@
 """The chat probe's scoring: whole words, spellings, case."""
 
-from mosaic_export.chat_probe import QUESTIONS, answered, score
+from mosaic_export.method.chat_probe import QUESTIONS, answered, score
 
 
 def test_an_answer_counts_as_a_whole_word_in_any_spelling():

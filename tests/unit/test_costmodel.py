@@ -9,13 +9,10 @@ import gguf
 import onnx
 import pytest
 import torch
-from mosaic_export.targets.gguf import export
-from mosaic_export.targets.gguf_types import intended_types
-from mosaic_export.targets.onnx import export as export_onnx
 from onnx import numpy_helper
 
-from mosaic_export.arch import LayerDims
-from mosaic_export.costmodel import (
+from mosaic_export.core.errors import UserError
+from mosaic_export.decide.costmodel import (
     Calibration,
     Format,
     Observation,
@@ -25,13 +22,16 @@ from mosaic_export.costmodel import (
     predict,
     weights,
 )
-from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import PruneSettings
-from mosaic_export.pod import LayerMeasurement
-from mosaic_export.profile import load_profile
-from mosaic_export.resize import resize_layer
-from mosaic_export.search import NEIGHBOUR, STEP, search
+from mosaic_export.decide.profile import load_profile
+from mosaic_export.decide.search import NEIGHBOUR, STEP, search
+from mosaic_export.method.plan import PruneSettings
+from mosaic_export.method.pod import LayerMeasurement
+from mosaic_export.model.arch import LayerDims
+from mosaic_export.model.load import load_model
+from mosaic_export.model.resize import resize_layer
+from mosaic_export.targets.gguf.pricing import intended_types
+from mosaic_export.targets.gguf.writer import export
+from mosaic_export.targets.onnx.writer import export as export_onnx
 from tests.conftest import tiny_model, tiny_tokenizer
 
 # Rows of 256: k-quants fit the dense q/k/v/gate/up/down; o of 2 heads (128) does not.
@@ -136,8 +136,8 @@ def test_search_finds_the_least_pruning_that_meets_the_budget(wide_dir):
 
 
 def _all_targets(shape, measured, budget, pricing):
-    from mosaic_export.planner import make_plan
-    from mosaic_export.search import Candidate, cost_checks
+    from mosaic_export.decide.search import Candidate, cost_checks
+    from mosaic_export.method.planner import make_plan
 
     out = []
     t = STEP

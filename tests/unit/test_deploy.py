@@ -10,22 +10,23 @@ import shutil
 
 import pytest
 import torch
-from mosaic_export.targets.gguf import export as export_gguf
-from mosaic_export.targets.gguf import gguf_arch
-from mosaic_export.targets.gguf_runner import next_token_agreement
-from mosaic_export.targets.onnx import export as export_onnx
-from mosaic_export.targets.onnx import parity as onnx_parity
 
-from mosaic_export.arch import PROJECTIONS
-from mosaic_export.checkpoint import save_checkpoint
+from mosaic_export.bundle.deploy import finalize, write_manifest
+from mosaic_export.bundle.files import MANIFEST
+from mosaic_export.bundle.verify import verify
 from mosaic_export.cli import main
-from mosaic_export.deploy import MANIFEST, finalize, write_manifest
-from mosaic_export.errors import UserError
-from mosaic_export.generate import generate
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import LayerPlan, Plan, PruneSettings
-from mosaic_export.profile import load_profile
-from mosaic_export.verify import verify
+from mosaic_export.core.errors import UserError
+from mosaic_export.decide.profile import load_profile
+from mosaic_export.method.plan import LayerPlan, Plan, PruneSettings
+from mosaic_export.model.checkpoint import save_checkpoint
+from mosaic_export.model.load import load_model
+from mosaic_export.model.names import PROJECTIONS
+from mosaic_export.run.generate import generate
+from mosaic_export.targets.gguf.runner import next_token_agreement
+from mosaic_export.targets.gguf.writer import export as export_gguf
+from mosaic_export.targets.gguf.writer import gguf_arch
+from mosaic_export.targets.onnx.writer import export as export_onnx
+from mosaic_export.targets.onnx.writer import parity as onnx_parity
 from tests.conftest import heterogeneous_model
 
 IDS = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(0))
@@ -233,7 +234,9 @@ def test_door_checks(outs, tmp_path, capsys):
 
 def test_chat_probe_asks_each_question_as_run_does(outs):
     """The probe's one-load batch of questions gives each the reply `run` gives it alone."""
-    from mosaic_export.chat_probe import QUESTIONS, probe_gguf
+    from chat_probe import probe_gguf  # tools/chat_probe.py
+
+    from mosaic_export.method.chat_probe import QUESTIONS
 
     folder = outs["gguf"][0]
     result = probe_gguf(folder / "model-F32.gguf", threads=1, max_tokens=6)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_export import detect
 from mosaic_export.cli import main
-from mosaic_export.costmodel import _line
+from mosaic_export.decide.costmodel import _line
+from mosaic_export.decide.profile import load_profile
 from mosaic_export.measure.rounds import interleaved
-from mosaic_export.profile import load_profile
-from mosaic_export.trust import CpuTimes, busy_reasons, cpu_shares, parse_cpu_line, read_cpu_times
+from mosaic_export.measure.trust import CpuTimes, busy_reasons, cpu_shares, parse_cpu_line, read_cpu_times
+from mosaic_export.run import detect
 
 pytestmark = pytest.mark.real_rounds  # detect's own rounds policy (3 at least), on a fake clock
 

@@ -8,19 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from mosaic_export.allocation import allocate
-from mosaic_export.arch import ATTENTION, MLP, LayerDims
-from mosaic_export.calibration import LayerStream, sample_windows, tokenize
-from mosaic_export.errors import UserError
-from mosaic_export.knapsack import LADDER, STEP, parameter_units, solve_levels, solve_ratios, window
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import PruneSettings
-from mosaic_export.planner import make_plan
-from mosaic_export.pod import measure, wanda_scores
-from mosaic_export.prune.structured import compensate, head_options
-from mosaic_export.prune.wanda import wanda_mask
-from mosaic_export.reconstruction import STRUCTURE_LADDER, ladder_errors, removal_error
-from mosaic_export.texts import corpus
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.allocation import allocate
+from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.knapsack import (
+    SPARSITY_LEVELS,
+    STEP,
+    parameter_units,
+    solve_levels,
+    solve_ratios,
+    window,
+)
+from mosaic_export.method.plan import PruneSettings
+from mosaic_export.method.planner import make_plan
+from mosaic_export.method.pod import measure, wanda_scores
+from mosaic_export.method.prune.structured import compensate, head_options
+from mosaic_export.method.prune.wanda import wanda_mask
+from mosaic_export.method.reconstruction import STRUCTURE_LADDER, ladder_errors, removal_error
+from mosaic_export.model.arch import LayerDims
+from mosaic_export.model.load import load_model
+from mosaic_export.model.names import ATTENTION, MLP
 
 NAMES = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -88,7 +96,7 @@ def test_window_takes_the_nearest_levels_in_any_order():
 def test_ratios_meet_the_budget_and_stay_near_the_target():
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([300.0, 100, 800, 800, 300])
-    errors = torch.cumsum(torch.rand(5, len(LADDER), generator=g), 1)
+    errors = torch.cumsum(torch.rand(5, len(SPARSITY_LEVELS), generator=g), 1)
     ratios = solve_ratios(errors, counts, 0.6, 0.1)
     assert float((ratios * counts).sum() / counts.sum()) >= 0.6 - 1e-12
     assert float((ratios - 0.6).abs().max()) <= 0.1 + 1e-9
@@ -99,7 +107,7 @@ def test_error_rule_prunes_the_robust_type_more_and_meets_the_mean():
     """Cells whose error grows slowly (robust) are pruned more; the mean is the target exactly."""
     n = 4
     slope = {"q": 0.2, "down": 2.0}  # q's error grows ten times slower than down's
-    ladder = torch.tensor(LADDER, dtype=torch.float64)
+    ladder = torch.tensor(SPARSITY_LEVELS, dtype=torch.float64)
     errors = {p: (slope[p] * ladder ** 2).expand(n, -1).clone() for p in slope}
     weights = {"q": torch.full((n,), 100.0), "down": torch.full((n,), 300.0)}
     pod = {p: torch.zeros(n) for p in slope}
@@ -119,10 +127,10 @@ def test_ladder_errors_match_the_output_error():
     h = x.T @ x
     scores = wanda_scores(w, x.norm(dim=0))
     errors = ladder_errors(w, h, scores)
-    assert len(errors) == len(LADDER) and errors[0] == 0.0
+    assert len(errors) == len(SPARSITY_LEVELS) and errors[0] == 0.0
     energy = float(((x @ w.T) ** 2).sum())
     for level in (4, 20, 38):
-        pruned = w.masked_fill(wanda_mask(w, x.norm(dim=0), LADDER[level]), 0.0)
+        pruned = w.masked_fill(wanda_mask(w, x.norm(dim=0), SPARSITY_LEVELS[level]), 0.0)
         expected = float(((x @ (w - pruned).T) ** 2).sum()) / energy
         assert errors[level] == pytest.approx(expected, rel=1e-4)
     assert errors == sorted(errors)  # a larger mask of the same order never lowers the error
@@ -133,7 +141,7 @@ def test_error_plan_on_the_tiny_model(tiny_model_dir):
     ids = sample_windows(tokenize(loaded.tokenizer, corpus("builtin")), 2, 32, 0, "builtin")
     measured = measure(LayerStream(loaded.model, loaded.spec, ids), loaded.spec, loaded.shape, 5.0,
                        errors={"projection"})
-    assert all(len(m.projection_errors[p]) == len(LADDER) for m in measured for p in NAMES)
+    assert all(len(m.projection_errors[p]) == len(SPARSITY_LEVELS) for m in measured for p in NAMES)
     assert all(m.group_errors is None for m in measured)  # only what the plan needs
     settings = PruneSettings(sparsity=0.6, allocation="error", lam=0.15)
     plan = make_plan(loaded.shape, loaded.source, measured, settings)

@@ -7,11 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from mosaic_export.targets.gguf import check_types, direct, export, gguf_arch, rotary_permute, write_gguf
-from mosaic_export.targets.gguf_runner import _llama, next_token_agreement, quantize
 
 from mosaic_export.cli import main
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf.runner import _llama, next_token_agreement, quantize
+from mosaic_export.targets.gguf.writer import (
+    check_types,
+    direct,
+    export,
+    gguf_arch,
+    rotary_permute,
+    write_gguf,
+)
 from tests.conftest import heterogeneous_model
 
 IDS = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(0))
@@ -74,7 +81,7 @@ def test_direct_q8_0_is_llama_cpps(tiny_model_dir, tmp_path, heterogeneous, monk
     makes from the F32 one: the same metadata and the same bytes of every tensor (llama.cpp orders
     the tensors its own way). Tables and matrices are encoded 50 rows at a time here, as a large
     model's are."""
-    from mosaic_export import weights
+    from mosaic_export.model import weights
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)
     loaded = heterogeneous_model(tiny_model_dir) if heterogeneous else load_model(str(tiny_model_dir))
@@ -126,7 +133,7 @@ def test_sentencepiece_merges_rank_by_the_joined_piece_score():
     from tokenizers import Tokenizer
     from tokenizers.models import BPE
 
-    from mosaic_export.gguf_vocab import merges
+    from mosaic_export.model.gguf_vocab import merges
 
     tokens = ["<s>", "a", "b", "c", "ab", "bc", "abc", "ca"]
     scores = [0.0, -1, -2, -3, -4, -5, -6, -7]

@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_export import gguf_cache, model_io
-from mosaic_export.checkpoint import save_checkpoint
-from mosaic_export.model_io import load_model
+from mosaic_export.model import gguf_cache
+from mosaic_export.model import load as model_io
+from mosaic_export.model.checkpoint import save_checkpoint
+from mosaic_export.model.load import load_model
 from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """The tiny model as an F32 GGUF file that transformers can read (it wants a BOS token)."""
-    from mosaic_export.targets.gguf import export
+    from mosaic_export.targets.gguf.writer import export
 
     folder = tmp_path_factory.mktemp("tiny-gguf")
     tiny_model().save_pretrained(folder / "hf")

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from mosaic_export.checkpoint import load_resized, save_checkpoint
 from mosaic_export.cli import main
-from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model
+from mosaic_export.core.errors import UserError
+from mosaic_export.model.checkpoint import load_resized, save_checkpoint
+from mosaic_export.model.load import load_model
 from tests.conftest import tiny_model
 
 FAST = ["--sparsity", "0.3", "--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2",

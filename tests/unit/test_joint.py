@@ -10,25 +10,14 @@ from dataclasses import replace
 
 import pytest
 
-from mosaic_export.calibration import LayerStream, sample_windows, tokenize
 from mosaic_export.cli import main
-from mosaic_export.costmodel import Calibration, Format, Pricing
-from mosaic_export.errors import UserError
-from mosaic_export.joint import (
-    choose,
-    competitive,
-    options,
-    probe_levels,
-    probe_stop,
-    recovery_levels,
-    ruled_out,
-    type_searches,
-)
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import PruneSettings
-from mosaic_export.pod import measure
-from mosaic_export.profile import Budgets
-from mosaic_export.quality import (
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.texts import corpus
+from mosaic_export.decide.costmodel import Calibration, Format, Pricing
+from mosaic_export.decide.joint import choose, options, type_searches
+from mosaic_export.decide.probing import competitive, probe_levels, probe_stop, recovery_levels, ruled_out
+from mosaic_export.decide.profile import Budgets
+from mosaic_export.decide.quality import (
     OVERSHOOT,
     QualityModel,
     log_error,
@@ -36,7 +25,10 @@ from mosaic_export.quality import (
     share_points,
     structure_points,
 )
-from mosaic_export.texts import corpus
+from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.plan import PruneSettings
+from mosaic_export.method.pod import measure
+from mosaic_export.model.load import load_model
 
 from .test_budgets import PROFILE
 
@@ -216,7 +208,7 @@ def test_a_plan_priced_at_two_targets_is_one_candidate(measured):
 
 
 def test_a_type_detect_did_not_measure_borrows_the_terms_of_one_it_did():
-    from mosaic_export.profile import load_profile
+    from mosaic_export.decide.profile import load_profile
 
     profile = load_profile("laptop-cpu")
     assert profile.calibration_near(Format("gguf", "Q8_0")).basis == "nominal"  # nothing measured
@@ -309,7 +301,7 @@ def test_sweep_over_types(tiny_model_dir, profile, tmp_path):
 
 
 def test_an_unmeasured_type_is_anchored_at_its_dense_run(measured):
-    from mosaic_export.costmodel import anchored
+    from mosaic_export.decide.costmodel import anchored
 
     loaded, _ = measured
     pricing = _pricings(loaded.shape)["int8"]

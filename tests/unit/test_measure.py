@@ -9,6 +9,8 @@ import random
 import pytest
 from scipy.stats import binom
 
+from mosaic_export.decide.profile import Budgets
+from mosaic_export.decide.verdict import MISSED_EXIT, outcome, verdicts
 from mosaic_export.measure.rounds import Policy, interleaved
 from mosaic_export.measure.stats import (
     MET,
@@ -20,8 +22,6 @@ from mosaic_export.measure.stats import (
     median_interval,
     order_ranks,
 )
-from mosaic_export.profile import Budgets
-from mosaic_export.verdict import MISSED_EXIT, outcome, verdicts
 
 
 def result(decode: float, prefill: float = 500.0, memory: float = 4e8) -> dict:
@@ -216,11 +216,10 @@ def test_memory_from_the_filled_rounds_speed_from_every_round():
 def test_benchmarks_fill_the_context_in_the_least_rounds_only(monkeypatch, tmp_path):
     """benchmarks.measure: the policy's least rounds fill the KV cache (memory), later ones time
     prefill and decode only; the first round also scores perplexity when asked."""
-    from mosaic_export.targets import gguf_target
+    from mosaic_export.decide import benchmarks
+    from mosaic_export.decide.costmodel import Format
     from mosaic_export.targets.base import Evaluation
-
-    from mosaic_export import benchmarks
-    from mosaic_export.costmodel import Format
+    from mosaic_export.targets.gguf import target as gguf_target
 
     calls = []
 
@@ -254,13 +253,12 @@ def test_the_built_model_is_measured_beside_the_reference_its_budgets_need(monke
     without a relative budget, no reference; --check-neighbour adds the neighbour plan."""
     from types import SimpleNamespace
 
+    from mosaic_export.decide.costmodel import Format
+    from mosaic_export.run import beside, pipeline
     from mosaic_export.targets.base import Evaluation
 
-    from mosaic_export import benchmarks, pipeline
-    from mosaic_export.costmodel import Format
-
     calls = []
-    monkeypatch.setattr(benchmarks, "measure_beside", lambda *a: calls.append(a) or a)
+    monkeypatch.setattr(beside, "measure_beside", lambda *a: calls.append(a) or a)
     q8, q6 = Format("gguf", "Q8_0"), Format("gguf", "Q6_K")
     reference = tmp_path / "dense.gguf"
 
@@ -290,8 +288,8 @@ def test_a_measured_miss_exits_3_and_the_folder_is_written(tiny_model_dir, tmp_p
     """The main command on a profile of this machine whose build misses a budget beyond its
     interval (the rounds canned: the built model at 40 tokens/s in every round): exit 3, OUT
     written with the verdict in report.json and report.md, the miss named in the last line."""
-    from mosaic_export import pipeline
     from mosaic_export.cli import main
+    from mosaic_export.run import pipeline
     from tests.unit.test_budgets import FAST, PROFILE
 
     clock = Clock(1.0)

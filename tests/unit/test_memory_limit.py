@@ -9,10 +9,10 @@ import os
 import pytest
 
 from mosaic_export.cli import main
+from mosaic_export.core.units import format_bytes
 from mosaic_export.measure import tree
+from mosaic_export.measure.process import run_child
 from mosaic_export.measure.tree import MemoryLimit, MemoryLimitExceeded, rss_bytes
-from mosaic_export.process import run_child
-from mosaic_export.units import format_bytes
 
 MIB = 2**20
 
@@ -54,7 +54,7 @@ def test_a_run_over_the_limit_stops_cleanly(tiny_model_dir, tmp_path, monkeypatc
     """A --max-rss the door lets through (its estimate is made small here) that this process and
     its llama.cpp child cannot keep together: the run stops with the figure, exit 2, and writes
     nothing."""
-    from mosaic_export import memory
+    from mosaic_export.run import memory
 
     monkeypatch.setattr(memory, "estimate", lambda *a, **k: (1, {"a phase": 1}))
     out = tmp_path / "out"

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from mosaic_export.targets.onnx import CONFIG_FILE, export
-from mosaic_export.targets.onnx_runner import OnnxDecoder
-from mosaic_export.targets.onnx_target import DTYPES
 
 from mosaic_export.cli import main
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.onnx.runner import OnnxDecoder
+from mosaic_export.targets.onnx.table import DTYPES
+from mosaic_export.targets.onnx.writer import CONFIG_FILE, export
 from tests.conftest import heterogeneous_model
 
 IDS = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -141,9 +141,9 @@ def test_an_untied_embedding_is_quantized_on_its_own(tmp_path):
     """Untied: the table gets its own int8 blocks; the model still matches PyTorch closely, and the
     cost model's bytes are the file's."""
     import onnx
-    from mosaic_export.targets.onnx_quant import block_quantize
 
-    from mosaic_export.costmodel import Format, weights
+    from mosaic_export.decide.costmodel import Format, weights
+    from mosaic_export.targets.onnx.quant import block_quantize
     from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
     tiny_model(tie_word_embeddings=False).save_pretrained(tmp_path / "m", safe_serialization=True)
@@ -173,12 +173,12 @@ def test_int_weights_are_onnxruntimes_own(tiny_model_dir, monkeypatch):
     """The int4 projections are the blocks onnxruntime's MatMulNBitsQuantizer makes of the fp32
     graph, byte for byte; the output layer's int8 matrix, made a chunk of vocabulary rows at a time,
     is the whole table's."""
-    from mosaic_export.targets.onnx_graph import build_model
-    from mosaic_export.targets.onnx_quant import nbits
     from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from mosaic_export import weights
+    from mosaic_export.model import weights
+    from mosaic_export.targets.onnx.graph import build_model
+    from mosaic_export.targets.onnx.quant import nbits
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)  # the table in 50-row chunks
     loaded = heterogeneous_model(tiny_model_dir)
@@ -259,9 +259,9 @@ def test_external_data_is_written_as_made(tmp_path):
     """Tensors go to the data file as they are made, tables a chunk of rows at a time (transposed:
     each chunk a band of columns); small ones stay in the graph. onnx reads them back as made."""
     import onnx
-    from mosaic_export.targets.onnx_data import INLINE_BELOW, ExternalData
 
-    from mosaic_export.weights import Rows
+    from mosaic_export.model.weights import Rows
+    from mosaic_export.targets.onnx.data import INLINE_BELOW, ExternalData
 
     table = torch.randn(37, 11, generator=torch.Generator().manual_seed(0))
     rows = Rows(tuple(table.shape), lambda: iter(table.split(5)))  # uneven chunks, as a vocabulary's
@@ -284,7 +284,7 @@ def test_external_data_is_written_as_made(tmp_path):
 
 
 def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from mosaic_export.targets import onnx as onnx_target
+    from mosaic_export.targets.onnx import writer as onnx_target
 
     monkeypatch.setattr(onnx_target, "MAX_FP32_LOGIT_DIFF", -1.0)  # no export can pass
     out = tmp_path / "out"
@@ -299,9 +299,8 @@ def test_failed_parity_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypa
 def test_bytes_read_per_token_are_the_cost_models(exported, dtype):
     """What tools/bench_speed.py takes as the ideal: every matrix multiplied per token (a tied
     output layer's table included, at every dtype), the same as the cost model's, norms apart."""
+    from mosaic_export.decide.costmodel import Format, weights
     from mosaic_export.targets import get
-
-    from mosaic_export.costmodel import Format, weights
 
     loaded, folders = exported
     predicted = weights(loaded.shape, loaded.layer_dims, Format("onnx", dtype)).per_token

@@ -8,14 +8,14 @@ import re
 
 import pytest
 import torch
-from mosaic_export.targets import onnx_genai
-from mosaic_export.targets.onnx import export
-from mosaic_export.targets.onnx_runner import OnnxDecoder
-from mosaic_export.targets.onnx_target import DTYPES
 
 from mosaic_export.cli import main
-from mosaic_export.model_io import load_model
-from mosaic_export.resize import resize_layer
+from mosaic_export.model.load import load_model
+from mosaic_export.model.resize import resize_layer
+from mosaic_export.targets.onnx import genai as onnx_genai
+from mosaic_export.targets.onnx.runner import OnnxDecoder
+from mosaic_export.targets.onnx.table import DTYPES
+from mosaic_export.targets.onnx.writer import export
 
 
 def kv_kept_model(tiny_model_dir):
@@ -48,7 +48,7 @@ def test_genai_generates_our_runners_greedy_tokens(folders, dtype):
 
 
 def test_parity_records_the_genai_check(folders):
-    from mosaic_export.targets.onnx import parity
+    from mosaic_export.targets.onnx.writer import parity
 
     loaded, found = folders
     ids = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(4))
@@ -58,16 +58,16 @@ def test_parity_records_the_genai_check(folders):
 
 def test_a_genai_disagreement_fails_the_build(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """GenAI's greedy tokens differing from our runner's is a parity failure: exit 2, nothing written."""
-    from mosaic_export.targets import onnx_runner
+    from mosaic_export.targets.onnx import writer as onnx_writer
 
-    real = onnx_runner.logits_and_greedy
+    real = onnx_writer.logits_and_greedy
 
     def disagreeing(*args, **kwargs):
         logits, ours, genai = real(*args, **kwargs)
         assert genai["checked"] and genai["identical"]  # the real check passed; now it does not
         return logits, ours, {**genai, "identical": False, "first_difference": 3}
 
-    monkeypatch.setattr(onnx_runner, "logits_and_greedy", disagreeing)
+    monkeypatch.setattr(onnx_writer, "logits_and_greedy", disagreeing)
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--sparsity", "0.25", "--structured-fraction", "1",
                  "--target", "onnx", "--calib-samples", "2", "--calib-seq-len", "32", "--eval-windows", "1",
@@ -79,9 +79,8 @@ def test_a_genai_disagreement_fails_the_build(tiny_model_dir, tmp_path, monkeypa
 
 
 def test_a_genai_stop_short_of_our_tokens_fails_with_its_own_message():
-    from mosaic_export.targets.onnx import genai_agrees
-
-    from mosaic_export.errors import UserError
+    from mosaic_export.core.errors import UserError
+    from mosaic_export.targets.onnx.writer import genai_agrees
 
     genai_agrees({"checked": False, "reason": "not for GenAI"}, "onnx-fp32", 64)  # nothing to say
     genai_agrees({"checked": True, "identical": True, "tokens": 64, "first_difference": None}, "f", 64)
@@ -90,7 +89,7 @@ def test_a_genai_stop_short_of_our_tokens_fails_with_its_own_message():
 
 
 def test_genai_refuses_a_folder_whose_kv_heads_differ(tiny_model_dir, tmp_path):
-    from mosaic_export.errors import UserError
+    from mosaic_export.core.errors import UserError
     from tests.conftest import heterogeneous_model
 
     folder = export(heterogeneous_model(tiny_model_dir), tmp_path / "het", "fp32").parent

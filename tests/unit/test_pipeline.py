@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from mosaic_export.calibration import tokenize
 from mosaic_export.cli import main
-from mosaic_export.evaluate import perplexity, windows
-from mosaic_export.model_io import load_model
-from mosaic_export.plan import Plan
-from mosaic_export.texts import corpus
+from mosaic_export.core.texts import corpus
+from mosaic_export.method.calibration import tokenize
+from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.plan import Plan
+from mosaic_export.model.load import load_model
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "3",
         "--eval-seq-len", "64", "--align", "1", "--target", "none"]
@@ -34,7 +34,7 @@ def composite(tiny_model_dir, tmp_path_factory):
 def test_outputs_and_counts(composite):
     names = sorted(p.name for p in composite.iterdir())
     assert names == ["README.md", "manifest.json", "model", "plan.json", "pod.png", "report.json",
-                     "report.md"]
+                     "report.md", "run.toml"]
     report = json.loads((composite / "report.json").read_text())
     plan = Plan.load(composite / "plan.json")
     params = plan.params()
@@ -100,8 +100,8 @@ def test_unstructured_methods(tiny_model_dir, tmp_path, method, allocation):
 
 def test_magnitude_scores_choose_by_weights_alone(tiny_model_dir, tmp_path):
     """The coarse baseline: same plan shape whatever the calibration, channels ranked by weights."""
-    from mosaic_export.arch import arch_for
-    from mosaic_export.prune.structured import choose_channels, magnitude_channel_scores
+    from mosaic_export.method.prune.structured import choose_channels, magnitude_channel_scores
+    from mosaic_export.model.arch import arch_for
 
     plans = []
     for seed in (0, 1):
@@ -200,7 +200,7 @@ def test_output_exists(tmp_path, capsys, tiny_model_dir):
 
 
 def test_full_disk_leaves_nothing(tmp_path, capsys, tiny_model_dir, monkeypatch):
-    import mosaic_export.pipeline as pipeline
+    from mosaic_export.run import pipeline
 
     def no_space(*_a, **_k):
         raise OSError(28, "No space left on device")
@@ -211,7 +211,7 @@ def test_full_disk_leaves_nothing(tmp_path, capsys, tiny_model_dir, monkeypatch)
 
 def test_stats_use_pruned_inputs(tiny_model_dir):
     """Layer i's statistics in pass 2 come from the already-pruned layers before it."""
-    from mosaic_export.calibration import LayerStream
+    from mosaic_export.method.calibration import LayerStream
 
     loaded = load_model(str(tiny_model_dir))
     ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_export.allocation import MAX_RATIO, allocate, fit_mean, owl_ratios
-from mosaic_export.pod import outlier_ratio, wanda_scores
+from mosaic_export.method.allocation import MAX_RATIO, allocate, fit_mean, owl_ratios
+from mosaic_export.method.pod import outlier_ratio, wanda_scores
 
 
 def test_outlier_ratio_hand_built():
@@ -89,7 +89,7 @@ def test_joint_rules_move_pruning_between_types():
 
 
 def test_allocation_rules_are_registered_by_name():
-    from mosaic_export import allocation
+    from mosaic_export.method import allocation
 
     assert allocation.names()[:5] == ("uniform", "layer", "projection", "joint", "layer+type")
     with pytest.raises(ValueError, match="already registered"):

@@ -13,13 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from mosaic_export.targets import gguf, gguf_runner, gguf_tokenizer
 
-from mosaic_export import outputs
+from mosaic_export.bundle import outputs
 from mosaic_export.cli import main
-from mosaic_export.errors import UserError
-from mosaic_export.process import RuntimeCrash, run_child
-from mosaic_export.profile import load_profile
+from mosaic_export.core.errors import UserError
+from mosaic_export.decide.profile import load_profile
+from mosaic_export.measure.process import RuntimeCrash, run_child
+from mosaic_export.targets.gguf import runner as gguf_runner
+from mosaic_export.targets.gguf import table as gguf_table
+from mosaic_export.targets.gguf import tokenizer as gguf_tokenizer
+from mosaic_export.targets.gguf import writer as gguf
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64"]
 REPO = Path(__file__).resolve().parents[2]
@@ -55,9 +58,8 @@ def test_a_failure_names_the_file_and_the_childs_own_line():
 def test_a_crash_of_the_quantizer_child_is_named(tiny_model_dir, monkeypatch):
     """llama.cpp's quantizer runs in a child like every llama.cpp call (here: reading the types a
     quantized GGUF will hold); its crash is reported by name, not the end of this process."""
-    from mosaic_export.targets.gguf_types import intended_types
-
-    from mosaic_export.model_io import load_model
+    from mosaic_export.model.load import load_model
+    from mosaic_export.targets.gguf.pricing import intended_types
 
     monkeypatch.setattr(gguf_runner, "MODULE", "tests.crashing_child")
     monkeypatch.setenv("CRASHING_CHILD_MODE", "segv")
@@ -69,8 +71,8 @@ def test_a_crash_of_the_quantizer_child_is_named(tiny_model_dir, monkeypatch):
 
 def test_the_runtime_children_import_no_torch():
     """The runners measure the runtime's own memory and start fast: no torch in them."""
-    code = ("import sys, mosaic_export.targets.gguf_runner, mosaic_export.targets.onnx_runner, "
-            "mosaic_export.targets.onnx_genai; print(sorted(m for m in ('torch', 'transformers') "
+    code = ("import sys, mosaic_export.targets.gguf.runner, mosaic_export.targets.onnx.runner, "
+            "mosaic_export.targets.onnx.genai; print(sorted(m for m in ('torch', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -87,7 +89,7 @@ def _dead(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_a_child_dies_with_its_parent(tmp_path):
     pid_file = tmp_path / "child.pid"
-    code = ("from mosaic_export.process import run_child; "
+    code = ("from mosaic_export.measure.process import run_child; "
             f"run_child('tests.crashing_child', ['sleep', '--pid-file', {str(pid_file)!r}], 'x', 'y', 'z')")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     for _ in range(200):
@@ -106,7 +108,7 @@ def test_a_child_dies_with_its_parent(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    from mosaic_export.model_io import load_model
+    from mosaic_export.model.load import load_model
 
     path = tmp_path_factory.mktemp("gguf") / "tiny-F32.gguf"
     gguf.export(load_model(str(tiny_model_dir)), path, "F32")
@@ -330,7 +332,7 @@ def test_parity_floors_per_type():
         gguf.check_parity("Q8_0", {"top1_agreement": 0.90, "positions": 512}, "m.gguf")
     with pytest.raises(UserError, match="floor for F32: 99%"):
         gguf.check_parity("F32", {"top1_agreement": 0.98, "positions": 512}, "m.gguf")
-    assert set(gguf.MIN_AGREEMENT) == set(gguf.TYPES)
+    assert set(gguf_table.MIN_AGREEMENT) == set(gguf_table.TYPES)
 
 
 def test_tokenizer_ids_must_match():
@@ -356,7 +358,7 @@ def test_pre_tokenizer_names():
 
 def test_llama_cpp_tokenizes_like_the_source_and_a_wrong_pre_type_is_caught(tiny_model_dir, tmp_path,
                                                                             monkeypatch):
-    from mosaic_export.model_io import load_model
+    from mosaic_export.model.load import load_model
 
     loaded = load_model(str(tiny_model_dir))
     probe = gguf_tokenizer.tokenizer_probe()

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from mosaic_export.costmodel import Format
-from mosaic_export.errors import UserError
-from mosaic_export.profile import builtin_names, load_profile
-from mosaic_export.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from mosaic_export.core.errors import UserError
+from mosaic_export.core.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from mosaic_export.decide.costmodel import Format
+from mosaic_export.decide.profile import builtin_names, load_profile
 
 GOOD = """
 name = "mine"

@@ -11,16 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_export.cli import main
-from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model
-from mosaic_export.recover import (
-    RecoverSettings,
-    distill,
-    kd_loss,
-    lr_at,
-    training_windows,
-)
-from mosaic_export.self_text import self_text
+from mosaic_export.core.errors import UserError
+from mosaic_export.method.recover import RecoverSettings, distill, kd_loss, lr_at, training_windows
+from mosaic_export.method.self_text import self_text
+from mosaic_export.model.load import load_model
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64"]
 SETTINGS = RecoverSettings(tokens=48 * 32, seq_len=32, batch=2, lr=2e-3, warmup=0.1, text="builtin")
@@ -179,7 +173,7 @@ def test_cli_self_text_for_calibration_and_recovery(tiny_model_dir, tmp_path):
 
 
 def test_device_is_checked():
-    from mosaic_export.recover import resolve_device
+    from mosaic_export.model.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +203,7 @@ CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{%
 
 
 def test_chat_frame_is_the_template_around_the_message(tiny_model_dir):
-    from mosaic_export.self_text import ChatFrame
+    from mosaic_export.method.self_text import ChatFrame
 
     tok = load_model(str(tiny_model_dir)).tokenizer
     assert ChatFrame.of(tok) is None  # no chat template: continuations only
@@ -225,8 +219,8 @@ def test_chat_frame_is_the_template_around_the_message(tiny_model_dir):
 def test_self_text_writes_user_turns_and_drops_probe_questions(tiny_model_dir):
     """With a chat template, half the prompts are user's turns the model writes itself, in the
     template; a message that is a chat-probe question (any case or punctuation) is dropped."""
-    from mosaic_export.self_text import ChatFrame, _Writer
-    from mosaic_export.texts import BUILTIN, corpus
+    from mosaic_export.core.texts import BUILTIN, corpus
+    from mosaic_export.method.self_text import ChatFrame, _Writer
 
     teacher = load_model(str(tiny_model_dir))
     teacher.tokenizer.chat_template = CHATML
@@ -255,7 +249,7 @@ def test_several_recovery_texts_share_the_windows_in_turn(tiny_model_dir):
 
 
 def test_sampled_text_is_cut_at_its_first_stop_and_keeps_a_turn_end():
-    from mosaic_export.self_text import _sample
+    from mosaic_export.method.self_text import _sample
 
     class Model:  # generate: the prompt, then four tokens
         def generate(self, ids, **kwargs):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_export.model_io import load_model
+from mosaic_export.model.load import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "96",
@@ -98,7 +98,7 @@ def test_streamed_run_with_an_untied_output_layer(tiny_model_dir, tmp_path, monk
 
 
 def _check_same_outputs(model: Path, tmp_path: Path, target: list[str], monkeypatch, tied: bool = True):
-    from mosaic_export import weights
+    from mosaic_export.model import weights
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)
     whole = _run(model, tmp_path / "whole", *target)
@@ -131,7 +131,7 @@ def test_streamed_models_read_the_generation_config(tiny_model_dir, tmp_path):
     list) reach a streamed model and a reloaded checkpoint, as from_pretrained reads them."""
     import shutil
 
-    from mosaic_export.checkpoint import load_resized, save_checkpoint
+    from mosaic_export.model.checkpoint import load_resized, save_checkpoint
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
@@ -154,7 +154,7 @@ def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
     assert all(p.is_meta for p in layers.parameters()) and model.get_input_embeddings().weight.is_meta
     assert not model.get_submodule(streamed.spec.final_norm).weight.is_meta
     assert streamed.shape == whole.shape and streamed.layer_dims == whole.layer_dims
-    from mosaic_export.weights import table_chunks
+    from mosaic_export.model.weights import table_chunks
 
     table = whole.model.get_input_embeddings().weight
     chunks = list(table_chunks(model, streamed.weights, "output"))  # tied: the embedding's rows
@@ -176,7 +176,7 @@ def test_streamed_model_holds_no_layer_until_read(tiny_model_dir):
 def test_gguf_source_equals_the_whole_conversion():
     """The built-in GGUF read tensor by tensor (dequantized, q and k un-permuted) gives exactly
     the weights transformers' whole-file conversion gives."""
-    from mosaic_export.weights import GGUFSource, skeleton
+    from mosaic_export.model.weights import GGUFSource, skeleton
 
     whole = load_model()
     source = GGUFSource(whole.gguf_file, skeleton(whole.model.config))
@@ -209,7 +209,7 @@ def test_reload_shapes_finds_a_missing_weight(tiny_model_dir, tmp_path):
     """A streamed run's check of its written checkpoint: every weight there once, at its shape."""
     from safetensors.torch import load_file, save_file
 
-    from mosaic_export.checkpoint import reload_shapes, save_checkpoint
+    from mosaic_export.model.checkpoint import reload_shapes, save_checkpoint
 
     loaded = load_model(str(tiny_model_dir))
     save_checkpoint(loaded, tmp_path / "ck")
@@ -230,8 +230,8 @@ def test_perplexity_over_table_chunks_equals_the_whole_softmax(tiny_model_dir, m
 
     import torch.nn.functional as F
 
-    from mosaic_export import weights
-    from mosaic_export.evaluate import perplexity
+    from mosaic_export.method.evaluate import perplexity
+    from mosaic_export.model import weights
 
     monkeypatch.setattr(weights, "TABLE_CHUNK", 64 * 4 * 50)  # 50 rows of the 320 (hidden 64)
     whole = load_model(str(tiny_model_dir))
@@ -248,7 +248,7 @@ def test_perplexity_over_table_chunks_equals_the_whole_softmax(tiny_model_dir, m
 
 
 def test_spilled_states_are_a_list_on_disk(tmp_path):
-    from mosaic_export.calibration import SpilledStates
+    from mosaic_export.method.calibration import SpilledStates
 
     states = SpilledStates(tmp_path)
     values = [torch.randn(2, 3, 4), torch.randn(1, 3, 4)]
@@ -267,7 +267,7 @@ def test_spilled_states_are_a_list_on_disk(tmp_path):
 
 
 def test_a_pass_stopped_early_lets_its_layer_go(tiny_model_dir):
-    from mosaic_export.calibration import LayerStream
+    from mosaic_export.method.calibration import LayerStream
 
     streamed = load_model(str(tiny_model_dir), stream=True)
     stream = LayerStream(streamed.model, streamed.spec, torch.tensor([[1, 2, 3]]), 1, streamed.weights)

@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_export.arch import arch_for
-from mosaic_export.prune.structured import (
+from mosaic_export.method.prune.structured import (
     choose_channels,
     choose_heads,
     compensate,
@@ -12,7 +11,8 @@ from mosaic_export.prune.structured import (
     magnitude_channel_scores,
     magnitude_head_scores,
 )
-from mosaic_export.resize import expand_heads, resize_layer
+from mosaic_export.model.arch import arch_for
+from mosaic_export.model.resize import expand_heads, resize_layer
 from tests.conftest import tiny_model
 
 SPEC = arch_for("llama")

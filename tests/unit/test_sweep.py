@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from mosaic_export import sweep as sweep_module
 from mosaic_export.cli import main
+from mosaic_export.run import sweep as sweep_module
 from tests.unit.test_budgets import FAST, PROFILE
 
 

@@ -8,15 +8,15 @@ import time
 
 import pytest
 import torch
-from mosaic_export.targets.base import Target
 
 from mosaic_export import targets
-from mosaic_export.checkpoint import load_resized, save_checkpoint
 from mosaic_export.cli import main
-from mosaic_export.costmodel import Calibration, Format, Pricing
-from mosaic_export.errors import UserError
-from mosaic_export.model_io import load_model
-from mosaic_export.process import peak_rss_bytes
+from mosaic_export.core.errors import UserError
+from mosaic_export.decide.costmodel import Calibration, Format, Pricing
+from mosaic_export.measure.process import peak_rss_bytes
+from mosaic_export.model.checkpoint import load_resized, save_checkpoint
+from mosaic_export.model.load import load_model
+from mosaic_export.targets.base import Target
 
 
 class Checkpoint(Target):
@@ -96,7 +96,7 @@ class Checkpoint(Target):
 
     def readme_run(self, fmt):
         return ["## Run it", "", f"`{fmt['model_path']}`: load its folder with "
-                "`mosaic_export.model_io.load_model`.", ""]
+                "`mosaic_export.model.load.load_model`.", ""]
 
 
 PROFILE = """name = "pytorch-device"

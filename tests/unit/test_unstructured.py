@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_export.prune.sparsegpt import sparsegpt_prune
-from mosaic_export.prune.wanda import wanda_mask, wanda_prune
+from mosaic_export.method.prune.sparsegpt import sparsegpt_prune
+from mosaic_export.method.prune.wanda import wanda_mask, wanda_prune
 
 
 def test_wanda_removes_smallest_scores_per_row():

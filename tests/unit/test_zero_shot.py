@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from mosaic_export.model_io import load_model
-from mosaic_export.zero_shot import zero_shot
+from zero_shot import zero_shot
+
+from mosaic_export.model.load import load_model
 
 ITEMS = [("The sky is", [" blue", " green"], 0), ("Two plus two is", [" five", " four"], 1),
          ("Water is", [" wet", " dry", " loud"], 0), ("Fire is", [" cold", " hot"], 1)]

@@ -1,0 +1,2 @@
+"""The method (Mosaic): calibration, outlier measurement (POD), allocation, the plan, pruning,
+compensation, recovery."""

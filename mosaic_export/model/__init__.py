@@ -1,0 +1,1 @@
+"""The model: architectures (one table), loading, streamed weights, resizing, the checkpoint."""
