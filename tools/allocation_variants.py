@@ -17,12 +17,11 @@ import copy
 import sys
 
 from mosaic_export.core.texts import corpus
-from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.calibration import sample_windows, tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import apply_to_model, measure_model
 from mosaic_export.method.plan import CalibrationSettings, PruneSettings
 from mosaic_export.method.planner import make_plan
-from mosaic_export.method.pod import measure
-from mosaic_export.method.prune.apply import apply_plan
 from mosaic_export.model.load import load_model
 
 
@@ -35,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     tokens = tokenize(loaded.tokenizer, corpus(a.text))
     calib = sample_windows(tokens, 16, 512, 0, source=a.text)
     eval_ids = windows(tokens, 512, 16, a.text)
-    measured = measure(LayerStream(loaded.model, loaded.spec, calib, 1), loaded.spec, loaded.shape, 5.0)
+    measured = measure_model(loaded, calib, PruneSettings(outlier_m=5.0), error_kinds=frozenset())
     for name, lam in (("joint", 0.08), ("layer+type", 0.08), ("joint", 0.15), ("layer+type", 0.04)):
         settings = PruneSettings(sparsity=a.sparsity, outlier_m=5.0, lam=lam, allocation=name,
                                  calibration=CalibrationSettings(a.text, 16, 512, 0))
         plan = make_plan(loaded.shape, loaded.source, measured, settings)
-        model = copy.deepcopy(loaded.model)
-        apply_plan(LayerStream(model, loaded.spec, calib, 1), loaded.spec, plan)
-        ppl = perplexity(model, eval_ids, a.text)
+        student = copy.deepcopy(loaded)
+        apply_to_model(student, plan, calib)
+        ppl = perplexity(student.model, eval_ids, a.text)
         means = {q: round(sum(lp.ratios[q] for lp in plan.layers) / len(plan.layers), 3)
                  for q in plan.layers[0].ratios}
         print(f"{name} lambda {lam}: perplexity {ppl.perplexity:.3f}; mean ratio per type {means}",

@@ -37,10 +37,9 @@ from mosaic_export.decide.costmodel import Format
 from mosaic_export.decide.profile import load_profile
 from mosaic_export.decide.search import make_pricing
 from mosaic_export.measure.rounds import BENCH_POLICY
-from mosaic_export.method.calibration import LayerStream
+from mosaic_export.method.passes import measure_model
 from mosaic_export.method.plan import CalibrationSettings, PruneSettings
 from mosaic_export.method.planner import make_plan
-from mosaic_export.method.pod import measure
 from mosaic_export.method.prune.apply import resize_to_plan
 from mosaic_export.method.windows import calibration_ids
 from mosaic_export.model.load import load_model
@@ -65,9 +64,7 @@ def main() -> int:
     context = profile.budgets.context
     dense = load_model(a.model)
     base = PruneSettings(sparsity=0.0, calibration=CalibrationSettings(n_samples=8, seq_len=256))
-    stream = LayerStream(dense.model, dense.spec, calibration_ids(dense, base), 1)
-    measured = measure(stream, dense.spec, dense.shape, base.outlier_m)
-    del stream
+    measured = measure_model(dense, calibration_ids(dense, base), base, error_kinds=frozenset())
     rows: dict[str, dict] = {}  # candidate key -> its row (the prediction first, then the medians)
     with tempfile.TemporaryDirectory(prefix="bench-costmodel-") as tmp:
         files: dict[str, tuple[Format, Path]] = {}

@@ -63,10 +63,10 @@ from mosaic_export.decide.quality import (
 )
 from mosaic_export.decide.search import make_pricing
 from mosaic_export.measure.rounds import BENCH_POLICY, Measurement, Policy
-from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.calibration import tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import measure_model
 from mosaic_export.method.plan import CalibrationSettings, PruneSettings
-from mosaic_export.method.pod import measure
 from mosaic_export.method.recover import RecoverSettings, training_windows
 from mosaic_export.method.windows import calibration_ids
 from mosaic_export.model.load import load_model
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PruneSettings(sparsity=0.0, structured_fraction=1.0,
                              calibration=CalibrationSettings(source=a.calib_text))
     calib = calibration_ids(dense, settings)
-    measured = measure(LayerStream(dense.model, dense.spec, calib), dense.spec, dense.shape,
-                       settings.outlier_m)
+    measured = measure_model(dense, calib, settings, batch_size=4, error_kinds=frozenset())
     eval_ids = windows(tokenize(dense.tokenizer, corpus(a.eval_text)), 512, a.eval_windows, a.eval_text)
     dense_eval = perplexity(dense.model, eval_ids, a.eval_text, desc="perplexity (dense)").perplexity
     profile = load_profile(a.profile)

@@ -44,18 +44,18 @@ import itertools
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from baselines import BASELINES
 
 from mosaic_export.core.texts import corpus
-from mosaic_export.method.calibration import LayerStream, sample_windows, tokenize
+from mosaic_export.method.calibration import sample_windows, tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import apply_to_model, measure_model, prune_model
 from mosaic_export.method.plan import CalibrationSettings, PruneSettings
 from mosaic_export.method.planner import make_plan
-from mosaic_export.method.pod import measure
-from mosaic_export.method.prune.apply import apply_plan
 from mosaic_export.model.load import load_model
 
 UNSTRUCTURED = [0.5, 0.6, 0.7, 0.8]
@@ -129,8 +129,8 @@ class Bench:
             if (s, m) == (seed, outlier_m) and kinds >= errors:
                 return made
         t0 = time.perf_counter()
-        stream = LayerStream(self.loaded.model, self.loaded.spec, self.calibration(seed), 1)
-        result = measure(stream, self.loaded.spec, self.loaded.shape, outlier_m, errors)
+        result = measure_model(self.loaded, self.calibration(seed), PruneSettings(outlier_m=outlier_m),
+                               error_kinds=errors)
         self.measured[(seed, outlier_m, errors)] = (result, time.perf_counter() - t0)
         return self.measured[(seed, outlier_m, errors)]
 
@@ -199,7 +199,7 @@ class Bench:
         measured, measure_s = self.measurements(seed, m, settings.error_kinds())
         t0 = time.perf_counter()
         plan = make_plan(shape, self.loaded.source, measured, settings)
-        apply_plan(LayerStream(model, spec, calib, 1), spec, plan)
+        apply_to_model(replace(self.loaded, model=model), plan, calib)
         return model, measure_s + time.perf_counter() - t0, measure_s
 
     def zero_shot(self, model, key: dict) -> None:
@@ -249,7 +249,7 @@ class Bench:
 
     def timing(self) -> None:
         """One dense forward over the calibration set vs the whole prune with Wanda (one run)."""
-        model, spec, seed = self.loaded.model, self.loaded.spec, self.args.seeds[0]
+        model, seed = self.loaded.model, self.args.seeds[0]
         calib = self.calibration(seed)
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -264,10 +264,7 @@ class Bench:
         settings = PruneSettings(sparsity=0.5, calibration=CalibrationSettings(
             self.args.calib_text, self.args.calib_samples, self.args.seq_len, seed)).validate()
         t0 = time.perf_counter()
-        stream = LayerStream(pruned, spec, calib, 1)
-        measured = measure(stream, spec, self.loaded.shape, settings.outlier_m)
-        plan = make_plan(self.loaded.shape, self.loaded.source, measured, settings)
-        apply_plan(LayerStream(pruned, spec, calib, 1), spec, plan)
+        prune_model(replace(self.loaded, model=pruned), calib, settings)
         prune_s = time.perf_counter() - t0
         del pruned
         n = calib.numel()

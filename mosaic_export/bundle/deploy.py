@@ -26,7 +26,6 @@ from mosaic_export.bundle.readme import write_app_readme
 from mosaic_export.bundle.report import runtime_section, write_markdown
 from mosaic_export.core.errors import UserError
 from mosaic_export.core.version import __version__
-from mosaic_export.measure.process import peak_rss_bytes
 from mosaic_export.method.plan import Plan
 from mosaic_export.model.folder import CHECKPOINT_KEY
 
@@ -195,9 +194,6 @@ def bundle(report: dict, plan, folder: Path, parity_ids: list[int]) -> None:
         recovery_plot(report["recovery"], folder / "recovery.png")
     if "joint" in report:
         front_plot(report["joint"], folder / "front.png")
-    memory = report["memory"]  # the whole run's high-water mark, taken again once all work is done
-    memory["peak_rss_bytes"] = peak_rss_bytes()
-    memory["peak_rss_over_fp32_model"] = memory["peak_rss_bytes"] / memory["dense_fp32_bytes"]
     write_markdown(report, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     finalize(folder, report, parity_ids)  # README.md, then manifest.json over all

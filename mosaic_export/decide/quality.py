@@ -30,10 +30,10 @@ from mosaic_export.core.texts import corpus
 from mosaic_export.decide.benchmarks import export_format, measure, median_run
 from mosaic_export.decide.costmodel import Format
 from mosaic_export.measure.rounds import JOINT_POLICY
-from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.calibration import tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import apply_to_model
 from mosaic_export.method.planner import make_plan
-from mosaic_export.method.prune.apply import apply_plan
 from mosaic_export.method.recover import distill, training_windows
 from mosaic_export.targets.base import Evaluation
 
@@ -251,7 +251,7 @@ def measure_structure(loaded, spec: StructureProbe, recovery: ProbeRecovery | No
         removed = plan.removed()
         student = copy.deepcopy(loaded)
         t0 = time.perf_counter()
-        apply_plan(LayerStream(student.model, student.spec, spec.calib), student.spec, plan)
+        apply_to_model(student, plan, spec.calib, batch_size=4)
         seconds = time.perf_counter() - t0
         ppl = perplexity(student.model, spec.probe, "probe", desc=f"probe ({removed:.0%} removed)").perplexity
         log(f"  {removed:.1%} removed by structure: probe perplexity {ppl:.3f}")

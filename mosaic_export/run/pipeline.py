@@ -40,12 +40,11 @@ from mosaic_export.decide.search import (
 from mosaic_export.decide.verdict import measured_section
 from mosaic_export.measure.process import large_buffers_mapped, peak_rss_bytes, torch_threads
 from mosaic_export.measure.tree import MemoryLimit, active, limited
-from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.calibration import tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import apply_to_model, measure_model
 from mosaic_export.method.plan import Plan
 from mosaic_export.method.planner import layers_may_differ, make_plan
-from mosaic_export.method.pod import measure
-from mosaic_export.method.prune.apply import apply_plan
 from mosaic_export.method.recover import recover_model, recovery_state_dir
 from mosaic_export.method.windows import calibration_ids
 from mosaic_export.model.checkpoint import reload_check, reload_shapes, save_checkpoint
@@ -61,37 +60,32 @@ from mosaic_export.targets.base import Evaluation
 def make_or_load_plan(config: RunConfig, loaded: LoadedModel, inputs: Inputs,
                       calib: torch.Tensor, profile: Profile | None = None,
                       pricing: Pricing | None = None, log=print, measured: list | None = None
-                      ) -> tuple[Plan, LayerStream, SearchResult | JointResult | None]:
+                      ) -> tuple[Plan, SearchResult | JointResult | None]:
     """The plan given, or one made from pass 1 (``measured``: its result, made once for a
     sweep): at settings.sparsity, or, with config.search, at the least removal whose predicted
     cost meets the profile's budgets (with config.types, the joint search over types, structure
     and recovery: a JointResult)."""
     settings, plan = inputs.settings, inputs.plan
-    stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights,
-                         settings.calibration.states)
     if plan is not None:
         if plan.model["shape"] != loaded.shape.to_dict():
             raise UserError("the plan was made for a model of another shape: "
                             f"{plan.model['shape']} vs {loaded.shape.to_dict()}")
-        return plan, stream, None
+        return plan, None
     if measured is None:
-        measured = measure(stream, loaded.spec, loaded.shape, settings.outlier_m,
-                          settings.error_kinds(config.search))
-        del stream  # pass 2 starts again from the embeddings of the calibration samples
-        stream = LayerStream(loaded.model, loaded.spec, calib, config.calib_batch_size, loaded.weights,
-                             settings.calibration.states)
+        measured = measure_model(loaded, calib, settings, config.calib_batch_size,
+                                 settings.error_kinds(config.search))
     if not config.search:
-        return make_plan(loaded.shape, loaded.source, measured, settings), stream, None
+        return make_plan(loaded.shape, loaded.source, measured, settings), None
     if config.types:
         remote = None
         if config.ray:  # the dense types run on the cluster, one task each
             params = sum(p.numel() for p in loaded.model.parameters())
             remote = functools.partial(cluster.measure_types, config, params)
         joint = joint_search(config, loaded, measured, settings, profile, calib, log, remote)
-        return joint.chosen.candidate.plan, stream, joint
+        return joint.chosen.candidate.plan, joint
     found = search(loaded.shape, loaded.source, measured, settings, profile.budgets, pricing,
                    config.margin)
-    return found.chosen.plan, stream, found
+    return found.chosen.plan, found
 
 
 def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
@@ -104,8 +98,8 @@ def run_plan(config: RunConfig) -> tuple[Plan, SearchResult | None]:
     if config.search or profile.budgets.relative:
         pricing = make_pricing(profile, inputs.fmt, loaded)
     profile = resolve_budgets(profile, pricing)
-    plan, _, found = make_or_load_plan(config, loaded, inputs, calibration_ids(loaded, inputs.settings),
-                                       profile, pricing)
+    plan, found = make_or_load_plan(config, loaded, inputs, calibration_ids(loaded, inputs.settings),
+                                    profile, pricing)
     return plan, found
 
 
@@ -201,8 +195,8 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
                 shared: DensePass | None = None) -> Pruned:
     loaded, fmt, pricing = dense.loaded, inputs.fmt, dense.pricing
     t0 = time.perf_counter()
-    plan, stream, found = make_or_load_plan(config, loaded, inputs, dense.calib, dense.profile, pricing,
-                                            log, shared and shared.measured)
+    plan, found = make_or_load_plan(config, loaded, inputs, dense.calib, dense.profile, pricing,
+                                    log, shared and shared.measured)
     joint = None
     if isinstance(found, JointResult):  # the type is the search's choice
         joint, found = found, found.search
@@ -213,8 +207,7 @@ def prune_stage(config: RunConfig, inputs: Inputs, dense: Dense, log=print,
     check_free_space(config.out, plan, pricing, dense.counts["total"], spilled)
     if loaded.weights is not None:  # each pruned layer written as its checkpoint shard
         loaded.weights.sink = loaded.weights.work
-    apply_plan(stream, loaded.spec, plan)
-    del stream
+    apply_to_model(loaded, plan, dense.calib, config.calib_batch_size)
     if loaded.weights is not None:
         loaded.weights.finish()
     prune_s = time.perf_counter() - t0 - (joint.seconds if joint else 0.0)  # the search timed alone

@@ -16,11 +16,15 @@ from mosaic_export.decide.costmodel import Format, Pricing
 from mosaic_export.decide.joint import JointResult
 from mosaic_export.decide.profile import Profile
 from mosaic_export.decide.search import SearchResult
+from mosaic_export.measure.process import peak_rss_bytes
 from mosaic_export.measure.tree import MemoryLimit
 from mosaic_export.method.evaluate import Perplexity
 from mosaic_export.method.plan import Plan
 from mosaic_export.model.folder import LoadedModel
 from mosaic_export.run.config import Inputs, RunConfig
+
+# report.json's layout; raised when a key changes meaning or goes away (added keys keep it).
+REPORT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
     the report, when --max-rss watches it); nothing edits it after."""
     loaded, fmt, plan = dense.loaded, pruned.fmt, pruned.plan
     fp32 = 4 * dense.counts["total"]
+    peak = peak_rss_bytes()  # the whole run's high-water mark, all work done (what is left: writing)
     report = {
+        "report_version": REPORT_VERSION,
         "tool": {"name": "mosaic-export", "version": __version__},
         "profile": dense.profile.to_dict(),
         "model": {"source": loaded.source, "shape": loaded.shape.to_dict()},
@@ -97,10 +103,10 @@ def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
         "params": {"dense": dense.counts, "pruned": pruned.counts, "planned": plan.params()},
         "timing": {"load_s": dense.load_s, "prune_s": pruned.prune_s,
                    **({"joint_s": pruned.joint.seconds} if pruned.joint else {})},
-        "memory": {"peak_rss_bytes": exported.peak_rss_bytes,
+        "memory": {"peak_rss_bytes": peak,
                    "peak_rss_after_prune_bytes": pruned.peak_rss_bytes, "dense_fp32_bytes": fp32,
                    "pruned_fp32_bytes": 4 * pruned.counts["total"],
-                   "peak_rss_over_fp32_model": exported.peak_rss_bytes / fp32,
+                   "peak_rss_over_fp32_model": peak / fp32,
                    "streamed": loaded.weights is not None, "streamed_need_bytes": dense.need_bytes,
                    **({"tree_peak_bytes": watch.peak, "max_rss_bytes": watch.limit} if watch else {})},
         "budgets": dataclasses.asdict(dense.profile.budgets),

@@ -29,8 +29,7 @@ from mosaic_export.bundle.outputs import check_output, write_outputs
 from mosaic_export.bundle.report import pareto
 from mosaic_export.core.errors import UserError
 from mosaic_export.measure.process import machine_label, torch_threads
-from mosaic_export.method.calibration import LayerStream
-from mosaic_export.method.pod import measure
+from mosaic_export.method.passes import measure_model
 from mosaic_export.run import cluster, replay
 from mosaic_export.run.cluster import Job, Record
 from mosaic_export.run.config import RunConfig, prepare
@@ -140,10 +139,8 @@ def dense_pass(config: RunConfig, log=print) -> DensePass:
     with torch_threads(config.threads):
         dense = load_stage(config, inputs, log)
         loaded = dense.loaded
-        stream = LayerStream(loaded.model, loaded.spec, dense.calib, config.calib_batch_size,
-                             states=inputs.settings.calibration.states)
-        measured = measure(stream, loaded.spec, loaded.shape, inputs.settings.outlier_m,
-                           inputs.settings.error_kinds(searched=True))  # a sweep removes structure
+        measured = measure_model(loaded, dense.calib, inputs.settings, config.calib_batch_size,
+                                 inputs.settings.error_kinds(searched=True))  # a sweep removes structure
     return DensePass(measured, dense.perplexity, dense.counts["total"])
 
 

@@ -4,7 +4,6 @@ reload, compare logits, perplexity. Small calibration and evaluation keep it to 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,9 +16,12 @@ from mosaic_export.method.calibration import tokenize
 from mosaic_export.method.evaluate import perplexity, windows
 from mosaic_export.method.plan import Plan
 from mosaic_export.model.load import load_model
+from mosaic_export.targets.gguf.table import MIN_AGREEMENT
+from mosaic_export.targets.onnx.table import MIN_AGREEMENT as ONNX_FLOORS
 
 pytestmark = pytest.mark.integration
 
+DENSE_PPL = 11.698  # SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized), builtin-heldout, 4 x 256 tokens
 SMALL = ["--target", "none", "--calib-samples", "8", "--calib-seq-len", "256", "--eval-windows", "4",
          "--eval-seq-len", "256"]
 
@@ -48,7 +50,10 @@ def test_structured_resize(structured):
     assert len({lp.dims for lp in plan.layers}) > 1  # layers of different sizes
     assert report["reload"]["max_abs_logit_diff"] < 1e-4
     dense, pruned = (report["perplexity"][k]["perplexity"] for k in ("dense", "pruned"))
-    assert math.isfinite(dense) and math.isfinite(pruned) and 1 < dense < pruned < 10 * dense
+    # pinned on this machine (4 windows of 256 tokens): dense 11.698, pruned 46.50 (3.98x); other
+    # CPUs' kernels move the compensated solve's last bits, well within 2%
+    assert dense == pytest.approx(DENSE_PPL, rel=1e-3)
+    assert pruned == pytest.approx(46.50, rel=0.02) and pruned / dense < 4.2
     memory = report["memory"]
     assert memory["peak_rss_after_prune_bytes"] < 3 * memory["dense_fp32_bytes"]
     assert memory["peak_rss_after_prune_bytes"] <= memory["peak_rss_bytes"]
@@ -75,7 +80,8 @@ def test_unstructured_projection_wanda(tmp_path):
     assert 1 - p["pruned"]["decoder_nonzero"] / p["dense"]["decoder"] == pytest.approx(0.5, abs=0.002)
     ratios = {p: [lp.ratios[p] for lp in plan.layers] for p in ("q", "down")}
     assert max(ratios["q"]) - min(ratios["q"]) > 0.05  # per-layer, per-projection ratios
-    assert math.isfinite(report["perplexity"]["pruned"]["perplexity"])
+    assert report["perplexity"]["dense"]["perplexity"] == pytest.approx(DENSE_PPL, rel=1e-3)
+    assert report["perplexity"]["pruned"]["perplexity"] == pytest.approx(25.68, rel=0.02)  # 2.19x dense
     assert report["reload"]["max_abs_logit_diff"] < 1e-4
 
 
@@ -96,7 +102,8 @@ def test_structured_gguf_parity_and_q8(structured, tmp_path):
     assert not check.fallbacks
     blocks = {t for n, t in check.types.items() if n.startswith("blk.") and "norm" not in n}
     assert blocks == {"Q8_0"}
-    assert next_token_agreement(loaded.model, tmp_path / "q8.gguf", ids[:128])["top1_agreement"] > 0.8
+    q8 = next_token_agreement(loaded.model, tmp_path / "q8.gguf", ids[:128])["top1_agreement"]
+    assert q8 >= MIN_AGREEMENT["Q8_0"]  # the product's own floor (92%); measured 94.5% here
 
 
 def test_structured_onnx_parity_and_generation(structured, tmp_path):
@@ -111,7 +118,7 @@ def test_structured_onnx_parity_and_generation(structured, tmp_path):
     assert fp32["max_abs_logit_diff"] < 1e-3, fp32
     assert fp32["greedy_identical"], fp32
     int8 = parity(loaded, export(loaded, tmp_path / "int8", "int8").parent, ids[:128], gen_tokens=8)
-    assert int8["top1_agreement"] > 0.9, int8
+    assert int8["top1_agreement"] >= ONNX_FLOORS["int8"], int8  # the product's own floor (90%)
 
 
 def test_budget_search_end_to_end(tmp_path):

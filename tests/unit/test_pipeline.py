@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def test_outputs_and_counts(composite):
     structured = 1 - params["decoder_resized"] / params["decoder_dense"]
     assert structured == pytest.approx(0.2, abs=0.04)  # tiny model: coarse heads
     assert report["reload"]["max_abs_logit_diff"] < 1e-4
-    assert report["perplexity"]["pruned"]["perplexity"] > 0
+    pruned = report["perplexity"]["pruned"]  # 3 windows of 64 tokens, 63 predicted in each
+    assert pruned["n_predicted"] == 3 * 63 and pruned["perplexity"] == pytest.approx(math.exp(pruned["nll"]))
 
 
 def test_reload_has_plan_shapes_and_reported_perplexity(composite):

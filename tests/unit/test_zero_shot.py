@@ -9,8 +9,12 @@ from zero_shot import zero_shot
 
 from mosaic_export.model.load import load_model
 
-ITEMS = [("The sky is", [" blue", " green"], 0), ("Two plus two is", [" five", " four"], 1),
-         ("Water is", [" wet", " dry", " loud"], 0), ("Fire is", [" cold", " hot"], 1)]
+# Each item's choices are one text repeated, so their log-likelihoods tie whatever the model, and
+# the harness picks the first (argmax): an item is right exactly when its label is 0. Three of the
+# four are: the accuracy must be 0.75, which only holds if the data, the labels and the scoring
+# are wired through as they should be.
+ITEMS = [("The sky is", [" blue", " blue"], 0), ("Two plus two is", [" four", " four"], 1),
+         ("Water is", [" wet", " wet", " wet"], 0), ("Fire is", [" hot", " hot"], 0)]
 
 
 def test_local_task_runs_and_missing_data_is_skipped(tiny_model_dir, tmp_path):
@@ -35,5 +39,5 @@ metric_list:
     local, remote = zero_shot(loaded.model, loaded.tokenizer, [str(task), "arc_easy"])
     assert local["status"] == "ok"
     acc = local["metrics"]["local_mc"]["acc,none"]
-    assert acc in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert acc == 0.75
     assert remote["status"] == "skipped" and "not available offline" in remote["reason"]
