@@ -25,10 +25,10 @@ import torch
 
 from mosaic_export.core.texts import corpus
 from mosaic_export.measure.process import peak_rss_bytes
-from mosaic_export.method.calibration import LayerStream, tokenize
+from mosaic_export.method.calibration import tokenize
 from mosaic_export.method.evaluate import perplexity, windows
+from mosaic_export.method.passes import apply_to_model
 from mosaic_export.method.plan import Plan
-from mosaic_export.method.prune.apply import apply_plan
 from mosaic_export.method.recover import RecoverSettings, distill, training_windows
 from mosaic_export.method.windows import calibration_ids
 from mosaic_export.model.load import load_model
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_ids = windows(tokenize(student.tokenizer, corpus(a.eval_text)), 512, a.eval_windows, a.eval_text)
     dense = perplexity(teacher.model, eval_ids, a.eval_text, desc="perplexity (dense)")
     print(f"dense: perplexity {dense.perplexity:.2f}", flush=True)
-    stream = LayerStream(student.model, student.spec, calibration_ids(student, settings))
-    apply_plan(stream, student.spec, plan)
-    del stream
+    apply_to_model(student, plan, calibration_ids(student, settings), batch_size=4)
     pruned = student.model
     rows = []
     for tokens in sorted(set(a.tokens)):

@@ -1,15 +1,6 @@
-"""The mosaic-export command line: a thin layer over mosaic_export.run.pipeline.
-
-    mosaic-export [run options]            prune, resize, save, evaluate (the main job)
-    mosaic-export plan [run options]       dry run: print the plan; write it with --write-plan
-    mosaic-export profiles                 list the built-in hardware profiles
-    mosaic-export profile detect --out F   measure this machine, write a calibrated profile
-    mosaic-export sweep [run options]      Pareto front across removal targets (and types)
-    mosaic-export run OUT --prompt TEXT    generate with OUT's runtime
-    mosaic-export verify OUT               checksums and parity of OUT
-    mosaic-export bench MODEL              benchmark a GGUF file (llama.cpp) or an ONNX folder
-                                           (ONNX Runtime)
-"""
+"""The mosaic-export command line: a thin layer over mosaic_export.run. The main command (no
+subcommand) is the main job; the subcommands, each with its line in the main --help, are listed
+once, in SUBCOMMANDS."""
 
 from __future__ import annotations
 
@@ -176,8 +167,9 @@ def _replayed(p: argparse.ArgumentParser, args: argparse.Namespace, sweep: bool)
     return replace(config, out=out, force=args.force), extra
 
 
-def cmd_run(argv: list[str]) -> int:
+def cmd_main(argv: list[str]) -> int:
     p = build_parser()
+    p.epilog += "\n" + commands_help()
     args = p.parse_args(argv)
     config = _replayed(p, args, sweep=False)[0] if args.config is not None else _config(args)
     if config.ray and not config.types:
@@ -235,14 +227,29 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+# name -> (what it runs on the rest of the command line, its usage and summary in the main --help)
+SUBCOMMANDS = {
+    "plan": (cmd_plan, "plan [options]", "dry run: the plan, with --write-plan written"),
+    "sweep": (cmd_sweep, "sweep --targets S ... [options]", "the main job at several removals: fronts"),
+    "profiles": (lambda rest: commands.cmd_profiles(), "profiles", "list the built-in hardware profiles"),
+    "profile": (commands.cmd_profile, "profile detect --out F.toml", "measure this machine, write a profile"),
+    "run": (commands.cmd_generate, "run OUT --prompt TEXT", "generate with OUT's runtime"),
+    "verify": (commands.cmd_verify, "verify OUT", "checksums and parity of OUT against its manifest"),
+    "bench": (commands.cmd_bench, "bench MODEL", "benchmark a GGUF file or an ONNX folder in rounds"),
+}
+
+
+def commands_help() -> str:
+    """The subcommands as the main --help lists them, after its examples."""
+    return "commands (mosaic-export COMMAND --help for each):\n" + "".join(
+        f"  mosaic-export {usage:<32} {summary}\n" for _, usage, summary in SUBCOMMANDS.values())
+
+
 def _dispatch(argv: list[str]) -> int:
-    subcommands = {"profiles": lambda rest: commands.cmd_profiles(), "plan": cmd_plan,
-                   "bench": commands.cmd_bench, "profile": commands.cmd_profile, "sweep": cmd_sweep,
-                   "verify": commands.cmd_verify, "run": commands.cmd_generate}
     try:
-        if argv[:1] and argv[0] in subcommands:
-            return subcommands[argv[0]](argv[1:])
-        return cmd_run(argv)
+        if argv[:1] and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]][0](argv[1:])
+        return cmd_main(argv)
     except UserError as e:
         print(f"mosaic-export: error: {e}", file=sys.stderr)
         return e.exit_code

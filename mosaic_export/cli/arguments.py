@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from mosaic_export.core.errors import UserError
-from mosaic_export.core.texts import HELDOUT
 from mosaic_export.measure import rounds
 from mosaic_export.measure.rounds import Policy
 from mosaic_export.method.allocation import names as allocation_names
@@ -21,6 +20,7 @@ from mosaic_export.method.plan import (
     PruneSettings,
 )
 from mosaic_export.method.recover import RecoverSettings
+from mosaic_export.run.config import RunConfig
 from mosaic_export.targets import names, registered
 
 DESCRIPTION = """\
@@ -70,6 +70,8 @@ examples:
   mosaic-export --model m.gguf --sparsity 0.5 --method sparsegpt --eval-text test.txt --out o/
 """
 
+
+RUN = RunConfig()  # every default of the run, read from the one place that holds it
 
 def fraction(text: str) -> float:
     try:
@@ -158,7 +160,7 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 def _add_pruning(p: argparse.ArgumentParser) -> None:
     """The model, the amount and the kind of pruning, and how it is allocated."""
     d = PruneSettings()
-    p.add_argument("--profile", default="laptop-cpu",
+    p.add_argument("--profile", default=RUN.profile,
                    help="built-in profile name or a TOML file (default: %(default)s); "
                         "see `mosaic-export profiles`")
     p.add_argument("--model", default=None,
@@ -224,7 +226,7 @@ def _add_budgets(p: argparse.ArgumentParser, plan_only: bool) -> None:
     b.add_argument("--max-ttft", default=None,
                    help="time to first token of a 512-token prompt: 200ms; or relative to the "
                         "dense model's: 0.8x")
-    b.add_argument("--margin", type=fraction, default=0.02,
+    b.add_argument("--margin", type=fraction, default=RUN.margin,
                    help="headroom the search keeps on every budget for the cost model's error, "
                         "as a fraction (default: %(default)s)")
     if not plan_only:
@@ -285,14 +287,14 @@ def _add_output(p: argparse.ArgumentParser) -> None:
                         "--quant / --dtype (default: every type the target offers, "
                         + _search_types_help() + ", unless --quant / --dtype fixes one; in a sweep: "
                         "each, at every --targets)")
-    p.add_argument("--eval-text", default=HELDOUT,
+    p.add_argument("--eval-text", default=RUN.eval_text,
                    help="perplexity text: 'builtin-heldout' (the last 10%% of the built-in "
                         "corpus, never used for calibration) or a text file, e.g. WikiText-2 "
                         "test (default: %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=32,
+    p.add_argument("--eval-windows", type=int, default=RUN.eval_windows,
                    help="windows of --eval-seq-len tokens to score; 0 skips perplexity, -1 uses "
                         "the whole text (default: %(default)s)")
-    p.add_argument("--eval-seq-len", type=int, default=512,
+    p.add_argument("--eval-seq-len", type=int, default=RUN.eval_seq_len,
                    help="tokens per perplexity window (default: %(default)s)")
 
 
@@ -321,7 +323,7 @@ def _add_recovery(p: argparse.ArgumentParser) -> None:
                    help="distillation temperature (default: %(default)s)")
     r.add_argument("--recover-hidden-weight", type=float, default=d.hidden_weight,
                    help="weight of a per-layer hidden-state MSE term (default: %(default)s: none)")
-    r.add_argument("--device", default="auto",
+    r.add_argument("--device", default=RUN.device,
                    help="where recovery (and self-text generation) runs: auto (a CUDA GPU when "
                         "torch sees one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--resume", action="store_true",

@@ -231,8 +231,10 @@ def test_profile_detect_writes_a_calibrated_local_profile(tiny_model_dir, tmp_pa
     out = tmp_path / "me.toml"
     # --force: the tiny model's widths cost about the same, so on a shared machine its figures may
     # fail the trust checks (tests/unit/test_detect_trust.py covers those); this tests the writing
+    # two rounds, no more (the rounds themselves: tests/unit/test_measure.py)
     assert main(["profile", "detect", "--model", str(tiny_model_dir), "--target", "onnx",
-                 "--context", "64", "--out", str(out), "--force"]) == 0
+                 "--context", "64", "--rounds", "2", "--measure-time", "0", "--out", str(out),
+                 "--force"]) == 0
     p = load_profile(str(out))
     calib = p.calibration_for(Format("onnx", "fp32"))
     assert p.local and p.runtime.target == "onnx" and p.budgets.context == 64
