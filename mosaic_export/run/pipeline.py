@@ -143,7 +143,7 @@ def _prune_and_write(config: RunConfig, inputs: Inputs, dense: Dense, log,
 
     def build(folder: Path) -> None:
         exported = export_stage(config, dense, pruned, folder, log)
-        reports.append(make_report(config, inputs, dense, pruned, recovered, exported, watch))
+        reports.append(make_report(config, inputs, dense, pruned, recovered, exported, watch).to_dict())
         replay.write(folder, config)
         bundle(reports[0], pruned.plan, folder, dense.calib[0].tolist())
 

@@ -1,5 +1,5 @@
 """What each stage of a run hands the next (Dense, Pruned, Recovered, Exported; DensePass: what
-the runs of a sweep share), and report.json made from them at the end."""
+the runs of a sweep share), and the run's Report (bundle/record.py) made from them at the end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic_export.core.version import __version__
+from mosaic_export.bundle.record import Memory, Perplexities, Report
 from mosaic_export.decide.costmodel import Format, Pricing
 from mosaic_export.decide.joint import JointResult
 from mosaic_export.decide.profile import Profile
@@ -22,9 +22,6 @@ from mosaic_export.method.evaluate import Perplexity
 from mosaic_export.method.plan import Plan
 from mosaic_export.model.folder import LoadedModel
 from mosaic_export.run.config import Inputs, RunConfig
-
-# report.json's layout; raised when a key changes meaning or goes away (added keys keep it).
-REPORT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -87,47 +84,35 @@ class Exported:
 
 
 def make_report(config: RunConfig, inputs: Inputs, dense: Dense, pruned: Pruned,
-                recovered: Recovered | None, exported: Exported, watch: MemoryLimit | None = None) -> dict:
-    """report.json, from the stages' results (``watch``: the process tree's peak, sampled, up to
-    the report, when --max-rss watches it); nothing edits it after."""
+                recovered: Recovered | None, exported: Exported, watch: MemoryLimit | None = None) -> Report:
+    """The run's Report, from the stages' results (``watch``: the process tree's peak, sampled, up
+    to the report, when --max-rss watches it); nothing edits it after."""
     loaded, fmt, plan = dense.loaded, pruned.fmt, pruned.plan
-    fp32 = 4 * dense.counts["total"]
-    peak = peak_rss_bytes()  # the whole run's high-water mark, all work done (what is left: writing)
-    report = {
-        "report_version": REPORT_VERSION,
-        "tool": {"name": "mosaic-export", "version": __version__},
-        "profile": dense.profile.to_dict(),
-        "model": {"source": loaded.source, "shape": loaded.shape.to_dict()},
-        "format": {"target": fmt.target, "type": fmt.name} if config.target else None,
-        "settings": asdict(plan.settings if pruned.joint else inputs.settings),
-        "params": {"dense": dense.counts, "pruned": pruned.counts, "planned": plan.params()},
-        "timing": {"load_s": dense.load_s, "prune_s": pruned.prune_s,
-                   **({"joint_s": pruned.joint.seconds} if pruned.joint else {})},
-        "memory": {"peak_rss_bytes": peak,
-                   "peak_rss_after_prune_bytes": pruned.peak_rss_bytes, "dense_fp32_bytes": fp32,
-                   "pruned_fp32_bytes": 4 * pruned.counts["total"],
-                   "peak_rss_over_fp32_model": peak / fp32,
-                   "streamed": loaded.weights is not None, "streamed_need_bytes": dense.need_bytes,
-                   **({"tree_peak_bytes": watch.peak, "max_rss_bytes": watch.limit} if watch else {})},
-        "budgets": dataclasses.asdict(dense.profile.budgets),
-        "layers": [lp.dims.__dict__ for lp in plan.layers],
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
-    }
+    memory = Memory(peak_rss_bytes(),  # the whole run's high-water mark, all work done but writing
+                    pruned.peak_rss_bytes, 4 * dense.counts["total"], 4 * pruned.counts["total"],
+                    loaded.weights is not None, dense.need_bytes,
+                    watch.peak if watch else None, watch.limit if watch else None)
+    perplexities = None
     if dense.perplexity is not None:
         final = recovered.perplexity if recovered else pruned.perplexity
-        report["perplexity"] = {"dense": dense.perplexity.to_dict(), "pruned": final.to_dict(),
-                                "protocol": "non-overlapping windows from the start of the text, "
-                                            "each scored alone; see mosaic_export/evaluate.py"}
-        if recovered is not None:
-            report["perplexity"]["before_recovery"] = pruned.perplexity.to_dict()
-    if recovered is not None:
-        report["recovery"] = recovered.record
-    if pruned.joint is not None:
-        report["joint"] = {**pruned.joint.to_dict(), "measured": exported.joint_measured}
-    report["reload"] = exported.reload
-    if exported.runtime is not None:
-        report[fmt.target] = exported.runtime
-    if exported.cost is not None:
-        report["cost"] = exported.cost
-    return report
+        perplexities = Perplexities(dense.perplexity, final, pruned.perplexity if recovered else None)
+    return Report(
+        profile=dense.profile.to_dict(),
+        model={"source": loaded.source, "shape": loaded.shape.to_dict()},
+        format={"target": fmt.target, "type": fmt.name} if config.target else None,
+        settings=asdict(plan.settings if pruned.joint else inputs.settings),
+        params={"dense": dense.counts, "pruned": pruned.counts, "planned": plan.params()},
+        timing={"load_s": dense.load_s, "prune_s": pruned.prune_s,
+                **({"joint_s": pruned.joint.seconds} if pruned.joint else {})},
+        memory=memory,
+        budgets=dataclasses.asdict(dense.profile.budgets),
+        layers=[lp.dims.__dict__ for lp in plan.layers],
+        environment={"python": sys.version.split()[0], "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "machine": platform.machine()},
+        reload=exported.reload,
+        perplexity=perplexities,
+        recovery=recovered.record if recovered is not None else None,
+        joint={**pruned.joint.to_dict(), "measured": exported.joint_measured} if pruned.joint else None,
+        runtime=exported.runtime,
+        cost=exported.cost,
+    )
