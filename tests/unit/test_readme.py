@@ -96,3 +96,14 @@ def test_readme_says_how_the_code_is_laid_out():
             missing.append(path)
     missing += [path for path in targets if f"`{path}/`" not in section]
     assert missing == [], f"packages not named in README.md's {LAYOUT!r}: {missing}"
+
+
+def test_every_file_the_docs_name_exists():
+    """A path of the project named in README.md or docs/GUIDE.md (`mosaic_export/...`, `targets/...`,
+    `tools/...`, `tests/...`) is a file or folder that exists: the docs move with the code."""
+    pattern = re.compile(r"(?<![\w/.])((?:mosaic_export|targets|tools|tests)/[\w/.]*\w)")
+    named = set()
+    for doc in (README, ROOT / "docs" / "GUIDE.md"):
+        named |= set(pattern.findall(doc.read_text(encoding="utf-8")))
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert len(named) > 20 and missing == []
