@@ -10,6 +10,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 from mosaic_export.core.errors import UserError
@@ -47,8 +48,27 @@ def _flatten(obj, prefix: str, tables: dict[str, dict], unset: list[str]) -> Non
             table[name] = value
 
 
+def _absolute(name: str | None) -> str | None:
+    """A path that exists, made absolute (so that the file runs again from any folder); a name (a
+    built-in profile or text, ``self``) as it is. Comma-separated sources each."""
+    if name is None:
+        return None
+    return ",".join(str(Path(part).resolve()) if Path(part).exists() else part for part in name.split(","))
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    settings = config.settings
+    calibration = replace(settings.calibration, source=_absolute(settings.calibration.source))
+    recover = config.recover and replace(config.recover, text=_absolute(config.recover.text))
+    return replace(config, model=_absolute(config.model), profile=_absolute(config.profile),
+                   plan=_absolute(config.plan), eval_text=_absolute(config.eval_text),
+                   settings=replace(settings, calibration=calibration), recover=recover)
+
+
 def dumps(config: RunConfig, extra: dict | None = None) -> str:
-    """The TOML text of a run's configuration; ``extra``: a [sweep] table (its removal targets)."""
+    """The TOML text of a run's configuration, its input paths made absolute; ``extra``: a [sweep]
+    table (its removal targets)."""
+    config = _with_absolute_paths(config)
     tables: dict[str, dict] = {}
     unset: list[str] = []
     _flatten(config, "", tables, unset)

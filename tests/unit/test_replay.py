@@ -11,6 +11,7 @@ import pytest
 
 from mosaic_export.cli import main
 from mosaic_export.measure.rounds import Policy
+from mosaic_export.method.plan import CalibrationSettings, PruneSettings
 from mosaic_export.method.recover import RecoverSettings
 from mosaic_export.run import replay
 from mosaic_export.run.config import RunConfig
@@ -44,6 +45,18 @@ def test_a_configuration_reads_back_as_it_was_written(tmp_path):
     again, extra = replay.load(tmp_path / replay.RUN_FILE)
     assert again == config and extra == {"targets": [0.0, 0.25]}
     assert replay.load(_written(tmp_path, RunConfig()))[0] == RunConfig()
+
+
+def test_input_paths_are_written_absolute_so_the_file_runs_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("me.toml").write_text(PROFILE)
+    Path("calib.txt").write_text("text")
+    settings = PruneSettings(calibration=CalibrationSettings("calib.txt"))
+    config = RunConfig(profile="me.toml", settings=settings, recover=RecoverSettings(text="self,calib.txt"))
+    again = replay.load(_written(tmp_path, config))[0]
+    assert again.profile == str(tmp_path / "me.toml") and again.eval_text == config.eval_text  # a name
+    assert again.settings.calibration.source == str(tmp_path / "calib.txt")
+    assert again.recover.text == f"self,{tmp_path / 'calib.txt'}"
 
 
 def _written(folder: Path, config: RunConfig) -> Path:
