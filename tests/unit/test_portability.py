@@ -70,7 +70,10 @@ def test_a_crash_of_the_quantizer_child_is_named(tiny_model_dir, monkeypatch):
 
 
 def test_the_runtime_children_import_no_torch():
-    """The runners measure the runtime's own memory and start fast: no torch in them."""
+    """The runners measure the runtime's own memory and start fast: no torch in them. Checked at
+    import; that covers what they import while measuring too, since tests/unit/test_layers.py allows
+    no project import inside a function of a runner (one inside measure() once carried torch's ~185
+    MiB into every runtime child: BENCHMARKS.md)."""
     code = ("import sys, mosaic_export.targets.gguf.runner, mosaic_export.targets.onnx.runner, "
             "mosaic_export.targets.onnx.genai; print(sorted(m for m in ('torch', 'transformers') "
             "if m in sys.modules))")
