@@ -24,6 +24,13 @@ if TYPE_CHECKING:
     from mosaic_export.model.folder import LoadedModel
 
 
+def check_type(noun: str, types: tuple[str, ...], type_: str) -> str:
+    """The type, or a UserError naming the ones the target offers."""
+    if type_ not in types:
+        raise UserError(f"{noun} '{type_}' is not supported; supported: {', '.join(types)}")
+    return type_
+
+
 class Runtime(Protocol):
     """The runtime a profile names (decide.profile.RuntimeSpec): what a target reads of it."""
 
@@ -90,9 +97,7 @@ class Target(ABC):
         return self.types if self.streams else ()
 
     def check_type(self, type_: str) -> str:
-        if type_ not in self.types:
-            raise UserError(f"{self.noun} '{type_}' is not supported; supported: {', '.join(self.types)}")
-        return type_
+        return check_type(self.noun, self.types, type_)
 
     def alignment(self, type_: str) -> int:
         """The multiple a resized layer's channel counts must keep for the type to store them."""

@@ -41,6 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_tables import joint_labels  # tools/: the table's labels, shared
 
 from mosaic_export.bundle.report import pareto
 from mosaic_export.cli.arguments import add_measurement, measurement_policy
@@ -258,11 +259,7 @@ def table(rows: list[dict]) -> str:
                f"{fmt.format(iv['high'] / scale)}]"
 
     for r in rows:
-        name = f"dense {r['type']}" if r["removed"] == 0 else \
-            f"{r['type']}, {r['removed']:.1%} removed" + (", recovered" if r["recovered"] else "")
-        front = ", ".join(n for n, k in (("memory", "peak_rss_bytes"), ("speed", "decode_tokens_per_s"))
-                          if r[f"front_{k}"])
-        pred = f"{r['predicted_perplexity']:.2f}" if r["predicted_perplexity"] else "-"
+        name, front, pred = joint_labels(r)
         lines.append(f"| {name} | {r['file_bytes'] / 2**20:.1f} | {cell(r, 'peak_rss_bytes')} | "
                      f"{cell(r, 'decode_tokens_per_s')} | {cell(r, 'prefill_tokens_per_s')} | "
                      f"{r['perplexity']:.2f} | {pred} | {front} |")

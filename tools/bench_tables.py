@@ -331,17 +331,24 @@ def allocation_structured(bench: Path) -> str:
 
 # --- quantization or pruning: which wins per byte? (bench/joint) ---------------------------------
 
+def joint_labels(r: dict) -> tuple[str, str, str]:
+    """A row of tools/bench_joint.py's table: its name, the fronts it is on, its predicted perplexity
+    (shared with that tool's own table)."""
+    name = f"dense {r['type']}" if r["removed"] == 0 else \
+        f"{r['type']}, {r['removed']:.1%} removed" + (", recovered" if r["recovered"] else "")
+    front = ", ".join(n for n, k in (("memory", "peak_rss_bytes"), ("speed", "decode_tokens_per_s"))
+                      if r[f"front_{k}"])
+    pred = f"{r['predicted_perplexity']:.2f}" if r["predicted_perplexity"] else "-"
+    return name, front, pred
+
+
 @renderer("joint")
 def joint(bench: Path) -> str:
     """tools/bench_joint.py's table() for rows measured once (the median alone)."""
     rows = read_json(bench / "joint" / "table.json")["rows"]
     out = []
     for r in rows:
-        name = f"dense {r['type']}" if r["removed"] == 0 else \
-            f"{r['type']}, {r['removed']:.1%} removed" + (", recovered" if r["recovered"] else "")
-        front = ", ".join(n for n, k in (("memory", "peak_rss_bytes"), ("speed", "decode_tokens_per_s"))
-                          if r[f"front_{k}"])
-        pred = f"{r['predicted_perplexity']:.2f}" if r["predicted_perplexity"] else "-"
+        name, front, pred = joint_labels(r)
         out.append([name, mib(r["file_bytes"]), mib(r["peak_rss_bytes"]), f"{r['decode_tokens_per_s']:.1f}",
                     f"{r['prefill_tokens_per_s']:.0f}", f"{r['perplexity']:.2f}", pred, front])
     return table(["model", "file (MiB)", "peak RSS (MiB)", "decode tokens/s", "prefill tokens/s",

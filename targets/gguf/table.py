@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from mosaic_export.core.errors import UserError
+from mosaic_export.targets import base
 
 GENERATE_CONTEXT = 2048  # llama.cpp context for `run`: prompt and answer
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -22,9 +23,7 @@ MIN_AGREEMENT = {"F32": 0.99, "F16": 0.98, "BF16": 0.97, "Q8_0": 0.92, "Q6_K": 0
 
 
 def check_type(quant: str) -> str:
-    if quant not in TYPES:
-        raise UserError(f"GGUF type '{quant}' is not supported; supported: {', '.join(TYPES)}")
-    return quant
+    return base.check_type("GGUF type", TYPES, quant)
 
 
 def alignment(quant: str) -> int:

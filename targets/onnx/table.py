@@ -3,8 +3,8 @@ floors. Light (no torch, no onnx): the registry entry, the writer, the graph and
 
 from __future__ import annotations
 
-from mosaic_export.core.errors import UserError
 from mosaic_export.model.names import GGUF_MODEL_NAMES
+from mosaic_export.targets import base
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -31,6 +31,4 @@ MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.97, "int8": 0.90, "int4": 0.70}
 
 
 def check_type(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise UserError(f"ONNX dtype '{dtype}' is not supported; supported: {', '.join(DTYPES)}")
-    return dtype
+    return base.check_type("ONNX dtype", DTYPES, dtype)
