@@ -46,6 +46,37 @@ def tiny_model(seed: int = 0, **overrides):
 REAL_POLICIES: dict = {}  # the product's rounds policies, kept by one_round
 
 
+# A profile for ONNX fp32 with a closed-form calibration: no runtime overheads, weights resident
+# once, 1 GB/s. Not local: the verdicts are the predictions'.
+PROFILE = """name = "tiny-device"
+[device]
+memory = "8GiB"
+memory_bandwidth = "1GB/s"
+compute = "10GFLOPS"
+threads = 2
+[runtime]
+target = "onnx"
+dtype = "fp32"
+[budgets]
+context = 64
+[calibration."onnx:fp32"]
+decode_overhead = "0s"
+bandwidth = "1GB/s"
+prefill_overhead = "0s"
+prefill_compute = "10GFLOPS"
+memory_base = "0B"
+memory_per_weight_byte = 1.0
+"""
+
+
+@pytest.fixture(scope="session")
+def profile(tmp_path_factory) -> Path:
+    """PROFILE as a file (the tiny device the budget, joint, sweep and replay tests run for)."""
+    path = tmp_path_factory.mktemp("profile") / "tiny.toml"
+    path.write_text(PROFILE)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_round():
     """Runs on tiny models in this process measure one round (no time cap), in module-scoped

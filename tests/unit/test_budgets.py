@@ -10,37 +10,10 @@ from mosaic_export.cli import main
 from mosaic_export.decide.costmodel import Calibration, Format, Pricing
 from mosaic_export.method.plan import Plan
 from mosaic_export.model.load import load_model
+from tests.conftest import PROFILE  # noqa: F401  (imported from here by other tests)
 
-# A profile for ONNX fp32 with a closed-form calibration: no runtime overheads, weights resident
-# once, 1 GB/s. Not local: the verdicts are the predictions'.
-PROFILE = """name = "tiny-device"
-[device]
-memory = "8GiB"
-memory_bandwidth = "1GB/s"
-compute = "10GFLOPS"
-threads = 2
-[runtime]
-target = "onnx"
-dtype = "fp32"
-[budgets]
-context = 64
-[calibration."onnx:fp32"]
-decode_overhead = "0s"
-bandwidth = "1GB/s"
-prefill_overhead = "0s"
-prefill_compute = "10GFLOPS"
-memory_base = "0B"
-memory_per_weight_byte = 1.0
-"""
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64",
         "--dtype", "fp32"]  # the type fixed: the search varies structure only (joint: test_joint.py)
-
-
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profile") / "tiny.toml"
-    path.write_text(PROFILE)
-    return path
 
 
 def _dense_cost(tiny_model_dir):

@@ -30,8 +30,6 @@ from mosaic_export.method.plan import PruneSettings
 from mosaic_export.method.pod import measure
 from mosaic_export.model.load import load_model
 
-from .test_budgets import PROFILE
-
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--eval-windows", "2", "--eval-seq-len", "64"]
 TYPES = ("fp32", "fp16", "int8")
 
@@ -221,13 +219,6 @@ def test_a_type_detect_did_not_measure_borrows_the_terms_of_one_it_did():
 
 
 # --- the command -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profile") / "tiny.toml"
-    path.write_text(PROFILE)
-    return path
-
 
 def test_main_command_searches_types_and_reports_the_front(tiny_model_dir, profile, tmp_path, capsys):
     loaded = load_model(str(tiny_model_dir))

@@ -7,8 +7,6 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from mosaic_export.cli import main
 from mosaic_export.measure.rounds import Policy
 from mosaic_export.method.plan import CalibrationSettings, PruneSettings
@@ -27,13 +25,6 @@ def _bytes(out: Path) -> dict[str, str]:
     and run.toml (it names its own OUT)."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and p.name not in VARYING}
-
-
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profile") / "tiny.toml"
-    path.write_text(PROFILE)
-    return path
 
 
 def test_a_configuration_reads_back_as_it_was_written(tmp_path):
